@@ -1,0 +1,26 @@
+# make test — create .venv if missing, install cxrsynth with its test extras, run pytest.
+# make demo — the main job: the DVC pipeline on the embedded phantom data (dvc repro).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+demo: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/cxrsynth query "SELECT dataset, split, count(*) AS images, count(DISTINCT patient_id) AS patients FROM images GROUP BY ALL ORDER BY ALL"
+
+clean:
+	rm -rf data manifests/*.parquet .dvc/cache

@@ -1,0 +1,32 @@
+"""Shared CLI pieces: the --root option, the console, errors, progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+Root = Annotated[Path, typer.Option("--root", help="Project root holding manifests/ and data/.")]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print a short error naming what is wrong and exit non-zero."""
+    err_console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None):
+    """A rich progress bar; yields ``advance(n)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=False) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n=1: progress.advance(task, n)

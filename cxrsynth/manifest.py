@@ -1,0 +1,187 @@
+"""Parquet manifests (one per dataset) and the DuckDB views over them.
+
+A manifest has one row per image with the columns of :data:`COLUMNS`; the dataset-level
+facts (version, source, preprocessing, counts) live in the parquet file's key-value
+metadata under ``cxrsynth`` as JSON. Rejected input rows sit beside it in
+``<name>.rejects.parquet``.
+
+DuckDB sees every manifest as a view named after its dataset and all of them as the
+union view ``images``, so ``cxrsynth query`` and the DuckDB CLI see the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cxrsynth import labels
+
+MANIFEST_DIR = "manifests"
+NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+#: Manifest columns and their arrow types, in order.
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("dataset", pa.string()),
+        ("version", pa.string()),
+        ("shard", pa.string()),
+        ("split", pa.string()),
+        ("patient_id", pa.string()),
+        ("study_id", pa.string()),
+        ("source_path", pa.string()),
+        ("sex", pa.string()),
+        ("age", pa.float64()),
+        ("race", pa.string()),
+        ("view", pa.string()),
+        *[(c, pa.int8()) for c in labels.FINDING_COLUMNS],
+        ("origin", pa.string()),
+        ("source_key", pa.string()),
+        ("replica", pa.int32()),
+        ("seed", pa.int64()),
+        ("guidance", pa.float64()),
+        ("sampler", pa.string()),
+        ("steps", pa.int32()),
+        ("generator_id", pa.string()),
+    ]
+)
+COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+REJECT_SCHEMA = pa.schema(
+    [("row", pa.int64()), ("key", pa.string()), ("source_path", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
+)
+
+
+class ManifestError(ValueError):
+    """A manifest that does not exist or is not valid."""
+
+
+def check_name(name: str) -> str:
+    """Dataset names become SQL view names: letters, digits and underscores."""
+    if not NAME_PATTERN.match(name):
+        raise ManifestError(f"dataset name {name!r} must match {NAME_PATTERN.pattern} (it becomes a SQL view name)")
+    if name.lower() == "images":
+        raise ManifestError("'images' is reserved for the union view of all manifests")
+    return name
+
+
+def manifest_path(root: str | Path, name: str) -> Path:
+    return Path(root) / MANIFEST_DIR / f"{name}.parquet"
+
+
+def rejects_path(root: str | Path, name: str) -> Path:
+    return Path(root) / MANIFEST_DIR / f"{name}.rejects.parquet"
+
+
+def conform(frame: pd.DataFrame) -> pa.Table:
+    """Order and type a frame's columns as :data:`SCHEMA`; absent columns become null."""
+    data = {}
+    for field in SCHEMA:
+        if field.name in frame.columns:
+            column = frame[field.name]
+            if pa.types.is_string(field.type):
+                column = column.astype("string")
+            data[field.name] = pa.array(column, type=field.type, from_pandas=True)
+        else:
+            data[field.name] = pa.nulls(len(frame), type=field.type)
+    return pa.table(data, schema=SCHEMA)
+
+
+def _atomic_write(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    tmp.replace(path)
+
+
+def write(root: str | Path, name: str, frame: pd.DataFrame, meta: dict) -> Path:
+    """Write a manifest atomically, with ``meta`` (JSON-able) in its parquet metadata."""
+    check_name(name)
+    table = conform(frame)
+    keys = table.column("key")
+    if keys.null_count or len(pa.compute.unique(keys)) != len(keys):
+        raise ManifestError(f"manifest {name}: keys must be unique and non-null")
+    table = table.replace_schema_metadata({"cxrsynth": json.dumps(meta, sort_keys=True, default=str)})
+    path = manifest_path(root, name)
+    _atomic_write(table, path)
+    return path
+
+
+def write_rejects(root: str | Path, name: str, rejects: pd.DataFrame) -> Path:
+    table = pa.Table.from_pandas(rejects.loc[:, list(REJECT_SCHEMA.names)], schema=REJECT_SCHEMA, preserve_index=False)
+    path = rejects_path(root, name)
+    _atomic_write(table, path)
+    return path
+
+
+def read(root: str | Path, name: str) -> pd.DataFrame:
+    """Read a manifest as a pandas frame (nullable dtypes)."""
+    path = manifest_path(root, name)
+    if not path.is_file():
+        known = ", ".join(list_names(root)) or "none"
+        raise ManifestError(f"no manifest named {name!r} under {Path(root) / MANIFEST_DIR} (known: {known})")
+    return pq.read_table(path).to_pandas(types_mapper=pd.ArrowDtype).pipe(_to_nullable)
+
+
+def _to_nullable(frame: pd.DataFrame) -> pd.DataFrame:
+    out = {}
+    for column in frame.columns:
+        dtype = frame[column].dtype
+        kind = getattr(dtype, "pyarrow_dtype", None)
+        if kind is not None and pa.types.is_string(kind):
+            out[column] = frame[column].astype("string")
+        elif kind is not None and pa.types.is_int8(kind):
+            out[column] = frame[column].astype("int8") if not frame[column].isna().any() else frame[column].astype("Int8")
+        elif kind is not None and pa.types.is_floating(kind):
+            out[column] = frame[column].astype("Float64")
+        elif kind is not None and pa.types.is_integer(kind):
+            out[column] = frame[column].astype("Int64")
+        else:
+            out[column] = frame[column]
+    return pd.DataFrame(out)
+
+
+def read_meta(root: str | Path, name: str) -> dict:
+    """The dataset-level metadata stored with a manifest."""
+    path = manifest_path(root, name)
+    if not path.is_file():
+        raise ManifestError(f"no manifest named {name!r} under {Path(root) / MANIFEST_DIR}")
+    raw = pq.read_schema(path).metadata or {}
+    return json.loads(raw.get(b"cxrsynth", b"{}"))
+
+
+def list_names(root: str | Path) -> list[str]:
+    """Dataset names with a manifest under ``root``, sorted."""
+    folder = Path(root) / MANIFEST_DIR
+    return sorted(p.name[: -len(".parquet")] for p in folder.glob("*.parquet") if not p.name.endswith(".rejects.parquet"))
+
+
+def connect(root: str | Path, database: str = ":memory:"):
+    """A DuckDB connection with a view per manifest and the union view ``images``."""
+    import duckdb
+
+    con = duckdb.connect(database)
+    names = list_names(root)
+    for name in names:
+        path = str(manifest_path(root, name).resolve()).replace("'", "''")
+        con.execute(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM read_parquet(\'{path}\')')
+    if names:
+        union = " UNION ALL BY NAME ".join(f'SELECT * FROM "{n}"' for n in names)
+        con.execute(f"CREATE OR REPLACE VIEW images AS {union}")
+    else:
+        columns = ", ".join(f'CAST(NULL AS VARCHAR) AS "{c}"' for c in COLUMNS)
+        con.execute(f"CREATE OR REPLACE VIEW images AS SELECT {columns} WHERE false")
+    return con
+
+
+def query(root: str | Path, sql: str) -> pd.DataFrame:
+    """Run SQL over all manifests (views per dataset + ``images``) and return a frame."""
+    con = connect(root)
+    try:
+        return con.execute(sql).fetchdf()
+    finally:
+        con.close()

@@ -1,0 +1,192 @@
+"""WebDataset tar shards: deterministic, atomic writing, an index, verification.
+
+Layout: ``data/shards/<dataset>/<version>/<dataset>-%06d.tar`` with ``index.json``
+beside the shards. A sample is ``<key>.png`` (8-bit grayscale) and ``<key>.json`` (its
+manifest row). Tar members carry a fixed mtime, owner and mode, so the same samples
+give byte-identical shards, which is what lets DVC cache them.
+
+Shards are planned as fixed work units (one unit of input rows → one shard), each
+written with webdataset's :class:`~webdataset.ShardWriter` under a ``.partial`` name and
+renamed only once complete, with a small progress record. A killed job therefore never
+leaves a shard that a later run would trust, and a restarted job skips finished units;
+units are independent, so they also run in parallel processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SHARD_ROOT = Path("data") / "shards"
+INDEX_NAME = "index.json"
+PROGRESS_DIR = ".progress"
+TAR_OWNER = "cxrsynth"
+TAR_MTIME = 0
+
+
+@dataclass
+class ShardResult:
+    """What writing one shard produced.
+
+    Attributes:
+        name: Shard file name (no folder).
+        count: Samples written.
+        bytes: File size.
+        sha256: Hex digest of the file.
+        keys: Sample keys in write order.
+        rejects: Input rows not written, as dicts with ``row``, ``key``, ``source_path``,
+            ``reason`` and ``detail``.
+    """
+
+    name: str
+    count: int
+    bytes: int
+    sha256: str
+    keys: list[str] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+
+
+def shard_dir(root: str | Path, dataset: str, version: str) -> Path:
+    return Path(root) / SHARD_ROOT / dataset / version
+
+
+def shard_name(dataset: str, index: int) -> str:
+    return f"{dataset}-{index:06d}.tar"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def json_bytes(obj: dict) -> bytes:
+    """Canonical JSON (sorted keys, no spaces) for sample metadata and progress files."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def finished(directory: Path, dataset: str, index: int) -> ShardResult | None:
+    """The result of an already finished shard, or None if it must be (re)written.
+
+    A shard counts as finished only if its progress record exists and the file's size
+    and sha256 match it.
+    """
+    name = shard_name(dataset, index)
+    record, path = directory / PROGRESS_DIR / f"{name}.json", directory / name
+    if not (record.is_file() and path.is_file()):
+        return None
+    result = ShardResult(**json.loads(record.read_text()))
+    if path.stat().st_size != result.bytes or sha256_file(path) != result.sha256:
+        return None
+    return result
+
+
+def write_shard(directory: Path, dataset: str, index: int, samples: Iterable[dict], rejects: list[dict] | None = None) -> ShardResult:
+    """Write one shard from samples ``{"__key__": str, "png": bytes, "json": bytes}``.
+
+    ``samples`` may be a generator that appends to ``rejects`` as it goes (the images
+    that failed to load); the list is read after the generator is exhausted.
+    """
+    import webdataset as wds
+
+    rejects = [] if rejects is None else rejects
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / PROGRESS_DIR).mkdir(exist_ok=True)
+    name = shard_name(dataset, index)
+    final, partial = directory / name, directory / f"{name}.partial"
+    keys: list[str] = []
+    writer = wds.ShardWriter(
+        str(directory / f"{dataset}-%06d.tar.partial"),
+        maxcount=1 << 40,  # one writer, one shard: the unit of work decides the size
+        maxsize=float("inf"),
+        start_shard=index,
+        verbose=0,
+        encoder=False,
+        mtime=TAR_MTIME,
+        user=TAR_OWNER,
+        group=TAR_OWNER,
+        mode=0o444,
+    )
+    try:
+        for sample in samples:
+            writer.write(sample)
+            keys.append(sample["__key__"])
+    finally:
+        writer.close()
+    result = ShardResult(name=name, count=len(keys), bytes=partial.stat().st_size, sha256=sha256_file(partial), keys=keys, rejects=rejects)
+    _atomic_write_bytes(directory / PROGRESS_DIR / f"{name}.json", json_bytes(asdict(result)))
+    os.replace(partial, final)
+    return result
+
+
+def write_index(directory: Path, dataset: str, version: str, results: list[ShardResult]) -> Path:
+    """Write ``index.json`` (shard, count, bytes, sha256) and drop the progress records."""
+    index = {
+        "dataset": dataset,
+        "version": version,
+        "samples": sum(r.count for r in results),
+        "shards": [{"name": r.name, "count": r.count, "bytes": r.bytes, "sha256": r.sha256} for r in results],
+    }
+    path = directory / INDEX_NAME
+    _atomic_write_bytes(path, json.dumps(index, indent=1, sort_keys=True).encode() + b"\n")
+    progress = directory / PROGRESS_DIR
+    if progress.is_dir():
+        for p in progress.iterdir():
+            p.unlink()
+        progress.rmdir()
+    for stale in directory.glob("*.partial"):
+        stale.unlink()
+    return path
+
+
+def verify(directory: Path, expected_counts: dict[str, int] | None = None) -> list[str]:
+    """Re-hash every shard listed in ``index.json``; return the problems found.
+
+    Args:
+        directory: A version folder holding ``index.json``.
+        expected_counts: Optional shard name → sample count from the manifest.
+
+    Returns:
+        Human-readable problems (empty when everything matches).
+    """
+    path = directory / INDEX_NAME
+    if not path.is_file():
+        return [f"missing index: {path}"]
+    index = json.loads(path.read_text())
+    problems = []
+    for entry in index["shards"]:
+        shard = directory / entry["name"]
+        if not shard.is_file():
+            problems.append(f"missing shard: {shard}")
+            continue
+        size = shard.stat().st_size
+        if size != entry["bytes"]:
+            problems.append(f"size mismatch: {shard}: {size} bytes, index says {entry['bytes']}")
+        digest = sha256_file(shard)
+        if digest != entry["sha256"]:
+            problems.append(f"sha256 mismatch: {shard}: {digest[:12]}…, index says {entry['sha256'][:12]}…")
+    if expected_counts is not None:
+        listed = {e["name"]: e["count"] for e in index["shards"]}
+        for name, count in sorted(expected_counts.items()):
+            if listed.get(name) != count:
+                problems.append(f"count mismatch: {name}: manifest has {count} rows, index says {listed.get(name)}")
+    return problems
+
+
+def urls(root: str | Path, dataset: str, version: str) -> list[str]:
+    """Shard paths of a version, from its index, in order."""
+    directory = shard_dir(root, dataset, version)
+    index = json.loads((directory / INDEX_NAME).read_text())
+    return [str(directory / e["name"]) for e in index["shards"]]

@@ -1,0 +1,104 @@
+"""MIMIC-CXR-JPG 2.0 (Johnson et al. 2019): metadata, CheXpert labels, split, patients.
+
+Quirks handled here:
+
+- Labels are per *study* (``mimic-cxr-2.0.0-chexpert.csv.gz``: subject_id, study_id and
+  the 14 findings, alphabetical); the metadata table has one row per image (dicom_id).
+  They join on subject_id + study_id; an image whose study has no label row is rejected
+  (``no_labels``).
+- The official split (``mimic-cxr-2.0.0-split.csv.gz``) says train / validate / test;
+  validate becomes ``tune``.
+- Sex and age come from the MIMIC-IV ``patients`` table (gender, anchor_age).
+  Race is not in these tables and stays null.
+- Image path: ``files/p{first two digits}/p{subject_id}/s{study_id}/{dicom_id}.jpg``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxrsynth import labels
+from cxrsynth.sources import SourceTable, finish, make_rejects, read_table, require_columns, sanitize_key
+
+METADATA_REQUIRED = ("dicom_id", "subject_id", "study_id", "ViewPosition")
+LABELS_REQUIRED = ("subject_id", "study_id", *labels.FINDINGS)
+SPLIT_REQUIRED = ("dicom_id", "split")
+PATIENTS_REQUIRED = ("subject_id", "gender", "anchor_age")
+SPLIT_NAMES = {"train": "train", "validate": "tune", "valid": "tune", "tune": "tune", "test": "test"}
+
+
+def _ids(column: pd.Series) -> pd.Series:
+    """Integer-like id strings without a trailing ``.0`` (pandas may have floated them)."""
+    return column.astype("string").str.strip().str.replace(r"\.0$", "", regex=True)
+
+
+def image_relpath(subject_id: pd.Series, study_id: pd.Series, dicom_id: pd.Series) -> pd.Series:
+    """MIMIC-CXR-JPG's image path for each row."""
+    return "files/p" + subject_id.str[:2] + "/p" + subject_id + "/s" + study_id + "/" + dicom_id + ".jpg"
+
+
+def read(
+    metadata: str | Path,
+    label_table: str | Path,
+    split: str | Path | None = None,
+    patients: str | Path | None = None,
+    images: str | Path | None = None,
+) -> SourceTable:
+    """Read MIMIC-CXR-JPG tables into the common record table (one row per image).
+
+    Args:
+        metadata: ``mimic-cxr-2.0.0-metadata.csv(.gz)``.
+        label_table: ``mimic-cxr-2.0.0-chexpert.csv(.gz)`` (or negbio).
+        split: Optional ``mimic-cxr-2.0.0-split.csv(.gz)``.
+        patients: Optional MIMIC-IV ``patients.csv(.gz)``.
+        images: Folder holding ``files/``; defaults to the metadata file's folder.
+    """
+    meta = read_table(metadata, "MIMIC metadata")
+    require_columns(meta, METADATA_REQUIRED, f"MIMIC metadata {metadata}")
+    lab = read_table(label_table, "MIMIC label table")
+    require_columns(lab, LABELS_REQUIRED, f"MIMIC label table {label_table}")
+    rows_in = len(meta)
+
+    subject, study, dicom = _ids(meta["subject_id"]), _ids(meta["study_id"]), meta["dicom_id"].str.strip()
+    rel = image_relpath(subject, study, dicom)
+    root = Path(images) if images is not None else Path(metadata).resolve().parent
+    frame = pd.DataFrame(
+        {
+            "row": np.arange(rows_in, dtype=np.int64),
+            "key": sanitize_key(dicom),
+            "patient_id": subject,
+            "study_id": study,
+            "source_path": rel,
+            "image_path": str(root.resolve()) + "/" + rel,
+            "split": pd.Series(pd.NA, index=meta.index, dtype="string"),
+            "sex": pd.Series(pd.NA, index=meta.index, dtype="string"),
+            "age": pd.Series(pd.NA, index=meta.index, dtype="string"),
+            "race": pd.Series(pd.NA, index=meta.index, dtype="string"),
+            "view": meta["ViewPosition"],
+        }
+    )
+
+    lab = lab.assign(subject_id=_ids(lab["subject_id"]), study_id=_ids(lab["study_id"]))
+    lab = lab.drop_duplicates(["subject_id", "study_id"]).set_index(["subject_id", "study_id"])
+    at = pd.MultiIndex.from_arrays([subject, study])
+    has_labels = at.isin(lab.index)
+    rejects = [make_rejects(frame, ~has_labels, "no_labels", "study has no row in the label table")]
+    frame = frame.loc[has_labels]
+    found = lab.reindex(pd.MultiIndex.from_arrays([frame["patient_id"], frame["study_id"]]))
+    raw = {name: pd.Series(found[name].to_numpy(), index=frame.index) for name in labels.FINDINGS}
+
+    if split is not None:
+        sp = read_table(split, "MIMIC split")
+        require_columns(sp, SPLIT_REQUIRED, f"MIMIC split {split}")
+        sp = sp.drop_duplicates("dicom_id").set_index("dicom_id")["split"].str.strip().str.lower()
+        frame["split"] = meta.loc[frame.index, "dicom_id"].str.strip().map(sp.map(SPLIT_NAMES)).astype("string")
+    if patients is not None:
+        pt = read_table(patients, "MIMIC patients")
+        require_columns(pt, PATIENTS_REQUIRED, f"MIMIC patients {patients}")
+        pt = pt.assign(subject_id=_ids(pt["subject_id"])).drop_duplicates("subject_id").set_index("subject_id")
+        frame["sex"] = frame["patient_id"].map(pt["gender"]).astype("string")
+        frame["age"] = frame["patient_id"].map(pt["anchor_age"]).astype("string")
+    return finish(frame, raw, rejects, rows_in)
