@@ -106,7 +106,7 @@ _RACE_PATTERNS: tuple[tuple[str, str], ...] = (
     (r"hawaiian|pacific islander", RACES[3]),
     (r"american indian|alaska", RACES[0]),
     (r"black|african", RACES[1]),
-    (r"asian", RACES[4]),
+    (r"\basian", RACES[4]),  # not "Caucasian"
     (r"white|caucasian", RACES[2]),
 )
 

@@ -7,7 +7,8 @@ give byte-identical shards, which is what lets DVC cache them.
 
 Shards are planned as fixed work units (one unit of input rows → one shard), each
 written with webdataset's :class:`~webdataset.ShardWriter` under a ``.partial`` name and
-renamed only once complete, with a small progress record. A killed job therefore never
+renamed only once complete, with a small progress record (``.progress/<shard>.json``:
+count, bytes, sha256, keys, rejects). A killed job therefore never
 leaves a shard that a later run would trust, and a restarted job skips finished units;
 units are independent, so they also run in parallel processes.
 """
@@ -132,7 +133,11 @@ def write_shard(directory: Path, dataset: str, index: int, samples: Iterable[dic
 
 
 def write_index(directory: Path, dataset: str, version: str, results: list[ShardResult]) -> Path:
-    """Write ``index.json`` (shard, count, bytes, sha256) and drop the progress records."""
+    """Write ``index.json`` (shard, count, bytes, sha256) and drop stale partial files.
+
+    The per-shard progress records stay (``.progress/``): they hold each shard's keys
+    and rejects, so a rerun of a finished job reuses every shard instead of redoing it.
+    """
     index = {
         "dataset": dataset,
         "version": version,
@@ -141,11 +146,6 @@ def write_index(directory: Path, dataset: str, version: str, results: list[Shard
     }
     path = directory / INDEX_NAME
     _atomic_write_bytes(path, json.dumps(index, indent=1, sort_keys=True).encode() + b"\n")
-    progress = directory / PROGRESS_DIR
-    if progress.is_dir():
-        for p in progress.iterdir():
-            p.unlink()
-        progress.rmdir()
     for stale in directory.glob("*.partial"):
         stale.unlink()
     return path

@@ -29,8 +29,8 @@ class SplitParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (0 <= self.tune < 1 and 0 <= self.test < 1 and self.tune + self.test < 1):
-            raise ValueError(f"--tune {self.tune} and --test {self.test} must be in [0, 1) and sum below 1")
+        if not (0 <= self.tune <= 1 and 0 <= self.test <= 1 and self.tune + self.test <= 1):
+            raise ValueError(f"--tune {self.tune} and --test {self.test} must be in [0, 1] and sum to at most 1")
 
 
 def _order(patients: np.ndarray, seed: int) -> np.ndarray:

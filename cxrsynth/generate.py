@@ -1,0 +1,200 @@
+"""Synthetic replicas: a generator + a conditions manifest → a new shard version + manifest.
+
+Each source row (real image) of the chosen split is replicated ``replicas`` times with its
+exact demographics and findings. Replica ``r`` of source row ``k`` gets its own seed,
+derived from (base seed, r, source key), so an image does not depend on batch size,
+ordering, the number of GPUs or which job-array part made it.
+
+Rows are planned as fixed units of ``shard_size`` images, each written as one shard by
+the project's single shard writer (:mod:`cxrsynth.shards`): a killed run restarted with
+the same command skips finished shards and ends with byte-identical output; ``part``
+(``i/N``, job arrays) or ``torchrun`` ranks take units ``i::N``. Whoever finds every unit
+finished writes ``index.json`` and the manifest.
+
+Synthetic rows carry no real identifiers: no patient, study or source path; the key is
+``<name>-r<replica>-<row>``. ``source_key`` keeps the link to the real row for the
+experiments (``cxrsynth share export`` drops it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxrsynth import __version__, labels, manifest, shards
+from cxrsynth.imaging import encode_png
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Sampling and layout parameters of a replica set (recorded in the manifest)."""
+
+    replicas: int = 1
+    guidance: float = 0.0
+    sampler: str = "ddim"
+    steps: int = 200
+    eta: float = 0.0
+    cfg_formula: str = "standard"
+    seed: int = 0
+    batch_size: int = 16
+    shard_size: int = 1000
+
+
+def image_seed(base: int, replica: int, source_key: str) -> int:
+    """A 63-bit seed for one synthetic image, stable under any batching or sharding."""
+    digest = hashlib.blake2b(f"{base}:{replica}:{source_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def generator_id(generator_dir: str | Path) -> str:
+    """Short hash of a generator's weights (``*.safetensors``) and ``generator.json``."""
+    digest = hashlib.sha256()
+    files = sorted(Path(generator_dir).glob("*.safetensors")) + sorted(Path(generator_dir).glob("generator.json"))
+    if not files:
+        raise FileNotFoundError(f"{generator_dir} holds no generator weights (*.safetensors)")
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(shards.sha256_file(f).encode())
+    return digest.hexdigest()[:12]
+
+
+def plan(conditions: pd.DataFrame, name: str, config: GenerateConfig, gen_id: str) -> pd.DataFrame:
+    """The synthetic manifest rows (without shards): replica-major, source order within."""
+    keep = ["split", "sex", "age", "race", "view", *labels.FINDING_COLUMNS]
+    source = conditions.reset_index(drop=True)
+    parts = []
+    for r in range(config.replicas):
+        part = source.loc[:, keep].copy()
+        part.insert(0, "key", [f"{name}-r{r:02d}-{i:07d}" for i in range(len(source))])
+        part["source_key"] = source["key"].astype("string").to_numpy()
+        part["replica"] = r
+        part["seed"] = [image_seed(config.seed, r, k) for k in source["key"].astype(str)]
+        parts.append(part)
+    out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["key", *keep])
+    out["dataset"] = name
+    out["origin"] = "synthetic"
+    out["guidance"] = float(config.guidance)
+    out["sampler"] = config.sampler
+    out["steps"] = int(config.steps)
+    out["generator_id"] = gen_id
+    return out
+
+
+def _parse_part(part: str | None) -> tuple[int, int]:
+    if part is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in part.split("/"))
+    except ValueError:
+        raise ValueError(f"--part expects i/N (e.g. 0/4), got {part!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--part {part}: need 0 <= i < N")
+    return i, n
+
+
+def generate(
+    *,
+    root: str | Path,
+    generator_dir: str | Path,
+    conditions: str,
+    split: str | None,
+    name: str,
+    config: GenerateConfig,
+    part: str | None = None,
+    device: str | None = None,
+    progress=None,
+) -> dict:
+    """Write ``config.replicas`` synthetic replicas of ``conditions`` (one split) as dataset ``name``.
+
+    Args:
+        root: Project root.
+        generator_dir: A saved generator (``cxrsynth generator train`` / ``import-mediffusion``).
+        conditions: Dataset whose rows give the conditions (a manifest, labels-only is fine).
+        split: Split of ``conditions`` to replicate (the paper: train); None = all rows.
+            Rows with uncertain findings are skipped (a generator never saw them).
+        name: Name of the synthetic dataset.
+        config: Sampling parameters.
+        part: ``"i/N"``: only units i::N (job arrays). Under torchrun, the rank/world.
+        device: Torch device; default cuda when available.
+        progress: Optional callable ``progress(images)``.
+
+    Returns:
+        A summary: version, images planned, units done by this call, and whether the
+        dataset is complete (index and manifest written).
+    """
+    import os
+
+    import torch
+
+    from cxrsynth.diffusion.model import load_generator
+    from cxrsynth.diffusion.sample import sample
+
+    manifest.check_name(name)
+    root = Path(root)
+    frame = manifest.read(root, conditions)
+    if split is not None:
+        frame = frame.loc[(frame["split"] == split).fillna(False).to_numpy(dtype=bool)]
+    frame = frame.loc[~labels.has_uncertain(frame)].sort_values("key", kind="stable")
+    gen_id = generator_id(generator_dir)
+    rows = plan(frame, name, config, gen_id)
+    cond_version = manifest.read_meta(root, conditions).get("version")
+    params = {"conditions": conditions, "conditions_version": cond_version, "split": split, "generator_id": gen_id, **asdict(config)}
+    params.pop("batch_size")  # does not change the images
+    version = hashlib.sha256(shards.json_bytes(params)).hexdigest()[:10]
+    rows["version"] = version
+    directory = shards.shard_dir(root, name, version)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    if "WORLD_SIZE" in os.environ and part is None:
+        index, count = int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
+    else:
+        index, count = _parse_part(part)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    model = load_generator(Path(generator_dir), device=device)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 autocast on GPU only
+    cond_all = torch.from_numpy(labels.conditioning_vectors(rows))
+    seeds = rows["seed"].astype("int64").tolist()
+    units = [(s, min(s + config.shard_size, len(rows))) for s in range(0, len(rows), config.shard_size)]
+    done_here = 0
+    for u, (start, stop) in enumerate(units):
+        if u % count != index or shards.finished(directory, name, u) is not None:
+            continue
+        images = sample(
+            model, cond_all[start:stop], seeds[start:stop], sampler=config.sampler, steps=config.steps,
+            guidance=config.guidance, eta=config.eta, cfg_formula=config.cfg_formula,
+            batch_size=config.batch_size, dtype=dtype,
+        )  # (n, 1, H, W) uint8
+        shards.write_shard(directory, name, u, _samples(rows.iloc[start:stop], images))
+        done_here += 1
+        if progress:
+            progress(stop - start)
+
+    results = [shards.finished(directory, name, u) for u in range(len(units))]
+    complete = all(r is not None for r in results)
+    if complete:
+        shards.write_index(directory, name, version, results)
+        shard_of = {k: str(Path(shards.SHARD_ROOT) / name / version / r.name) for r in results for k in r.keys}
+        rows["shard"] = rows["key"].map(shard_of).astype("string")
+        meta = {"dataset": name, "version": version, "kind": "synthetic", "generator": str(generator_dir),
+                **params, "rows_in": len(rows), "kept": len(rows), "rejected": {}, "cxrsynth": __version__}
+        manifest.write(root, name, rows, meta)
+        manifest.write_rejects(root, name, pd.DataFrame(columns=list(manifest.REJECT_SCHEMA.names)))
+    return {"name": name, "version": version, "images": len(rows), "units": len(units), "written": done_here, "complete": complete}
+
+
+def _samples(rows: pd.DataFrame, images) -> list[dict]:
+    from cxrsynth.ingest import SAMPLE_FIELDS
+
+    records = rows.reindex(columns=list(SAMPLE_FIELDS)).astype(object)
+    records = records.where(records.notna(), None).to_dict("records")
+    out = []
+    for record, image in zip(records, images.numpy()):
+        record = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in record.items()}
+        out.append({"__key__": record["key"], "png": encode_png(image[0]), "json": shards.json_bytes(record)})
+    return out
