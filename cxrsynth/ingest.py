@@ -181,6 +181,8 @@ def ingest(
                 if progress:
                     progress(len(units[i]))
         else:
+            import webdataset  # noqa: F401  (imports torch: once here, inherited by the forked workers)
+
             with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_mp_context()) as pool:
                 futures = {pool.submit(_write_unit, directory, name, i, units[i], params): i for i in todo}
                 for future in as_completed(futures):

@@ -17,7 +17,9 @@ Root = Annotated[Path, typer.Option("--root", help="Project root holding manifes
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print a short error naming what is wrong and exit non-zero."""
-    err_console.print(f"[red]error:[/red] {message}")
+    from rich.markup import escape
+
+    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 

@@ -24,10 +24,12 @@ Version = Annotated[Optional[str], typer.Option("--version", help="Version name 
 def _run_ingest(read, *, kind: str, inputs: dict, root: Path, name: str, labels_only: bool, size: int, equalize: bool, shard_size: int, workers: int | None, version: str | None) -> None:
     from cxrsynth import ingest as ingest_lib
     from cxrsynth.imaging import Preprocess
+    from cxrsynth import manifest as manifest_lib
     from cxrsynth.manifest import ManifestError
     from cxrsynth.sources import SourceError
 
     try:
+        manifest_lib.check_name(name)
         source = read()
         with progress_bar("ingest " + name, total=len(source.records)) as advance:
             result = ingest_lib.ingest(

@@ -1,0 +1,65 @@
+"""The command line through typer's CliRunner, as a user would drive it."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from conftest import chexpert_rows, write_chexpert
+from typer.testing import CliRunner
+
+from cxrsynth.cli import app
+
+runner = CliRunner()
+
+
+def cli(*args):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def test_help_is_instant_no_heavy_imports():
+    code = "import sys, cxrsynth.cli; print(','.join(m for m in ('torch','pandas','duckdb','diffusers','pyarrow','numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
+    for args in (["--help"], ["ingest", "--help"], ["ingest", "chexpert", "--help"], ["generate", "--help"], ["bench", "--help"]):
+        assert cli(*args).exit_code == 0
+
+
+def test_ingest_stats_split_query_verify(chexpert_tree, tmp_path):
+    root = tmp_path / "proj"
+    r = cli("ingest", "chexpert", chexpert_tree, "--name", "cxp", "--size", 32, "--shard-size", 3, "--workers", 1, "--root", root)
+    assert r.exit_code == 0, r.output
+    assert "kept" in r.output and "8" in r.output
+    r = cli("stats", "cxp", "--json", "--root", root)
+    stats = json.loads(r.output)
+    assert set(stats) == {"images", "patients", "female_patients", "age_iqr", "labels"}
+    assert (stats["images"], stats["patients"], stats["female_patients"]) == (8, 4, 2)
+    r = cli("stats", "cxp", "--root", root)
+    assert "Number of patients" in r.output and "Pleural Effusion" in r.output
+    assert cli("split", "cxp", "--tune", 0.25, "--test", 0.25, "--seed", 3, "--root", root).exit_code == 0
+    r = cli("query", "SELECT split, count(DISTINCT patient_id) AS p FROM images GROUP BY split ORDER BY split", "--format", "csv", "--root", root)
+    assert r.output.splitlines() == ["split,p", "test,1", "train,2", "tune,1"]
+    out = tmp_path / "q.json"
+    cli("query", "SELECT key FROM cxp ORDER BY key LIMIT 2", "--format", "json", "--out", out, "--root", root)
+    assert [json.loads(l)["key"] for l in out.read_text().splitlines()] == ["train_patient00001_study1_view1_frontal", "train_patient00001_study2_view1_frontal"]
+    r = cli("verify", "cxp", "--root", root)
+    assert r.exit_code == 0 and "3 shard(s)" in r.output
+    shard = next((root / "data/shards/cxp").rglob("cxp-000000.tar"))
+    shard.write_bytes(shard.read_bytes()[:-1024])
+    r = cli("verify", "cxp", "--root", root)
+    assert r.exit_code == 1 and "cxp-000000.tar" in r.output
+
+
+def test_errors_are_short_and_named(tmp_path):
+    csv = write_chexpert(tmp_path / "raw", chexpert_rows(1, 1), images=False)
+    pd.read_csv(csv).drop(columns=["Pneumothorax"]).to_csv(csv, index=False)
+    r = cli("ingest", "chexpert", csv, "--name", "cxp", "--root", tmp_path)
+    assert r.exit_code == 2 and "Pneumothorax" in r.output and "Traceback" not in r.output
+    r = cli("stats", "nope", "--root", tmp_path)
+    assert r.exit_code == 2 and "no manifest named 'nope'" in r.output
+    r = cli("ingest", "chexpert", csv, "--name", "bad-name", "--root", tmp_path)
+    assert r.exit_code == 2 and "bad-name" in r.output
+    r = cli("query", "SELECT * FROM nowhere", "--root", tmp_path)
+    assert r.exit_code == 2 and "nowhere" in r.output
