@@ -27,7 +27,7 @@ def dataset_version(root: str | Path, name: str) -> str:
 def select(root: str | Path, name: str, split: str | None, exclude_uncertain: bool = True) -> pd.DataFrame:
     """Manifest rows of ``split`` that have shards, without uncertain findings if asked."""
     frame = manifest.read(root, name)
-    keep = frame["shard"].notna().to_numpy(dtype=bool)
+    keep = frame["shard"].notna().to_numpy(dtype=bool).copy()
     if split is not None:
         keep &= (frame["split"] == split).fillna(False).to_numpy(dtype=bool)
     if exclude_uncertain:
@@ -40,8 +40,8 @@ def _raw_samples(root: Path, shard_paths: list[str]) -> Iterator[dict]:
 
     for path in shard_paths:
         with open(root / path, "rb") as stream:
-            for sample in wds.tariterators.group_by_keys(wds.tariterators.tar_file_iterator(stream)):
-                yield sample
+            files = wds.tariterators.tar_file_expander([{"stream": stream, "url": str(path)}])
+            yield from wds.tariterators.group_by_keys(files)
 
 
 def samples(

@@ -16,7 +16,8 @@ def generate(
     name: Annotated[str, typer.Option("--name", help="Name of the synthetic dataset.")],
     split: Annotated[Optional[str], typer.Option("--split", help="Split of the conditions to replicate (paper: train).")] = "train",
     replicas: Annotated[int, typer.Option("--replicas", help="Synthetic images per source row.")] = 1,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (paper: 0, 4, 7.5).")] = 0.0,
+    guidance: Annotated[float, typer.Option("--guidance", help="Guidance w. standard: 1 = conditional only, 0 = unconditional; "
+                                               "the paper's CFG 0 / 4 / 7.5 are w with --cfg-formula mediffusion.")] = 1.0,
     sampler: Annotated[str, typer.Option("--sampler", help="ddim or dpmpp.")] = "ddim",
     steps: Annotated[int, typer.Option("--steps", help="Denoising steps (paper: DDIM 200).")] = 200,
     eta: Annotated[float, typer.Option("--eta", help="DDIM eta (0 deterministic; Mediffusion used 1).")] = 0.0,

@@ -1,0 +1,5 @@
+"""``python -m cxrsynth``."""
+
+from cxrsynth.cli import app
+
+app()

@@ -1,0 +1,150 @@
+"""`cxrsynth generator train | import-mediffusion | info` and `cxrsynth bench generate`.
+
+Thin commands over :mod:`cxrsynth.diffusion`; torch and diffusers are imported inside
+the command bodies so ``cxrsynth --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cxrsynth.cli.common import Root, console, fail
+
+generator_app = typer.Typer(no_args_is_help=True, help="Train, import and inspect conditional diffusion generators.")
+
+
+@generator_app.command("train")
+def train(
+    data: Annotated[str, typer.Option("--data", help="Dataset name (its manifest and shards).")],
+    out: Annotated[Path, typer.Option("--out", help="Generator directory (weights, checkpoints/).")],
+    split: Annotated[Optional[str], typer.Option("--split", help="Split to train on.")] = "train",
+    preset: Annotated[str, typer.Option("--preset", help="Generator preset: paper | tiny | micro.")] = "tiny",
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the preset's image size.")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Total optimizer steps.")] = 1000,
+    batch: Annotated[int, typer.Option("--batch", help="Images per step per process.")] = 16,
+    lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate.")] = 1e-4,
+    warmup: Annotated[int, typer.Option("--warmup", help="Linear LR warm-up steps.")] = 100,
+    ema: Annotated[float, typer.Option("--ema", help="EMA decay (paper 0.9999).")] = 0.9999,
+    grad_clip: Annotated[float, typer.Option("--grad-clip", help="Max gradient norm (0: off).")] = 1.0,
+    save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 500,
+    log_every: Annotated[int, typer.Option("--log-every", help="Progress readout every N steps.")] = 10,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of data order, noise and timesteps.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from OUT/checkpoints/latest.pt if present.")] = True,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")] = None,
+    root: Root = Path("."),
+) -> None:
+    """Train a conditional generator on a dataset's shards (no uncertain findings, as the paper).
+
+    Single process, or DDP under ``torchrun --nproc-per-node N -m cxrsynth.cli ...``.
+    """
+    from cxrsynth import stream
+    from cxrsynth.diffusion.presets import get_preset
+    from cxrsynth.diffusion.train import TrainConfig, _init_distributed, train as train_lib
+
+    try:
+        config = get_preset(preset, **({"image_size": image_size} if image_size else {}))
+    except (KeyError, ValueError) as exc:
+        fail(str(exc))
+    dist_info = _init_distributed()
+    frame = stream.select(root, data, split, exclude_uncertain=True)
+    if len(frame) < batch * dist_info.world:
+        fail(f"{data}/{split}: {len(frame)} trainable images, fewer than one global batch ({batch * dist_info.world})")
+
+    def batches(epoch: int):
+        return stream.batches(
+            root, data, split, batch, config.image_size, train=True, seed=seed, rank=dist_info.rank,
+            world=dist_info.world, exclude_uncertain=True, epoch=epoch, frame=frame,
+        )
+
+    tc = TrainConfig(steps=steps, batch_size=batch, lr=lr, warmup_steps=warmup, ema_decay=ema,
+                     grad_clip=grad_clip, save_every=save_every, log_every=log_every, seed=seed)
+    try:
+        train_lib(config, tc, batches, out, resume=resume, device=device,
+                  data_version=f"{data}@{stream.dataset_version(root, data)}")
+    except ValueError as exc:
+        fail(str(exc))
+    if dist_info.rank == 0:
+        console.print(f"generator written to [bold]{out}[/bold] ({steps} steps, preset {preset})")
+
+
+@generator_app.command("import-mediffusion")
+def import_mediffusion(
+    checkpoint: Annotated[Path, typer.Argument(help="Mediffusion checkpoint (.ckpt / .pt).", exists=True, dir_okay=False)],
+    config: Annotated[Path, typer.Option("--config", help="Mediffusion YAML config of that checkpoint.", exists=True, dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", help="Generator directory to write.")],
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights when present.")] = True,
+) -> None:
+    """Convert a Mediffusion (ADM UNetModel) checkpoint into a cxrsynth generator."""
+    from cxrsynth.diffusion.mediffusion import MediffusionImportError
+    from cxrsynth.diffusion.mediffusion import import_mediffusion as import_lib
+
+    try:
+        model = import_lib(checkpoint, config, out, ema=ema)
+    except MediffusionImportError as exc:
+        fail(f"cannot import {checkpoint}: {exc}")
+    n = sum(p.numel() for p in model.parameters())
+    console.print(f"imported {checkpoint} -> [bold]{out}[/bold] ({n / 1e6:.1f}M parameters)")
+
+
+@generator_app.command("info")
+def info(
+    directory: Annotated[Path, typer.Argument(help="Generator directory.", exists=True, file_okay=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print generator.json as JSON.")] = False,
+) -> None:
+    """Show a generator's preset, configuration, conditioning layout and data version."""
+    from cxrsynth.diffusion.model import GENERATOR_JSON, generator_info
+
+    if not (directory / GENERATOR_JSON).exists():
+        fail(f"{directory} is not a cxrsynth generator (no {GENERATOR_JSON})")
+    meta = generator_info(directory)
+    if as_json:
+        console.print_json(json.dumps(meta))
+        return
+    cfg = meta["config"]
+    console.print(f"[bold]{directory}[/bold]  preset {meta['preset']}  data {meta.get('data_version')}")
+    console.print(f"  {cfg['image_size']} px, channels {cfg['model_channels']} x {cfg['channel_mult']}, "
+                  f"{cfg['num_res_blocks']} res blocks, attention at ds {cfg['attention_ds']}")
+    console.print(f"  {cfg['prediction_type']}, {cfg['beta_schedule']}, zero terminal SNR {cfg['zero_terminal_snr']}, "
+                  f"T={cfg['num_train_timesteps']}")
+    console.print(f"  conditioning ({len(meta['conditioning'])}): {', '.join(meta['conditioning'])}")
+    for key in ("trained_steps", "imported_from"):
+        if key in meta:
+            console.print(f"  {key}: {meta[key]}")
+
+
+def bench_generate(
+    preset: Annotated[str, typer.Option("--preset", help="Generator preset.")] = "paper",
+    batch: Annotated[int, typer.Option("--batch", help="Images per batch.")] = 64,
+    steps: Annotated[int, typer.Option("--steps", help="Sampler steps.")] = 200,
+    sampler: Annotated[str, typer.Option("--sampler", help="ddim | dpmpp.")] = "ddim",
+    guidance: Annotated[float, typer.Option("--guidance", help="Standard CFG scale; 1 = one forward per step.")] = 1.0,
+    dtype: Annotated[str, typer.Option("--dtype", help="bf16 | fp32 (CPU always fp32).")] = "bf16",
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the network.")] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="NHWC on CUDA.")] = True,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the preset's size.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="Default: cuda if available, else cpu.")] = None,
+    peak: Annotated[Optional[float], typer.Option("--peak-tflops", help="Peak TFLOP/s for MFU (default: table).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Sampling throughput on random weights: images/s, TFLOP/s, MFU, peak memory."""
+    from cxrsynth.diffusion.bench import bench_generate as bench_lib
+
+    try:
+        r = bench_lib(preset, batch, steps, sampler=sampler, guidance=guidance, dtype=dtype, compile=compile,
+                      channels_last=channels_last, device=device, image_size=image_size, peak_tflops=peak)
+    except (KeyError, ValueError) as exc:
+        fail(str(exc))
+    if as_json:
+        console.print_json(json.dumps(r.to_dict()))
+        return
+    mfu = f"{100 * r.mfu:.1f}% of {r.peak_tflops:.0f}" if r.mfu is not None else "n/a"
+    mem = f"{r.peak_memory_gib:.1f} GiB" if r.peak_memory_gib is not None else "n/a"
+    console.print(
+        f"{r.preset} {r.image_size}px batch {r.batch} {r.sampler}{r.steps} {r.dtype} compile={r.compile} on {r.device}: "
+        f"{r.images_per_s:.3f} images/s, {r.gflop_per_forward_per_image:.1f} GFLOP/forward/image, "
+        f"{r.achieved_tflops:.2f} TFLOP/s, MFU {mfu}, peak memory {mem}"
+    )

@@ -1,0 +1,103 @@
+"""Fréchet distances between real and synthetic images, offline.
+
+* :func:`frechet_distance`: ``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})`` from
+  feature means and covariances (scipy.linalg.sqrtm), as in Heusel et al. 2017.
+* FID: features are the 2048-d pool of torchvision's ``inception_v3`` with weights
+  loaded from a file the user provides (:func:`inception_extractor`); nothing is
+  downloaded. Note: torchvision's ImageNet Inception is not the TF-FID Inception
+  (pytorch-fid's ``pt_inception-2015-12-05`` weights differ in a few layers), so
+  values are comparable within cxrsynth, not with published FIDs (e.g. the paper's 6.4).
+* Classifier Fréchet distance: any feature extractor, e.g. a ConvNeXt trained on the
+  real data with its head removed (:func:`features`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import linalg
+
+
+@dataclass
+class FeatureStats:
+    """Mean (D,) and covariance (D, D) of a feature set."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+
+    @classmethod
+    def from_features(cls, feats: np.ndarray) -> "FeatureStats":
+        feats = np.asarray(feats, dtype=np.float64)
+        if feats.ndim != 2 or len(feats) < 2:
+            raise ValueError(f"need (N >= 2, D) features, got {feats.shape}")
+        return cls(feats.mean(0), np.cov(feats, rowvar=False), len(feats))
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> float:
+    """Fréchet distance between two Gaussians fitted to features."""
+    diff = a.mu - b.mu
+    covmean = linalg.sqrtm(a.sigma @ b.sigma)
+    if not np.isfinite(covmean).all():  # singular product: offset the diagonals
+        offset = np.eye(a.sigma.shape[0]) * eps
+        covmean = linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm has a large imaginary part {np.abs(covmean.imag).max():.3g}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
+
+
+class _InceptionPool(torch.nn.Module):
+    """uint8 grayscale (B, 1, H, W) -> 2048-d Inception-v3 pool features."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div(255.0).expand(-1, 3, -1, -1)  # (B, 3, H, W)
+        x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net((x - self.mean) / self.std)  # (B, 2048)
+
+
+def inception_extractor(weights: Path) -> torch.nn.Module:
+    """torchvision ``inception_v3`` with weights from a local file (never downloaded).
+
+    Args:
+        weights: A state dict of ``torchvision.models.inception_v3`` (e.g. the file
+            ``inception_v3_google-0cc3c7bd.pth`` copied from a machine with internet).
+    """
+    from torchvision.models import inception_v3
+
+    weights = Path(weights)
+    if not weights.exists():
+        raise FileNotFoundError(f"Inception weights not found: {weights} (cxrsynth never downloads them)")
+    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    net.fc = torch.nn.Identity()
+    net.aux_logits, net.AuxLogits = False, None
+    return _InceptionPool(net).eval()
+
+
+@torch.no_grad()
+def features(extractor: torch.nn.Module, batches: Iterable[torch.Tensor], device: str = "cpu") -> np.ndarray:
+    """Stack ``extractor(batch)`` over uint8 image batches (B, 1, H, W) -> (N, D)."""
+    extractor = extractor.to(device).eval()
+    out = [extractor(b.to(device)).flatten(1).double().cpu().numpy() for b in batches]
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def fid_from_images(
+    extractor: torch.nn.Module, real: Iterable[torch.Tensor], fake: Iterable[torch.Tensor], device: str = "cpu"
+) -> float:
+    """Fréchet distance between the features of two image streams."""
+    a = FeatureStats.from_features(features(extractor, real, device))
+    b = FeatureStats.from_features(features(extractor, fake, device))
+    return frechet_distance(a, b)

@@ -1,0 +1,334 @@
+"""The generator's training loop: CFG dropout, EMA, AdamW, exact resume, DDP.
+
+The loop consumes batches ``{"image": uint8 (B, 1, S, S), "cond": float32 (B, 22)}``
+from ``data(epoch)`` (``cxrsynth.stream.batches`` in the CLI, lists in tests). Every
+random draw (timesteps, noise, condition dropout) comes from one ``torch.Generator``
+seeded with ``seed + rank``, whose state is checkpointed together with the model, the
+EMA, the optimizer, the LR schedule, the step and the position in the epoch; resuming
+skips the batches already seen in that epoch, so a resumed run on CPU continues
+bit-identically (tested). On GPU, cuDNN/atomics make runs reproducible only up to
+floating-point nondeterminism.
+
+Fast paths (chosen in :func:`_fast_paths`, one place): bf16 autocast, channels_last
+and fused AdamW on CUDA only; fp32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.utils import ModelEmaV3
+
+from cxrsynth.diffusion.losses import ScheduleTensors, diffusion_loss
+from cxrsynth.diffusion.model import ConditionalUNet, save_generator
+from cxrsynth.diffusion.presets import GeneratorConfig
+from cxrsynth.diffusion.schedule import training_scheduler
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (written to ``train.json`` beside the output).
+
+    Attributes:
+        steps: Optimizer steps to reach (total, including resumed ones).
+        batch_size: Images per step per process.
+        lr: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear LR warm-up steps.
+        ema_decay: EMA decay (paper 0.9999), with timm's warm-up.
+        grad_clip: Max gradient norm (0 disables).
+        save_every: Checkpoint every N steps (and at the end).
+        log_every: Loss/throughput readout every N steps (the only GPU syncs).
+        seed: Seed of the training generator (timesteps, noise, dropout).
+        keep_checkpoints: Number of step checkpoints kept (besides ``latest.pt``).
+    """
+
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+
+def _init_distributed() -> _Dist:
+    """Join the process group when launched by ``torchrun`` (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend)
+    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local)
+
+
+def _fast_paths(device: torch.device) -> dict[str, Any]:
+    """The one place where training speed options are chosen.
+
+    CUDA: bf16 autocast (no loss scaling needed), channels_last (cuDNN NHWC kernels),
+    fused AdamW and TF32 matmuls. CPU: fp32 throughout, so runs are exact and resumable.
+    """
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return {
+        "autocast_dtype": torch.bfloat16 if cuda else None,
+        "channels_last": cuda,
+        "fused_adamw": cuda,
+    }
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, Any]:
+    state: dict[str, Any] = {"gen": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(gen: torch.Generator, state: dict[str, Any]) -> None:
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """``out/checkpoints/latest.pt`` if a run left one."""
+    p = Path(out) / CHECKPOINTS / LATEST
+    return p if p.exists() else None
+
+
+def train(
+    config: GeneratorConfig,
+    train_config: TrainConfig,
+    data: Callable[[int], Iterable[dict[str, torch.Tensor]]],
+    out: Path,
+    *,
+    resume: bool | Path = False,
+    device: str | torch.device | None = None,
+    data_version: str | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> ConditionalUNet:
+    """Train (or resume training) a generator and save its EMA weights to ``out``.
+
+    Args:
+        config: Network and diffusion configuration (a preset).
+        train_config: Optimisation settings.
+        data: ``epoch -> iterable of batches`` for this process (already sharded by
+            rank); called again with epoch + 1 when exhausted.
+        out: Output directory: EMA generator (``save_pretrained``), ``train.json``,
+            ``checkpoints/``.
+        resume: True to continue from ``out/checkpoints/latest.pt`` when present, or a
+            checkpoint path.
+        device: Defaults to CUDA (``LOCAL_RANK``) when available, else CPU.
+        data_version: Recorded in ``generator.json``.
+        progress: Show a rich progress bar (rank 0).
+        on_step: Called as ``on_step(step, loss)`` at each log interval.
+
+    Returns:
+        The EMA network (eval mode).
+    """
+    tc = train_config
+    out = Path(out)
+    dist_info = _init_distributed()
+    if device is None:
+        device = f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    fast = _fast_paths(device)
+    is_main = dist_info.rank == 0
+
+    # 1. Model, EMA, optimiser, LR schedule; every random draw from `gen`.
+    gen = torch.Generator(device="cpu").manual_seed(tc.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tc.seed)  # initial weights: same on every rank, no global side effect
+        model = ConditionalUNet.build(config)
+    model.to(device)
+    if fast["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999),
+        fused=fast["fused_adamw"] or None,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
+    step, epoch, batch_in_epoch = 0, 0, 0
+
+    ckpt_path = latest_checkpoint(out) if resume is True else (Path(resume) if resume else None)
+    if ckpt_path is not None:
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if state["config"] != config.to_dict():
+            raise ValueError(f"{ckpt_path} was trained with another generator config; use a new --out")
+        model.load_state_dict(state["model"])
+        ema.module.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["lr_schedule"])
+        _set_rng_state(gen, state["rng"][min(dist_info.rank, len(state["rng"]) - 1)])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    else:
+        gen.manual_seed(tc.seed + dist_info.rank)
+
+    net: torch.nn.Module = model
+    if dist_info.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    noise_sched = training_scheduler(config)
+    tensors = ScheduleTensors(noise_sched.alphas_cumprod).to(device)
+    T = config.num_train_timesteps
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        (out / "train.json").write_text(json.dumps(
+            {"generator": config.to_dict(), "train": asdict(tc), "world": dist_info.world,
+             "data_version": data_version}, indent=2) + "\n")
+
+    def save_checkpoint() -> None:
+        rng = [_rng_state(gen)]
+        if dist_info.world > 1:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * dist_info.world
+            dist.all_gather_object(gathered, rng[0])
+            rng = gathered
+        if not is_main:
+            return
+        ck = out / CHECKPOINTS
+        ck.mkdir(exist_ok=True)
+        state = {
+            "config": config.to_dict(), "train": asdict(tc), "step": step, "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch, "model": model.state_dict(),
+            "ema": ema.module.state_dict(), "optimizer": opt.state_dict(),
+            "lr_schedule": sched.state_dict(), "rng": rng,
+        }
+        _atomic_save(state, ck / LATEST)
+        if tc.keep_checkpoints > 0:
+            _atomic_save(state, ck / f"step-{step:08d}.pt")
+            for old in sorted(ck.glob("step-*.pt"))[: -tc.keep_checkpoints]:
+                old.unlink()
+
+    # 2. The loop.
+    bar = _progress(progress and is_main, total=tc.steps, done=step)
+    autocast = torch.autocast(device.type, dtype=fast["autocast_dtype"] or torch.float32,
+                              enabled=fast["autocast_dtype"] is not None)
+    running = torch.zeros((), device=device)
+    n_running, images, t_last = 0, 0, time.perf_counter()
+    model.train()
+    while step < tc.steps:
+        batches = iter(data(epoch))
+        for _ in range(batch_in_epoch):  # fast-forward to the resume position
+            next(batches, None)
+        for batch in batches:
+            if step >= tc.steps:
+                break
+            x0 = batch["image"].to(device, non_blocking=True).float() / 127.5 - 1.0  # (B, 1, S, S)
+            cond = batch["cond"].to(device, non_blocking=True).float()  # (B, 22)
+            b = x0.shape[0]
+            # 2a. t ~ U{0..T-1}, eps ~ N(0, I), CFG dropout mask — all from `gen`.
+            t = torch.randint(0, T, (b,), generator=gen).to(device)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            drop = (torch.rand(b, generator=gen) < config.cond_drop_prob).to(device)
+            # 2b. x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
+            ab = tensors.alpha_bar[t][:, None, None, None]
+            xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+            if fast["channels_last"]:
+                xt = xt.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                output = net(xt, t, cond, drop)
+            loss = diffusion_loss(output.float(), x0, xt, noise, t, tensors, config).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            batch_in_epoch += 1
+            ema.update(model, step=step)
+            running += loss.detach()
+            n_running += 1
+            images += b * dist_info.world
+            if step % tc.log_every == 0 or step == tc.steps:
+                value = (running / n_running).item()  # the only sync
+                now = time.perf_counter()
+                rate = images / max(now - t_last, 1e-9)
+                running.zero_(); n_running, images, t_last = 0, 0, now
+                bar.update(step, value, rate)
+                if on_step is not None:
+                    on_step(step, value)
+            if step % tc.save_every == 0 or step == tc.steps:
+                save_checkpoint()
+        else:
+            epoch += 1
+            batch_in_epoch = 0
+            if step == 0 and batch_in_epoch == 0 and epoch > 1:
+                raise RuntimeError("the data yielded no batches")
+            continue
+        break
+    bar.close()
+    final = ema.module.eval()
+    if is_main:
+        save_generator(final, out, data_version=data_version,
+                       extra={"trained_steps": step, "ema_decay": tc.ema_decay})
+    return final
+
+
+class _progress:
+    """A rich progress bar with loss and images/s (or nothing when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} img/s"),
+                TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task("train", total=total, completed=done, loss="-", rate="-")
+            self.bar.start()
+
+    def update(self, step: int, loss: float, rate: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}" if math.isfinite(loss) else "nan",
+                            rate=f"{rate:.1f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

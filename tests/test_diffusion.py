@@ -1,0 +1,183 @@
+"""The conditional generator on CPU with the ``micro`` preset (32 px, 2-5 steps)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from cxrsynth.diffusion.fid import FeatureStats, frechet_distance
+from cxrsynth.diffusion.model import ConditionalUNet, generator_info, load_generator, save_generator
+from cxrsynth.diffusion.presets import get_preset, list_presets
+from cxrsynth.diffusion.sample import MEDIFFUSION_COMPAT, combine_guidance, guided_output, sample, sample_batch
+from cxrsynth.diffusion.train import TrainConfig, train
+from cxrsynth.labels import CONDITION_SIZE
+
+MICRO = get_preset("micro")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these tensors are tiny, and on a loaded 2-core machine
+    OpenMP spin-waiting makes 2-thread convolutions ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(seed: int = 0) -> ConditionalUNet:
+    """A micro network with all weights random (zero-initialised layers too)."""
+    g = torch.Generator().manual_seed(seed)
+    model = ConditionalUNet.build(MICRO)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _data(n: int = 12, batch: int = 4):
+    g = torch.Generator().manual_seed(1)
+    images = (torch.rand(n, 1, 32, 32, generator=g) * 255).to(torch.uint8)
+    conds = (torch.rand(n, CONDITION_SIZE, generator=g) > 0.5).float()
+    return lambda epoch: [{"image": images[i : i + batch], "cond": conds[i : i + batch]} for i in range(0, n, batch)]
+
+
+def test_presets_registered_and_paper_layout() -> None:
+    assert {"paper", "tiny", "micro"} <= set(list_presets())
+    paper = get_preset("paper")
+    assert paper.channel_mult == (1, 1, 2, 2, 4, 4) and paper.attention_levels == (False, False, False, True, True, True)
+    assert paper.prediction_type == "v_prediction" and paper.zero_terminal_snr and paper.out_channels == 2
+    with pytest.raises(KeyError):
+        get_preset("nope")
+
+
+def test_forward_shapes_and_null_embedding() -> None:
+    model = _model()
+    x, t, c = torch.randn(3, 1, 32, 32), torch.tensor([0, 500, 999]), torch.rand(3, CONDITION_SIZE)
+    with torch.no_grad():
+        out = model(x, t, c)
+        dropped = model(x, t, c, torch.ones(3, dtype=torch.bool))
+        uncond = model(x, t, None)
+    assert out.shape == (3, 2, 32, 32)
+    torch.testing.assert_close(dropped, uncond)  # drop == learned null embedding
+    assert not torch.allclose(out, uncond)
+
+
+def test_cfg_formulas() -> None:
+    cond, uncond = torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4, 4)
+    torch.testing.assert_close(combine_guidance(cond, uncond, 3.0, "standard"), uncond + 3.0 * (cond - uncond))
+    torch.testing.assert_close(combine_guidance(cond, uncond, 1.0, "standard"), cond)
+    g = cond + 4.0 * (cond - uncond)
+    std = lambda a: a.std(dim=(1, 2, 3), keepdim=True)  # noqa: E731
+    expected = 0.7 * g * std(cond) / std(g) + 0.3 * g
+    torch.testing.assert_close(combine_guidance(cond, uncond, 4.0, "mediffusion"), expected)
+    # The guided output of one batched forward equals separate cond / uncond passes.
+    model = _model()
+    x, t, c = torch.randn(2, 1, 32, 32), torch.tensor(300), torch.rand(2, CONDITION_SIZE)
+    with torch.no_grad():
+        both = guided_output(model, x, t, c, 2.5)
+        ref = combine_guidance(model(x, t.expand(2), c), model(x, t.expand(2), None), 2.5)
+    torch.testing.assert_close(both, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"sampler": "ddim", "eta": 0.0, "guidance": 3.0},
+        {"sampler": "ddim", "eta": 1.0, "guidance": 1.0},
+        {"sampler": "dpmpp", "guidance": 2.0},
+        {**MEDIFFUSION_COMPAT, "guidance": 4.0},
+    ],
+)
+def test_sampling_is_seeded_per_image(kwargs: dict) -> None:
+    model, cond, seeds = _model(), torch.rand(3, CONDITION_SIZE), [11, 12, 13]
+    one = sample(model, cond, seeds, steps=3, batch_size=1, **kwargs)
+    three = sample(model, cond, seeds, steps=3, batch_size=3, **kwargs)
+    assert one.shape == (3, 1, 32, 32) and one.dtype == torch.uint8
+    assert torch.equal(one, three)  # batch-size invariant
+    assert torch.equal(sample(model, cond[1:2], [12], steps=3, **kwargs), one[1:2])  # image alone
+    other = sample(model, cond, [21, 12, 13], steps=3, batch_size=3, **kwargs)
+    assert torch.equal(other[1:], one[1:])  # a neighbour's seed changes nothing
+    a = sample_batch(model, cond[:1], [11], steps=3, **kwargs)
+    b = sample_batch(model, cond[:1], [21], steps=3, **kwargs)
+    assert not torch.equal(a, b)  # another seed, another image (before quantisation)
+
+
+def test_sample_rejects_mismatched_seeds() -> None:
+    with pytest.raises(ValueError, match="one seed per condition"):
+        sample(_model(), torch.rand(2, CONDITION_SIZE), [1], steps=2)
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    model = _model()
+    save_generator(model, tmp_path / "g", data_version="demo@abc")
+    loaded = load_generator(tmp_path / "g")
+    assert loaded.gen_config == MICRO
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    meta = generator_info(tmp_path / "g")
+    assert meta["preset"] == "micro" and meta["data_version"] == "demo@abc" and len(meta["conditioning"]) == 22
+    c = torch.rand(2, CONDITION_SIZE)
+    assert torch.equal(sample(model, c, [1, 2], steps=2), sample(loaded, c, [1, 2], steps=2))
+
+
+def test_training_runs_and_resume_is_bit_identical(tmp_path: Path) -> None:
+    tc = TrainConfig(steps=6, batch_size=4, save_every=3, log_every=1, warmup_steps=2, lr=1e-3)
+    losses: list[float] = []
+    straight = train(MICRO, tc, _data(), tmp_path / "a", progress=False, on_step=lambda s, v: losses.append(v))
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    # Half the steps, then resume to the end; 3 batches per epoch, so it crosses an epoch.
+    train(MICRO, dataclasses.replace(tc, steps=3), _data(), tmp_path / "b", progress=False)
+    resumed = train(MICRO, tc, _data(), tmp_path / "b", resume=True, progress=False)
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), f"EMA {k} differs after resume"
+    ca = torch.load(tmp_path / "a/checkpoints/latest.pt", weights_only=False)
+    cb = torch.load(tmp_path / "b/checkpoints/latest.pt", weights_only=False)
+    assert ca["step"] == cb["step"] == 6
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert torch.equal(ca["rng"][0]["gen"], cb["rng"][0]["gen"])
+    assert generator_info(tmp_path / "a")["trained_steps"] == 6
+
+
+def test_training_reduces_loss_on_a_fixed_batch(tmp_path: Path) -> None:
+    data = _data(n=4, batch=4)
+    tc = TrainConfig(steps=30, batch_size=4, save_every=1000, log_every=10, warmup_steps=1, lr=3e-3, seed=3)
+    losses: list[float] = []
+    train(MICRO.replace(vlb_weight=0.0), tc, data, tmp_path / "c", progress=False, on_step=lambda s, v: losses.append(v))
+    assert losses[-1] < losses[0]
+
+
+def test_frechet_distance_closed_form() -> None:
+    # Diagonal Gaussians: FD = |mu1-mu2|^2 + sum (s1 + s2 - 2 sqrt(s1 s2)).
+    a = FeatureStats(np.array([0.0, 1.0, 2.0]), np.diag([1.0, 4.0, 9.0]), 100)
+    b = FeatureStats(np.array([1.0, 1.0, 0.0]), np.diag([4.0, 1.0, 1.0]), 100)
+    expected = (1 + 0 + 4) + (1 + 4 - 4) + (4 + 1 - 4) + (9 + 1 - 6)
+    assert frechet_distance(a, b) == pytest.approx(expected, abs=1e-8)
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(500, 8))
+    s = FeatureStats.from_features(f)
+    assert frechet_distance(s, s) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cli_info_and_bench(tmp_path: Path) -> None:
+    from cxrsynth.cli.generator import bench_generate, generator_app
+
+    app = typer.Typer()
+    app.add_typer(generator_app, name="generator")
+    app.command("bench-generate")(bench_generate)
+    save_generator(_model(), tmp_path / "g", data_version="demo@abc")
+    runner = CliRunner()
+    result = runner.invoke(app, ["generator", "info", str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    assert "micro" in result.output and "demo@abc" in result.output
+    result = runner.invoke(app, ["bench-generate", "--preset", "micro", "--batch", "2", "--steps", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"images_per_s"' in result.output
+    result = runner.invoke(app, ["generator", "info", str(tmp_path)])
+    assert result.exit_code != 0
