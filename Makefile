@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install install-mediffusion test demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The real `mediffusion` package, only for the import-equivalence test (CI runs it).
+install-mediffusion: $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -r requirements-mediffusion.txt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile

@@ -1,0 +1,35 @@
+"""The ``cxrsynth`` command line: a thin typer layer over the library.
+
+Each command parses, calls one library function and prints. Heavy imports (pandas,
+torch, duckdb) happen inside the command bodies, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from cxrsynth.cli import data as _data
+from cxrsynth.cli.generate import generate
+from cxrsynth.cli.generator import bench_generate, generator_app
+from cxrsynth.cli.phantom import bench_phantom, phantom
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Versioned real and synthetic chest X-ray datasets (WebDataset shards + parquet manifests) "
+    "and the experiments of Khosravi et al., 'Synthetically enhanced'.",
+)
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures (not tests).")
+
+app.command("phantom")(phantom)
+app.add_typer(_data.ingest_app, name="ingest")
+app.command("stats")(_data.stats)
+app.command("split")(_data.split)
+app.command("query")(_data.query)
+app.command("verify")(_data.verify)
+app.add_typer(generator_app, name="generator")
+app.command("generate")(generate)
+app.add_typer(bench_app, name="bench")
+bench_app.command("ingest")(_data.bench_ingest)
+bench_app.command("phantom")(bench_phantom)
+bench_app.command("generate")(bench_generate)

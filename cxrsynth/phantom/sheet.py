@@ -1,0 +1,88 @@
+"""Contact sheet: a grid of phantom images, each captioned with its positive findings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from cxrsynth.labels import FINDINGS
+
+#: Short names for captions.
+ABBREVIATIONS: dict[str, str] = {
+    "No Finding": "NoFinding",
+    "Enlarged Cardiomediastinum": "EnlCM",
+    "Cardiomegaly": "Cardiomeg",
+    "Lung Opacity": "Opacity",
+    "Lung Lesion": "Lesion",
+    "Edema": "Edema",
+    "Consolidation": "Consol",
+    "Pneumonia": "Pneumonia",
+    "Atelectasis": "Atelect",
+    "Pneumothorax": "PTX",
+    "Pleural Effusion": "Effusion",
+    "Pleural Other": "PleurOth",
+    "Fracture": "Fracture",
+    "Support Devices": "Devices",
+}
+
+
+def caption(labels: np.ndarray, header: str = "") -> list[str]:
+    """Caption lines for one image: a header, then positive findings (``?`` = uncertain)."""
+    words = [ABBREVIATIONS[f] for f, v in zip(FINDINGS, labels) if v == 1]
+    words += [ABBREVIATIONS[f] + "?" for f, v in zip(FINDINGS, labels) if v == -1]
+    lines, line = [header] if header else [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > 26:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    lines.append(line)
+    return lines
+
+
+def contact_sheet(
+    images: list[np.ndarray],
+    labels: np.ndarray,
+    headers: list[str] | None = None,
+    columns: int = 6,
+    tile_width: int = 200,
+) -> Image.Image:
+    """Grid of images with captions below each.
+
+    Args:
+        images: ``(H, W) uint8`` images of any (non-square) size.
+        labels: (N, 14) int8 labels of the images.
+        headers: Optional first caption line per image (e.g. sex, age, view).
+        columns: Images per row.
+        tile_width: Width of a tile in pixels; images keep their aspect ratio.
+    """
+    font = ImageFont.load_default()
+    n = len(images)
+    if n == 0:
+        raise ValueError("a contact sheet needs at least one image")
+    tile_height = max(int(round(tile_width * im.shape[0] / im.shape[1])) for im in images)
+    text_height = 4 * 12 + 4
+    rows = (n + columns - 1) // columns
+    sheet = Image.new("L", (columns * tile_width, rows * (tile_height + text_height)), color=255)
+    draw = ImageDraw.Draw(sheet)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        x0, y0 = c * tile_width, r * (tile_height + text_height)
+        h = int(round(tile_width * image.shape[0] / image.shape[1]))
+        tile = Image.fromarray(image).resize((tile_width, h), Image.Resampling.BILINEAR)
+        sheet.paste(tile, (x0, y0))
+        lines = caption(labels[i], headers[i] if headers else "")
+        for j, line in enumerate(lines[:4]):
+            draw.text((x0 + 3, y0 + tile_height + 2 + 12 * j), line, fill=0, font=font)
+    return sheet
+
+
+def write_sheet(path: Path, images: list[np.ndarray], labels: np.ndarray, headers: list[str] | None = None) -> Path:
+    """Write a contact sheet PNG (deterministic bytes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(images, labels, headers).save(path, format="PNG", optimize=False, compress_level=6)
+    return path

@@ -1,0 +1,251 @@
+"""Tests of the three-site phantom: formats, label rules, determinism, CLI."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrsynth.imaging import read_image
+from cxrsynth.labels import FINDING_COLUMNS, FINDINGS
+from cxrsynth.phantom import SITES, sample_site, write_site
+from cxrsynth.phantom.cohort import sample_cohort
+from cxrsynth.phantom.formats import MIMIC_FINDINGS
+
+N = 24
+CHEXPERT_HEADER = (
+    "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,"
+    "Lung Opacity,Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,"
+    "Pleural Effusion,Pleural Other,Fracture,Support Devices"
+)
+IDX = {f: k for k, f in enumerate(FINDINGS)}
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("phantom")
+    out = {}
+    for site in SITES:
+        out[site] = root / site
+        write_site(site, N, out[site], seed=3, sheet=root / f"{site}-sheet.png")
+    return out
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("site", sorted(SITES))
+def test_same_seed_writes_identical_bytes(site, written, tmp_path):
+    again = tmp_path / "again"
+    write_site(site, N, again, seed=3)
+    assert _digest(again) == _digest(written[site])
+
+
+def test_different_seed_differs(written, tmp_path):
+    other = tmp_path / "other"
+    write_site("cxp", N, other, seed=4)
+    a, b = _digest(written["cxp"]), _digest(other)
+    assert a != b
+    assert (other / "CheXpert-v1.0/train.csv").read_bytes() != (written["cxp"] / "CheXpert-v1.0/train.csv").read_bytes()
+
+
+def test_images_do_not_depend_on_chunk_size():
+    phantom = sample_site("emory", 10, seed=1)
+    whole = list(phantom.images(chunk=10))
+    pieces = list(phantom.images(chunk=3))
+    assert all(np.array_equal(a, b) for a, b in zip(whole, pieces, strict=True))
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_chexpert_format(written):
+    root = written["cxp"]
+    train_csv = root / "CheXpert-v1.0" / "train.csv"
+    assert train_csv.read_text().splitlines()[0] == CHEXPERT_HEADER
+    train = pd.read_csv(train_csv, dtype=str, keep_default_na=False)
+    valid = pd.read_csv(root / "CheXpert-v1.0" / "valid.csv", dtype=str, keep_default_na=False)
+    assert len(train) + len(valid) == N and len(valid) >= 1
+    assert train["Path"].str.fullmatch(r"CheXpert-v1\.0/train/patient\d{5}/study\d+/view\d+_frontal\.jpg").all()
+    assert valid["Path"].str.fullmatch(r"CheXpert-v1\.0/valid/patient\d{5}/study\d+/view1_frontal\.jpg|"
+                                       r"CheXpert-v1\.0/valid/patient\d{5}/study\d+/view\d+_frontal\.jpg").all()
+    # Valid patients continue the numbering.
+    first_valid = min(int(p[7:12]) for p in valid["Path"].str.split("/").str[2])
+    last_train = max(int(p[7:12]) for p in train["Path"].str.split("/").str[2])
+    assert first_valid == last_train + 1
+    assert set(train["Sex"]) <= {"Female", "Male", "Unknown"}
+    assert set(train["Frontal/Lateral"]) == {"Frontal"} and set(train["AP/PA"]) <= {"AP", "PA"}
+    assert train["Age"].str.fullmatch(r"\d+").all()
+    values = train[list(FINDINGS)].to_numpy()
+    assert set(np.unique(values)) <= {"1.0", "0.0", "-1.0", ""}
+    assert (values == "").sum() > (values == "0.0").sum()  # most negatives are blank
+    assert set(np.unique(valid[list(FINDINGS)].to_numpy())) <= {"1.0", "0.0"}
+    for path in pd.concat([train, valid])["Path"]:
+        image = read_image(root / path)
+        assert image.ndim == 2 and image.shape[0] != image.shape[1]
+    demo = pd.read_csv(root / "CHEXPERT DEMO.csv", dtype=str, keep_default_na=False)
+    assert list(demo.columns) == ["PATIENT", "GENDER", "AGE_AT_CXR", "PRIMARY_RACE", "ETHNICITY"]
+    patients = set(pd.concat([train, valid])["Path"].str.split("/").str[2])
+    assert set(demo["PATIENT"]) == patients
+
+
+def test_mimic_format(written):
+    root = written["mimic"]
+    for name in ("metadata", "chexpert", "split"):
+        with open(root / f"mimic-cxr-2.0.0-{name}.csv.gz", "rb") as fh:
+            head = fh.read(10)
+        assert head[:2] == b"\x1f\x8b" and head[4:8] == b"\x00\x00\x00\x00"  # gzip, mtime 0
+    meta = pd.read_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz")
+    assert list(meta.columns) == [
+        "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
+        "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
+        "PatientOrientationCodeSequence_CodeMeaning",
+    ]  # fmt: skip
+    assert len(meta) == N
+    assert meta["dicom_id"].str.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}").all()
+    assert meta["subject_id"].between(10_000_000, 19_999_999).all()
+    assert meta["study_id"].between(50_000_000, 59_999_999).all()
+    labels = pd.read_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz")
+    assert list(labels.columns) == ["subject_id", "study_id", *MIMIC_FINDINGS]
+    assert list(MIMIC_FINDINGS) == sorted(FINDINGS)
+    assert labels["study_id"].is_unique and set(labels["study_id"]) == set(meta["study_id"])
+    assert set(np.unique(labels[list(MIMIC_FINDINGS)].fillna(9).to_numpy())) <= {1.0, 0.0, -1.0, 9}
+    split = pd.read_csv(root / "mimic-cxr-2.0.0-split.csv.gz")
+    assert list(split.columns) == ["dicom_id", "study_id", "subject_id", "split"]
+    assert set(split["split"]) <= {"train", "validate", "test"}
+    assert split.groupby("subject_id")["split"].nunique().max() == 1  # patient-level
+    patients = pd.read_csv(root / "patients.csv.gz")
+    assert list(patients.columns) == ["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"]
+    assert set(patients["gender"]) <= {"F", "M"} and set(patients["subject_id"]) == set(meta["subject_id"])
+    for row in meta.itertuples():
+        path = root / "files" / f"p{str(row.subject_id)[:2]}" / f"p{row.subject_id}" / f"s{row.study_id}" / f"{row.dicom_id}.jpg"
+        image = read_image(path)
+        assert image.shape == (row.Rows, row.Columns) and row.Rows != row.Columns
+
+
+def test_emory_format_png_and_dicom(written):
+    root = written["emory"]
+    table = pd.read_csv(root / "emory.csv", dtype=str, keep_default_na=False)
+    assert list(table.columns) == [
+        "ImagePath", "AnonPatientID", "AnonAccession", "PatientSex", "AgeAtExam", "Race", "ViewPosition", *FINDINGS,
+    ]  # fmt: skip
+    assert set(np.unique(table[list(FINDINGS)].to_numpy())) <= {"1", "0", "-1", ""}
+    suffixes = table["ImagePath"].str.rsplit(".", n=1).str[1]
+    assert {"png", "dcm"} <= set(suffixes)
+    import pydicom
+
+    mono1 = 0
+    for rel in table["ImagePath"]:
+        path = root / rel
+        image = read_image(path)
+        assert image.shape[0] != image.shape[1]
+        if path.suffix == ".dcm":
+            ds = pydicom.dcmread(path)
+            if ds.PhotometricInterpretation == "MONOCHROME1":
+                mono1 += 1
+                # Read back non-inverted: lungs (upper-middle of each half) darker than the spine.
+                h, w = image.shape
+                band = image[h // 3 : h // 2]
+                lungs = np.concatenate([band[:, w // 5 : w // 3].ravel(), band[:, w - w // 3 : w - w // 5].ravel()])
+                spine = image[h // 3 : h // 2, w // 2 - 4 : w // 2 + 4]
+                assert lungs.mean() < spine.mean() - 20
+    assert mono1 >= 1
+
+
+def test_contact_sheet_written(written):
+    sheet = written["cxp"].parent / "cxp-sheet.png"
+    from PIL import Image
+
+    with Image.open(sheet) as im:
+        assert im.size[0] > 600 and im.size[1] > 300
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+@pytest.fixture(scope="module", params=sorted(SITES))
+def big_cohort(request):
+    site = request.param
+    return site, sample_cohort(site, 6000, np.random.default_rng(0))
+
+
+def test_no_finding_excludes_all_but_support_devices(big_cohort):
+    _, cohort = big_cohort
+    labels = cohort.labels
+    nf = labels[:, IDX["No Finding"]] == 1
+    others = [k for f, k in IDX.items() if f not in ("No Finding", "Support Devices")]
+    assert nf.any()
+    assert (labels[nf][:, others] == 0).all()
+    assert (labels[nf, IDX["Support Devices"]] == 1).any()
+
+
+def test_pneumonia_and_consolidation_imply_opacity(big_cohort):
+    _, cohort = big_cohort
+    labels = cohort.labels
+    for name in ("Pneumonia", "Consolidation"):
+        pos = labels[:, IDX[name]] == 1
+        assert pos.any() and (labels[pos, IDX["Lung Opacity"]] == 1).all()
+
+
+def test_edema_goes_with_cardiomegaly_and_effusion(big_cohort):
+    _, cohort = big_cohort
+    labels = cohort.labels
+    edema = labels[:, IDX["Edema"]] == 1
+    for name in ("Cardiomegaly", "Pleural Effusion"):
+        other = labels[:, IDX[name]] == 1
+        assert other[edema].mean() > 1.3 * other[~edema].mean()
+
+
+def test_prevalences_near_table_1(big_cohort):
+    site, cohort = big_cohort
+    labels = cohort.labels
+    for k, (pos, unc) in enumerate(SITES[site].rates):
+        assert abs((labels[:, k] == 1).mean() - pos) < 0.02 + 0.1 * pos, FINDINGS[k]
+        assert abs((labels[:, k] == -1).mean() - unc) < 0.02 + 0.1 * unc, FINDINGS[k]
+
+
+def test_demographics_and_structure(big_cohort):
+    site, cohort = big_cohort
+    spec = SITES[site]
+    f = cohort.frame
+    per_patient = f.groupby("patient")
+    female = (per_patient["sex"].first() == "F").mean()
+    assert abs(female - spec.female) < 0.04
+    q1, q3 = np.nanpercentile(f["age"], [25, 75])
+    assert abs(q1 - spec.age_iqr[0]) < 4 and abs(q3 - spec.age_iqr[1]) < 4
+    assert per_patient.size().max() > 1  # several images per patient
+    study_labels = f.groupby("study")[list(FINDING_COLUMNS)].nunique()
+    assert (study_labels == 1).all().all()  # images of a study share labels
+    assert abs((f["view"] == "AP").mean() - spec.ap_fraction) < 0.05
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_phantom(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from cxrsynth.cli.phantom import bench_phantom, phantom
+
+    app = typer.Typer()
+    app.command("phantom")(phantom)
+    app.command("bench-phantom")(bench_phantom)
+    runner = CliRunner()
+    result = runner.invoke(app, ["phantom", "mimic", "--n", "12", "--out", "ph", "--root", str(tmp_path), "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ph" / "mimic-cxr-2.0.0-metadata.csv.gz").is_file()
+    with gzip.open(tmp_path / "ph" / "mimic-cxr-2.0.0-metadata.csv.gz", "rt") as fh:
+        assert len(fh.read().splitlines()) == 13
+    bad = runner.invoke(app, ["phantom", "nowhere", "--n", "5", "--out", "x", "--root", str(tmp_path)])
+    assert bad.exit_code != 0
