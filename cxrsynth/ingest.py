@@ -87,8 +87,10 @@ def _sample_rows(frame: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def _samples(rows: list[dict], params: Preprocess, rejects: list[dict]):
+def _samples(rows: list[dict], params: Preprocess, rejects: list[dict], tick=None):
     for r in rows:
+        if tick:
+            tick(1)
         try:
             image = preprocess(read_image(r["image_path"]), params)
         except ImageError as exc:
@@ -99,9 +101,9 @@ def _samples(rows: list[dict], params: Preprocess, rejects: list[dict]):
         yield {"__key__": r["key"], "png": encode_png(image), "json": shards.json_bytes(meta)}
 
 
-def _write_unit(directory: Path, dataset: str, index: int, rows: list[dict], params: Preprocess) -> shards.ShardResult:
+def _write_unit(directory: Path, dataset: str, index: int, rows: list[dict], params: Preprocess, tick=None) -> shards.ShardResult:
     rejects: list[dict] = []
-    return shards.write_shard(directory, dataset, index, _samples(rows, params, rejects), rejects)
+    return shards.write_shard(directory, dataset, index, _samples(rows, params, rejects, tick), rejects)
 
 
 def _mp_context():
@@ -177,9 +179,7 @@ def ingest(
         workers = workers or os.cpu_count() or 1
         if workers == 1 or len(todo) <= 1:
             for i in todo:
-                by_index[i] = _write_unit(directory, name, i, units[i], params)
-                if progress:
-                    progress(len(units[i]))
+                by_index[i] = _write_unit(directory, name, i, units[i], params, tick=progress)
         else:
             import webdataset  # noqa: F401  (imports torch: once here, inherited by the forked workers)
 

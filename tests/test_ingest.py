@@ -122,18 +122,18 @@ def test_interrupted_ingest_resumes_and_ignores_partial_shards(chexpert_tree, tm
     calls = []
     real = ingest._write_unit
 
-    def dying(directory, dataset, index, rows, params):
+    def dying(directory, dataset, index, rows, params, tick=None):
         if index == 2:
             (directory / f"{dataset}-{index:06d}.tar.partial").write_bytes(b"half a tar")
             raise KeyboardInterrupt  # killed mid-run
         calls.append(index)
-        return real(directory, dataset, index, rows, params)
+        return real(directory, dataset, index, rows, params, tick)
 
     monkeypatch.setattr(ingest, "_write_unit", dying)
     with pytest.raises(KeyboardInterrupt):
         run(chexpert.read(chexpert_tree), tmp_path / "proj", shard_size=3)
     assert not (tmp_path / "proj/manifests/cxp.parquet").exists()
-    monkeypatch.setattr(ingest, "_write_unit", lambda *a: calls.append(a[2]) or real(*a))
+    monkeypatch.setattr(ingest, "_write_unit", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
     calls.clear()
     result = run(chexpert.read(chexpert_tree), tmp_path / "proj", shard_size=3)
     assert calls == [2] and result.resumed_shards == 2  # only the unfinished shard was redone
