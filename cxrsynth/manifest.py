@@ -160,21 +160,34 @@ def list_names(root: str | Path) -> list[str]:
     return sorted(p.name[: -len(".parquet")] for p in folder.glob("*.parquet") if not p.name.endswith(".rejects.parquet"))
 
 
+def views_sql(root: str | Path, relative: bool = False) -> str:
+    """SQL creating a view per manifest and the union view ``images``.
+
+    With ``relative=True`` the parquet paths are relative to ``root``, for the DuckDB CLI
+    started there: ``cxrsynth query --views > views.sql && duckdb -init views.sql``.
+    """
+    names = list_names(root)
+    statements = []
+    for name in names:
+        path = manifest_path(root, name)
+        path = path.relative_to(root) if relative else path.resolve()
+        literal = str(path).replace("'", "''")
+        statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM read_parquet(\'{literal}\');')
+    if names:
+        union = " UNION ALL BY NAME ".join(f'SELECT * FROM "{n}"' for n in names)
+    else:
+        columns = ", ".join(f'CAST(NULL AS VARCHAR) AS "{c}"' for c in COLUMNS)
+        union = f"SELECT {columns} WHERE false"
+    statements.append(f"CREATE OR REPLACE VIEW images AS {union};")
+    return "\n".join(statements) + "\n"
+
+
 def connect(root: str | Path, database: str = ":memory:"):
     """A DuckDB connection with a view per manifest and the union view ``images``."""
     import duckdb
 
     con = duckdb.connect(database)
-    names = list_names(root)
-    for name in names:
-        path = str(manifest_path(root, name).resolve()).replace("'", "''")
-        con.execute(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM read_parquet(\'{path}\')')
-    if names:
-        union = " UNION ALL BY NAME ".join(f'SELECT * FROM "{n}"' for n in names)
-        con.execute(f"CREATE OR REPLACE VIEW images AS {union}")
-    else:
-        columns = ", ".join(f'CAST(NULL AS VARCHAR) AS "{c}"' for c in COLUMNS)
-        con.execute(f"CREATE OR REPLACE VIEW images AS SELECT {columns} WHERE false")
+    con.execute(views_sql(root))
     return con
 
 

@@ -63,3 +63,16 @@ def test_errors_are_short_and_named(tmp_path):
     assert r.exit_code == 2 and "bad-name" in r.output
     r = cli("query", "SELECT * FROM nowhere", "--root", tmp_path)
     assert r.exit_code == 2 and "nowhere" in r.output
+
+
+def test_views_sql_for_the_duckdb_cli(chexpert_tree, tmp_path, monkeypatch):
+    import duckdb
+
+    root = tmp_path / "proj"
+    cli("ingest", "chexpert", chexpert_tree, "--name", "cxp", "--labels-only", "--root", root)
+    sql = cli("query", "--views", "--root", root).output
+    assert "manifests/cxp.parquet" in sql and str(tmp_path) not in sql  # relative: runs where the CLI runs
+    monkeypatch.chdir(root)
+    con = duckdb.connect()
+    con.execute(sql)
+    assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 8

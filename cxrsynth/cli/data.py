@@ -189,7 +189,8 @@ def split(
 
 
 def query(
-    sql: Annotated[str, typer.Argument(help='SQL over the views "<dataset>" and "images".')],
+    sql: Annotated[Optional[str], typer.Argument(help='SQL over the views "<dataset>" and "images".')] = None,
+    views: Annotated[bool, typer.Option("--views", help="Print the CREATE VIEW statements (for `duckdb -init`) and exit.")] = False,
     format_: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the result here instead of printing.")] = None,
     root: Root = Path("."),
@@ -197,6 +198,11 @@ def query(
     """Run SQL (DuckDB) over all manifests: one view per dataset plus the union view `images`."""
     from cxrsynth import manifest
 
+    if views:
+        typer.echo(manifest.views_sql(root, relative=True), nl=False)
+        return
+    if sql is None:
+        fail("give a SQL statement (or --views)")
     if format_ not in ("table", "csv", "json"):
         fail(f"--format must be table, csv or json, not {format_!r}")
     try:
