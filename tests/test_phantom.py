@@ -170,6 +170,43 @@ def test_contact_sheet_written(written):
         assert im.size[0] > 600 and im.size[1] > 300
 
 
+# ----------------------------------------------------------------------------- signatures
+
+
+def test_strength_follows_labels_with_a_faint_tail():
+    phantom = sample_site("cxp", 3000, seed=0)
+    labels, strength = phantom.cohort.labels, phantom.scene.strength
+    assert (strength[labels == 0] == 0).all()
+    for name in ("Edema", "Pleural Effusion", "Pneumothorax", "Consolidation"):
+        s = strength[labels[:, IDX[name]] == 1, IDX[name]]
+        assert (s > 0).all() and s.max() <= 1.0
+        assert 0.2 < (s < 0.25).mean() < 0.6, name  # many faint cases: learnable, not trivial
+
+
+def test_every_drawn_finding_changes_the_image():
+    from cxrsynth.phantom.render import render_canvas
+
+    phantom = sample_site("cxp", 400, seed=5)
+    imaging = phantom.site.imaging
+    drawn = [f for f in FINDINGS if f not in ("No Finding", "Cardiomegaly", "Enlarged Cardiomediastinum")]
+    for name in drawn:
+        k = IDX[name]
+        i = int(np.flatnonzero(phantom.scene.strength[:, k] > 0.5)[0])
+        scene = phantom.scene.take(np.array([i]))
+        with_it = render_canvas(scene, imaging).astype(int)
+        scene.strength[0, k] = 0.0
+        scene.devices[0, :4] = scene.devices[0, :4] & (name != "Support Devices")
+        without = render_canvas(scene, imaging).astype(int)
+        assert np.abs(with_it - without).sum() > 500, name
+
+
+def test_emory_is_imaged_differently():
+    cxp, emory = SITES["cxp"].imaging, SITES["emory"].imaging
+    assert emory.blur[0] > 2 * cxp.blur[0] and emory.noise[0] > 2 * cxp.noise[0]
+    assert cxp.sharpen[0] > 0 and emory.sharpen[0] == 0 and emory.heel[0] > 0
+    assert SITES["emory"].ap_fraction < SITES["cxp"].ap_fraction
+
+
 # ----------------------------------------------------------------------------- labels
 
 

@@ -10,9 +10,11 @@ on the image's right as in a PA display) and ``v`` runs down from the top of the
 Anatomy: body outline with neck and shoulders, lungs with vessel markings, heart,
 mediastinum with trachea and aortic knob, diaphragm domes (right higher) with sharp
 costophrenic angles and a gastric bubble, posterior and anterior ribs, clavicles, spine,
-breast shadows for women. Findings add their signature with a per-image strength in
-(0, 1] and a per-image location (see :func:`_draw_findings`). Uncertain findings are drawn
-faintly half of the time.
+breast shadows for women. Normal variation that looks like faint disease (soft-tissue
+thickness, patchy basal density, ECG electrodes) keeps faint findings from being trivial.
+Findings add their signature with a per-image strength in (0, 1] drawn from a per-finding
+distribution with a sizeable faint tail (:data:`_STRENGTH`) and a per-image location (see
+:func:`_draw_findings`). Uncertain findings are drawn faintly half of the time.
 
 Speed: grids are broadcast as ``(B, 1, W)`` and ``(B, H, 1)`` wherever a term depends on
 one axis only, soft edges are linear ramps (no ``exp``), and findings are drawn only on
@@ -41,11 +43,15 @@ _STRENGTH: dict[str, tuple[float, float, float]] = {
     "": (1.1, 1.5, 0.05),
     "Edema": (1.0, 1.7, 0.02),
     "Pleural Effusion": (1.0, 1.7, 0.02),
-    "Pneumothorax": (1.0, 1.8, 0.02),
+    "Pneumothorax": (1.0, 1.6, 0.03),
+    "Lung Opacity": (1.0, 1.6, 0.03),
     "Consolidation": (1.0, 1.6, 0.03),
+    "Pneumonia": (1.3, 1.3, 0.15),
+    "Atelectasis": (1.2, 1.3, 0.1),
+    "Pleural Other": (1.3, 1.3, 0.2),
     "Support Devices": (1.0, 1.0, 0.0),
-    "Lung Lesion": (1.3, 1.3, 0.25),
-    "Fracture": (1.3, 1.3, 0.3),
+    "Lung Lesion": (1.3, 1.3, 0.3),
+    "Fracture": (1.3, 1.3, 0.45),
 }
 CHUNK = 16  # images per vectorized batch; bounds memory at ~16 x H x W x 4 bytes per array
 
@@ -138,16 +144,16 @@ def sample_scene(
     ctr = ctr + np.where(cardiomegaly > 0, 0.03 + 0.1 * cardiomegaly, 0.0)
     ctr = ctr * np.where(ap, 1.12, 1.0)  # AP: divergent beam, heart far from the detector
     ecm = strength[:, F["Enlarged Cardiomediastinum"]]
-    mediastinum = rng.normal(1.0, 0.08, n) + np.where(ecm > 0, 0.12 + 0.35 * ecm, 0.0)
+    mediastinum = rng.normal(1.0, 0.08, n) + np.where(ecm > 0, 0.06 + 0.3 * ecm, 0.0)
     mediastinum = mediastinum * np.where(ap, 1.08, 1.0)
 
-    devices = rng.random((n, 5)) < np.array([0.35, 0.3, 0.5, 0.12, 0.4])
+    devices = rng.random((n, 5)) < np.array([0.4, 0.3, 0.55, 0.15, 0.4])
     sd_drawn = strength[:, F["Support Devices"]] > 0
     none = ~devices.any(axis=1)
     devices[none, 2] = True  # at least a central line
     devices &= sd_drawn[:, None]
     # ECG electrodes are external and are not read as support devices: a confounder.
-    devices[:, 4] |= rng.random(n) < 0.25
+    devices[:, 4] |= rng.random(n) < 0.15
 
     crop_top = rng.integers(0, imaging.crop_jitter + 1, n)
     crop_bottom = rng.integers(0, imaging.crop_jitter + 1, n)
@@ -337,7 +343,7 @@ def _attenuation(scene: Scene, H: int, W: int, h: int, w: int, rngs: list[np.ran
     A += 0.07 * _col(scene.habitus[:, 0]) * chord
     basal = _ramp(v - 1.0, 0.6) * np.clip(0.6 + 0.6 * patches, 0.0, None)
     A += 0.045 * _col(scene.habitus[:, 1]) * basal * air
-    A -= 0.07 * ptx_region * lung  # hyperlucent, no lung tissue
+    A -= 0.08 * ptx_region * lung  # hyperlucent, no lung tissue
 
     # Trachea (air) and gastric bubble.
     A -= 0.12 * _ramp(0.045 - np.abs(u - 0.01), 0.02) * _ramp(0.95 - v, 0.05) * _ramp(v - 0.05, 0.05)
@@ -399,7 +405,7 @@ def _ribs(scene: Scene, u: np.ndarray, v: np.ndarray, a: np.ndarray, ell: np.nda
         callus = _blob(u[idx] - fx, (v[idx] - fy - 0.55 * fx * fx) * 1.6, 0.08 + 0.05 * s)
         # Marked cases: a second fracture on the rib below.
         callus += (s > 0.6) * _blob(u[idx] - fx, (v[idx] - fy - 0.17 - 0.55 * fx * fx) * 1.6, 0.07 + 0.04 * s)
-        ribs[idx] += (1.0 + 1.4 * s) * callus
+        ribs[idx] += (1.6 + 1.6 * s) * callus
     return ribs
 
 
@@ -412,8 +418,8 @@ def _pneumothorax_region(scene: Scene, u: np.ndarray, v: np.ndarray, ell: np.nda
     idx = np.flatnonzero(s > 0)
     side = _col(scene.side[idx, F["Pneumothorax"]])
     on_side = (u[idx] * side) > 0
-    rim = _col(1.0 - (0.05 + 0.35 * s[idx]))  # pleural line at ell = rim
-    apical = _ramp(0.8 - v[idx] + 0.6 * _col(s[idx]), 0.3)
+    rim = _col(1.0 - (0.07 + 0.38 * s[idx]))  # pleural line at ell = rim
+    apical = _ramp(0.9 - v[idx] + 0.6 * _col(s[idx]), 0.3)
     out[idx] = _ramp(ell[idx] - rim, 0.03) * _ramp(1.0 - ell[idx], 0.05) * on_side * apical
     return out
 
@@ -436,16 +442,20 @@ def _draw_findings(
 
     - Lung Opacity: ill-defined patchy haze, 1-2 zones.
     - Lung Lesion: a round, sharp-edged nodule or mass.
-    - Edema: bilateral perihilar ("bat wing") haze plus Kerley B lines at the bases.
-    - Consolidation: dense, homogeneous lobar opacity with a sharp fissure border and
-      air bronchograms.
+    - Edema: bilateral perihilar ("bat wing") haze whose centre and extent vary, plus
+      Kerley B lines at the bases in marked cases.
+    - Consolidation: homogeneous segmental opacity bounded by a fissure (sharp when
+      dense, soft when faint) with air bronchograms.
     - Pneumonia: a cluster of small fluffy acinar nodules in one zone.
     - Atelectasis: a plate-like band above an elevated hemidiaphragm.
-    - Pneumothorax: visceral pleural line (markings removed beyond it, see above).
-    - Pleural Effusion: fluid filling the base with a meniscus climbing the lateral wall,
-      blunting the costophrenic angle.
+    - Pneumothorax: visceral pleural line, apical and narrow when small (markings removed
+      beyond it, see above).
+    - Pleural Effusion: fluid filling the base with a meniscus climbing the lateral wall;
+      small ones only blunt the costophrenic angle; on AP (supine) views part of it
+      layers as a graded haze.
     - Pleural Other: pleural thickening / calcified plaque along the lateral wall.
-    - Enlarged Cardiomediastinum, Cardiomegaly, Fracture: drawn in the anatomy.
+    - Enlarged Cardiomediastinum, Cardiomegaly, Fracture: drawn in the anatomy (a
+      fracture: offset rib with callus; a second one on the rib below when marked).
     """
     out = np.zeros(ell.shape, dtype=np.float32)
     st, side, where = scene.strength, scene.side, scene.where
@@ -468,15 +478,15 @@ def _draw_findings(
         haze = _blob(u[idx] - lu, (v[idx] - lv) / 1.3, 0.22 + 0.12 * s)
         both = _col(side[idx, F["Lung Opacity"]] == 0)
         haze += both * _blob(u[idx] + lu, (v[idx] - lv) / 1.3, 0.2 + 0.1 * s)
-        out[idx] += (0.1 + 0.22 * s) * haze * (0.55 + 0.45 * np.clip(patches[idx], -1, 1)) * air[idx]
+        out[idx] += (0.06 + 0.22 * s) * haze * (0.55 + 0.45 * np.clip(patches[idx], -1, 1)) * air[idx]
 
     idx = present("Lung Lesion")
     if idx.size:
         s = _col(st[idx, F["Lung Lesion"]])
         lu, lv, _ = spot(idx, "Lung Lesion")
-        r = 0.05 + 0.09 * s
+        r = 0.055 + 0.09 * s
         d = np.sqrt((u[idx] - lu) ** 2 + (v[idx] - lv) ** 2)
-        out[idx] += (0.16 + 0.2 * s) * _ramp(r - d, 0.012) * (0.8 + 0.2 * np.clip(1 - d / r, 0, 1))
+        out[idx] += (0.2 + 0.2 * s) * _ramp(r - d, 0.012) * (0.8 + 0.2 * np.clip(1 - d / r, 0, 1))
 
     idx = present("Edema")
     if idx.size:
@@ -528,10 +538,10 @@ def _draw_findings(
     if idx.size:
         s = _col(st[idx, F["Pneumothorax"]])
         side_ = _col(side[idx, F["Pneumothorax"]])
-        rim = 1.0 - (0.05 + 0.35 * s)
+        rim = 1.0 - (0.07 + 0.38 * s)
         line = np.clip(1.0 - np.abs(ell[idx] - rim) / 0.018, 0.0, 1.0)
-        line = line * ((u[idx] * side_) > 0) * _ramp(0.8 - v[idx] + 0.6 * s, 0.3)
-        out[idx] += (0.05 + 0.1 * s) * line
+        line = line * ((u[idx] * side_) > 0) * _ramp(0.9 - v[idx] + 0.6 * s, 0.3)
+        out[idx] += (0.06 + 0.1 * s) * line
 
     idx = present("Pleural Effusion")
     if idx.size:
@@ -565,7 +575,7 @@ def _draw_devices(scene: Scene, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     out = np.zeros(shape, dtype=np.float32)
     d = scene.devices
     jit = scene.where[:, F["Support Devices"], :]  # (N, 2) per-image placement jitter
-    amp = 0.35 + 0.65 * scene.strength[:, F["Support Devices"]]  # (N,) radiopacity (tube material)
+    amp = 0.5 + 0.5 * scene.strength[:, F["Support Devices"]]  # (N,) radiopacity (tube material)
     if d[:, 0].any():  # endotracheal tube down the trachea, tip above the carina
         i = np.flatnonzero(d[:, 0])
         coef = np.stack([0.01 + 0.02 * jit[i, 0], np.zeros(i.size), np.zeros(i.size)], axis=1)
