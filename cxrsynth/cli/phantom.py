@@ -29,7 +29,10 @@ def phantom(
         raise typer.BadParameter(f"unknown site {site!r}; choose one of: {', '.join(SITES)}", param_hint="SITE")
     target = out if out.is_absolute() else root / out
     sheet_path = None if sheet is None else (sheet if sheet.is_absolute() else root / sheet)
-    summary = write_site(site, n, target, seed=seed, sheet=sheet_path)
+    from cxrsynth.cli.common import progress_bar
+
+    with progress_bar(f"phantom {site}", total=n) as advance:
+        summary = write_site(site, n, target, seed=seed, sheet=sheet_path, progress=advance)
     console.print(
         f"[bold]{summary['site']}[/] phantom: {summary['images']} images, {summary['patients']} patients, "
         f"{summary['studies']} studies (seed {summary['seed']}) -> {summary['out']}"

@@ -67,7 +67,14 @@ def sample_site(site: str, n: int, seed: int = 0) -> Phantom:
     return Phantom(site=spec, seed=int(seed), cohort=cohort, scene=scene, files_rng=np.random.default_rng(files_ss))
 
 
-def write_site(site: str, n: int, out: Path, seed: int = 0, sheet: Path | None = None) -> dict:
+def _ticking(images: Iterator[np.ndarray], progress) -> Iterator[np.ndarray]:
+    for image in images:
+        yield image
+        if progress:
+            progress(1)
+
+
+def write_site(site: str, n: int, out: Path, seed: int = 0, sheet: Path | None = None, progress=None) -> dict:
     """Write ``n`` phantom images of ``site`` in the site's native on-disk format.
 
     Args:
@@ -76,6 +83,7 @@ def write_site(site: str, n: int, out: Path, seed: int = 0, sheet: Path | None =
         out: Output directory (created).
         seed: Seed; the same seed writes byte-identical files.
         sheet: Optional path of a contact-sheet PNG of the first images.
+        progress: Optional callable ``progress(images)`` called as images are written.
 
     Returns:
         Summary: site, seed, counts (images, patients, studies), the tables written,
@@ -90,7 +98,7 @@ def write_site(site: str, n: int, out: Path, seed: int = 0, sheet: Path | None =
     phantom = sample_site(site, n, seed)
     kept: list[np.ndarray] = []
     details = WRITERS[phantom.site.name](
-        phantom.cohort, captured(phantom.images(), SHEET_IMAGES if sheet else 0, kept), out, phantom.files_rng
+        phantom.cohort, captured(_ticking(phantom.images(), progress), SHEET_IMAGES if sheet else 0, kept), out, phantom.files_rng
     )
     f = phantom.cohort.frame
     summary = {
