@@ -10,8 +10,18 @@ differently (measured on CPU: at most one grey level, on under 1% of pixels).
 Rows are planned as fixed units of ``shard_size`` images, each written as one shard by
 the project's single shard writer (:mod:`cxrsynth.shards`): a killed run restarted with
 the same command skips finished shards and ends with byte-identical output; ``part``
-(``i/N``, job arrays) or ``torchrun`` ranks take units ``i::N``. Whoever finds every unit
-finished writes ``index.json`` and the manifest.
+(``i/N``, job arrays) or ``torchrun`` ranks take units ``i::N``.
+
+Finishing (``index.json``, the manifest, its rejects file): every process, after its
+own units, takes an exclusive ``flock`` on ``<version>/.progress/finalize.lock``, and
+under it checks whether every unit is finished; if so, it writes them. So the *last*
+process to finish writes them, whichever rank or job-array part it is (a rank that
+finishes early sees unfinished units and leaves); two processes finishing at the same
+moment are serialised by the lock, and the second rewrites the same bytes after the
+first (atomic renames: readers never see a half-written file). No process waits for
+another and no process group is needed (``torchrun`` is only a launcher here); the
+lock is released by the kernel if a process dies. ``flock`` is advisory and works on
+local file systems and NFS (Linux emulates it with POSIX locks there).
 
 Synthetic rows carry no real identifiers: no patient, study or source path; the key is
 ``<name>-r<replica>-<row>``. ``source_key`` keeps the link to the real row for the
@@ -20,6 +30,7 @@ experiments (``cxrsynth share export`` drops it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -177,17 +188,33 @@ def generate(
         if progress:
             progress(stop - start)
 
-    results = [shards.finished(directory, name, u) for u in range(len(units))]
-    complete = all(r is not None for r in results)
-    if complete:
-        shards.write_index(directory, name, version, results)
-        shard_of = {k: str(Path(shards.SHARD_ROOT) / name / version / r.name) for r in results for k in r.keys}
-        rows["shard"] = rows["key"].map(shard_of).astype("string")
-        meta = {"dataset": name, "version": version, "kind": "synthetic", "generator": str(generator_dir),
-                **params, "rows_in": len(rows), "kept": len(rows), "rejected": {}, "cxrsynth": __version__}
-        manifest.write(root, name, rows, meta)
-        manifest.write_rejects(root, name, pd.DataFrame(columns=list(manifest.REJECT_SCHEMA.names)))
-    return {"name": name, "version": version, "images": len(rows), "units": len(units), "written": done_here, "complete": complete}
+    with _exclusive(directory / shards.PROGRESS_DIR / "finalize.lock"):
+        results = [shards.finished(directory, name, u) for u in range(len(units))]
+        complete = all(r is not None for r in results)
+        if complete:  # idempotent: a second finisher rewrites the same bytes, after the first
+            shards.write_index(directory, name, version, results)
+            shard_of = {k: str(Path(shards.SHARD_ROOT) / name / version / r.name) for r in results for k in r.keys}
+            rows["shard"] = rows["key"].map(shard_of).astype("string")
+            meta = {"dataset": name, "version": version, "kind": "synthetic", "generator": str(generator_dir),
+                    **params, "rows_in": len(rows), "kept": len(rows), "rejected": {}, "cxrsynth": __version__}
+            manifest.write(root, name, rows, meta)
+            manifest.write_rejects(root, name, pd.DataFrame(columns=list(manifest.REJECT_SCHEMA.names)))
+    return {"name": name, "version": version, "images": len(rows), "units": len(units), "written": done_here,
+            "complete": complete, "rank": index, "world": count}
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path):
+    """Hold an exclusive advisory lock on ``lock`` (created if missing) for the block."""
+    import fcntl
+
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _samples(rows: pd.DataFrame, images) -> list[dict]:

@@ -1,7 +1,8 @@
 """Fréchet distances between real and synthetic images, offline.
 
 * :func:`frechet_distance`: ``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})`` from
-  feature means and covariances (scipy.linalg.sqrtm), as in Heusel et al. 2017.
+  feature means and covariances, as in Heusel et al. 2017 (the trace of the matrix
+  square root from symmetric eigenvalues, see :func:`_trace_sqrt_product`).
 * FID: features are the 2048-d pool of torchvision's ``inception_v3`` with weights
   loaded from a file the user provides (:func:`inception_extractor`); nothing is
   downloaded. Note: torchvision's ImageNet Inception is not the TF-FID Inception
@@ -19,37 +20,56 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import linalg
 
 
 @dataclass
 class FeatureStats:
-    """Mean (D,) and covariance (D, D) of a feature set."""
+    """Mean (D,) and covariance (D, D) of a feature set.
+
+    ``factor`` (N, D), kept only when N < D: the centred features / sqrt(N - 1), so that
+    ``sigma = factor.T @ factor``; it lets :func:`frechet_distance` work in N x N.
+    """
 
     mu: np.ndarray
     sigma: np.ndarray
     n: int
+    factor: np.ndarray | None = None
 
     @classmethod
     def from_features(cls, feats: np.ndarray) -> "FeatureStats":
         feats = np.asarray(feats, dtype=np.float64)
         if feats.ndim != 2 or len(feats) < 2:
             raise ValueError(f"need (N >= 2, D) features, got {feats.shape}")
-        return cls(feats.mean(0), np.cov(feats, rowvar=False), len(feats))
+        mu = feats.mean(0)
+        factor = (feats - mu) / np.sqrt(len(feats) - 1)  # (N, D)
+        return cls(mu, factor.T @ factor, len(feats), factor if len(feats) < feats.shape[1] else None)
 
 
-def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> float:
-    """Fréchet distance between two Gaussians fitted to features."""
+def _trace_sqrt_product(a: FeatureStats, b: FeatureStats) -> float:
+    """Tr((S1 S2)^{1/2}) for PSD covariances, without a (possibly singular) sqrtm.
+
+    The eigenvalues of S1 S2 are those of the symmetric PSD S1^{1/2} S2 S1^{1/2}, so the
+    trace is the sum of their square roots (clipped at 0 against round-off). With
+    feature factors (S = F^T F, N < D) they are the squared singular values of
+    F1 F2^T (N1 x N2), so the trace is its nuclear norm: exact and cheap for few images.
+    """
+    if a.factor is not None and b.factor is not None:
+        return float(np.linalg.svd(a.factor @ b.factor.T, compute_uv=False).sum())
+    w, v = np.linalg.eigh(a.sigma)
+    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # S1^{1/2}
+    m = root @ b.sigma @ root
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum())
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+    """Fréchet distance between two Gaussians fitted to features.
+
+    Same value as the usual ``scipy.linalg.sqrtm`` formula (pytorch-fid) where that is
+    well conditioned; unlike it, also exact when N < D makes the covariances singular
+    (sqrtm then returns large imaginary parts and takes minutes at D = 2048).
+    """
     diff = a.mu - b.mu
-    covmean = linalg.sqrtm(a.sigma @ b.sigma)
-    if not np.isfinite(covmean).all():  # singular product: offset the diagonals
-        offset = np.eye(a.sigma.shape[0]) * eps
-        covmean = linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm has a large imaginary part {np.abs(covmean.imag).max():.3g}")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * _trace_sqrt_product(a, b))
 
 
 class _InceptionPool(torch.nn.Module):
@@ -62,6 +82,8 @@ class _InceptionPool(torch.nn.Module):
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected uint8 images (B, 1 or 3, H, W), got {tuple(images.shape)}")
         x = images.float().div(255.0).expand(-1, 3, -1, -1)  # (B, 3, H, W)
         x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         return self.net((x - self.mean) / self.std)  # (B, 2048)
@@ -79,7 +101,9 @@ def inception_extractor(weights: Path) -> torch.nn.Module:
     weights = Path(weights)
     if not weights.exists():
         raise FileNotFoundError(f"Inception weights not found: {weights} (cxrsynth never downloads them)")
-    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    # transform_input=True, as torchvision sets it for these weights: the Google-ported
+    # network expects (x - 0.5) / 0.5 inputs and converts from ImageNet normalisation.
+    net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     net.fc = torch.nn.Identity()
     net.aux_logits, net.AuxLogits = False, None

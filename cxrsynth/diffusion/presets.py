@@ -145,15 +145,21 @@ def list_presets() -> list[str]:
 # The paper's generator (Mediffusion 0.6.0 default.yaml + Table E1; ~125M parameters).
 register_preset(GeneratorConfig(name="paper"))
 
-# Demo generator: 64 px, 4 levels, attention at 16 and 8 px; ~2.6M parameters.
+# Demo generator: 64 px, 4 levels (16/32/32/64 channels at 64/32/16/8 px), one res block
+# per level, attention at 8 px (and in the middle block); 0.83M parameters, 0.56 GFLOP
+# per forward. Measured on the 2-core CPU machine, one thread, batch 16 (train) / 32
+# (dpmpp sampling): ~22 train images/s and ~66 forwards/s (3.3 images/s at 20 steps),
+# vs ~4.8 / ~16 for the earlier 32-channel layout with attention also at 16 px (3.4M
+# parameters, 2.2 GFLOP). Convolution backward dominates; channels_last was no faster
+# on CPU, and the VLB term costs under 10%.
 register_preset(
     GeneratorConfig(
         name="tiny",
         image_size=64,
-        model_channels=32,
+        model_channels=16,
         channel_mult=(1, 2, 2, 4),
         num_res_blocks=1,
-        attention_ds=(4, 8),
+        attention_ds=(8,),
         num_heads=4,
         norm_groups=8,
     )

@@ -11,6 +11,16 @@ floating-point nondeterminism.
 
 Fast paths (chosen in :func:`_fast_paths`, one place): bf16 autocast, channels_last
 and fused AdamW on CUDA only; fp32 elsewhere.
+
+DDP (``torchrun``; gloo on CPU, nccl on CUDA): every rank builds the same initial
+weights, draws its noise from ``seed + rank`` and reads its own share of the data
+(``data(epoch)`` must already be sharded by rank and yield the same number of batches
+on every rank, else the gradient all-reduce of the longer rank would wait forever; the
+CLI trims every rank to the shortest share). When batches carry their ``key`` list,
+the run records which images each rank consumed (``data_seen`` in ``generator.json``:
+images and distinct keys per rank, distinct keys over all ranks), so a user can check
+that ranks read disjoint shares (within an epoch: sum of per-rank distinct keys =
+distinct keys overall) and how much of the dataset a run covered.
 """
 
 from __future__ import annotations
@@ -248,6 +258,8 @@ def train(
                               enabled=fast["autocast_dtype"] is not None)
     running = torch.zeros((), device=device)
     n_running, images, t_last = 0, 0, time.perf_counter()
+    seen_keys: set[str] = set()  # this rank's images, for data_seen (bounded by the dataset size)
+    seen_images = 0
     model.train()
     while step < tc.steps:
         batches = iter(data(epoch))
@@ -259,6 +271,8 @@ def train(
             x0 = batch["image"].to(device, non_blocking=True).float() / 127.5 - 1.0  # (B, 1, S, S)
             cond = batch["cond"].to(device, non_blocking=True).float()  # (B, 22)
             b = x0.shape[0]
+            seen_images += b
+            seen_keys.update(batch.get("key", ()))
             # 2a. t ~ U{0..T-1}, eps ~ N(0, I), CFG dropout mask — all from `gen`.
             t = torch.randint(0, T, (b,), generator=gen).to(device)
             noise = torch.randn(x0.shape, generator=gen).to(device)
@@ -302,10 +316,35 @@ def train(
         break
     bar.close()
     final = ema.module.eval()
+    data_seen = _data_seen(seen_images, seen_keys, dist_info)  # a collective: every rank calls it
     if is_main:
-        save_generator(final, out, data_version=data_version,
-                       extra={"trained_steps": step, "ema_decay": tc.ema_decay})
+        extra: dict[str, Any] = {"trained_steps": step, "ema_decay": tc.ema_decay, "world": dist_info.world}
+        if data_seen is not None:
+            extra["data_seen"] = data_seen
+        save_generator(final, out, data_version=data_version, extra=extra)
     return final
+
+
+def _data_seen(images: int, keys: set[str], dist_info: _Dist) -> dict[str, Any] | None:
+    """Images and distinct keys consumed by each rank in this call, and overall.
+
+    Gathers every rank's key set on every rank (``all_gather_object``), once at the
+    end; None when the batches carried no keys (e.g. in-memory test data).
+    """
+    mine = (images, sorted(keys))
+    everyone: list[Any] = [mine]
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        everyone = [None] * dist_info.world
+        dist.all_gather_object(everyone, mine)
+    if not any(k for _, k in everyone):
+        return None
+    return {
+        "images_per_rank": [n for n, _ in everyone],
+        "distinct_keys_per_rank": [len(k) for _, k in everyone],
+        "distinct_keys": len(set().union(*(k for _, k in everyone))),
+    }
 
 
 class _progress:

@@ -1,0 +1,82 @@
+"""FID from a local Inception-v3 file: no download, grayscale uint8 input, FID(a, a) = 0."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from cxrsynth.diffusion import fid
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every way torchvision could fetch weights raises instead."""
+    import torch.hub
+    import torchvision.models._api
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[:1]}")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def _images(seed: int, n: int, bright: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 1, 64, 64, generator=g) * 80 + bright).to(torch.uint8)  # (n, 1, 64, 64)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few small batches; 2 threads on a shared 2-core box only spin
+    yield
+    torch.set_num_threads(before)
+
+
+def test_fid_from_local_inception_file(tmp_path, no_network, one_thread):
+    from torchvision.models import inception_v3
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        random_net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    weights = tmp_path / "inception_v3_random.pth"
+    torch.save(random_net.state_dict(), weights)
+
+    extractor = fid.inception_extractor(weights)
+    a, b = _images(0, 4, 40), _images(1, 4, 150)
+    feats_a = fid.features(extractor, [a[:1], a[1:]])  # batches of 64-px grayscale uint8
+    assert feats_a.shape == (4, 2048) and np.isfinite(feats_a).all()
+    np.testing.assert_allclose(fid.features(extractor, [a]), feats_a, rtol=1e-4, atol=1e-5)  # batching-independent
+
+    stats_a = fid.FeatureStats.from_features(feats_a)
+    same = fid.frechet_distance(stats_a, stats_a)
+    other = fid.frechet_distance(stats_a, fid.FeatureStats.from_features(fid.features(extractor, [b])))
+    assert same == pytest.approx(0.0, abs=1e-6 * max(1.0, other))
+    assert other > 0 and other > 1e3 * abs(same)
+
+def test_missing_inception_file_is_an_error_not_a_download(tmp_path, no_network):
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        fid.inception_extractor(tmp_path / "missing.pth")
+
+
+def test_frechet_distance_matches_sqrtm_and_handles_few_samples():
+    from scipy import linalg
+
+    rng = np.random.default_rng(0)
+    f1, f2 = rng.normal(size=(300, 16)), rng.normal(size=(300, 16)) * 1.3 + 0.2
+    a, b = fid.FeatureStats.from_features(f1), fid.FeatureStats.from_features(f2)
+    diff = a.mu - b.mu
+    reference = diff @ diff + np.trace(a.sigma + b.sigma) - 2 * np.trace(linalg.sqrtm(a.sigma @ b.sigma).real)
+    assert fid.frechet_distance(a, b) == pytest.approx(reference, rel=1e-9)
+    # N < D: singular covariances; the factor path and the covariance path agree.
+    a, b = fid.FeatureStats.from_features(f1[:5]), fid.FeatureStats.from_features(f2[:7])
+    assert a.factor is not None
+    no_factor = fid.frechet_distance(fid.FeatureStats(a.mu, a.sigma, a.n), fid.FeatureStats(b.mu, b.sigma, b.n))
+    assert fid.frechet_distance(a, b) == pytest.approx(no_factor, rel=1e-6)
+    assert fid.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
