@@ -46,6 +46,13 @@ def test_ingest_stats_split_query_verify(chexpert_tree, tmp_path):
     assert [json.loads(l)["key"] for l in out.read_text().splitlines()] == ["train_patient00001_study1_view1_frontal", "train_patient00001_study2_view1_frontal"]
     r = cli("verify", "cxp", "--root", root)
     assert r.exit_code == 0 and "3 shard(s)" in r.output
+    r = cli("sheet", "cxp", "--out", tmp_path / "sheet.png", "--n", 4, "--where", "sex = 'F'", "--root", root)
+    from PIL import Image
+
+    with Image.open(tmp_path / "sheet.png") as im:
+        assert r.exit_code == 0 and im.size[0] == 6 * 200 and im.mode == "L"
+    r = cli("sheet", "cxp", "--out", tmp_path / "x.png", "--where", "no_such_column = 1", "--root", root)
+    assert r.exit_code == 2 and "no_such_column" in r.output
     shard = next((root / "data/shards/cxp").rglob("cxp-000000.tar"))
     shard.write_bytes(shard.read_bytes()[:-1024])
     r = cli("verify", "cxp", "--root", root)

@@ -33,15 +33,19 @@ def test_dvc_repro_runs_the_pipeline_and_is_reproducible(tmp_path):
     (clone / "metrics").mkdir(exist_ok=True)
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params.update(image_size=32, shard_size=20)
-    params["phantom"] = {"cxp": 40, "mimic": 30, "emory": 30}
+    params["phantom"] = {"cxp": 60, "mimic": 30, "emory": 30}
+    params["generator"].update(preset="micro", steps=4, batch=4, warmup=1)
+    params["generate"].update(steps=2, batch=8)
     (clone / "params.yaml").write_text(yaml.safe_dump(params))
     sh("git", "init", "-q", cwd=clone)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=clone)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone", cwd=clone)
 
     sh("dvc", "repro", cwd=clone)
-    stats = {site: json.loads((clone / f"metrics/stats_{site}.json").read_text()) for site in ("cxp", "mimic", "emory")}
-    assert stats["cxp"]["images"] > 30 and stats["mimic"]["images"] == 30 and stats["emory"]["images"] == 30
+    stats = {site: json.loads((clone / f"metrics/stats_{site}.json").read_text()) for site in ("cxp", "mimic", "emory", "cxp_syn")}
+    assert stats["cxp"]["images"] > 40 and stats["mimic"]["images"] == 30 and stats["emory"]["images"] == 30
+    assert 0 < stats["cxp_syn"]["images"] < stats["cxp"]["images"]  # one replica of the train split
+    assert (clone / "metrics/cxp_syn_sheet.png").is_file() and (clone / "data/generators/cxp_micro/generator.json").is_file()
     lock = (clone / "dvc.lock").read_text()
     assert "ingest_cxp" in lock and "stats@emory" in lock
     status = sh("dvc", "status", cwd=clone).stdout

@@ -250,6 +250,26 @@ def verify(
     console.print(f"[green]✓[/green] {name}: {checked} shard(s) match index.json and the manifest")
 
 
+def sheet(
+    name: Annotated[str, typer.Argument(help="Dataset name (with shards).")],
+    out: Annotated[Path, typer.Option("--out", help="PNG to write.")],
+    n: Annotated[int, typer.Option("--n", help="Images on the sheet.")] = 24,
+    where: Annotated[Optional[str], typer.Option("--where", help="SQL condition, e.g. \"pleural_effusion = 1 AND view = 'PA'\".")] = None,
+    root: Root = Path("."),
+) -> None:
+    """Contact sheet of a dataset's images (real or synthetic), captioned with their findings."""
+    from cxrsynth import manifest
+    from cxrsynth.sheet import dataset_sheet
+
+    try:
+        path = dataset_sheet(root, name, out, n=n, where=where)
+    except manifest.ManifestError as exc:
+        fail(str(exc))
+    except Exception as exc:  # a bad --where is a DuckDB error with a useful message
+        fail(f"{name}: {exc}")
+    console.print(f"wrote {path}")
+
+
 def bench_ingest(
     n: Annotated[int, typer.Option("--n", help="Phantom images to ingest.")] = 1000,
     size: Size = 256,

@@ -118,17 +118,17 @@ def _fast_paths(device: torch.device) -> dict[str, Any]:
 
 
 def _rng_state(gen: torch.Generator) -> dict[str, Any]:
-    state: dict[str, Any] = {"gen": gen.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """Only the run's own generator: every random draw of training comes from it.
+
+    The global torch generators are left out on purpose: torch seeds them randomly per
+    process, so saving them would make identical runs write different checkpoints
+    (and DVC cache them twice) while restoring them would change nothing.
+    """
+    return {"gen": gen.get_state()}
 
 
 def _set_rng_state(gen: torch.Generator, state: dict[str, Any]) -> None:
     gen.set_state(state["gen"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

@@ -5,7 +5,7 @@ a MIMIC-CXR-JPG tree with its gzipped tables, ``emory`` an in-house CSV with PNG
 DICOM images; the importers read them as they would the real datasets. Modules:
 :mod:`~cxrsynth.phantom.sites` (site specs), :mod:`~cxrsynth.phantom.cohort` (patients,
 studies, demographics, labels), :mod:`~cxrsynth.phantom.render` (the vectorized
-renderer), :mod:`~cxrsynth.phantom.formats` (the writers), :mod:`~cxrsynth.phantom.sheet`
+renderer), :mod:`~cxrsynth.phantom.formats` (the writers), :mod:`~cxrsynth.sheet`
 (contact sheet) and :mod:`~cxrsynth.phantom.bench` (the quality benchmark).
 """
 
@@ -91,7 +91,7 @@ def write_site(site: str, n: int, out: Path, seed: int = 0, sheet: Path | None =
         ``out/phantom.json``.
     """
     from cxrsynth.phantom.formats import WRITERS, captured
-    from cxrsynth.phantom.sheet import write_sheet
+    from cxrsynth.sheet import write_sheet
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Contact sheet: a grid of phantom images, each captioned with its positive findings."""
+"""Contact sheets: a grid of radiographs, each captioned with its positive findings."""
 
 from __future__ import annotations
 
@@ -86,3 +86,35 @@ def write_sheet(path: Path, images: list[np.ndarray], labels: np.ndarray, header
     path.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(images, labels, headers).save(path, format="PNG", optimize=False, compress_level=6)
     return path
+
+
+def header(row) -> str:
+    """``F 67 AP`` (+ ``syn r2`` for synthetic rows) from a manifest row."""
+    age = "" if row.get("age") is None or row.get("age") != row.get("age") else int(row["age"])
+    text = f"{row.get('sex') or '?'} {age} {row.get('view') or ''}".strip()
+    if row.get("origin") == "synthetic":
+        text += f" syn r{int(row['replica'])}"
+    return text
+
+
+def dataset_sheet(root: str | Path, name: str, out: str | Path, *, n: int = 24, where: str | None = None) -> Path:
+    """Contact sheet of the first ``n`` images (by key) of dataset ``name`` from its shards.
+
+    Args:
+        root: Project root.
+        name: Dataset with shards.
+        out: PNG to write.
+        n: Images on the sheet.
+        where: Optional SQL condition on the manifest, e.g. ``"pleural_effusion = 1"``.
+    """
+    from cxrsynth import labels, manifest, stream
+    from cxrsynth.imaging import decode_png
+
+    condition = f"WHERE shard IS NOT NULL AND ({where})" if where else "WHERE shard IS NOT NULL"
+    frame = manifest.query(root, f'SELECT * FROM "{manifest.check_name(name)}" {condition} ORDER BY key LIMIT {int(n)}')
+    if frame.empty:
+        raise manifest.ManifestError(f"{name}: no images with shards match {where or 'the dataset'}")
+    pngs = dict(stream.samples(root, frame, train=False, seed=0))
+    rows = frame.to_dict("records")
+    images = [decode_png(pngs[r["key"]]) for r in rows]
+    return write_sheet(Path(out), images, labels.findings_matrix(frame), [header(r) for r in rows])
