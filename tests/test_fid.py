@@ -80,3 +80,35 @@ def test_frechet_distance_matches_sqrtm_and_handles_few_samples():
     no_factor = fid.frechet_distance(fid.FeatureStats(a.mu, a.sigma, a.n), fid.FeatureStats(b.mu, b.sigma, b.n))
     assert fid.frechet_distance(a, b) == pytest.approx(no_factor, rel=1e-6)
     assert fid.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_classifier_frechet_distance_cli(tmp_path):
+    """`generator fid --classifier`: a timm classifier from a local file, on two datasets' shards."""
+    import timm
+    from conftest import chexpert_rows, write_chexpert
+    from typer.testing import CliRunner
+
+    from cxrsynth.cli import app
+
+    csv = write_chexpert(tmp_path / "raw", chexpert_rows(n_patients=6, studies=2))
+    root = tmp_path / "proj"
+    runner = CliRunner()
+
+    def cli(*args):
+        result = runner.invoke(app, [str(a) for a in args] + ["--root", str(root)], catch_exceptions=False)
+        return result
+
+    assert cli("ingest", "chexpert", csv, "--name", "a", "--size", 32, "--workers", 1).exit_code == 0
+    assert cli("ingest", "chexpert", csv, "--name", "b", "--size", 32, "--no-equalize", "--workers", 1).exit_code == 0
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=3, in_chans=1)
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "clf.pt")
+    common = ["--classifier", "resnet18", "--checkpoint", tmp_path / "clf.pt", "--size", 32, "--device", "cpu"]
+    same = cli("generator", "fid", "--real", "a", "--synthetic", "a", *common)
+    other = cli("generator", "fid", "--real", "a", "--synthetic", "b", *common)
+    assert same.exit_code == 0 and other.exit_code == 0, same.output + other.output
+    value = lambda r: float(r.output.strip().split()[-1])  # noqa: E731
+    assert abs(value(same)) < 1e-6 and value(other) > 1e-3
+    bad = cli("generator", "fid", "--real", "a", "--synthetic", "b", "--classifier", "resnet34",
+              "--checkpoint", tmp_path / "clf.pt", "--size", 32)
+    assert bad.exit_code == 2 and "does not fit" in bad.output

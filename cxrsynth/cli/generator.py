@@ -130,6 +130,45 @@ def info(
             console.print(f"  {key}: {meta[key]}")
 
 
+@generator_app.command("fid")
+def fid(
+    real: Annotated[str, typer.Option("--real", help="Real dataset.")],
+    synthetic: Annotated[str, typer.Option("--synthetic", help="Synthetic dataset.")],
+    real_split: Annotated[Optional[str], typer.Option("--real-split", help="Split of the real dataset (e.g. train).")] = None,
+    inception: Annotated[Optional[Path], typer.Option("--inception", help="torchvision inception_v3 state dict (local file): FID.")] = None,
+    classifier: Annotated[Optional[str], typer.Option("--classifier", help="timm model name of a classifier trained on the real data.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="That classifier's state dict (local file).")] = None,
+    size: Annotated[int, typer.Option("--size", help="Classifier input side.")] = 256,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="At most this many images per side.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if available).")] = None,
+    root: Root = Path("."),
+) -> None:
+    """Fréchet distance between real and synthetic images: FID (Inception) or in a classifier's feature space.
+
+    Weights always come from local files; nothing is downloaded.
+    """
+    import torch
+
+    from cxrsynth.diffusion import fid as fid_lib
+
+    if (inception is None) == (classifier is None):
+        fail("give exactly one of --inception FILE or --classifier MODEL --checkpoint FILE")
+    try:
+        if inception is not None:
+            extractor, side, what = fid_lib.inception_extractor(inception), 299, "FID (Inception)"
+        else:
+            if checkpoint is None:
+                fail("--classifier needs --checkpoint FILE")
+            extractor, side, what = fid_lib.classifier_extractor(classifier, checkpoint, size), size, f"Frechet distance ({classifier})"
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        fail(str(exc))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    a = fid_lib.dataset_images(root, real, real_split, side, limit=limit)
+    b = fid_lib.dataset_images(root, synthetic, None, side, limit=limit)
+    value = fid_lib.fid_from_images(extractor, a, b, device=device)
+    console.print(f"{what} {real}{'/' + real_split if real_split else ''} vs {synthetic}: {value:.4f}")
+
+
 def bench_generate(
     preset: Annotated[str, typer.Option("--preset", help="Generator preset.")] = "paper",
     batch: Annotated[int, typer.Option("--batch", help="Images per batch.")] = 64,

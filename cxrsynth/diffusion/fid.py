@@ -125,3 +125,58 @@ def fid_from_images(
     a = FeatureStats.from_features(features(extractor, real, device))
     b = FeatureStats.from_features(features(extractor, fake, device))
     return frechet_distance(a, b)
+
+
+class _GrayClassifier(torch.nn.Module):
+    """uint8 (B, 1, H, W) → pooled features of a timm classifier (head removed)."""
+
+    def __init__(self, net: torch.nn.Module, size: int) -> None:
+        super().__init__()
+        self.net, self.size = net, size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise ValueError(f"expected (B, 1, H, W) grayscale images, got {tuple(images.shape)}")
+        x = images.float() / 127.5 - 1.0  # (B, 1, H, W) in [-1, 1]
+        if x.shape[-1] != self.size:
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.net(x)  # (B, D)
+
+
+def classifier_extractor(model: str, checkpoint: Path, size: int = 256) -> torch.nn.Module:
+    """Features of a timm classifier trained on the real data, from a local checkpoint.
+
+    Args:
+        model: timm model name (e.g. ``convnext_base``), built with one input channel.
+        checkpoint: Its state dict (a plain state dict, or a dict holding one under
+            ``state_dict`` / ``model`` / ``ema``); the classification head is dropped.
+        size: Input side the classifier was trained at.
+    """
+    import timm
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"classifier checkpoint not found: {checkpoint}")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for key in ("ema", "state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    net = timm.create_model(model, pretrained=False, num_classes=0, in_chans=1)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    head = net.default_cfg.get("classifier", "")
+    unexpected = [k for k in unexpected if not (head and k.startswith(head))]
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint} does not fit timm model {model}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return _GrayClassifier(net, size).eval()
+
+
+def dataset_images(root: Path, name: str, split: str | None, size: int, batch: int = 64, limit: int | None = None):
+    """uint8 image batches (B, 1, size, size) of a dataset's shards, in key order."""
+    from cxrsynth import stream
+
+    frame = stream.select(root, name, split, exclude_uncertain=False).sort_values("key")
+    if limit is not None:
+        frame = frame.iloc[:limit]
+    for b in stream.batches(root, name, split, batch, size, train=False, seed=0, exclude_uncertain=False, frame=frame):
+        yield b["image"]
