@@ -93,7 +93,7 @@ def header(row) -> str:
     age = "" if row.get("age") is None or row.get("age") != row.get("age") else int(row["age"])
     text = f"{row.get('sex') or '?'} {age} {row.get('view') or ''}".strip()
     if row.get("origin") == "synthetic":
-        text += f" syn r{int(row['replica'])}"
+        text += f", syn r{int(row['replica'])}"
     return text
 
 
