@@ -24,7 +24,8 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/cxrsynth query "SELECT dataset, split, count(*) AS images, count(DISTINCT patient_id) AS patients FROM images GROUP BY ALL ORDER BY ALL"
+	$(BIN)/cxrsynth query "SELECT dataset, origin, split, count(*) AS images, count(DISTINCT patient_id) AS patients FROM images GROUP BY ALL ORDER BY ALL"
+	$(BIN)/cxrsynth query "SELECT 'cxp_mix' AS mix, split, origin, count(*) AS images FROM cxp_mix GROUP BY ALL ORDER BY ALL"
 
 clean:
 	rm -rf data manifests/*.parquet .dvc/cache

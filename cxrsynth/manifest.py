@@ -161,20 +161,21 @@ def list_names(root: str | Path) -> list[str]:
 
 
 def views_sql(root: str | Path, relative: bool = False) -> str:
-    """SQL creating a view per manifest and the union view ``images``.
+    """SQL creating a view per manifest and the union view ``images`` (all but mixes).
 
     With ``relative=True`` the parquet paths are relative to ``root``, for the DuckDB CLI
     started there: ``cxrsynth query --views > views.sql && duckdb -init views.sql``.
     """
     names = list_names(root)
     statements = []
+    union_names = [n for n in names if read_meta(root, n).get("kind") != "mix"]  # a mix repeats others' rows
     for name in names:
         path = manifest_path(root, name)
         path = path.relative_to(root) if relative else path.resolve()
         literal = str(path).replace("'", "''")
         statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM read_parquet(\'{literal}\');')
-    if names:
-        union = " UNION ALL BY NAME ".join(f'SELECT * FROM "{n}"' for n in names)
+    if union_names:
+        union = " UNION ALL BY NAME ".join(f'SELECT * FROM "{n}"' for n in union_names)
     else:
         columns = ", ".join(f'CAST(NULL AS VARCHAR) AS "{c}"' for c in COLUMNS)
         union = f"SELECT {columns} WHERE false"

@@ -15,6 +15,15 @@ def verify_dataset(root: str | Path, name: str) -> tuple[list[str], int]:
     """
     frame = manifest.read(root, name)
     meta = manifest.read_meta(root, name)
+    if meta.get("kind") == "mix":  # a mix owns no shards: verify the datasets it draws from
+        problems, checked = [], 0
+        for source, version in meta["sources"].items():
+            if manifest.read_meta(root, source).get("version") != version:
+                problems.append(f"{name} was mixed from {source}@{version}, which is now @{manifest.read_meta(root, source).get('version')}")
+            found, n = verify_dataset(root, source)
+            problems += found
+            checked += n
+        return problems, checked
     if meta.get("labels_only"):
         return [], 0  # labels-only: nothing to verify
     directory = shards.shard_dir(root, name, meta["version"])

@@ -45,7 +45,10 @@ def test_dvc_repro_runs_the_pipeline_and_is_reproducible(tmp_path):
     stats = {site: json.loads((clone / f"metrics/stats_{site}.json").read_text()) for site in ("cxp", "mimic", "emory", "cxp_syn")}
     assert stats["cxp"]["images"] > 40 and stats["mimic"]["images"] == 30 and stats["emory"]["images"] == 30
     assert 0 < stats["cxp_syn"]["images"] < stats["cxp"]["images"]  # one replica of the train split
-    assert (clone / "metrics/cxp_syn_sheet.png").is_file() and (clone / "data/generators/cxp_micro/generator.json").is_file()
+    mixed = json.loads((clone / "metrics/stats_cxp_mix_train.json").read_text())
+    assert mixed["images"] == stats["cxp_syn"]["images"] + int(sh("cxrsynth", "query", "SELECT count(*) FROM cxp WHERE split = 'train'",
+                                                                  "--format", "csv", cwd=clone).stdout.split()[-1])
+    assert (clone / "data/sheets/cxp_syn.png").is_file() and (clone / "data/generators/cxp_micro/generator.json").is_file()
     lock = (clone / "dvc.lock").read_text()
     assert "ingest_cxp" in lock and "stats@emory" in lock
     status = sh("dvc", "status", cwd=clone).stdout

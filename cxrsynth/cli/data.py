@@ -250,6 +250,30 @@ def verify(
     console.print(f"[green]✓[/green] {name}: {checked} shard(s) match index.json and the manifest")
 
 
+def mix(
+    real: Annotated[str, typer.Option("--real", help="Real dataset (with train/tune/test splits).")],
+    name: Annotated[str, typer.Option("--name", help="Name of the mix.")],
+    seed: Annotated[int, typer.Option("--seed", help="Seed for a fractional replica's subset.")],
+    synthetic: Annotated[str, typer.Option("--synthetic", help="Synthetic share of the training set, e.g. 500% = 5 replicas.")] = "0%",
+    synthetic_from: Annotated[Optional[str], typer.Option("--synthetic-from", help="Synthetic dataset (default: the replicas of --real).")] = None,
+    only_synthetic: Annotated[bool, typer.Option("--only-synthetic", help="Train on the synthetic rows alone (tune/test stay real).")] = False,
+    root: Root = Path("."),
+) -> None:
+    """Mix real and synthetic training data as a manifest (a query: no shards are copied)."""
+    from cxrsynth import manifest
+    from cxrsynth.mix import MixError, MixParams, parse_percent
+    from cxrsynth.mix import mix as mix_lib
+
+    try:
+        params = MixParams(real=real, synthetic=parse_percent(synthetic), synthetic_from=synthetic_from,
+                           only_synthetic=only_synthetic, seed=seed)
+        counts = mix_lib(root, name, params)
+    except (MixError, manifest.ManifestError) as exc:
+        fail(str(exc))
+    console.print(f"{name}: train {counts['train']:,} ({counts['synthetic']:,} synthetic), "
+                  f"tune {counts['tune']:,}, test {counts['test']:,} images")
+
+
 def sheet(
     name: Annotated[str, typer.Argument(help="Dataset name (with shards).")],
     out: Annotated[Path, typer.Option("--out", help="PNG to write.")],

@@ -1,0 +1,84 @@
+"""Mixing real and synthetic data is a manifest query (the paper's experiments 2-4)."""
+
+import pandas as pd
+import pytest
+import torch
+from conftest import chexpert_rows, write_chexpert
+from typer.testing import CliRunner
+
+from cxrsynth import generate, ingest, labels, manifest, splits, stream
+from cxrsynth.cli import app
+from cxrsynth.diffusion.model import ConditionalUNet, save_generator
+from cxrsynth.diffusion.presets import get_preset
+from cxrsynth.imaging import Preprocess
+from cxrsynth.mix import MixError, MixParams, mix, parse_percent
+from cxrsynth.sources import chexpert
+from cxrsynth.verify import verify_dataset
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mix")
+    rows = chexpert_rows(n_patients=10, studies=2)
+    for row in rows:
+        for f in labels.FINDINGS:
+            row[f] = row[f].replace("-1.0", "")
+    root = tmp / "proj"
+    ingest.ingest(chexpert.read(write_chexpert(tmp / "raw", rows)), root=root, name="cxp", kind="chexpert",
+                  inputs={}, params=Preprocess(size=32), workers=1)
+    splits.split(root, "cxp", splits.SplitParams(tune=0.2, test=0.2, seed=0))
+    torch.manual_seed(0)
+    gen = save_generator(ConditionalUNet.build(get_preset("micro")), tmp / "gen")
+    generate.generate(root=root, generator_dir=gen, conditions="cxp", split="train", name="cxp_syn",
+                      config=generate.GenerateConfig(replicas=3, steps=1, shard_size=50), device="cpu")
+    return root
+
+
+def test_parse_percent():
+    assert parse_percent("500%") == 5.0 and parse_percent("250") == 2.5 and parse_percent(100) == 1.0
+    with pytest.raises(MixError, match="percentage"):
+        parse_percent("lots")
+
+
+def test_supplementation_adds_whole_replicas_and_keeps_tune_test_real(project):
+    real = manifest.read(project, "cxp")
+    n_train = int((real["split"] == "train").sum())
+    counts = mix(project, "sup200", MixParams(real="cxp", synthetic=2.0, seed=0))
+    assert counts == {"train": 3 * n_train, "tune": int((real["split"] == "tune").sum()),
+                      "test": int((real["split"] == "test").sum()), "synthetic": 2 * n_train}
+    frame = manifest.read(project, "sup200")
+    syn = frame.loc[frame["origin"] == "synthetic"]
+    assert set(syn["replica"]) == {0, 1} and syn["split"].eq("train").all()
+    assert frame.loc[frame["split"].isin(["tune", "test"]), "origin"].eq("real").all()
+    # every synthetic row was made from a real *training* row: no tune/test conditions leak in
+    train_keys = set(real.loc[real["split"] == "train", "key"])
+    assert set(syn["source_key"]) == train_keys
+    # the mix streams like any dataset, from the source datasets' shards
+    keys = [k for b in stream.batches(project, "sup200", "train", 4, 16, train=True, seed=0) for k in b["key"]]
+    assert len(keys) == len(frame.loc[(frame["split"] == "train") & ~labels.has_uncertain(frame)]) // 4 * 4
+    assert verify_dataset(project, "sup200")[0] == []
+
+
+def test_fractional_and_only_synthetic(project):
+    n_train = int((manifest.read(project, "cxp")["split"] == "train").sum())
+    mix(project, "syn150", MixParams(real="cxp", synthetic=1.5, only_synthetic=True, seed=4))
+    frame = manifest.read(project, "syn150")
+    train = frame.loc[frame["split"] == "train"]
+    assert train["origin"].eq("synthetic").all() and len(train) == n_train + round(0.5 * n_train)
+    again = mix(project, "syn150b", MixParams(real="cxp", synthetic=1.5, only_synthetic=True, seed=4))
+    assert manifest.read(project, "syn150b")["key"].tolist() == frame["key"].tolist()  # seeded
+    with pytest.raises(MixError, match="needs 4 replica"):
+        mix(project, "toomuch", MixParams(real="cxp", synthetic=3.5, seed=0))
+
+
+def test_mixes_stay_out_of_the_union_view_and_cli(project):
+    runner = CliRunner()
+    r = runner.invoke(app, ["mix", "--real", "cxp", "--synthetic", "100%", "--seed", "0", "--name", "sup100", "--root", str(project)])
+    assert r.exit_code == 0 and "synthetic" in r.output, r.output
+    out = manifest.query(project, "SELECT count(*) AS n FROM images")["n"].iloc[0]
+    direct = len(manifest.read(project, "cxp")) + len(manifest.read(project, "cxp_syn"))
+    assert out == direct  # mixes are not counted twice
+    assert manifest.query(project, "SELECT count(*) AS n FROM sup100")["n"].iloc[0] > 0
+    r = runner.invoke(app, ["mix", "--real", "cxp", "--synthetic", "100%", "--synthetic-from", "cxp", "--seed", "0",
+                            "--name", "bad", "--root", str(project)])
+    assert r.exit_code == 2 and "not a synthetic dataset" in r.output
