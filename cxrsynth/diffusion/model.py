@@ -181,7 +181,7 @@ def load_generator(path: Path, *, device: str | torch.device = "cpu") -> Conditi
     path = Path(path)
     if not (path / GENERATOR_JSON).exists():
         raise FileNotFoundError(f"{path} is not a cxrsynth generator (no {GENERATOR_JSON})")
-    model = ConditionalUNet.from_pretrained(path)
+    model = ConditionalUNet.from_pretrained(path, low_cpu_mem_usage=False)  # no accelerate needed
     return model.to(device).eval()
 
 
