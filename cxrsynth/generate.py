@@ -55,6 +55,7 @@ class GenerateConfig:
     seed: int = 0
     batch_size: int = 16
     shard_size: int = 1000
+    compile: bool = False  # torch.compile the network (GPU throughput; may round differently from eager)
 
 
 def image_seed(base: int, replica: int, source_key: str) -> int:
@@ -144,7 +145,7 @@ def generate(
     import torch
 
     from cxrsynth.diffusion.model import load_generator
-    from cxrsynth.diffusion.sample import sample
+    from cxrsynth.diffusion.sample import fast_paths, sample
 
     manifest.check_name(name)
     root = Path(root)
@@ -157,6 +158,7 @@ def generate(
     cond_version = manifest.read_meta(root, conditions).get("version")
     params = {"conditions": conditions, "conditions_version": cond_version, "split": split, "generator_id": gen_id, **asdict(config)}
     params.pop("batch_size")  # does not change the images
+    params.pop("compile")
     version = hashlib.sha256(shards.json_bytes(params)).hexdigest()[:10]
     rows["version"] = version
     directory = shards.shard_dir(root, name, version)
@@ -171,6 +173,7 @@ def generate(
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     model = load_generator(Path(generator_dir), device=device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 autocast on GPU only
+    forward = fast_paths(model, compile=config.compile, deterministic=True)
     cond_all = torch.from_numpy(labels.conditioning_vectors(rows))
     seeds = rows["seed"].astype("int64").tolist()
     units = [(s, min(s + config.shard_size, len(rows))) for s in range(0, len(rows), config.shard_size)]
@@ -181,7 +184,7 @@ def generate(
         images = sample(
             model, cond_all[start:stop], seeds[start:stop], sampler=config.sampler, steps=config.steps,
             guidance=config.guidance, eta=config.eta, cfg_formula=config.cfg_formula,
-            batch_size=config.batch_size, dtype=dtype,
+            batch_size=config.batch_size, dtype=dtype, forward=forward,
         )  # (n, 1, H, W) uint8
         shards.write_shard(directory, name, u, _samples(rows.iloc[start:stop], images))
         done_here += 1

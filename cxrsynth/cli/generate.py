@@ -25,6 +25,7 @@ def generate(
     seed: Annotated[int, typer.Option("--seed", help="Base seed; each image's seed derives from it.")] = 0,
     batch: Annotated[int, typer.Option("--batch", help="Images per network call (does not change the images).")] = 16,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Images per shard (the unit of resume).")] = 1000,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the network (GPU throughput). Fused kernels may round differently: use it for every part and rerun of a dataset, or for none.")] = False,
     part: Annotated[Optional[str], typer.Option("--part", help="i/N: this job's share of the shards (job arrays).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if present).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (torch.set_num_threads); default: torch's. "
@@ -43,7 +44,8 @@ def generate(
     _set_threads(threads)
 
     config = GenerateConfig(replicas=replicas, guidance=guidance, sampler=sampler, steps=steps, eta=eta,
-                            cfg_formula=cfg_formula, seed=seed, batch_size=batch, shard_size=shard_size)
+                            cfg_formula=cfg_formula, seed=seed, batch_size=batch, shard_size=shard_size,
+                            compile=compile_)
     try:
         with progress_bar(f"generate {name}", total=None) as advance:
             summary = generate_lib(root=root, generator_dir=generator, conditions=conditions, split=split, name=name,

@@ -24,7 +24,7 @@ import torch
 
 from cxrsynth.diffusion.model import ConditionalUNet
 from cxrsynth.diffusion.presets import get_preset
-from cxrsynth.diffusion.sample import _needs, sample_batch
+from cxrsynth.diffusion.sample import _needs, fast_paths, sample_batch
 
 #: Dense bf16 peak TFLOP/s by GPU name fragment (see module docstring).
 PEAK_TFLOPS: dict[str, float] = {"H100": 790.0, "H200": 790.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -121,13 +121,10 @@ def bench_generate(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = ConditionalUNet.build(cfg).eval().to(dev)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if channels_last and dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if compile else None
+    if channels_last:
+        forward = fast_paths(model, compile=compile, deterministic=False)
+    else:
+        forward = torch.compile(model) if compile else None
     need_cond, need_uncond = _needs(guidance, "standard")
     passes = int(need_cond) + int(need_uncond)
     flops = count_forward_flops(model, batch * passes, torch_dtype)

@@ -210,3 +210,21 @@ def sample(
         cfg = model.gen_config
         return torch.empty((0, cfg.in_channels, cfg.image_size, cfg.image_size), dtype=torch.uint8)
     return torch.cat(out)
+
+
+def fast_paths(model: ConditionalUNet, *, compile: bool = False, deterministic: bool = True) -> torch.nn.Module | None:
+    """The sampling fast paths, chosen in one place; returns ``forward`` for :func:`sample`.
+
+    On CUDA: channels_last (NHWC convolutions) and TF32 matmuls; with
+    ``deterministic`` (replica generation, whose bytes must repeat on a rerun) cuDNN picks
+    deterministic algorithms, without it (benchmarks) it autotunes. ``compile`` wraps the
+    network in ``torch.compile`` (default mode). On CPU nothing changes but ``compile``.
+    """
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if compile else None
