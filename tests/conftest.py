@@ -66,10 +66,13 @@ def save_dicom(path: Path, image: np.ndarray, *, monochrome1: bool = False, wind
     ds.save_as(path, enforce_file_format=True)
 
 
-def chexpert_rows(n_patients: int = 4, studies: int = 2, split: str = "train", prefix: str = "CheXpert-v1.0") -> list[dict]:
+def chexpert_rows(n_patients: int = 4, studies: int = 2, split: str = "train", prefix: str = "CheXpert-v1.0",
+                  uncertain: bool = True) -> list[dict]:
+    """CheXpert CSV rows with random labels; ``uncertain=False`` writes blanks instead of -1.0
+    (so every image can train a generator or classifier)."""
     rows = []
     rng = np.random.default_rng(0)
-    values = ["1.0", "0.0", "-1.0", ""]
+    values = ["1.0", "0.0", "-1.0" if uncertain else "", ""]
     for p in range(1, n_patients + 1):
         for s in range(1, studies + 1):
             row = {

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pandas as pd
-import pytest
 from conftest import chexpert_rows, write_chexpert
 from typer.testing import CliRunner
 

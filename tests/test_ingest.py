@@ -5,7 +5,6 @@ import shutil
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from conftest import chexpert_rows, radiograph, save_dicom, save_png, write_chexpert
@@ -137,7 +136,7 @@ def test_interrupted_ingest_resumes_and_ignores_partial_shards(chexpert_tree, tm
     calls.clear()
     result = run(chexpert.read(chexpert_tree), tmp_path / "proj", shard_size=3)
     assert calls == [2] and result.resumed_shards == 2  # only the unfinished shard was redone
-    fresh = run(chexpert.read(chexpert_tree), tmp_path / "fresh", shard_size=3)
+    run(chexpert.read(chexpert_tree), tmp_path / "fresh", shard_size=3)
     d1, d2 = (shards.shard_dir(tmp_path / p, "cxp", result.version) for p in ("proj", "fresh"))
     assert files(d1) == files(d2)  # same bytes, and no .partial left
 

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrsynth import ingest, labels, manifest
+from cxrsynth import ingest, labels
 from cxrsynth.imaging import Preprocess
 from cxrsynth.phantom import sample_site, write_site
 from cxrsynth.sources import chexpert, mimic, table

@@ -1,7 +1,4 @@
-import json
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from conftest import chexpert_rows, write_chexpert

@@ -1,6 +1,5 @@
 """Streaming shards as training batches: selection, determinism, DDP partition."""
 
-import numpy as np
 import pytest
 import torch
 from conftest import chexpert_rows, write_chexpert

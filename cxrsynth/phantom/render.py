@@ -32,7 +32,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from cxrsynth.labels import FINDINGS
-from cxrsynth.phantom.sites import Imaging, SiteSpec
+from cxrsynth.phantom.sites import Imaging
 
 F = {name: k for k, name in enumerate(FINDINGS)}
 
