@@ -216,3 +216,18 @@ def test_table_ingest_with_png_and_dicom(tmp_path):
         table.read(raw / "emory.csv", mapping[:-1])
     with pytest.raises(SourceError, match="missing required column.*Nope"):
         table.read(raw / "emory.csv", ["Nope=path", "AnonPatientID=patient_id"])
+
+
+def test_mimic_race_from_admissions(mimic_tree, tmp_path):
+    adm = pd.DataFrame({
+        "subject_id": [10000032, 10000032, 10000032, 10000764, 10000764, 11000011],
+        "hadm_id": [1, 2, 3, 4, 5, 6],
+        "race": ["WHITE", "WHITE - OTHER EUROPEAN", "BLACK/AFRICAN AMERICAN", "UNKNOWN", "ASIAN - CHINESE", "PATIENT DECLINED TO ANSWER"],
+    })
+    adm.to_csv(tmp_path / "admissions.csv", index=False)
+    source = mimic.read(mimic_tree / "mimic-cxr-2.0.0-metadata.csv.gz", mimic_tree / "mimic-cxr-2.0.0-chexpert.csv.gz",
+                        admissions=tmp_path / "admissions.csv")
+    race = source.records.groupby("patient_id")["race"].first()
+    assert race["10000032"] == labels.RACES[2]  # White twice beats Black once
+    assert race["10000764"] == labels.RACES[4]  # the only known category
+    assert pd.isna(race["11000011"])  # declined: unknown

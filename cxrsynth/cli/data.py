@@ -89,6 +89,7 @@ def ingest_mimic(
     name: Name,
     split_file: Annotated[Optional[Path], typer.Option("--split", help="mimic-cxr-2.0.0-split.csv(.gz).")] = None,
     patients: Annotated[Optional[Path], typer.Option("--patients", help="MIMIC-IV patients.csv(.gz) (gender, anchor_age).")] = None,
+    admissions: Annotated[Optional[Path], typer.Option("--admissions", help="MIMIC-IV admissions.csv(.gz) (race).")] = None,
     images: Images = None,
     labels_only: LabelsOnly = False,
     size: Size = 256,
@@ -98,11 +99,11 @@ def ingest_mimic(
     version: Version = None,
     root: Root = Path("."),
 ) -> None:
-    """Ingest MIMIC-CXR-JPG 2.0 (metadata + CheXpert labels [+ split, patients] + images)."""
+    """Ingest MIMIC-CXR-JPG 2.0 (metadata + CheXpert labels [+ split, patients, admissions] + images)."""
     from cxrsynth.sources import mimic
 
-    inputs = {"metadata": str(metadata), "labels": str(labels), "split": split_file and str(split_file), "patients": patients and str(patients), "images": images and str(images)}
-    _run_ingest(lambda: mimic.read(metadata, labels, split_file, patients, images), kind="mimic", inputs=inputs, root=root, name=name,
+    inputs = {"metadata": str(metadata), "labels": str(labels), "split": split_file and str(split_file), "patients": patients and str(patients), "admissions": admissions and str(admissions), "images": images and str(images)}
+    _run_ingest(lambda: mimic.read(metadata, labels, split_file, patients, images, admissions), kind="mimic", inputs=inputs, root=root, name=name,
                 labels_only=labels_only, size=size, equalize=equalize, shard_size=shard_size, workers=workers, version=version)
 
 

@@ -9,7 +9,9 @@ Quirks handled here:
 - The official split (``mimic-cxr-2.0.0-split.csv.gz``) says train / validate / test;
   validate becomes ``tune``.
 - Sex and age come from the MIMIC-IV ``patients`` table (gender, anchor_age).
-  Race is not in these tables and stays null.
+- Race comes from the optional MIMIC-IV ``admissions`` table (``race``, or ``ethnicity``
+  in MIMIC-IV < 2.0), one row per admission: a subject's most frequent known category
+  over admissions (ties: the first in :data:`cxrsynth.labels.RACES` order); otherwise null.
 - Image path: ``files/p{first two digits}/p{subject_id}/s{study_id}/{dicom_id}.jpg``.
 """
 
@@ -46,6 +48,7 @@ def read(
     split: str | Path | None = None,
     patients: str | Path | None = None,
     images: str | Path | None = None,
+    admissions: str | Path | None = None,
 ) -> SourceTable:
     """Read MIMIC-CXR-JPG tables into the common record table (one row per image).
 
@@ -55,6 +58,7 @@ def read(
         split: Optional ``mimic-cxr-2.0.0-split.csv(.gz)``.
         patients: Optional MIMIC-IV ``patients.csv(.gz)``.
         images: Folder holding ``files/``; defaults to the metadata file's folder.
+        admissions: Optional MIMIC-IV ``admissions.csv(.gz)`` (subject_id, race).
     """
     meta = read_table(metadata, "MIMIC metadata")
     require_columns(meta, METADATA_REQUIRED, f"MIMIC metadata {metadata}")
@@ -101,4 +105,21 @@ def read(
         pt = pt.assign(subject_id=_ids(pt["subject_id"])).drop_duplicates("subject_id").set_index("subject_id")
         frame["sex"] = frame["patient_id"].map(pt["gender"]).astype("string")
         frame["age"] = frame["patient_id"].map(pt["anchor_age"]).astype("string")
+    if admissions is not None:
+        frame["race"] = frame["patient_id"].map(subject_race(admissions)).astype("string")
     return finish(frame, raw, rejects, rows_in)
+
+
+def subject_race(admissions: str | Path) -> pd.Series:
+    """subject_id → race category: the most frequent known one over a subject's admissions."""
+    adm = read_table(admissions, "MIMIC admissions")
+    column = "race" if "race" in adm.columns else "ethnicity"
+    require_columns(adm, ("subject_id", column), f"MIMIC admissions {admissions}")
+    known = pd.DataFrame({"subject_id": _ids(adm["subject_id"]), "race": labels.normalize_race(adm[column])}).dropna()
+    if known.empty:
+        return pd.Series(dtype="string")
+    order = {race: i for i, race in enumerate(labels.RACES)}
+    counts = known.value_counts(["subject_id", "race"]).rename("n").reset_index()
+    counts["rank"] = counts["race"].map(order)
+    counts = counts.sort_values(["subject_id", "n", "rank"], ascending=[True, False, True])
+    return counts.drop_duplicates("subject_id").set_index("subject_id")["race"]
