@@ -35,11 +35,9 @@ import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from cxrsynth import __version__, labels, manifest, shards
-from cxrsynth.imaging import encode_png
 
 
 @dataclass(frozen=True)
@@ -221,12 +219,6 @@ def _exclusive(lock: Path):
 
 
 def _samples(rows: pd.DataFrame, images) -> list[dict]:
-    from cxrsynth.ingest import SAMPLE_FIELDS
+    from cxrsynth.ingest import encode_sample, sample_records
 
-    records = rows.reindex(columns=list(SAMPLE_FIELDS)).astype(object)
-    records = records.where(records.notna(), None).to_dict("records")
-    out = []
-    for record, image in zip(records, images.numpy()):
-        record = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in record.items()}
-        out.append({"__key__": record["key"], "png": encode_png(image[0]), "json": shards.json_bytes(record)})
-    return out
+    return [encode_sample(record, image[0]) for record, image in zip(sample_records(rows), images.numpy())]

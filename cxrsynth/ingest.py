@@ -72,19 +72,17 @@ def _file_sizes(paths: pd.Series) -> np.ndarray:
     return np.fromiter((size(p) for p in paths), dtype=np.int64, count=len(paths))
 
 
-def _sample_rows(frame: pd.DataFrame) -> list[dict]:
-    """Plain-Python rows for the workers (picklable, JSON-ready: nulls as None)."""
-    cols = ["row", "image_path", *SAMPLE_FIELDS]
-    sub = frame.reindex(columns=cols).astype(object)
-    sub = sub.where(sub.notna(), None)
-    rows = sub.to_dict("records")
-    for r in rows:
-        for k, v in r.items():
-            if isinstance(v, np.integer):
-                r[k] = int(v)
-            elif isinstance(v, np.floating):
-                r[k] = float(v)
-    return rows
+def sample_records(frame: pd.DataFrame, extra: tuple[str, ...] = ()) -> list[dict]:
+    """Plain-Python rows of :data:`SAMPLE_FIELDS` (+ ``extra``): picklable, JSON-ready, nulls as None."""
+    sub = frame.reindex(columns=[*extra, *SAMPLE_FIELDS]).astype(object)
+    rows = sub.where(sub.notna(), None).to_dict("records")
+    return [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items()} for r in rows]
+
+
+def encode_sample(record: dict, image: np.ndarray) -> dict:
+    """One WebDataset sample: ``<key>.png`` and ``<key>.json`` (the record's sample fields)."""
+    meta = {k: record[k] for k in SAMPLE_FIELDS}
+    return {"__key__": record["key"], "png": encode_png(image), "json": shards.json_bytes(meta)}
 
 
 def _samples(rows: list[dict], params: Preprocess, rejects: list[dict], tick=None):
@@ -97,8 +95,7 @@ def _samples(rows: list[dict], params: Preprocess, rejects: list[dict], tick=Non
             reason = "missing_image" if str(exc).startswith("missing") else "corrupt_image"
             rejects.append({"row": r["row"], "key": r["key"], "source_path": r["source_path"], "reason": reason, "detail": str(exc)})
             continue
-        meta = {k: r[k] for k in SAMPLE_FIELDS}
-        yield {"__key__": r["key"], "png": encode_png(image), "json": shards.json_bytes(meta)}
+        yield encode_sample(r, image)
 
 
 def _write_unit(directory: Path, dataset: str, index: int, rows: list[dict], params: Preprocess, tick=None) -> shards.ShardResult:
@@ -163,7 +160,7 @@ def ingest(
     else:
         directory = shards.shard_dir(root, name, version)
         directory.mkdir(parents=True, exist_ok=True)
-        rows = _sample_rows(records)
+        rows = sample_records(records, extra=("row", "image_path"))
         units = [rows[i : i + shard_size] for i in range(0, len(rows), shard_size)]
         todo = []
         by_index: dict[int, shards.ShardResult] = {}

@@ -65,11 +65,11 @@ def samples(
     buffer: list[tuple[str, bytes]] = []
     position = 0
 
-    def emit(item):
+    def mine() -> bool:
         nonlocal position
-        mine = position % streams == stream
+        ours = position % streams == stream
         position += 1
-        return mine
+        return ours
 
     for sample in _raw_samples(root, shard_paths):
         key = sample["__key__"]
@@ -77,7 +77,7 @@ def samples(
             continue
         item = (key, sample["png"])
         if not train:
-            if emit(item):
+            if mine():
                 yield item
             continue
         buffer.append(item)
@@ -85,11 +85,11 @@ def samples(
             j = rng.randrange(len(buffer))
             buffer[j], buffer[-1] = buffer[-1], buffer[j]
             out = buffer.pop()
-            if emit(out):
+            if mine():
                 yield out
     rng.shuffle(buffer)
     for out in buffer:
-        if emit(out):
+        if mine():
             yield out
 
 
