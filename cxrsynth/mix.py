@@ -102,14 +102,15 @@ def mix(root: str | Path, name: str, params: MixParams) -> dict[str, int]:
     versions = {params.real: manifest.read_meta(root, params.real).get("version")}
     if synthetic_name is not None and params.synthetic > 0:
         syn = manifest.read(root, synthetic_name)
-        if manifest.read_meta(root, synthetic_name).get("kind") != "synthetic":
+        syn_meta = manifest.read_meta(root, synthetic_name)
+        if syn_meta.get("kind") != "synthetic":
             raise MixError(f"{synthetic_name} is not a synthetic dataset")
         # Replicas of the source's training split only: tuning/test conditions never leak in.
         syn = syn.loc[(syn["split"] == params.real_split).fillna(False).to_numpy(dtype=bool)]
         chosen = select_replicas(syn, params.synthetic, params.seed).assign(split="train")
         synthetic_rows = len(chosen)
         parts.append(chosen)
-        versions[synthetic_name] = manifest.read_meta(root, synthetic_name).get("version")
+        versions[synthetic_name] = syn_meta.get("version")
     rows = pd.concat(parts, ignore_index=True)
     if rows["key"].duplicated().any():
         raise MixError(f"keys collide between {params.real} and {synthetic_name}; rename one dataset")

@@ -18,8 +18,9 @@ def verify_dataset(root: str | Path, name: str) -> tuple[list[str], int]:
     if meta.get("kind") == "mix":  # a mix owns no shards: verify the datasets it draws from
         problems, checked = [], 0
         for source, version in meta["sources"].items():
-            if manifest.read_meta(root, source).get("version") != version:
-                problems.append(f"{name} was mixed from {source}@{version}, which is now @{manifest.read_meta(root, source).get('version')}")
+            now = manifest.read_meta(root, source).get("version")
+            if now != version:
+                problems.append(f"{name} was mixed from {source}@{version}, which is now @{now}")
             found, n = verify_dataset(root, source)
             problems += found
             checked += n
