@@ -9,8 +9,9 @@ from __future__ import annotations
 import typer
 
 from cxrsynth.cli import data as _data
+from cxrsynth.cli.bench import bench_generate, bench_roofline
 from cxrsynth.cli.generate import generate
-from cxrsynth.cli.generator import bench_generate, generator_app
+from cxrsynth.cli.generator import generator_app
 from cxrsynth.cli.phantom import bench_phantom, phantom
 
 app = typer.Typer(
@@ -35,3 +36,4 @@ app.add_typer(bench_app, name="bench")
 bench_app.command("ingest")(_data.bench_ingest)
 bench_app.command("phantom")(bench_phantom)
 bench_app.command("generate")(bench_generate)
+bench_app.command("roofline")(bench_roofline)

@@ -1,8 +1,9 @@
 """``cxrsynth bench generate``: sampling throughput, achieved TFLOP/s, MFU, memory.
 
-FLOPs are measured, not estimated: ``torch.utils.flop_counter.FlopCounterMode`` counts
-one network forward at the benchmark batch (convolutions, matmuls, attention), and
-the total is forwards x FLOPs per forward. MFU = achieved FLOP/s / peak, with the
+FLOPs are counted, not estimated from a formula: :func:`.roofline.roofline` runs one
+network forward at the benchmark batch on meta tensors and sums torch's
+``flop_counter`` FLOPs of every op (convolutions, matmuls and attention, on any
+device), and the total is forwards x FLOPs per forward. MFU = achieved FLOP/s / peak, with the
 peak from :data:`PEAK_TFLOPS` (dense bf16 unless noted):
 
 * H100 / H200 (SXM): 790 TFLOP/s, the *measured* dense bf16 matmul ceiling that
@@ -12,6 +13,12 @@ peak from :data:`PEAK_TFLOPS` (dense bf16 unless noted):
 * CPU: no peak (MFU not reported).
 
 The benchmark runs on CPU too (use the ``tiny``/``micro`` preset and few steps).
+
+Each result also carries the *roofline* of the same forward (:mod:`.roofline`, counted
+on meta tensors against the H100's measured 790 TFLOP/s and 3.0 TB/s): the best MFU an
+eager forward could reach and the best with ideal fusion of the memory-bound ops, so a
+measurement reads against what the network allows. ``profile`` adds the top kernels of
+one timed sampler step (``torch.profiler``), to see where the time goes.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class BenchResult:
     guidance: float
     dtype: str
     compile: bool
+    compile_mode: str | None
     channels_last: bool
     device: str
     seconds: float
@@ -51,6 +59,9 @@ class BenchResult:
     peak_tflops: float | None
     mfu: float | None
     peak_memory_gib: float | None
+    roofline_mfu_eager: float | None = None
+    roofline_mfu_fused: float | None = None
+    top_kernels: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,21 +78,6 @@ def peak_tflops_for(device: torch.device) -> float | None:
     return None
 
 
-def count_forward_flops(model: torch.nn.Module, batch: int, dtype: torch.dtype = torch.float32) -> int:
-    """FLOPs of one forward of ``model`` (a ConditionalUNet) at ``batch``."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    cfg = model.gen_config  # type: ignore[attr-defined]
-    device = next(model.parameters()).device
-    x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
-    t = torch.full((batch,), 500, device=device)
-    c = torch.zeros(batch, cfg.condition_size, device=device)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        model(x, t, c)
-    return int(counter.get_total_flops())
-
-
 def bench_generate(
     preset: str = "paper",
     batch: int = 64,
@@ -91,11 +87,13 @@ def bench_generate(
     guidance: float = 1.0,
     dtype: str = "bf16",
     compile: bool = False,
+    compile_mode: str = "default",
     channels_last: bool = True,
     device: str | None = None,
     image_size: int | None = None,
     warmup_steps: int = 2,
     peak_tflops: float | None = None,
+    profile: int = 0,
 ) -> BenchResult:
     """Time ``batch`` images x ``steps`` sampler steps on random weights.
 
@@ -106,28 +104,38 @@ def bench_generate(
         sampler: ``ddim`` or ``dpmpp``.
         guidance: Standard CFG scale; 1.0 = one forward per step (the paper's
             "guidance 0" in Mediffusion's convention), else two.
-        dtype: ``bf16`` (autocast) or ``fp32``. On CPU, fp32 is used.
-        compile: ``torch.compile`` the network (mode ``max-autotune-no-cudagraphs``
-            is not forced; default mode).
+        dtype: ``bf16`` (fp32 weights under autocast, as ``generate`` runs), ``bf16-weights``
+            (the network cast to bf16 whole: no autocast casts, bf16 norms) or ``fp32``.
+            On CPU ``bf16`` means fp32 (CPU autocast is slow); ``bf16-weights`` runs.
+        compile: ``torch.compile`` the network.
+        compile_mode: ``default``, ``reduce-overhead`` (CUDA graphs), ``max-autotune``
+            or ``max-autotune-no-cudagraphs``.
         channels_last: NHWC memory format (CUDA).
         device: Defaults to CUDA when available.
         image_size: Override the preset's size.
         warmup_steps: Untimed warm-up steps (compilation, cuDNN autotuning).
         peak_tflops: Override the peak used for MFU.
+        profile: After timing, profile one more sampler step and keep this many
+            top kernels (by device time on CUDA, CPU time elsewhere); 0: no profile.
     """
+    from cxrsynth.diffusion.roofline import roofline
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = get_preset(preset, **({"image_size": image_size} if image_size else {}))
-    torch_dtype = torch.bfloat16 if (dtype == "bf16" and dev.type == "cuda") else torch.float32
+    if dtype not in ("bf16", "bf16-weights", "fp32"):
+        raise ValueError(f"unknown dtype {dtype!r} (bf16 | bf16-weights | fp32)")
+    torch_dtype = torch.bfloat16 if (dtype == "bf16-weights" or (dtype == "bf16" and dev.type == "cuda")) else torch.float32
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = ConditionalUNet.build(cfg).eval().to(dev)
-    if channels_last:
-        forward = fast_paths(model, compile=compile, deterministic=False)
-    else:
-        forward = torch.compile(model) if compile else None
+    if dtype == "bf16-weights":
+        torch.nn.Module.to(model, torch.bfloat16)  # all of it: diffusers would warn about fp32-kept modules (none)
+    forward = fast_paths(model, compile=compile, compile_mode=compile_mode, channels_last=channels_last,
+                         deterministic=False)
     need_cond, need_uncond = _needs(guidance, "standard")
     passes = int(need_cond) + int(need_uncond)
-    flops = count_forward_flops(model, batch * passes, torch_dtype)
+    roof = roofline(preset, batch * passes, dtype="bf16", image_size=image_size)  # H100 bf16 ceilings
+    flops = roof.gflop * 1e9 * batch * passes  # one sampler step
     cond = torch.zeros(batch, cfg.condition_size)
     seeds = list(range(batch))
     kw = dict(sampler=sampler, guidance=guidance, dtype=torch_dtype, forward=forward)
@@ -142,13 +150,36 @@ def bench_generate(
     seconds = time.perf_counter() - start
     achieved = flops * steps / seconds / 1e12
     peak = peak_tflops if peak_tflops is not None else peak_tflops_for(dev)
+    kernels = _top_kernels(lambda: sample_batch(model, cond, seeds, steps=1, **kw), dev, profile) if profile else None
     return BenchResult(
         preset=preset, image_size=cfg.image_size, batch=batch, steps=steps, sampler=sampler,
-        guidance=guidance, dtype=str(torch_dtype).removeprefix("torch."), compile=compile,
-        channels_last=channels_last and dev.type == "cuda",
+        guidance=guidance, dtype=dtype if torch_dtype == torch.bfloat16 else "fp32", compile=compile,
+        compile_mode=compile_mode if compile else None, channels_last=channels_last and dev.type == "cuda",
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         seconds=seconds, images_per_s=batch / seconds,
-        gflop_per_forward_per_image=flops / (batch * passes) / 1e9 if batch else 0.0,
+        gflop_per_forward_per_image=roof.gflop,
         achieved_tflops=achieved, peak_tflops=peak, mfu=achieved / peak if peak else None,
         peak_memory_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+        roofline_mfu_eager=roof.mfu_ceiling(), roofline_mfu_fused=roof.mfu_ceiling(fused=True),
+        top_kernels=kernels,
     )
+
+
+def _top_kernels(step: Any, device: torch.device, n: int) -> list[dict[str, Any]]:
+    """The ``n`` kernels (CUDA) or ops (CPU) taking the most time in one call of ``step``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [
+        {"name": e.key, "calls": e.count, "ms": getattr(e, attr) / 1e3, "share": getattr(e, attr) / total}
+        for e in events[:n]
+    ]

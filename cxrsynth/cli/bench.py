@@ -1,0 +1,138 @@
+"""`cxrsynth bench generate | roofline`: the generator's speed, measured and bounded.
+
+Thin commands over :mod:`cxrsynth.diffusion.bench` and :mod:`cxrsynth.diffusion.roofline`;
+torch and diffusers are imported inside the command bodies.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from cxrsynth.cli.common import console, fail
+from cxrsynth.cli.generator import _set_threads
+
+
+def bench_generate(
+    preset: Annotated[str, typer.Option("--preset", help="Generator preset.")] = "paper",
+    batch: Annotated[int, typer.Option("--batch", help="Images per batch.")] = 64,
+    steps: Annotated[int, typer.Option("--steps", help="Sampler steps.")] = 200,
+    sampler: Annotated[str, typer.Option("--sampler", help="ddim | dpmpp.")] = "ddim",
+    guidance: Annotated[float, typer.Option("--guidance", help="Standard CFG scale; 1 = one forward per step.")] = 1.0,
+    dtype: Annotated[str, typer.Option("--dtype", help="bf16 (autocast, as generate runs) | bf16-weights (network cast whole) | fp32; on CPU bf16 means fp32.")] = "bf16",
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the network.")] = False,
+    compile_mode: Annotated[str, typer.Option(
+        "--compile-mode", help="default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs.")] = "default",
+    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="NHWC on CUDA.")] = True,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the preset's size.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="Default: cuda if available, else cpu.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (torch.set_num_threads); default: torch's. "
+                                                  "On a shared 2-core machine 1 is several times faster than 2.")] = None,
+    peak: Annotated[Optional[float], typer.Option("--peak-tflops", help="Peak TFLOP/s for MFU (default: table).")] = None,
+    profile: Annotated[int, typer.Option("--profile", help="Also print the top N kernels of one sampler step.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
+) -> None:
+    """Sampling throughput on random weights: images/s, TFLOP/s, MFU, peak memory.
+
+    The line ends with the roofline of the same forward on an H100 (eager and ideally
+    fused), the most MFU the network allows without changing its kernels.
+    """
+    from cxrsynth.diffusion.bench import bench_generate as bench_lib
+
+    _set_threads(threads)
+    if profile < 0:
+        fail("--profile must be >= 0")
+    try:
+        r = bench_lib(preset, batch, steps, sampler=sampler, guidance=guidance, dtype=dtype, compile=compile,
+                      compile_mode=compile_mode, channels_last=channels_last, device=device,
+                      image_size=image_size, peak_tflops=peak, profile=profile)
+    except (KeyError, ValueError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(r.to_dict()))
+        return
+    mfu = f"{100 * r.mfu:.1f}% of {r.peak_tflops:.0f}" if r.mfu is not None else "n/a"
+    mem = f"{r.peak_memory_gib:.1f} GiB" if r.peak_memory_gib is not None else "n/a"
+    mode = f"compile={r.compile_mode}" if r.compile else "eager"
+    console.print(
+        f"{r.preset} {r.image_size}px batch {r.batch} {r.sampler}{r.steps} {r.dtype} {mode} "
+        f"channels_last={r.channels_last} on {r.device}: "
+        f"{r.images_per_s:.3f} images/s, {r.gflop_per_forward_per_image:.4g} GFLOP/forward/image, "
+        f"{r.achieved_tflops:.2f} TFLOP/s, MFU {mfu}, peak memory {mem}; "
+        f"H100 roofline MFU: eager {100 * r.roofline_mfu_eager:.0f}%, fused {100 * r.roofline_mfu_fused:.0f}%",
+        highlight=False,
+    )
+    if r.top_kernels:
+        from rich.table import Table
+
+        table = Table(title="top kernels of one sampler step")
+        for col in ("kernel", "calls", "ms", "share"):
+            table.add_column(col, justify="left" if col == "kernel" else "right")
+        for k in r.top_kernels:
+            table.add_row(k["name"][:90], str(k["calls"]), f"{k['ms']:.2f}", f"{100 * k['share']:.1f}%")
+        console.print(table)
+
+
+def bench_roofline(
+    preset: Annotated[str, typer.Option("--preset", help="Generator preset.")] = "paper",
+    batch: Annotated[int, typer.Option("--batch", help="Images per forward (x2 with guidance).")] = 64,
+    dtype: Annotated[str, typer.Option("--dtype", help="bf16 | fp32 element size.")] = "bf16",
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the preset's size.")] = None,
+    peak: Annotated[float, typer.Option("--peak-tflops", help="Peak TFLOP/s (default: H100 measured here).")] = 790.0,
+    bandwidth: Annotated[float, typer.Option("--bandwidth-tbs", help="Memory bandwidth TB/s (default: H100 measured here).")] = 3.0,
+    steps: Annotated[str, typer.Option("--steps", help="Sampler step counts for the images/s ceilings, comma-separated.")] = "200,25",
+    top_ops: Annotated[int, typer.Option("--ops", help="Also list the N aten ops with the most roofline time.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
+) -> None:
+    """FLOPs and bytes of one forward, per category of op, and the MFU ceilings they imply.
+
+    Counted on meta tensors (no GPU, about a second): each op takes at least
+    max(FLOPs / peak, bytes / bandwidth). "eager" sums that over the ops the network
+    runs; "fused" merges every run of memory-bound ops between GEMMs into one pass.
+    """
+    from cxrsynth.diffusion.roofline import roofline
+
+    try:
+        step_counts = [int(s) for s in steps.split(",") if s.strip()]
+        if not step_counts or min(step_counts) < 1:
+            raise ValueError
+    except ValueError:
+        fail(f"--steps must be positive integers separated by commas, got {steps!r}")
+    try:
+        r = roofline(preset, batch, dtype=dtype, image_size=image_size, peak_tflops=peak, bandwidth_tbs=bandwidth)
+    except (KeyError, ValueError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(r.to_dict() | {"images_per_s": {
+            str(s): {"eager": r.images_per_s(s), "fused": r.images_per_s(s, fused=True)} for s in step_counts}}))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"roofline: {preset} {r.image_size}px, batch {batch}, {dtype}, "
+                        f"{peak:g} TFLOP/s, {bandwidth:g} TB/s (per image)")
+    for col in ("ops", "op calls", "memory-bound", "GFLOP", "MB moved", "roof ms", "share"):
+        table.add_column(col, justify="left" if col == "ops" else "right")
+    for name, c in r.categories.items():
+        table.add_row(name, str(c.ops), str(c.memory_bound_ops), f"{c.gflop:.1f}", f"{c.mbytes:.0f}",
+                      f"{c.roof_ms:.3f}", f"{100 * c.roof_ms / r.eager_ms:.0f}%")
+    console.print(table)
+    if top_ops > 0:
+        ops = Table(title=f"top {top_ops} ops by roofline time (per image)")
+        for col in ("op", "calls", "MB moved", "roof ms", "share"):
+            ops.add_column(col, justify="left" if col == "op" else "right")
+        for name, c in list(r.by_op.items())[:top_ops]:
+            ops.add_row(name, str(c.ops), f"{c.mbytes:.0f}", f"{c.roof_ms:.3f}", f"{100 * c.roof_ms / r.eager_ms:.0f}%")
+        console.print(ops)
+    console.print(
+        f"{r.gflop:.1f} GFLOP/forward/image; compute floor {r.compute_floor_ms:.3f} ms/image; "
+        f"eager roofline {r.eager_ms:.3f} ms (MFU ceiling {100 * r.mfu_ceiling():.1f}%); "
+        f"fused roofline {r.fused_ms:.3f} ms in {r.fused_kernels} fused groups "
+        f"(MFU ceiling {100 * r.mfu_ceiling(fused=True):.1f}%); GEMMs alone {r.gemm_ms:.3f} ms "
+        f"(MFU ceiling {100 * r.compute_floor_ms / r.gemm_ms:.1f}%: norms and activations folded into them)",
+        highlight=False,
+    )
+    for s in step_counts:
+        console.print(f"  {s} steps: at most {r.images_per_s(s):.2f} images/s eager, "
+                      f"{r.images_per_s(s, fused=True):.2f} fused (one forward per step)", highlight=False)

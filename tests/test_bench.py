@@ -1,0 +1,137 @@
+"""The generator's speed tooling: roofline counts, the benchmark, compile readiness."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from cxrsynth.diffusion.model import ConditionalUNet
+from cxrsynth.diffusion.presets import get_preset
+from cxrsynth.diffusion.roofline import roofline, summarize, trace
+
+
+def test_roofline_counts_a_hand_computed_block() -> None:
+    # conv -> group norm -> SiLU -> conv, bf16, on meta tensors: every byte by hand.
+    B, C, S = 4, 8, 16
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Conv2d(C, C, 3, padding=1, bias=False), nn.GroupNorm(2, C), nn.SiLU(),
+                            nn.Conv2d(C, C, 3, padding=1, bias=False)).to(torch.bfloat16)
+    x = torch.empty(B, C, S, S, device="meta", dtype=torch.bfloat16)
+    costs, y = trace(net, x)
+    r = summarize(costs, [y], B, peak_tflops=1.0, bandwidth_tbs=1.0)
+
+    act = B * C * S * S * 2  # one activation tensor, bytes
+    w = C * C * 9 * 2  # one conv weight
+    conv_flops = 2 * B * C * S * S * C * 9
+    assert r.categories["convolution"].ops == 2
+    assert r.categories["convolution"].gflop == pytest.approx(2 * conv_flops / B / 1e9)
+    assert r.categories["convolution"].mbytes == pytest.approx(2 * (2 * act + w) / B / 1e6)
+    # Group norm reads x plus its weight and bias, writes y plus mean and rstd (B x groups).
+    norm = r.categories["normalization"]
+    assert norm.ops == 1 and norm.gflop == 0
+    assert norm.mbytes * 1e6 * B == pytest.approx(2 * act, rel=0.01)  # plus a few hundred bytes of params/stats
+    silu = r.categories["elementwise"]
+    assert silu.ops == 1 and silu.mbytes * 1e6 * B == pytest.approx(2 * act)
+    # Fused: norm + SiLU is one group: read x twice (statistics, then apply), write once.
+    assert r.fused_kernels == 1
+    gemm_s = 2 * max(conv_flops / 1e12, (2 * act + w) / 1e12)
+    fused_s = gemm_s + 3 * act / 1e12
+    assert r.fused_ms * B / 1e3 == pytest.approx(fused_s, rel=0.01)
+    assert r.eager_ms > r.fused_ms > r.gemm_ms > 0
+
+
+def test_roofline_of_the_paper_preset_matches_design_and_an_independent_count() -> None:
+    r = roofline("paper", 8)
+    assert r.gflop == pytest.approx(505, rel=0.01)  # DESIGN.md: 505 GFLOP per forward at 256 px
+    assert r.categories["attention"].ops == 16  # 2 x 3 down levels + 3 x 3 up levels + mid
+    assert r.compute_floor_ms < r.gemm_ms <= r.fused_ms < r.eager_ms
+    assert 0 < r.mfu_ceiling() < r.mfu_ceiling(fused=True) < 1
+
+    # Independent count on a real CPU forward of the tiny preset: FlopCounterMode sees the
+    # same convolutions and matmuls (CPU SDPA is outside its registry, so attention apart).
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    model = ConditionalUNet.build(cfg).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.randn(2, 1, cfg.image_size, cfg.image_size), torch.tensor([3, 5]), torch.zeros(2, 22))
+    tiny = roofline("tiny", 2, dtype="fp32")
+    attention = tiny.categories.get("attention")
+    expected = counter.get_total_flops() / 2 / 1e9
+    assert tiny.gflop - (attention.gflop if attention else 0.0) == pytest.approx(expected, rel=1e-9)
+
+
+def test_network_and_guided_step_compile_as_one_graph() -> None:
+    # fullgraph=True raises on any graph break: what CUDA graphs and max-autotune need.
+    from cxrsynth.diffusion.sample import guided_output
+
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    model = ConditionalUNet.build(cfg).eval()
+    x = torch.randn(2, 1, cfg.image_size, cfg.image_size)
+    cond = torch.rand(2, 22)
+    t = torch.tensor(400)
+    step = torch.compile(lambda x, t, c: guided_output(model, x, t, c, 3.0), backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(step(x, t, cond), guided_output(model, x, t, cond, 3.0))
+
+
+def test_bench_generate_reports_and_profiles_on_cpu() -> None:
+    from cxrsynth.cli.bench import bench_generate, bench_roofline
+
+    import typer
+
+    app = typer.Typer()
+    app.command("generate")(bench_generate)
+    app.command("roofline")(bench_roofline)
+    runner = CliRunner()
+    result = runner.invoke(app, ["generate", "--preset", "micro", "--batch", "2", "--steps", "2",
+                                 "--guidance", "3", "--profile", "3", "--json", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output.strip().splitlines()[-1])
+    assert r["images_per_s"] > 0 and r["device"] == "cpu" and r["compile_mode"] is None
+    assert r["gflop_per_forward_per_image"] == pytest.approx(roofline("micro", 4).gflop)
+    assert 0 < r["roofline_mfu_eager"] < r["roofline_mfu_fused"] < 1
+    assert len(r["top_kernels"]) == 3 and all(0 < k["share"] <= 1 for k in r["top_kernels"])
+    assert any("conv" in k["name"] for k in r["top_kernels"])
+
+    result = runner.invoke(app, ["roofline", "--preset", "paper", "--batch", "4", "--steps", "200,25"])
+    assert result.exit_code == 0, result.output
+    assert "MFU ceiling" in result.output and "25 steps" in result.output
+    result = runner.invoke(app, ["roofline", "--steps", "0"])
+    assert result.exit_code == 2 and "--steps" in result.output
+    result = runner.invoke(app, ["generate", "--preset", "micro", "--compile", "--compile-mode", "fast"])
+    assert result.exit_code == 2 and "compile mode" in result.output
+
+
+def test_bench_imports_only_what_the_gpu_image_has() -> None:
+    # The device machine's image has torch, timm, typer, rich, pandas, pyarrow... but not
+    # webdataset or duckdb; `make device-kit` carries diffusers. Keep the bench path clear.
+    code = ("import sys, cxrsynth.cli, cxrsynth.diffusion.bench, cxrsynth.diffusion.roofline; "
+            "print([m for m in ('webdataset', 'duckdb', 'dvc', 'pydicom') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_bf16_cast_network_samples_like_fp32() -> None:
+    # The `bf16-weights` fast path: the whole network in bf16, no autocast; the sampler's
+    # arithmetic stays fp32, so images differ from fp32 only by bf16 rounding.
+    from cxrsynth.diffusion.sample import sample_batch
+
+    cfg = get_preset("micro")
+    torch.manual_seed(0)
+    model = ConditionalUNet.build(cfg).eval()
+    cond = torch.rand(3, 22)
+    ref = sample_batch(model, cond, [1, 2, 3], sampler="dpmpp", steps=3)
+    torch.nn.Module.to(model, torch.bfloat16)
+    low = sample_batch(model, cond, [1, 2, 3], sampler="dpmpp", steps=3)
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    assert 0 < (low - ref).norm() / ref.norm() < 2e-2
