@@ -96,6 +96,33 @@ def test_batch_size_parts_and_resume_give_identical_bytes(project):
     assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()} == reference
 
 
+def test_a_failed_shard_write_stops_the_run_and_a_rerun_completes_it(project, monkeypatch):
+    # Shards are written by a background thread while the next is sampled: its error
+    # must reach the caller, and what was finished before it must stay.
+    root, gen = project
+    write = shards.write_shard
+    written = []
+
+    def failing(directory, name, unit, samples, *args):
+        if unit == 1:
+            raise OSError("disk full")
+        written.append(unit)
+        return write(directory, name, unit, samples, *args)
+
+    monkeypatch.setattr(shards, "write_shard", failing)
+    with pytest.raises(OSError, match="disk full"):
+        run(root, gen)
+    assert written == [0] and not manifest.manifest_path(root, "syn").exists()
+    monkeypatch.setattr(shards, "write_shard", write)
+    seen = []
+    again = generate.generate(root=root, generator_dir=gen, conditions="cxp", split="train", name="syn",
+                              config=generate.GenerateConfig(replicas=2, steps=2, guidance=2.0, seed=5, shard_size=3),
+                              device="cpu", progress=seen.append)
+    assert again["complete"] and again["written"] == 2 and seen == [3, 2]
+    fresh = run(root, gen, name="fresh")
+    assert pngs(shards.shard_dir(root, "syn", again["version"])) == pngs(shards.shard_dir(root, "fresh", fresh["version"]))
+
+
 def test_image_seed_is_stable():
     assert generate.image_seed(0, 1, "a") == generate.image_seed(0, 1, "a")
     assert len({generate.image_seed(0, r, k) for r in range(3) for k in "abc"}) == 9
