@@ -3,13 +3,13 @@
 #
 # Here:              make device-kit        # diffusers wheels, which the GPU image lacks
 # On the device:     run(command="bash scripts/bench-gpu.sh eager", carry=[".whl"])
-#                    then "compile", then "autotune" (each part fits one 10-minute call).
+#                    then "compile", "fast25", "autotune" (each part fits one 10-minute call).
 # Locally, on CPU:   PYTHON=.venv/bin/python BENCH_SMOKE=1 bash scripts/bench-gpu.sh eager
 #
 # Every measurement is one `cxrsynth bench generate --json` line appended to
 # $OUT/bench.jsonl (logs beside it); the part ends with a table of all lines so far.
 set -uo pipefail
-part=${1:?usage: bench-gpu.sh eager|compile|autotune}
+part=${1:?usage: bench-gpu.sh eager|compile|fast25|autotune}
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 out=${OUT:-/tmp/cxrsynth-bench}
@@ -40,13 +40,17 @@ case "$part" in
         "$PYTHON" -m cxrsynth.cli bench roofline --preset "$preset" --batch "$b" | tee "$out/roofline.txt"
         bench --batch "$b" --steps "$long" --no-channels-last
         bench --batch "$b" --steps "$long" --profile 25
+        bench --batch "$b" --steps "$long" --deterministic     # generate's cuDNN setting
         bench --batch "$b" --steps "$long" --dtype bf16-weights --profile 25
         bench --batch "$b" --steps "$short" --sampler dpmpp
         ;;
     compile)  # DESIGN.md: channels_last + default compile 2.5 images/s (32%)
         bench --batch "$b" --steps "$long" --compile --profile 25
         bench --batch "$b" --steps "$long" --compile --compile-mode reduce-overhead
+        ;;
+    fast25)  # issue 4's second target: >= 30 images/s at 256 px with a 25-step solver
         bench --batch "$b" --steps "$short" --sampler dpmpp --compile
+        bench --batch "$b" --steps "$short" --sampler dpmpp --compile --deterministic
         bench --batch "$b" --steps "$short" --sampler dpmpp --compile --dtype bf16-weights
         bench --batch "$b2" --steps "$short" --sampler dpmpp --compile
         ;;
@@ -54,7 +58,7 @@ case "$part" in
         bench --batch "$b" --steps "$long" --compile --compile-mode max-autotune-no-cudagraphs --profile 25
         bench --batch "$b" --steps "$short" --sampler dpmpp --compile --compile-mode max-autotune
         ;;
-    *) echo "unknown part $part (eager | compile | autotune)" >&2; exit 2 ;;
+    *) echo "unknown part $part (eager | compile | fast25 | autotune)" >&2; exit 2 ;;
 esac
 
 "$PYTHON" - "$out/bench.jsonl" <<'PY'
@@ -62,7 +66,7 @@ import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
 print(f"{'preset':7} {'batch':>5} {'sampler':>9} {'dtype':>12} {'mode':27} {'CL':>3} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'roof e/f':>9} {'GiB':>5}")
 for r in rows:
-    mode = r["compile_mode"] or "eager"
+    mode = (r["compile_mode"] or "eager") + (" det" if r.get("deterministic") else "")
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
     mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
     roof = f"{100 * r['roofline_mfu_eager']:.0f}/{100 * r['roofline_mfu_fused']:.0f}%"

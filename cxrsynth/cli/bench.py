@@ -26,6 +26,8 @@ def bench_generate(
     compile_mode: Annotated[str, typer.Option(
         "--compile-mode", help="default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs.")] = "default",
     channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="NHWC on CUDA.")] = True,
+    deterministic: Annotated[bool, typer.Option("--deterministic/--autotune", help="cuDNN deterministic algorithms as "
+                                                "`generate` uses (repeatable bytes), or autotuned (fastest).")] = False,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the preset's size.")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="Default: cuda if available, else cpu.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (torch.set_num_threads); default: torch's. "
@@ -47,7 +49,7 @@ def bench_generate(
     try:
         r = bench_lib(preset, batch, steps, sampler=sampler, guidance=guidance, dtype=dtype, compile=compile,
                       compile_mode=compile_mode, channels_last=channels_last, device=device,
-                      image_size=image_size, peak_tflops=peak, profile=profile)
+                      image_size=image_size, peak_tflops=peak, profile=profile, deterministic=deterministic)
     except (KeyError, ValueError) as exc:
         fail(str(exc))
     if as_json:
@@ -58,7 +60,7 @@ def bench_generate(
     mode = f"compile={r.compile_mode}" if r.compile else "eager"
     console.print(
         f"{r.preset} {r.image_size}px batch {r.batch} {r.sampler}{r.steps} {r.dtype} {mode} "
-        f"channels_last={r.channels_last} on {r.device}: "
+        f"channels_last={r.channels_last}{' deterministic' if r.deterministic else ''} on {r.device}: "
         f"{r.images_per_s:.3f} images/s, {r.gflop_per_forward_per_image:.4g} GFLOP/forward/image, "
         f"{r.achieved_tflops:.2f} TFLOP/s, MFU {mfu}, peak memory {mem}; "
         f"H100 roofline MFU: eager {100 * r.roofline_mfu_eager:.0f}%, fused {100 * r.roofline_mfu_fused:.0f}%",

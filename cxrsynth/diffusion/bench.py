@@ -51,6 +51,7 @@ class BenchResult:
     compile: bool
     compile_mode: str | None
     channels_last: bool
+    deterministic: bool
     device: str
     seconds: float
     images_per_s: float
@@ -94,6 +95,7 @@ def bench_generate(
     warmup_steps: int = 2,
     peak_tflops: float | None = None,
     profile: int = 0,
+    deterministic: bool = False,
 ) -> BenchResult:
     """Time ``batch`` images x ``steps`` sampler steps on random weights.
 
@@ -115,6 +117,8 @@ def bench_generate(
         image_size: Override the preset's size.
         warmup_steps: Untimed warm-up steps (compilation, cuDNN autotuning).
         peak_tflops: Override the peak used for MFU.
+        deterministic: cuDNN's deterministic algorithms, as ``generate`` runs (its bytes
+            must repeat); off, cuDNN autotunes (the fastest kernels).
         profile: After timing, profile one more sampler step and keep this many
             top kernels (by device time on CUDA, CPU time elsewhere); 0: no profile.
     """
@@ -131,7 +135,7 @@ def bench_generate(
     if dtype == "bf16-weights":
         torch.nn.Module.to(model, torch.bfloat16)  # all of it: diffusers would warn about fp32-kept modules (none)
     forward = fast_paths(model, compile=compile, compile_mode=compile_mode, channels_last=channels_last,
-                         deterministic=False)
+                         deterministic=deterministic)
     need_cond, need_uncond = _needs(guidance, "standard")
     passes = int(need_cond) + int(need_uncond)
     roof = roofline(preset, batch * passes, dtype="bf16", image_size=image_size)  # H100 bf16 ceilings
@@ -155,6 +159,7 @@ def bench_generate(
         preset=preset, image_size=cfg.image_size, batch=batch, steps=steps, sampler=sampler,
         guidance=guidance, dtype=dtype if torch_dtype == torch.bfloat16 else "fp32", compile=compile,
         compile_mode=compile_mode if compile else None, channels_last=channels_last and dev.type == "cuda",
+        deterministic=deterministic,
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         seconds=seconds, images_per_s=batch / seconds,
         gflop_per_forward_per_image=roof.gflop,
