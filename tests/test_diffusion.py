@@ -45,7 +45,9 @@ def _data(n: int = 12, batch: int = 4):
     g = torch.Generator().manual_seed(1)
     images = (torch.rand(n, 1, 32, 32, generator=g) * 255).to(torch.uint8)
     conds = (torch.rand(n, CONDITION_SIZE, generator=g) > 0.5).float()
-    return lambda epoch: [{"image": images[i : i + batch], "cond": conds[i : i + batch]} for i in range(0, n, batch)]
+    keys = [f"img{i:02d}" for i in range(n)]
+    return lambda epoch: [{"image": images[i : i + batch], "cond": conds[i : i + batch], "key": keys[i : i + batch]}
+                          for i in range(0, n, batch)]
 
 
 def test_presets_registered_and_paper_layout() -> None:
@@ -140,17 +142,71 @@ def test_training_runs_and_resume_is_bit_identical(tmp_path: Path) -> None:
     losses: list[float] = []
     straight = train(MICRO, tc, _data(), tmp_path / "a", progress=False, on_step=lambda s, v: losses.append(v))
     assert len(losses) == 6 and all(np.isfinite(losses))
-    # Half the steps, then resume to the end; 3 batches per epoch, so it crosses an epoch.
-    train(MICRO, dataclasses.replace(tc, steps=3), _data(), tmp_path / "b", progress=False)
-    resumed = train(MICRO, tc, _data(), tmp_path / "b", resume=True, progress=False)
+    # Half the steps, then raise `steps` and resume to the end (3 batches per epoch, so it
+    # crosses an epoch), with the checkpoints outside the output directory.
+    ck = tmp_path / "ck-b"
+    train(MICRO, dataclasses.replace(tc, steps=3), _data(), tmp_path / "b", checkpoints=ck, progress=False)
+    assert (ck / "latest.pt").is_file() and not (tmp_path / "b/checkpoints").exists()
+    resumed = train(MICRO, tc, _data(), tmp_path / "b", checkpoints=ck, resume=True, progress=False)
+    assert not (tmp_path / "b/checkpoints").exists()
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), f"EMA {k} differs after resume"
     ca = torch.load(tmp_path / "a/checkpoints/latest.pt", weights_only=False)
-    cb = torch.load(tmp_path / "b/checkpoints/latest.pt", weights_only=False)
+    cb = torch.load(ck / "latest.pt", weights_only=False)
     assert ca["step"] == cb["step"] == 6
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
     assert torch.equal(ca["rng"][0]["gen"], cb["rng"][0]["gen"])
+    # generator.json too: data_seen is checkpointed, so it covers the whole resumed run.
+    assert generator_info(tmp_path / "a") == generator_info(tmp_path / "b")
     assert generator_info(tmp_path / "a")["trained_steps"] == 6
+    assert generator_info(tmp_path / "a")["data_seen"] == {
+        "images_per_rank": [24], "distinct_keys_per_rank": [12], "distinct_keys": 12}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"lr": 2e-3}, "lr 0.001 -> 0.002"),
+        ({"batch_size": 2}, "batch_size 4 -> 2"),
+        ({"seed": 7}, "seed 0 -> 7"),
+        ({"data_version": "demo@v2"}, "data_version 'demo@v1' -> 'demo@v2'"),
+    ],
+    ids=["lr", "batch_size", "seed", "data_version"],
+)
+def test_resume_refuses_another_run(tmp_path: Path, change: dict, message: str) -> None:
+    tc = TrainConfig(steps=1, batch_size=4, save_every=1, warmup_steps=1, lr=1e-3)
+    ck = tmp_path / "ck"
+    train(MICRO, tc, _data(), tmp_path / "g", checkpoints=ck, data_version="demo@v1", progress=False)
+    change = dict(change)
+    data_version = change.pop("data_version", "demo@v1")
+    other = dataclasses.replace(tc, steps=2, **change)
+    with pytest.raises(ValueError, match="another run") as err:
+        train(MICRO, other, _data(), tmp_path / "g", checkpoints=ck, resume=True, data_version=data_version,
+              progress=False)
+    assert message in str(err.value) and "--checkpoints" in str(err.value) and "--no-resume" in str(err.value)
+    assert torch.load(ck / "latest.pt", weights_only=False)["step"] == 1  # left as it was
+
+
+def test_resume_checks_and_no_resume_replaces(tmp_path: Path) -> None:
+    tc = TrainConfig(steps=2, batch_size=4, save_every=1, warmup_steps=1, lr=1e-3, keep_checkpoints=2)
+    ck = tmp_path / "ck"
+    train(MICRO, tc, _data(), tmp_path / "g", checkpoints=ck, progress=False)
+    assert sorted(p.name for p in ck.glob("step-*.pt")) == ["step-00000001.pt", "step-00000002.pt"]
+    # Another generator config is refused, whatever the checkpoint's age.
+    with pytest.raises(ValueError, match="another generator config"):
+        train(MICRO.replace(vlb_weight=0.0), tc, _data(), tmp_path / "g", checkpoints=ck, resume=True, progress=False)
+    # A checkpoint from before the run fingerprint is checked on the generator config only.
+    state = torch.load(ck / "latest.pt", weights_only=False)
+    del state["run"]
+    torch.save(state, ck / "latest.pt")
+    train(MICRO, dataclasses.replace(tc, steps=3, lr=2e-3), _data(), tmp_path / "g", checkpoints=ck, resume=True,
+          progress=False)
+    assert torch.load(ck / "latest.pt", weights_only=False)["step"] == 3
+    # --no-resume starts over in the same directory; the old run's later step files go.
+    train(MICRO, dataclasses.replace(tc, steps=1), _data(), tmp_path / "g", checkpoints=ck, resume=False,
+          progress=False)
+    assert sorted(p.name for p in ck.glob("step-*.pt")) == ["step-00000001.pt"]
+    assert torch.load(ck / "latest.pt", weights_only=False)["run"]["lr"] == 1e-3
 
 
 def test_training_reduces_loss_on_a_fixed_batch(tmp_path: Path) -> None:
@@ -159,6 +215,32 @@ def test_training_reduces_loss_on_a_fixed_batch(tmp_path: Path) -> None:
     losses: list[float] = []
     train(MICRO.replace(vlb_weight=0.0), tc, data, tmp_path / "c", progress=False, on_step=lambda s, v: losses.append(v))
     assert losses[-1] < losses[0]
+
+
+def test_cli_train_checkpoints_outside_out(tmp_path: Path) -> None:
+    from conftest import chexpert_rows, write_chexpert
+
+    from cxrsynth.cli import app
+
+    csv = write_chexpert(tmp_path / "raw", chexpert_rows(n_patients=4, studies=2, uncertain=False))
+    root, gen, ck = tmp_path / "proj", tmp_path / "gen", tmp_path / "ck"
+    runner = CliRunner()
+
+    def cli(*args, ok: bool = True) -> str:
+        result = runner.invoke(app, [str(a) for a in args] + ["--root", str(root)], catch_exceptions=False)
+        assert (result.exit_code == 0) == ok, result.output
+        return result.output
+
+    cli("ingest", "chexpert", csv, "--name", "cxp", "--size", 32, "--workers", 1)
+    cli("split", "cxp", "--tune", 0.2, "--seed", 0)
+    train_args = ("generator", "train", "--data", "cxp", "--preset", "micro", "--batch", 2, "--warmup", 1,
+                  "--save-every", 1, "--device", "cpu", "--out", gen, "--checkpoints", ck)
+    cli(*train_args, "--steps", 1)
+    assert (ck / "latest.pt").is_file() and not (gen / "checkpoints").exists()
+    out = cli(*train_args, "--steps", 2, "--lr", 3e-4, ok=False)
+    assert "lr 0.0001 -> 0.0003" in " ".join(out.split())
+    cli(*train_args, "--steps", 2)  # more steps: continues
+    assert generator_info(gen)["trained_steps"] == 2 and torch.load(ck / "latest.pt", weights_only=False)["step"] == 2
 
 
 def test_frechet_distance_closed_form() -> None:

@@ -21,7 +21,8 @@ generator_app = typer.Typer(no_args_is_help=True, help="Train, import and inspec
 @generator_app.command("train")
 def train(
     data: Annotated[str, typer.Option("--data", help="Dataset name (its manifest and shards).")],
-    out: Annotated[Path, typer.Option("--out", help="Generator directory (weights, checkpoints/).")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="Generator directory (EMA weights, generator.json, train.json; checkpoints/ unless --checkpoints).")],
     split: Annotated[Optional[str], typer.Option("--split", help="Split to train on.")] = "train",
     preset: Annotated[str, typer.Option("--preset", help="Generator preset: paper | tiny | micro.")] = "tiny",
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the preset's image size.")] = None,
@@ -34,7 +35,13 @@ def train(
     save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 500,
     log_every: Annotated[int, typer.Option("--log-every", help="Progress readout every N steps.")] = 10,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data order, noise and timesteps.")] = 0,
-    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from OUT/checkpoints/latest.pt if present.")] = True,
+    checkpoints: Annotated[Optional[Path], typer.Option(
+        "--checkpoints", help="Checkpoint directory (default: OUT/checkpoints). Keep it outside the DVC output, so that "
+                              "a killed `dvc repro` resumes and DVC does not cache optimizer state.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume/--no-resume", help="Continue from latest.pt in the checkpoint directory (--checkpoints, default "
+                                     "OUT/checkpoints) if present; only --steps, --save-every and --log-every may "
+                                     "change.")] = True,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (torch.set_num_threads); default: torch's. "
                                                   "On a shared 2-core machine 1 is several times faster than 2.")] = None,
@@ -72,7 +79,7 @@ def train(
     tc = TrainConfig(steps=steps, batch_size=batch, lr=lr, warmup_steps=warmup, ema_decay=ema,
                      grad_clip=grad_clip, save_every=save_every, log_every=log_every, seed=seed)
     try:
-        train_lib(config, tc, batches, out, resume=resume, device=device,
+        train_lib(config, tc, batches, out, checkpoints=checkpoints, resume=resume, device=device,
                   data_version=f"{data}@{stream.dataset_version(root, data)}")
     except ValueError as exc:
         fail(str(exc))

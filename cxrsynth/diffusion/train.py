@@ -9,6 +9,14 @@ skips the batches already seen in that epoch, so a resumed run on CPU continues
 bit-identically (tested). On GPU, cuDNN/atomics make runs reproducible only up to
 floating-point nondeterminism.
 
+Checkpoints go to ``out/checkpoints/`` unless ``checkpoints=`` names another directory;
+a pipeline keeps them outside its DVC output, so that DVC neither caches optimizer state
+with every generator version nor deletes it before a rerun (a killed ``dvc repro``
+resumes). Since such a directory outlives the output it trained, every checkpoint
+records the run it belongs to (:func:`run_fingerprint`: the settings that must not
+change mid-run) and resuming another run fails, naming what differs; only ``steps``
+(to extend a run) and the logging/saving cadence may change.
+
 Fast paths (chosen in :func:`_fast_paths`, one place): bf16 autocast, channels_last
 and fused AdamW on CUDA only; fp32 elsewhere.
 
@@ -18,7 +26,8 @@ weights, draws its noise from ``seed + rank`` and reads its own share of the dat
 on every rank, else the gradient all-reduce of the longer rank would wait forever; the
 CLI trims every rank to the shortest share). When batches carry their ``key`` list,
 the run records which images each rank consumed (``data_seen`` in ``generator.json``:
-images and distinct keys per rank, distinct keys over all ranks), so a user can check
+images and distinct keys per rank, distinct keys over all ranks; checkpointed, so a
+resumed run reports the whole run), so a user can check
 that ranks read disjoint shares (within an epoch: sum of per-rank distinct keys =
 distinct keys overall) and how much of the dataset a run covered.
 """
@@ -44,6 +53,8 @@ from cxrsynth.diffusion.schedule import training_scheduler
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.pt"
+# TrainConfig fields a resumed run may change: they do not alter the trajectory.
+RESUMABLE_CHANGES = ("steps", "save_every", "log_every", "keep_checkpoints")
 
 
 @dataclass
@@ -137,10 +148,37 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """``out/checkpoints/latest.pt`` if a run left one."""
-    p = Path(out) / CHECKPOINTS / LATEST
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """``checkpoints/latest.pt`` (a checkpoint directory) if a run left one."""
+    p = Path(checkpoints) / LATEST
     return p if p.exists() else None
+
+
+def run_fingerprint(train_config: TrainConfig, data_version: str | None, world: int) -> dict[str, Any]:
+    """What a checkpoint's run and a resuming run must share to continue identically.
+
+    Every :class:`TrainConfig` field except :data:`RESUMABLE_CHANGES`, the data version
+    and the number of processes (each rank has its own generator and data share).
+    """
+    fp = {k: v for k, v in asdict(train_config).items() if k not in RESUMABLE_CHANGES}
+    return {**fp, "data_version": data_version, "world": world}
+
+
+def _check_resumable(ckpt_path: Path, state: dict[str, Any], config: GeneratorConfig, run: dict[str, Any]) -> None:
+    """Raise ValueError unless the checkpoint comes from the same generator and run.
+
+    Checkpoints written before the run fingerprint existed are checked on the generator
+    config only.
+    """
+    advice = "pass a new --checkpoints dir, or --no-resume to start over"
+    if state["config"] != config.to_dict():
+        raise ValueError(f"{ckpt_path} was trained with another generator config; {advice}")
+    old = state.get("run")
+    if old is None:
+        return
+    diffs = [f"{k} {old.get(k)!r} -> {run.get(k)!r}" for k in sorted(set(old) | set(run)) if old.get(k) != run.get(k)]
+    if diffs:
+        raise ValueError(f"{ckpt_path} belongs to another run ({'; '.join(diffs)}); {advice}")
 
 
 def train(
@@ -149,6 +187,7 @@ def train(
     data: Callable[[int], Iterable[dict[str, torch.Tensor]]],
     out: Path,
     *,
+    checkpoints: Path | None = None,
     resume: bool | Path = False,
     device: str | torch.device | None = None,
     data_version: str | None = None,
@@ -162,10 +201,12 @@ def train(
         train_config: Optimisation settings.
         data: ``epoch -> iterable of batches`` for this process (already sharded by
             rank); called again with epoch + 1 when exhausted.
-        out: Output directory: EMA generator (``save_pretrained``), ``train.json``,
-            ``checkpoints/``.
-        resume: True to continue from ``out/checkpoints/latest.pt`` when present, or a
-            checkpoint path.
+        out: Output directory: EMA generator (``save_pretrained``), ``train.json``.
+        checkpoints: Checkpoint directory (``latest.pt``, ``step-*.pt``); defaults to
+            ``out / "checkpoints"``. Keep it outside a DVC output.
+        resume: True to continue from ``checkpoints/latest.pt`` when present, or a
+            checkpoint path. The checkpoint must come from the same generator config and
+            :func:`run_fingerprint` (else ValueError naming each difference).
         device: Defaults to CUDA (``LOCAL_RANK``) when available, else CPU.
         data_version: Recorded in ``generator.json``.
         progress: Show a rich progress bar (rank 0).
@@ -176,6 +217,7 @@ def train(
     """
     tc = train_config
     out = Path(out)
+    ck = Path(checkpoints) if checkpoints is not None else out / CHECKPOINTS
     dist_info = _init_distributed()
     if device is None:
         device = f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu"
@@ -198,18 +240,23 @@ def train(
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
     step, epoch, batch_in_epoch = 0, 0, 0
+    seen_keys: set[str] = set()  # this rank's images, for data_seen (bounded by the dataset size)
+    seen_images = 0
+    run = run_fingerprint(tc, data_version, dist_info.world)
 
-    ckpt_path = latest_checkpoint(out) if resume is True else (Path(resume) if resume else None)
+    ckpt_path = latest_checkpoint(ck) if resume is True else (Path(resume) if resume else None)
     if ckpt_path is not None:
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if state["config"] != config.to_dict():
-            raise ValueError(f"{ckpt_path} was trained with another generator config; use a new --out")
+        _check_resumable(ckpt_path, state, config, run)
         model.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["lr_schedule"])
         _set_rng_state(gen, state["rng"][min(dist_info.rank, len(state["rng"]) - 1)])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        if "data_seen" in state:  # same world (fingerprint): this rank's share so far
+            seen_images, keys = state["data_seen"][dist_info.rank]
+            seen_keys = set(keys)
     else:
         gen.manual_seed(tc.seed + dist_info.rank)
 
@@ -229,27 +276,33 @@ def train(
              "data_version": data_version}, indent=2) + "\n")
 
     def save_checkpoint() -> None:
-        rng = [_rng_state(gen)]
+        mine = (_rng_state(gen), (seen_images, sorted(seen_keys)))
+        ranks: list[Any] = [mine]
         if dist_info.world > 1:
             import torch.distributed as dist
 
-            gathered: list[Any] = [None] * dist_info.world
-            dist.all_gather_object(gathered, rng[0])
-            rng = gathered
+            ranks = [None] * dist_info.world
+            dist.all_gather_object(ranks, mine)
         if not is_main:
             return
-        ck = out / CHECKPOINTS
-        ck.mkdir(exist_ok=True)
+        ck.mkdir(parents=True, exist_ok=True)
         state = {
-            "config": config.to_dict(), "train": asdict(tc), "step": step, "epoch": epoch,
+            "config": config.to_dict(), "train": asdict(tc), "run": run, "step": step, "epoch": epoch,
             "batch_in_epoch": batch_in_epoch, "model": model.state_dict(),
             "ema": ema.module.state_dict(), "optimizer": opt.state_dict(),
-            "lr_schedule": sched.state_dict(), "rng": rng,
+            "lr_schedule": sched.state_dict(), "rng": [r for r, _ in ranks],
+            "data_seen": [s for _, s in ranks],
         }
         _atomic_save(state, ck / LATEST)
         if tc.keep_checkpoints > 0:
-            _atomic_save(state, ck / f"step-{step:08d}.pt")
-            for old in sorted(ck.glob("step-*.pt"))[: -tc.keep_checkpoints]:
+            this = f"step-{step:08d}.pt"
+            _atomic_save(state, ck / this)
+            # Step files past this step come from a run this one replaced (--no-resume, or a
+            # resume from an earlier file); left in place they would outrank the new ones.
+            files = sorted(ck.glob("step-*.pt"))
+            stale = [p for p in files if p.name > this]
+            ours = [p for p in files if p.name <= this]
+            for old in stale + ours[: -tc.keep_checkpoints]:
                 old.unlink()
 
     # 2. The loop.
@@ -258,8 +311,6 @@ def train(
                               enabled=fast["autocast_dtype"] is not None)
     running = torch.zeros((), device=device)
     n_running, images, t_last = 0, 0, time.perf_counter()
-    seen_keys: set[str] = set()  # this rank's images, for data_seen (bounded by the dataset size)
-    seen_images = 0
     model.train()
     while step < tc.steps:
         batches = iter(data(epoch))
@@ -326,7 +377,7 @@ def train(
 
 
 def _data_seen(images: int, keys: set[str], dist_info: _Dist) -> dict[str, Any] | None:
-    """Images and distinct keys consumed by each rank in this call, and overall.
+    """Images and distinct keys consumed by each rank in the run (resumes included), and overall.
 
     Gathers every rank's key set on every rank (``all_gather_object``), once at the
     end; None when the batches carried no keys (e.g. in-memory test data).
