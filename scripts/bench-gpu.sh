@@ -3,13 +3,13 @@
 #
 # Here:              make device-kit        # diffusers wheels, which the GPU image lacks
 # On the device:     run(command="bash scripts/bench-gpu.sh eager", carry=[".whl"])
-#                    then "compile", "fast25", "autotune" (each part fits one 10-minute call).
+#                    then "compile", "fast25", "autotune", "train" (each fits one 10-minute call).
 # Locally, on CPU:   PYTHON=.venv/bin/python BENCH_SMOKE=1 bash scripts/bench-gpu.sh eager
 #
 # Every measurement is one `cxrsynth bench generate --json` line appended to
 # $OUT/bench.jsonl (logs beside it); the part ends with a table of all lines so far.
 set -uo pipefail
-part=${1:?usage: bench-gpu.sh eager|compile|fast25|autotune}
+part=${1:?usage: bench-gpu.sh eager|compile|fast25|autotune|train}
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 out=${OUT:-/tmp/cxrsynth-bench}
@@ -54,16 +54,29 @@ case "$part" in
         bench --batch "$b" --steps "$short" --sampler dpmpp --compile --dtype bf16-weights
         bench --batch "$b2" --steps "$short" --sampler dpmpp --compile
         ;;
+    train)  # the training loop as `generator train` runs it (bf16 autocast, channels_last, fused AdamW)
+        for tb in 16 32 64; do
+            echo "== bench train --preset $preset --batch $tb" | tee -a "$out/bench-$part.log"
+            timeout "$limit" "$PYTHON" -m cxrsynth.cli bench train --json --preset "$preset" --batch "$tb" \
+                --steps 20 --warmup 5 2>>"$out/bench-$part.log" | tee -a "$out/train.jsonl"
+        done
+        ;;
     autotune)
         bench --batch "$b" --steps "$long" --compile --compile-mode max-autotune-no-cudagraphs --profile 25
         bench --batch "$b" --steps "$short" --sampler dpmpp --compile --compile-mode max-autotune
         ;;
-    *) echo "unknown part $part (eager | compile | fast25 | autotune)" >&2; exit 2 ;;
+    *) echo "unknown part $part (eager | compile | fast25 | autotune | train)" >&2; exit 2 ;;
 esac
 
-"$PYTHON" - "$out/bench.jsonl" <<'PY'
+touch "$out/bench.jsonl" "$out/train.jsonl"
+"$PYTHON" - "$out/bench.jsonl" "$out/train.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
+for r in (json.loads(line) for line in open(sys.argv[2]) if line.startswith("{")):
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+    mem = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "n/a"
+    print(f"train {r['preset']} batch {r['batch']}: {r['images_per_s']:.2f} images/s, "
+          f"{r['achieved_tflops']:.1f} TFLOP/s, MFU {mfu}, {mem}")
 print(f"{'preset':7} {'batch':>5} {'sampler':>9} {'dtype':>12} {'mode':27} {'CL':>3} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'roof e/f':>9} {'GiB':>5}")
 for r in rows:
     mode = (r["compile_mode"] or "eager") + (" det" if r.get("deterministic") else "")

@@ -135,3 +135,23 @@ def test_a_bf16_cast_network_samples_like_fp32() -> None:
     low = sample_batch(model, cond, [1, 2, 3], sampler="dpmpp", steps=3)
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
     assert 0 < (low - ref).norm() / ref.norm() < 2e-2
+
+
+def test_bench_train_times_the_real_loop() -> None:
+    import typer
+
+    from cxrsynth.cli.bench import bench_train
+
+    app = typer.Typer()
+    app.command("train")(bench_train)
+    app.command("unused")(lambda: None)
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--preset", "micro", "--batch", "4", "--steps", "3", "--warmup", "2",
+                                 "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output.strip().splitlines()[-1])
+    assert r["steps"] == 4  # rounded up to whole readout intervals
+    assert r["gflop_per_image"] == pytest.approx(3 * roofline("micro", 4).gflop)
+    assert r["images_per_s"] == pytest.approx(4 * 4 / r["seconds"]) and r["seconds"] > 0
+    result = runner.invoke(app, ["train", "--preset", "micro", "--steps", "0"])
+    assert result.exit_code == 2 and "must be >= 1" in result.output

@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from cxrsynth.cli import data as _data
-from cxrsynth.cli.bench import bench_generate, bench_roofline
+from cxrsynth.cli.bench import bench_generate, bench_roofline, bench_train
 from cxrsynth.cli.generate import generate
 from cxrsynth.cli.generator import generator_app
 from cxrsynth.cli.phantom import bench_phantom, phantom
@@ -37,3 +37,4 @@ bench_app.command("ingest")(_data.bench_ingest)
 bench_app.command("phantom")(bench_phantom)
 bench_app.command("generate")(bench_generate)
 bench_app.command("roofline")(bench_roofline)
+bench_app.command("train")(bench_train)

@@ -1,4 +1,4 @@
-"""`cxrsynth bench generate | roofline`: the generator's speed, measured and bounded.
+"""`cxrsynth bench generate | roofline | train`: the generator's speed, measured and bounded.
 
 Thin commands over :mod:`cxrsynth.diffusion.bench` and :mod:`cxrsynth.diffusion.roofline`;
 torch and diffusers are imported inside the command bodies.
@@ -138,3 +138,35 @@ def bench_roofline(
     for s in step_counts:
         console.print(f"  {s} steps: at most {r.images_per_s(s):.2f} images/s eager, "
                       f"{r.images_per_s(s, fused=True):.2f} fused (one forward per step)", highlight=False)
+
+
+def bench_train(
+    preset: Annotated[str, typer.Option("--preset", help="Generator preset.")] = "paper",
+    batch: Annotated[int, typer.Option("--batch", help="Images per step.")] = 32,
+    steps: Annotated[int, typer.Option("--steps", help="Timed steps (rounded up to a multiple of --warmup).")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps first; also the readout interval.")] = 5,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the preset's size.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="Default: cuda if available, else cpu.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (torch.set_num_threads).")] = None,
+    peak: Annotated[Optional[float], typer.Option("--peak-tflops", help="Peak TFLOP/s for MFU (default: table).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
+) -> None:
+    """Training throughput of the real loop on random images: images/s, TFLOP/s (3x forward), MFU."""
+    from cxrsynth.diffusion.bench import bench_train as bench_lib
+
+    _set_threads(threads)
+    try:
+        r = bench_lib(preset, batch, steps, warmup_steps=warmup, device=device, image_size=image_size,
+                      peak_tflops=peak)
+    except (KeyError, ValueError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(r.to_dict()))
+        return
+    mfu = f"{100 * r.mfu:.1f}% of {r.peak_tflops:.0f}" if r.mfu is not None else "n/a"
+    mem = f"{r.peak_memory_gib:.1f} GiB" if r.peak_memory_gib is not None else "n/a"
+    console.print(
+        f"train {r.preset} {r.image_size}px batch {r.batch}, {r.steps} timed steps on {r.device}: "
+        f"{r.images_per_s:.2f} images/s, {r.gflop_per_image:.4g} GFLOP/image (3x forward), "
+        f"{r.achieved_tflops:.2f} TFLOP/s, MFU {mfu}, peak memory {mem}", highlight=False,
+    )
