@@ -235,12 +235,21 @@ def test_cli_train_checkpoints_outside_out(tmp_path: Path) -> None:
     cli("split", "cxp", "--tune", 0.2, "--seed", 0)
     train_args = ("generator", "train", "--data", "cxp", "--preset", "micro", "--batch", 2, "--warmup", 1,
                   "--save-every", 1, "--device", "cpu", "--out", gen, "--checkpoints", ck)
-    cli(*train_args, "--steps", 1)
-    assert (ck / "latest.pt").is_file() and not (gen / "checkpoints").exists()
-    out = cli(*train_args, "--steps", 2, "--lr", 3e-4, ok=False)
-    assert "lr 0.0001 -> 0.0003" in " ".join(out.split())
-    cli(*train_args, "--steps", 2)  # more steps: continues
-    assert generator_info(gen)["trained_steps"] == 2 and torch.load(ck / "latest.pt", weights_only=False)["step"] == 2
+    out = cli(*train_args, "--steps", 1)
+    first = generator_info(gen)["run_id"]
+    assert f"{ck / first} (new run)" in " ".join(out.split())
+    assert (ck / first / "latest.pt").is_file() and not (gen / "checkpoints").exists()
+    # Another learning rate is another run: a directory of its own, the first one untouched.
+    before = (ck / first / "latest.pt").read_bytes()
+    out = cli(*train_args, "--steps", 2, "--lr", 3e-4)
+    second = generator_info(gen)["run_id"]
+    assert second != first and f"other runs there: {first}" in " ".join(out.split())
+    assert torch.load(ck / second / "latest.pt", weights_only=False)["step"] == 2
+    assert (ck / first / "latest.pt").read_bytes() == before
+    out = cli(*train_args, "--steps", 2)  # the first run, more steps: continues from step 1
+    assert f"{ck / first} (resuming)" in " ".join(out.split())
+    assert generator_info(gen)["trained_steps"] == 2 and generator_info(gen)["run_id"] == first
+    assert torch.load(ck / first / "latest.pt", weights_only=False)["step"] == 2
 
 
 def test_frechet_distance_closed_form() -> None:

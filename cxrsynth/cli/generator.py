@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import Root, console, fail
+from cxrsynth.cli.common import Root, console, err_console, fail
 
 generator_app = typer.Typer(no_args_is_help=True, help="Train, import and inspect conditional diffusion generators.")
 
@@ -36,12 +36,13 @@ def train(
     log_every: Annotated[int, typer.Option("--log-every", help="Progress readout every N steps.")] = 10,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data order, noise and timesteps.")] = 0,
     checkpoints: Annotated[Optional[Path], typer.Option(
-        "--checkpoints", help="Checkpoint directory (default: OUT/checkpoints). Keep it outside the DVC output, so that "
-                              "a killed `dvc repro` resumes and DVC does not cache optimizer state.")] = None,
+        "--checkpoints", help="Checkpoint root (default: OUT/checkpoints); each run writes to ROOT/<run id>, the id "
+                              "hashing the preset, data version, processes and every setting but --steps, "
+                              "--save-every and --log-every. Keep it outside the DVC output, so that a killed "
+                              "`dvc repro` resumes and DVC does not cache optimizer state.")] = None,
     resume: Annotated[bool, typer.Option(
-        "--resume/--no-resume", help="Continue from latest.pt in the checkpoint directory (--checkpoints, default "
-                                     "OUT/checkpoints) if present; only --steps, --save-every and --log-every may "
-                                     "change.")] = True,
+        "--resume/--no-resume", help="Continue this run from ROOT/<run id>/latest.pt if present (a changed setting "
+                                     "is another run and starts fresh; more --steps extends a run).")] = True,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (torch.set_num_threads); default: torch's. "
                                                   "On a shared 2-core machine 1 is several times faster than 2.")] = None,
@@ -53,7 +54,9 @@ def train(
     """
     from cxrsynth import stream
     from cxrsynth.diffusion.presets import get_preset
-    from cxrsynth.diffusion.train import TrainConfig, _init_distributed, train as train_lib
+    from cxrsynth.diffusion.train import (
+        CHECKPOINTS, TrainConfig, _init_distributed, latest_checkpoint, run_checkpoints, train as train_lib,
+    )
 
     _set_threads(threads)
 
@@ -78,9 +81,16 @@ def train(
 
     tc = TrainConfig(steps=steps, batch_size=batch, lr=lr, warmup_steps=warmup, ema_decay=ema,
                      grad_clip=grad_clip, save_every=save_every, log_every=log_every, seed=seed)
+    data_version = f"{data}@{stream.dataset_version(root, data)}"
+    ck_root = checkpoints if checkpoints is not None else out / CHECKPOINTS
+    ck = run_checkpoints(ck_root, config, tc, data_version, dist_info.world)
+    if dist_info.rank == 0:
+        others = sorted(p.name for p in ck_root.iterdir() if p.is_dir() and p != ck) if ck_root.is_dir() else []
+        what = "resuming" if resume and latest_checkpoint(ck) else "new run"
+        err_console.print(f"checkpoints: {ck} ({what})" + (f"; other runs there: {', '.join(others)}" if others else ""),
+                          highlight=False, soft_wrap=True)
     try:
-        train_lib(config, tc, batches, out, checkpoints=checkpoints, resume=resume, device=device,
-                  data_version=f"{data}@{stream.dataset_version(root, data)}")
+        train_lib(config, tc, batches, out, checkpoints=ck, resume=resume, device=device, data_version=data_version)
     except ValueError as exc:
         fail(str(exc))
     if dist_info.world > 1:

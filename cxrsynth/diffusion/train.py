@@ -15,7 +15,9 @@ with every generator version nor deletes it before a rerun (a killed ``dvc repro
 resumes). Since such a directory outlives the output it trained, every checkpoint
 records the run it belongs to (:func:`run_fingerprint`: the settings that must not
 change mid-run) and resuming another run fails, naming what differs; only ``steps``
-(to extend a run) and the logging/saving cadence may change.
+(to extend a run) and the logging/saving cadence may change. The CLI gives every run
+its own directory under a checkpoint root (:func:`run_checkpoints`, named by
+:func:`run_id`), so a changed setting starts a new run beside the old one.
 
 Fast paths (chosen in :func:`_fast_paths`, one place): bf16 autocast, channels_last
 and fused AdamW on CUDA only; fp32 elsewhere.
@@ -34,6 +36,7 @@ distinct keys overall) and how much of the dataset a run covered.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -162,6 +165,23 @@ def run_fingerprint(train_config: TrainConfig, data_version: str | None, world: 
     """
     fp = {k: v for k, v in asdict(train_config).items() if k not in RESUMABLE_CHANGES}
     return {**fp, "data_version": data_version, "world": world}
+
+
+def run_id(config: GeneratorConfig, run: dict[str, Any]) -> str:
+    """A short, stable name for a run: hash of its generator config and :func:`run_fingerprint`."""
+    blob = json.dumps({"config": config.to_dict(), "run": run}, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def run_checkpoints(root: Path, config: GeneratorConfig, train_config: TrainConfig,
+                    data_version: str | None, world: int) -> Path:
+    """``root/<run_id>``: the checkpoint directory of this run under a shared root.
+
+    What ``cxrsynth generator train`` uses: a run resumes from its own directory, and a
+    changed setting (say the learning rate in ``params.yaml`` before a ``dvc repro``)
+    starts a new run beside the old one instead of failing or overwriting it.
+    """
+    return Path(root) / run_id(config, run_fingerprint(train_config, data_version, world))
 
 
 def _check_resumable(ckpt_path: Path, state: dict[str, Any], config: GeneratorConfig, run: dict[str, Any]) -> None:
@@ -369,7 +389,8 @@ def train(
     final = ema.module.eval()
     data_seen = _data_seen(seen_images, seen_keys, dist_info)  # a collective: every rank calls it
     if is_main:
-        extra: dict[str, Any] = {"trained_steps": step, "ema_decay": tc.ema_decay, "world": dist_info.world}
+        extra: dict[str, Any] = {"trained_steps": step, "ema_decay": tc.ema_decay, "world": dist_info.world,
+                                 "run_id": run_id(config, run)}
         if data_seen is not None:
             extra["data_seen"] = data_seen
         save_generator(final, out, data_version=data_version, extra=extra)
