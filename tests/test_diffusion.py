@@ -265,7 +265,8 @@ def test_frechet_distance_closed_form() -> None:
 
 
 def test_cli_info_and_bench(tmp_path: Path) -> None:
-    from cxrsynth.cli.generator import bench_generate, generator_app
+    from cxrsynth.cli.bench import bench_generate
+    from cxrsynth.cli.generator import generator_app
 
     app = typer.Typer()
     app.add_typer(generator_app, name="generator")

@@ -11,8 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import console, fail
-from cxrsynth.cli.generator import _set_threads
+from cxrsynth.cli.common import console, fail, set_threads
 
 
 def bench_generate(
@@ -43,7 +42,7 @@ def bench_generate(
     """
     from cxrsynth.diffusion.bench import bench_generate as bench_lib
 
-    _set_threads(threads)
+    set_threads(threads)
     if profile < 0:
         fail("--profile must be >= 0")
     try:
@@ -154,7 +153,7 @@ def bench_train(
     """Training throughput of the real loop on random images: images/s, TFLOP/s (3x forward), MFU."""
     from cxrsynth.diffusion.bench import bench_train as bench_lib
 
-    _set_threads(threads)
+    set_threads(threads)
     try:
         r = bench_lib(preset, batch, steps, warmup_steps=warmup, device=device, image_size=image_size,
                       peak_tflops=peak)

@@ -32,3 +32,13 @@ def progress_bar(description: str, total: int | None):
     with Progress(*columns, console=err_console, transient=False) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n=1: progress.advance(task, n)
+
+
+def set_threads(threads: int | None) -> None:
+    """Set torch's intra-op CPU threads for this process (the command owns the process)."""
+    if threads is not None:
+        if threads < 1:
+            fail("--threads must be >= 1")
+        import torch
+
+        torch.set_num_threads(threads)

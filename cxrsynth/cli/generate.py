@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import Root, console, fail, progress_bar
+from cxrsynth.cli.common import Root, console, fail, progress_bar, set_threads
 
 
 def generate(
@@ -39,9 +39,8 @@ def generate(
     from cxrsynth import manifest
     from cxrsynth.generate import GenerateConfig
     from cxrsynth.generate import generate as generate_lib
-    from cxrsynth.cli.generator import _set_threads
 
-    _set_threads(threads)
+    set_threads(threads)
 
     config = GenerateConfig(replicas=replicas, guidance=guidance, sampler=sampler, steps=steps, eta=eta,
                             cfg_formula=cfg_formula, seed=seed, batch_size=batch, shard_size=shard_size,

@@ -1,4 +1,4 @@
-"""`cxrsynth generator train | import-mediffusion | info` and `cxrsynth bench generate`.
+"""`cxrsynth generator train | import-mediffusion | info | fid`.
 
 Thin commands over :mod:`cxrsynth.diffusion`; torch and diffusers are imported inside
 the command bodies so ``cxrsynth --help`` stays instant.
@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import Root, console, err_console, fail
+from cxrsynth.cli.common import Root, console, err_console, fail, set_threads
 
 generator_app = typer.Typer(no_args_is_help=True, help="Train, import and inspect conditional diffusion generators.")
 
@@ -58,7 +58,7 @@ def train(
         CHECKPOINTS, TrainConfig, _init_distributed, latest_checkpoint, run_checkpoints, train as train_lib,
     )
 
-    _set_threads(threads)
+    set_threads(threads)
 
     try:
         config = get_preset(preset, **({"image_size": image_size} if image_size else {}))
@@ -184,51 +184,3 @@ def fid(
     b = fid_lib.dataset_images(root, synthetic, None, side, limit=limit)
     value = fid_lib.fid_from_images(extractor, a, b, device=device)
     console.print(f"{what} {real}{'/' + real_split if real_split else ''} vs {synthetic}: {value:.4f}")
-
-
-def bench_generate(
-    preset: Annotated[str, typer.Option("--preset", help="Generator preset.")] = "paper",
-    batch: Annotated[int, typer.Option("--batch", help="Images per batch.")] = 64,
-    steps: Annotated[int, typer.Option("--steps", help="Sampler steps.")] = 200,
-    sampler: Annotated[str, typer.Option("--sampler", help="ddim | dpmpp.")] = "ddim",
-    guidance: Annotated[float, typer.Option("--guidance", help="Standard CFG scale; 1 = one forward per step.")] = 1.0,
-    dtype: Annotated[str, typer.Option("--dtype", help="bf16 | fp32 (CPU always fp32).")] = "bf16",
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the network.")] = False,
-    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="NHWC on CUDA.")] = True,
-    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the preset's size.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="Default: cuda if available, else cpu.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (torch.set_num_threads); default: torch's. "
-                                                  "On a shared 2-core machine 1 is several times faster than 2.")] = None,
-    peak: Annotated[Optional[float], typer.Option("--peak-tflops", help="Peak TFLOP/s for MFU (default: table).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-) -> None:
-    """Sampling throughput on random weights: images/s, TFLOP/s, MFU, peak memory."""
-    from cxrsynth.diffusion.bench import bench_generate as bench_lib
-
-    _set_threads(threads)
-
-    try:
-        r = bench_lib(preset, batch, steps, sampler=sampler, guidance=guidance, dtype=dtype, compile=compile,
-                      channels_last=channels_last, device=device, image_size=image_size, peak_tflops=peak)
-    except (KeyError, ValueError) as exc:
-        fail(str(exc))
-    if as_json:
-        console.print_json(json.dumps(r.to_dict()))
-        return
-    mfu = f"{100 * r.mfu:.1f}% of {r.peak_tflops:.0f}" if r.mfu is not None else "n/a"
-    mem = f"{r.peak_memory_gib:.1f} GiB" if r.peak_memory_gib is not None else "n/a"
-    console.print(
-        f"{r.preset} {r.image_size}px batch {r.batch} {r.sampler}{r.steps} {r.dtype} compile={r.compile} on {r.device}: "
-        f"{r.images_per_s:.3f} images/s, {r.gflop_per_forward_per_image:.1f} GFLOP/forward/image, "
-        f"{r.achieved_tflops:.2f} TFLOP/s, MFU {mfu}, peak memory {mem}"
-    )
-
-
-def _set_threads(threads: int | None) -> None:
-    """Set torch's intra-op CPU threads for this process (the command owns the process)."""
-    if threads is not None:
-        if threads < 1:
-            fail("--threads must be >= 1")
-        import torch
-
-        torch.set_num_threads(threads)
