@@ -54,8 +54,7 @@ def bench_generate(
     if as_json:
         print(json.dumps(r.to_dict()))
         return
-    mfu = f"{100 * r.mfu:.1f}% of {r.peak_tflops:.0f}" if r.mfu is not None else "n/a"
-    mem = f"{r.peak_memory_gib:.1f} GiB" if r.peak_memory_gib is not None else "n/a"
+    mfu, mem = _mfu_and_memory(r)
     mode = f"compile={r.compile_mode}" if r.compile else "eager"
     console.print(
         f"{r.preset} {r.image_size}px batch {r.batch} {r.sampler}{r.steps} {r.dtype} {mode} "
@@ -162,10 +161,16 @@ def bench_train(
     if as_json:
         print(json.dumps(r.to_dict()))
         return
-    mfu = f"{100 * r.mfu:.1f}% of {r.peak_tflops:.0f}" if r.mfu is not None else "n/a"
-    mem = f"{r.peak_memory_gib:.1f} GiB" if r.peak_memory_gib is not None else "n/a"
+    mfu, mem = _mfu_and_memory(r)
     console.print(
         f"train {r.preset} {r.image_size}px batch {r.batch}, {r.steps} timed steps on {r.device}: "
         f"{r.images_per_s:.2f} images/s, {r.gflop_per_image:.4g} GFLOP/image (3x forward), "
         f"{r.achieved_tflops:.2f} TFLOP/s, MFU {mfu}, peak memory {mem}", highlight=False,
     )
+
+
+def _mfu_and_memory(r) -> tuple[str, str]:
+    """A result's MFU ("41.2% of 790") and peak memory ("12.3 GiB"), "n/a" off the GPU."""
+    mfu = f"{100 * r.mfu:.1f}% of {r.peak_tflops:.0f}" if r.mfu is not None else "n/a"
+    mem = f"{r.peak_memory_gib:.1f} GiB" if r.peak_memory_gib is not None else "n/a"
+    return mfu, mem
