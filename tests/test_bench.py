@@ -155,3 +155,27 @@ def test_bench_train_times_the_real_loop() -> None:
     assert r["images_per_s"] == pytest.approx(4 * 4 / r["seconds"]) and r["seconds"] > 0
     result = runner.invoke(app, ["train", "--preset", "micro", "--steps", "0"])
     assert result.exit_code == 2 and "must be >= 1" in result.output
+
+
+def test_fused_roofline_writes_the_residual_stream_around_a_gemm() -> None:
+    # x0 = silu(x); y = x0 + conv(silu(x0)): x0 skips the convolution, so no kernel can
+    # hold it from before the conv to the add after it: it is written, then read again.
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x0 = torch.nn.functional.silu(x)
+            return x0 + self.conv(torch.nn.functional.silu(x0))
+
+    with torch.device("meta"):
+        block = Block().to(torch.bfloat16)
+    x = torch.empty(2, 4, 8, 8, device="meta", dtype=torch.bfloat16)
+    costs, y = trace(block, x)
+    r = summarize(costs, [y], 2, peak_tflops=1.0, bandwidth_tbs=1.0)
+    act = 2 * 4 * 8 * 8 * 2
+    assert r.fused_kernels == 2
+    # group 1 (silu, silu): reads x, writes silu(x0) for the conv and x0 for the add;
+    # group 2 (add): reads x0 and the conv output, writes y.
+    assert (r.fused_ms - r.gemm_ms) * 2 / 1e3 == pytest.approx(6 * act / 1e12)
