@@ -82,10 +82,11 @@ class Roofline:
         categories: Eager cost per category of ops (:data:`CATEGORIES`).
         by_op: Eager cost per aten op, most roofline time first.
         fused_ms: The roofline if every connected run of memory-bound ops (everything
-            but convolutions, matmuls and attention) were one kernel that reads its
-            inputs once and writes only what a later GEMM or the output needs, plus
-            one more read of each normalization's input for its statistics: what
-            ``torch.compile`` can reach at best around cuDNN / cuBLAS kernels.
+            but convolutions, matmuls and attention) between two GEMMs were one kernel
+            that reads its inputs once and writes only what another kernel reads, plus
+            one more read of each normalization's input for its statistics
+            (:meth:`_Costs.fused_groups`): what ``torch.compile`` can reach at best
+            around cuDNN / cuBLAS kernels.
         fused_kernels: Number of such fused groups.
     """
 
@@ -217,8 +218,20 @@ class _Costs(TorchDispatchMode):
         return out
 
     def fused_groups(self, final: list[int]) -> list[float]:
-        """Bytes of each connected group of memory-bound ops (Roofline.fused_ms)."""
-        fusible = [i for i, op in enumerate(self.ops) if op.category in ("normalization", "elementwise")]
+        """Bytes of each fused group of memory-bound ops (Roofline.fused_ms).
+
+        A group is a connected set of normalization / elementwise ops between the same two
+        GEMMs in execution order: a kernel cannot hold a tensor across a GEMM that runs
+        after it, so the residual stream, which skips a block's convolutions, is written
+        before them and read again after. A group reads each outside tensor once, writes
+        each tensor that an op outside it reads, and reads each normalization's input once
+        more for its statistics.
+        """
+        fusible = {i for i, op in enumerate(self.ops) if op.category not in GEMM_CATEGORIES}
+        segment, seg = [], 0
+        for op in self.ops:
+            seg += op.category in GEMM_CATEGORIES
+            segment.append(seg)
         parent = {i: i for i in fusible}
 
         def find(i: int) -> int:
@@ -228,30 +241,32 @@ class _Costs(TorchDispatchMode):
             return i
 
         producer: dict[int, int] = {}
+        sources: list[list[tuple[int, int | None]]] = []  # per op: (buffer, op that wrote it)
         for i, op in enumerate(self.ops):
-            for r in op.reads:
-                j = producer.get(r)
-                if i in parent and j is not None and j in parent:
+            sources.append([(r, producer.get(r)) for r in op.reads])
+            for r, j in sources[-1]:
+                if i in fusible and j in fusible and segment[i] == segment[j]:
                     parent[find(i)] = find(j)
             for w in op.writes:
                 producer[w] = i
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i in fusible:
-            groups[find(i)].append(i)
-        consumers: dict[int, set[int]] = defaultdict(set)
+        group = {i: find(i) for i in fusible}
+        reads: dict[int, set[tuple[int, int | None]]] = defaultdict(set)
+        kept: dict[int, set[tuple[int, int]]] = defaultdict(set)
+        stats: dict[int, float] = defaultdict(float)
         for i, op in enumerate(self.ops):
-            for r in op.reads:
-                consumers[r].add(i)
-        out = []
-        for members in groups.values():
-            inside = set(members)
-            written = {w for i in members for w in self.ops[i].writes}
-            read = {r for i in members for r in self.ops[i].reads} - written
-            kept = {w for w in written if w in final or consumers[w] - inside}
-            stats = sum(self.size[self.ops[i].reads[0]] for i in members
-                        if self.ops[i].category == "normalization")
-            out.append(sum(self.size[r] for r in read) + sum(self.size[w] for w in kept) + stats)
-        return out
+            for r, j in sources[i]:
+                if i in fusible and (j is None or group.get(j) != group[i]):
+                    reads[group[i]].add((r, j))
+                if j in fusible and group.get(i) != group[j]:
+                    kept[group[j]].add((r, j))
+            if op.category == "normalization":
+                stats[group[i]] += self.size[op.reads[0]]
+        for r in final:
+            j = producer.get(r)
+            if j in fusible:
+                kept[group[j]].add((r, j))
+        return [sum(self.size[r] for r, _ in reads[g]) + sum(self.size[r] for r, _ in kept[g]) + stats[g]
+                for g in sorted(set(group.values()))]
 
 
 def trace(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[_Costs, Any]:
