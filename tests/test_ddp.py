@@ -68,7 +68,8 @@ def test_torchrun_train_two_ranks_read_disjoint_data(project):
     # Disjoint shares: the union is as large as the two shares together (6 + 6, not 6).
     assert seen["distinct_keys"] == 2 * steps * batch
     assert len(list(out.glob("*.safetensors"))) == 1
-    ckpt = (out / "checkpoints")
+    ckpt = out / "checkpoints" / meta["run_id"]  # the run's own directory (world 2 is part of its id)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [meta["run_id"]]
     assert (ckpt / "latest.pt").is_file() and sorted(p.name for p in ckpt.glob("step-*.pt")) == [
         "step-00000002.pt", "step-00000003.pt"]
 
