@@ -37,8 +37,7 @@ def bench_generate(
 ) -> None:
     """Sampling throughput on random weights: images/s, TFLOP/s, MFU, peak memory.
 
-    The line ends with the roofline of the same forward on an H100 (eager and ideally
-    fused), the most MFU the network allows without changing its kernels.
+    The line ends with the roofline of the same forward on an H100 (eager and ideally fused), the most MFU the network allows without changing its kernels.
     """
     from cxrsynth.diffusion.bench import bench_generate as bench_lib
 
@@ -88,9 +87,7 @@ def bench_roofline(
 ) -> None:
     """FLOPs and bytes of one forward, per category of op, and the MFU ceilings they imply.
 
-    Counted on meta tensors (no GPU, about a second): each op takes at least
-    max(FLOPs / peak, bytes / bandwidth). "eager" sums that over the ops the network
-    runs; "fused" merges every run of memory-bound ops between GEMMs into one pass.
+    Counted on meta tensors (no GPU, about a second): each op takes at least max(FLOPs / peak, bytes / bandwidth). "eager" sums that over the ops the network runs; "fused" merges every connected run of memory-bound ops between two GEMMs into one pass.
     """
     from cxrsynth.diffusion.roofline import roofline
 
