@@ -98,6 +98,14 @@ def plan(conditions: pd.DataFrame, name: str, config: GenerateConfig, gen_id: st
     return out
 
 
+def condition_rows(root: str | Path, conditions: str, split: str | None) -> pd.DataFrame:
+    """The rows a synthetic replica is conditioned on: ``split``, no uncertain finding, by key."""
+    frame = manifest.read(root, conditions)
+    if split is not None:
+        frame = frame.loc[(frame["split"] == split).fillna(False).to_numpy(dtype=bool)]
+    return frame.loc[~labels.has_uncertain(frame)].sort_values("key", kind="stable")
+
+
 def _parse_part(part: str | None) -> tuple[int, int]:
     if part is None:
         return 0, 1
@@ -149,10 +157,7 @@ def generate(
 
     manifest.check_name(name)
     root = Path(root)
-    frame = manifest.read(root, conditions)
-    if split is not None:
-        frame = frame.loc[(frame["split"] == split).fillna(False).to_numpy(dtype=bool)]
-    frame = frame.loc[~labels.has_uncertain(frame)].sort_values("key", kind="stable")
+    frame = condition_rows(root, conditions, split)
     gen_id = generator_id(generator_dir)
     rows = plan(frame, name, config, gen_id)
     cond_version = manifest.read_meta(root, conditions).get("version")

@@ -179,3 +179,39 @@ def test_fused_roofline_writes_the_residual_stream_around_a_gemm() -> None:
     # group 1 (silu, silu): reads x, writes silu(x0) for the conv and x0 for the add;
     # group 2 (add): reads x0 and the conv output, writes y.
     assert (r.fused_ms - r.gemm_ms) * 2 / 1e3 == pytest.approx(6 * act / 1e12)
+
+
+def test_bench_solvers_measures_few_step_error_against_a_reference(tmp_path) -> None:
+    import typer
+    from conftest import chexpert_rows, write_chexpert
+
+    from cxrsynth import ingest, labels, splits
+    from cxrsynth.cli.bench import bench_solvers
+    from cxrsynth.diffusion.model import save_generator
+    from cxrsynth.sources import chexpert
+
+    rows = chexpert_rows(n_patients=4, studies=1)
+    for row in rows:  # no uncertain labels: every row is a condition
+        for f in labels.FINDINGS:
+            row[f] = row[f].replace("-1.0", "1.0")
+    root = tmp_path / "proj"
+    ingest.ingest(chexpert.read(write_chexpert(tmp_path / "raw", rows, images=False)), root=root, name="cxp",
+                  kind="chexpert", inputs={}, labels_only=True)
+    splits.split(root, "cxp", splits.SplitParams(tune=0.0, seed=0))
+    torch.manual_seed(0)
+    gen = save_generator(ConditionalUNet.build(get_preset("micro")), tmp_path / "gen")
+
+    app = typer.Typer()
+    app.command("solvers")(bench_solvers)
+    app.command("unused")(lambda: None)
+    runner = CliRunner()
+    args = ["solvers", "--generator", str(gen), "--conditions", "cxp", "--n", "3", "--root", str(root),
+            "--threads", "1"]
+    result = runner.invoke(app, [*args, "--runs", "dpmpp:8,ddim-unclipped:8", "--reference", "dpmpp:40", "--json"])
+    assert result.exit_code == 0, result.output
+    ref, dpmpp, ddim = json.loads(result.output.strip().splitlines()[-1])
+    assert (ref["sampler"], ref["steps"], ref["rmse_grey"]) == ("dpmpp", 40, 0.0)
+    assert 0 < dpmpp["rmse_grey"] < ddim["rmse_grey"]  # second order beats first at 8 steps
+    assert dpmpp["mean_abs_grey"] <= dpmpp["rmse_grey"] and dpmpp["images_per_s"] > 0
+    result = runner.invoke(app, [*args, "--runs", "dpmpp"])
+    assert result.exit_code == 2 and "sampler:steps" in result.output

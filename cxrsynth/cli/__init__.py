@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from cxrsynth.cli import data as _data
-from cxrsynth.cli.bench import bench_generate, bench_roofline, bench_train
+from cxrsynth.cli.bench import bench_generate, bench_roofline, bench_solvers, bench_train
 from cxrsynth.cli.generate import generate
 from cxrsynth.cli.generator import generator_app
 from cxrsynth.cli.phantom import bench_phantom, phantom
@@ -38,3 +38,4 @@ bench_app.command("phantom")(bench_phantom)
 bench_app.command("generate")(bench_generate)
 bench_app.command("roofline")(bench_roofline)
 bench_app.command("train")(bench_train)
+bench_app.command("solvers")(bench_solvers)

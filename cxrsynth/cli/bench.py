@@ -1,4 +1,4 @@
-"""`cxrsynth bench generate | roofline | train`: the generator's speed, measured and bounded.
+"""`cxrsynth bench generate | roofline | train | solvers`: the generator's speed, measured and bounded.
 
 Thin commands over :mod:`cxrsynth.diffusion.bench` and :mod:`cxrsynth.diffusion.roofline`;
 torch and diffusers are imported inside the command bodies.
@@ -7,18 +7,19 @@ torch and diffusers are imported inside the command bodies.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import console, fail, set_threads
+from cxrsynth.cli.common import Root, console, fail, set_threads
 
 
 def bench_generate(
     preset: Annotated[str, typer.Option("--preset", help="Generator preset.")] = "paper",
     batch: Annotated[int, typer.Option("--batch", help="Images per batch.")] = 64,
     steps: Annotated[int, typer.Option("--steps", help="Sampler steps.")] = 200,
-    sampler: Annotated[str, typer.Option("--sampler", help="ddim | dpmpp.")] = "ddim",
+    sampler: Annotated[str, typer.Option("--sampler", help="ddim | ddim-unclipped | dpmpp.")] = "ddim",
     guidance: Annotated[float, typer.Option("--guidance", help="Standard CFG scale; 1 = one forward per step.")] = 1.0,
     dtype: Annotated[str, typer.Option("--dtype", help="bf16 (autocast, as generate runs) | bf16-weights (network cast whole) | fp32; on CPU bf16 means fp32.")] = "bf16",
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the network.")] = False,
@@ -171,3 +172,62 @@ def _mfu_and_memory(r) -> tuple[str, str]:
     mfu = f"{100 * r.mfu:.1f}% of {r.peak_tflops:.0f}" if r.mfu is not None else "n/a"
     mem = f"{r.peak_memory_gib:.1f} GiB" if r.peak_memory_gib is not None else "n/a"
     return mfu, mem
+
+
+def bench_solvers(
+    generator: Annotated[Path, typer.Option("--generator", help="Generator folder (generator train / import-mediffusion).")],
+    conditions: Annotated[str, typer.Option("--conditions", help="Dataset whose rows give the conditions.")],
+    split: Annotated[Optional[str], typer.Option("--split", help="Split of the conditions.")] = "train",
+    n: Annotated[int, typer.Option("--n", help="Images per run (the first N condition rows, as generate orders them).")] = 16,
+    runs: Annotated[str, typer.Option("--runs", help="Runs as sampler:steps, comma-separated.")] =
+        "ddim:200,ddim:25,ddim-unclipped:200,ddim-unclipped:25,dpmpp:25,dpmpp:10",
+    reference: Annotated[str, typer.Option("--reference", help="The converged run, sampler:steps.")] = "dpmpp:200",
+    guidance: Annotated[float, typer.Option("--guidance", help="Standard CFG scale (1: conditional model).")] = 1.0,
+    batch: Annotated[int, typer.Option("--batch", help="Images per network call.")] = 16,
+    device: Annotated[Optional[str], typer.Option("--device", help="Default: cuda if available, else cpu.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (torch.set_num_threads).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON (one line).")] = False,
+    root: Root = Path("."),
+) -> None:
+    """Few-step solver error: each run's distance from a many-step reference, same seeds and conditions.
+
+    Tells how many steps a trained generator needs: a run within a grey level or two of the reference adds no visible error.
+    """
+    import torch
+
+    from cxrsynth import labels
+    from cxrsynth.diffusion.bench import bench_solvers as bench_lib
+    from cxrsynth.diffusion.model import load_generator
+    from cxrsynth.generate import condition_rows
+
+    set_threads(threads)
+
+    def parse(spec: str) -> tuple[str, int]:
+        name, _, steps = spec.strip().partition(":")
+        if not name or not steps.isdigit() or int(steps) < 1:
+            fail(f"expected sampler:steps (e.g. dpmpp:25), got {spec!r}")
+        return name, int(steps)
+
+    plan = [parse(s) for s in runs.split(",") if s.strip()]
+    ref = parse(reference)
+    if n < 1:
+        fail("--n must be >= 1")
+    try:
+        rows = condition_rows(root, conditions, split).head(n)
+        model = load_generator(generator, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        results = bench_lib(model, torch.from_numpy(labels.conditioning_vectors(rows)), list(range(len(rows))),
+                            plan, reference=ref, guidance=guidance, batch_size=batch)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(results))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{generator}: {len(rows)} images of {conditions}/{split}, distance from {reference} (grey levels)")
+    for col in ("sampler", "steps", "images/s", "RMSE", "mean |d|", "p99 |d|"):
+        table.add_column(col, justify="left" if col == "sampler" else "right")
+    for r in results:
+        table.add_row(r["sampler"], str(r["steps"]), f"{r['images_per_s']:.2f}", f"{r['rmse_grey']:.2f}",
+                      f"{r['mean_abs_grey']:.2f}", f"{r['p99_abs_grey']:.0f}")
+    console.print(table)

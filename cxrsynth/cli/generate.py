@@ -18,7 +18,7 @@ def generate(
     replicas: Annotated[int, typer.Option("--replicas", help="Synthetic images per source row.")] = 1,
     guidance: Annotated[float, typer.Option("--guidance", help="Guidance w. standard: 1 = conditional only, 0 = unconditional; "
                                                "the paper's CFG 0 / 4 / 7.5 are w with --cfg-formula mediffusion.")] = 1.0,
-    sampler: Annotated[str, typer.Option("--sampler", help="ddim or dpmpp.")] = "ddim",
+    sampler: Annotated[str, typer.Option("--sampler", help="ddim (x0 clipped, as Mediffusion) | ddim-unclipped | dpmpp (DPM-Solver++ 2M).")] = "ddim",
     steps: Annotated[int, typer.Option("--steps", help="Denoising steps (paper: DDIM 200).")] = 200,
     eta: Annotated[float, typer.Option("--eta", help="DDIM eta (0 deterministic; Mediffusion used 1).")] = 0.0,
     cfg_formula: Annotated[str, typer.Option("--cfg-formula", help="standard: u + w(c - u); mediffusion: c + w(c - u).")] = "standard",

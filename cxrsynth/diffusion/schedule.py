@@ -84,6 +84,17 @@ register_sampler(
 )
 register_sampler(
     Sampler(
+        name="ddim-unclipped",
+        # The plain DDIM ODE solver (eta = 0): no x_0 clipping, so it converges to the same
+        # probability-flow ODE solution as dpmpp (`cxrsynth bench solvers` compares them).
+        build=lambda c, spacing: DDIMScheduler(
+            **_common(c), clip_sample=False, set_alpha_to_one=True, timestep_spacing=spacing
+        ),
+        stochastic=True,
+    )
+)
+register_sampler(
+    Sampler(
         name="dpmpp",
         # DPM-Solver++(2M): deterministic multistep solver for 10-25 steps.
         build=lambda c, spacing: DPMSolverMultistepScheduler(
