@@ -44,6 +44,7 @@ def test_roofline_counts_a_hand_computed_block() -> None:
     fused_s = gemm_s + 3 * act / 1e12
     assert r.fused_ms * B / 1e3 == pytest.approx(fused_s, rel=0.01)
     assert r.eager_ms > r.fused_ms > r.gemm_ms > 0
+    assert r.epilogue_ms == r.fused_ms  # conv 1 feeds a norm, conv 2 is the output: no epilogue
 
 
 def test_roofline_of_the_paper_preset_matches_design_and_an_independent_count() -> None:
@@ -179,6 +180,8 @@ def test_fused_roofline_writes_the_residual_stream_around_a_gemm() -> None:
     # group 1 (silu, silu): reads x, writes silu(x0) for the conv and x0 for the add;
     # group 2 (add): reads x0 and the conv output, writes y.
     assert (r.fused_ms - r.gemm_ms) * 2 / 1e3 == pytest.approx(6 * act / 1e12)
+    # The add is the conv's only reader: in its epilogue the conv output is never stored.
+    assert (r.fused_ms - r.epilogue_ms) * 2 / 1e3 == pytest.approx(2 * act / 1e12)
 
 
 def test_bench_solvers_measures_few_step_error_against_a_reference(tmp_path) -> None:

@@ -88,7 +88,7 @@ def bench_roofline(
 ) -> None:
     """FLOPs and bytes of one forward, per category of op, and the MFU ceilings they imply.
 
-    Counted on meta tensors (no GPU, about a second): each op takes at least max(FLOPs / peak, bytes / bandwidth). "eager" sums that over the ops the network runs; "fused" merges every connected run of memory-bound ops between two GEMMs into one pass.
+    Counted on meta tensors (no GPU, about a second): each op takes at least max(FLOPs / peak, bytes / bandwidth). "eager" sums that over the ops the network runs; "fused" merges every connected run of memory-bound ops between two GEMMs into one pass; "with epilogues" also finishes each GEMM output read by one elementwise op inside the GEMM.
     """
     from cxrsynth.diffusion.roofline import roofline
 
@@ -104,7 +104,8 @@ def bench_roofline(
         fail(str(exc))
     if as_json:
         print(json.dumps(r.to_dict() | {"images_per_s": {
-            str(s): {"eager": r.images_per_s(s), "fused": r.images_per_s(s, fused=True)} for s in step_counts}}))
+            str(s): {"eager": r.images_per_s(s), "fused": r.images_per_s(s, fused=True),
+                     "epilogue": r.images_per_s(s, epilogue=True)} for s in step_counts}}))
         return
     from rich.table import Table
 
@@ -127,13 +128,15 @@ def bench_roofline(
         f"{r.gflop:.1f} GFLOP/forward/image; compute floor {r.compute_floor_ms:.3f} ms/image; "
         f"eager roofline {r.eager_ms:.3f} ms (MFU ceiling {100 * r.mfu_ceiling():.1f}%); "
         f"fused roofline {r.fused_ms:.3f} ms in {r.fused_kernels} fused groups "
-        f"(MFU ceiling {100 * r.mfu_ceiling(fused=True):.1f}%); GEMMs alone {r.gemm_ms:.3f} ms "
+        f"(MFU ceiling {100 * r.mfu_ceiling(fused=True):.1f}%); with GEMM epilogues {r.epilogue_ms:.3f} ms "
+        f"(MFU ceiling {100 * r.mfu_ceiling(epilogue=True):.1f}%); GEMMs alone {r.gemm_ms:.3f} ms "
         f"(MFU ceiling {100 * r.compute_floor_ms / r.gemm_ms:.1f}%: norms and activations folded into them)",
         highlight=False,
     )
     for s in step_counts:
         console.print(f"  {s} steps: at most {r.images_per_s(s):.2f} images/s eager, "
-                      f"{r.images_per_s(s, fused=True):.2f} fused (one forward per step)", highlight=False)
+                      f"{r.images_per_s(s, fused=True):.2f} fused, {r.images_per_s(s, epilogue=True):.2f} "
+                      f"with epilogues (one forward per step)", highlight=False)
 
 
 def bench_train(

@@ -88,6 +88,10 @@ class Roofline:
             (:meth:`_Costs.fused_groups`): what ``torch.compile`` can reach at best
             around cuDNN / cuBLAS kernels.
         fused_kernels: Number of such fused groups.
+        epilogue_ms: ``fused_ms`` when, besides, every GEMM output read by a single
+            elementwise op (a residual add after a convolution, say) is finished in the
+            GEMM's epilogue: what ``max-autotune`` can reach with Triton convolutions
+            and matmuls, if they ran as fast as cuDNN's.
     """
 
     preset: str
@@ -100,6 +104,7 @@ class Roofline:
     by_op: dict[str, CategoryCost] = field(default_factory=dict)
     fused_ms: float = 0.0
     fused_kernels: int = 0
+    epilogue_ms: float = 0.0
 
     @property
     def gflop(self) -> float:
@@ -121,19 +126,21 @@ class Roofline:
         activation and residual add were folded into a GEMM's prologue or epilogue."""
         return sum(c.roof_ms for k, c in self.categories.items() if k in GEMM_CATEGORIES)
 
-    def mfu_ceiling(self, fused: bool = False) -> float:
-        """The best MFU of an eager (or ideally fused) forward: compute floor / roofline."""
-        ms = self.fused_ms if fused else self.eager_ms
+    def mfu_ceiling(self, fused: bool = False, epilogue: bool = False) -> float:
+        """The best MFU of an eager (or ideally fused, or epilogue-fused) forward: compute floor / roofline."""
+        ms = self.epilogue_ms if epilogue else self.fused_ms if fused else self.eager_ms
         return self.compute_floor_ms / ms if ms else 0.0
 
-    def images_per_s(self, steps: int, passes: int = 1, fused: bool = False) -> float:
+    def images_per_s(self, steps: int, passes: int = 1, fused: bool = False, epilogue: bool = False) -> float:
         """Images/s at the roofline for ``steps`` sampler steps of ``passes`` forwards."""
-        return 1e3 / ((self.fused_ms if fused else self.eager_ms) * steps * passes)
+        ms = self.epilogue_ms if epilogue else self.fused_ms if fused else self.eager_ms
+        return 1e3 / (ms * steps * passes)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(gflop=self.gflop, compute_floor_ms=self.compute_floor_ms, eager_ms=self.eager_ms, gemm_ms=self.gemm_ms,
-                 mfu_ceiling_eager=self.mfu_ceiling(), mfu_ceiling_fused=self.mfu_ceiling(fused=True))
+                 mfu_ceiling_eager=self.mfu_ceiling(), mfu_ceiling_fused=self.mfu_ceiling(fused=True),
+                 mfu_ceiling_epilogue=self.mfu_ceiling(epilogue=True))
         return d
 
 
@@ -269,6 +276,24 @@ class _Costs(TorchDispatchMode):
                 for g in sorted(set(group.values()))]
 
 
+    def epilogue_savings(self, final: list[int]) -> float:
+        """Bytes saved if each GEMM output read by exactly one elementwise op were
+        finished in the GEMM's epilogue (written once, as the elementwise result)."""
+        consumers: dict[int, list[int]] = defaultdict(list)
+        for i, op in enumerate(self.ops):
+            for r in set(op.reads):
+                consumers[r].append(i)
+        saved = 0.0
+        for op in self.ops:
+            if op.category not in GEMM_CATEGORIES:
+                continue
+            for w in op.writes:
+                readers = consumers[w]
+                if w not in final and len(readers) == 1 and self.ops[readers[0]].category == "elementwise":
+                    saved += 2 * self.size[w]  # the GEMM's write and the elementwise op's read
+        return saved
+
+
 def trace(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[_Costs, Any]:
     """Run ``fn(*args, **kwargs)`` (on meta tensors) recording every op; returns (costs, result)."""
     costs = _Costs()
@@ -301,13 +326,16 @@ def summarize(
             cc.memory_bound_ops += int(memory > compute)
         if op.category in GEMM_CATEGORIES:
             extern_ms += max(compute, memory) / batch * 1e3
-    groups = costs.fused_groups([costs.root(t) for t in outputs])
+    final = [costs.root(t) for t in outputs]
+    groups = costs.fused_groups(final)
+    fused_ms = extern_ms + sum(groups) / bw / batch * 1e3
     labels = {"preset": "custom", "image_size": 0, "dtype": "bf16"} | facts
     return Roofline(
         **labels, batch=batch, peak_tflops=peak_tflops, bandwidth_tbs=bandwidth_tbs,
         categories={k: cats[k] for k in CATEGORIES if k in cats},
         by_op=dict(sorted(by_op.items(), key=lambda kv: -kv[1].roof_ms)),
-        fused_ms=extern_ms + sum(groups) / bw / batch * 1e3, fused_kernels=len(groups),
+        fused_ms=fused_ms, fused_kernels=len(groups),
+        epilogue_ms=fused_ms - costs.epilogue_savings(final) / bw / batch * 1e3,
     )
 
 
