@@ -54,6 +54,7 @@ class BenchResult:
     deterministic: bool
     device: str
     seconds: float
+    warmup_seconds: float
     images_per_s: float
     gflop_per_forward_per_image: float
     achieved_tflops: float
@@ -143,7 +144,11 @@ def bench_generate(
     cond = torch.zeros(batch, cfg.condition_size)
     seeds = list(range(batch))
     kw = dict(sampler=sampler, guidance=guidance, dtype=torch_dtype, forward=forward)
-    sample_batch(model, cond, seeds, steps=max(1, warmup_steps), **kw)  # warm-up
+    start = time.perf_counter()
+    sample_batch(model, cond, seeds, steps=max(1, warmup_steps), **kw)  # warm-up: compilation, autotuning
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    warmup_seconds = time.perf_counter() - start
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -161,7 +166,7 @@ def bench_generate(
         compile_mode=compile_mode if compile else None, channels_last=channels_last and dev.type == "cuda",
         deterministic=deterministic,
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        seconds=seconds, images_per_s=batch / seconds,
+        seconds=seconds, warmup_seconds=warmup_seconds, images_per_s=batch / seconds,
         gflop_per_forward_per_image=roof.gflop,
         achieved_tflops=achieved, peak_tflops=peak, mfu=achieved / peak if peak else None,
         peak_memory_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
