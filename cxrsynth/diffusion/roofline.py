@@ -13,7 +13,9 @@ least ``max(flops / P, bytes / W)``. The sum over ops is the *eager roofline*: t
 of an eager forward whose every kernel ran at its roof. ``compute floor / eager
 roofline`` is then the highest MFU an eager forward can reach, and the share of the
 roofline spent in memory-bound ops (group norm, SiLU, the scale-shift, residual adds,
-casts, concatenations) is what operator fusion (``torch.compile``) can win back.
+casts, concatenations) is what operator fusion (``torch.compile``) can win back: the
+:class:`Roofline` also gives the ideally fused time, the time with GEMM epilogues and
+the GEMMs alone.
 
 Attention: on the meta device ``scaled_dot_product_attention`` takes its math path
 (batched matmuls and a softmax over the N x N scores). A fused (flash) kernel on the
@@ -28,8 +30,8 @@ written).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -173,8 +175,7 @@ class _InSdpa(TorchFunctionMode):
             out = func(*args, **kwargs)
         finally:
             g.in_sdpa = False
-        q_k_v = [a for a in args[:3]]
-        g.record("sdpa", "attention", g.sdpa_flops, q_k_v, [out])
+        g.record("sdpa", "attention", g.sdpa_flops, list(args[:3]), [out])
         return out
 
 
@@ -192,9 +193,10 @@ class _Costs(TorchDispatchMode):
 
     def root(self, t: torch.Tensor) -> int:
         """The buffer ``t`` lives in (views resolve to the tensor they view)."""
-        r = self._root.setdefault(id(t), id(t))
-        if r == id(t):
+        if id(t) not in self._root:
+            self._root[id(t)] = id(t)
             self._keep.append(t)
+        r = self._root[id(t)]
         self.size[r] = max(self.size.get(r, 0.0), float(t.numel() * t.element_size()))
         return r
 
