@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from cxrsynth.diffusion.model import ConditionalUNet
 from cxrsynth.diffusion.presets import get_preset
-from cxrsynth.diffusion.roofline import roofline, summarize, trace
+from cxrsynth.bench.roofline import roofline, summarize, trace
 
 
 def test_roofline_counts_a_hand_computed_block() -> None:
@@ -116,7 +116,7 @@ def test_bench_generate_reports_and_profiles_on_cpu() -> None:
 def test_bench_imports_only_what_the_gpu_image_has() -> None:
     # The device machine's image has torch, timm, typer, rich, pandas, pyarrow... but not
     # webdataset or duckdb; `make device-kit` carries diffusers. Keep the bench path clear.
-    code = ("import sys, cxrsynth.cli, cxrsynth.diffusion.bench, cxrsynth.diffusion.roofline; "
+    code = ("import sys, cxrsynth.cli, cxrsynth.bench.generator, cxrsynth.bench.roofline; "
             "print([m for m in ('webdataset', 'duckdb', 'dvc', 'pydicom') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

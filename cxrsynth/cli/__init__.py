@@ -9,12 +9,14 @@ from __future__ import annotations
 import typer
 
 from cxrsynth.cli import data as _data
-from cxrsynth.cli.bench import bench_generate, bench_roofline, bench_solvers, bench_train
+from cxrsynth.cli.bench import bench_generate, bench_ingest, bench_phantom, bench_roofline, bench_solvers, bench_train
+from cxrsynth.cli.common import CleanErrors
 from cxrsynth.cli.generate import generate
 from cxrsynth.cli.generator import generator_app
-from cxrsynth.cli.phantom import bench_phantom, phantom
+from cxrsynth.cli.phantom import phantom
 
 app = typer.Typer(
+    cls=CleanErrors,
     no_args_is_help=True,
     add_completion=False,
     help="Versioned real and synthetic chest X-ray datasets (WebDataset shards + parquet manifests) "
@@ -33,7 +35,7 @@ app.command("mix")(_data.mix)
 app.add_typer(generator_app, name="generator")
 app.command("generate")(generate)
 app.add_typer(bench_app, name="bench")
-bench_app.command("ingest")(_data.bench_ingest)
+bench_app.command("ingest")(bench_ingest)
 bench_app.command("phantom")(bench_phantom)
 bench_app.command("generate")(bench_generate)
 bench_app.command("roofline")(bench_roofline)

@@ -1,7 +1,8 @@
-"""`cxrsynth bench generate | roofline | train | solvers`: the generator's speed, measured and bounded.
+"""Every ``cxrsynth bench`` command: thin layers over :mod:`cxrsynth.bench`.
 
-Thin commands over :mod:`cxrsynth.diffusion.bench` and :mod:`cxrsynth.diffusion.roofline`;
-torch and diffusers are imported inside the command bodies.
+``ingest`` (data layer), ``phantom`` (renderer speed, learnability), ``generate`` /
+``roofline`` / ``train`` / ``solvers`` (the generator's speed, measured and bounded).
+Heavy imports (torch, diffusers) happen inside the command bodies.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def bench_generate(
 
     The line ends with the roofline of the same forward on an H100 (eager and ideally fused), the most MFU the network allows without changing its kernels.
     """
-    from cxrsynth.diffusion.bench import bench_generate as bench_lib
+    from cxrsynth.bench.generator import bench_generate as bench_lib
 
     set_threads(threads)
     if profile < 0:
@@ -90,7 +91,7 @@ def bench_roofline(
 
     Counted on meta tensors (no GPU, about a second): each op takes at least max(FLOPs / peak, bytes / bandwidth). "eager" sums that over the ops the network runs; "fused" merges every connected run of memory-bound ops between two GEMMs into one pass; "with epilogues" also finishes each GEMM output read by one elementwise op inside the GEMM.
     """
-    from cxrsynth.diffusion.roofline import roofline
+    from cxrsynth.bench.roofline import roofline
 
     try:
         step_counts = [int(s) for s in steps.split(",") if s.strip()]
@@ -151,7 +152,7 @@ def bench_train(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
 ) -> None:
     """Training throughput of the real loop on random images: images/s, TFLOP/s (3x forward), MFU."""
-    from cxrsynth.diffusion.bench import bench_train as bench_lib
+    from cxrsynth.bench.generator import bench_train as bench_lib
 
     set_threads(threads)
     try:
@@ -199,7 +200,7 @@ def bench_solvers(
     import torch
 
     from cxrsynth import labels
-    from cxrsynth.diffusion.bench import bench_solvers as bench_lib
+    from cxrsynth.bench.generator import bench_solvers as bench_lib
     from cxrsynth.diffusion.model import load_generator
     from cxrsynth.generate import condition_rows
 
@@ -234,3 +235,70 @@ def bench_solvers(
         table.add_row(r["sampler"], str(r["steps"]), f"{r['images_per_s']:.2f}", f"{r['rmse_grey']:.2f}",
                       f"{r['mean_abs_grey']:.2f}", f"{r['p99_abs_grey']:.0f}")
     console.print(table)
+
+
+def bench_ingest(
+    n: Annotated[int, typer.Option("--n", help="Phantom images to ingest.")] = 1000,
+    size: Annotated[int, typer.Option("--size", help="Preprocessed image side.")] = 256,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Processes for image work (default: all cores).")] = None,
+    chexpert_csv: Annotated[Optional[Path], typer.Option("--chexpert-csv", help="CheXpert train.csv for the labels-only timing.")] = None,
+) -> None:
+    """Time ingest (1 vs all workers), shard streaming, and labels-only ingest of a CheXpert CSV."""
+    import os
+    import platform
+
+    from rich.table import Table
+
+    from cxrsynth.bench.ingest import bench_ingest as run
+
+    rows = run(n=n, size=size, workers=workers, chexpert_csv=chexpert_csv)
+    table = Table(title=f"cxrsynth bench ingest — {platform.machine()}, {os.cpu_count()} cores, {size} px")
+    for column in ("what", "items", "seconds", "items/s"):
+        table.add_column(column, justify="left" if column == "what" else "right")
+    for r in rows:
+        table.add_row(r["what"], f"{r['items']:,}", f"{r['seconds']:.2f}", f"{r['per_second']:,.0f}")
+    console.print(table)
+    if len(rows) >= 2:
+        console.print(f"speed-up from {rows[1]['what'].split(', ')[1]}: {rows[1]['per_second'] / rows[0]['per_second']:.2f}x")
+
+
+def bench_phantom(
+    train: int = typer.Option(2000, "--train", min=10, help="Training images (cxp)."),
+    test: int = typer.Option(500, "--test", min=10, help="Held-out cxp images."),
+    external: int = typer.Option(500, "--external", min=10, help="Emory images (external site)."),
+    size: int = typer.Option(96, "--size", min=32, help="Preprocessed image side."),
+    epochs: int = typer.Option(12, "--epochs", min=1, help="Training epochs."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Stop training after this many minutes."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads (default: all cores)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON here."),
+) -> None:
+    """Train a small CNN on cxp phantoms (CPU); report AUROC on held-out cxp and on emory."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from cxrsynth.bench.phantom import BenchConfig, run_bench
+
+    console = Console()
+    cfg = BenchConfig(
+        train=train, test=test, external=external, size=size, epochs=epochs, minutes=minutes, seed=seed, threads=threads
+    )
+    result = run_bench(cfg, log=console.print)
+    table = Table(title=f"Phantom benchmark: CNN trained on {train} cxp phantoms ({result['epochs']} epochs)")
+    table.add_column("Finding")
+    table.add_column("cxp held-out", justify="right")
+    table.add_column("emory", justify="right")
+    for name in result["cxp"]:
+        table.add_row(name, f"{result['cxp'][name]:.3f}", f"{result['emory'][name]:.3f}")
+    table.add_row("[bold]macro[/]", f"[bold]{result['macro_cxp']:.3f}[/]", f"[bold]{result['macro_emory']:.3f}[/]")
+    console.print(table)
+    console.print(
+        f"render {result['render_images_per_second_per_core']:.1f} images/s per core (320x390); "
+        f"data {result['data_seconds']:.0f} s; training {result['train_seconds']:.0f} s; "
+        f"bar (0.70 <= cxp <= 0.95, emory < cxp, >= 50 img/s): {'PASS' if result['passed'] else 'FAIL'}"
+    )
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")

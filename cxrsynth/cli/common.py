@@ -1,4 +1,11 @@
-"""Shared CLI pieces: the --root option, the console, errors, progress bars."""
+"""Shared CLI pieces: the --root option, the console, the one error handler, progress bars.
+
+:class:`CleanErrors` is the command class of the app and every command group: a
+:class:`cxrsynth.errors.CxrsynthError` raised anywhere below a command becomes one line
+``error: ...`` on stderr and the error's exit code (2 for bad input, 1 for a failed
+check), so commands never catch errors themselves. Any other exception is a bug and keeps
+its traceback.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,9 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+from cxrsynth.errors import CxrsynthError
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -21,6 +31,16 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
     err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
+
+
+class CleanErrors(TyperGroup):
+    """A typer group whose commands' :class:`CxrsynthError` prints as one clean line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CxrsynthError as exc:
+            fail(str(exc), exc.exit_code)
 
 
 @contextlib.contextmanager

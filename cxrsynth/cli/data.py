@@ -293,28 +293,3 @@ def sheet(
     except Exception as exc:  # a bad --where is a DuckDB error with a useful message
         fail(f"{name}: {exc}")
     console.print(f"wrote {path}")
-
-
-def bench_ingest(
-    n: Annotated[int, typer.Option("--n", help="Phantom images to ingest.")] = 1000,
-    size: Size = 256,
-    workers: Workers = None,
-    chexpert_csv: Annotated[Optional[Path], typer.Option("--chexpert-csv", help="CheXpert train.csv for the labels-only timing.")] = None,
-) -> None:
-    """Time ingest (1 vs all workers), shard streaming, and labels-only ingest of a CheXpert CSV."""
-    import os
-    import platform
-
-    from rich.table import Table
-
-    from cxrsynth.bench import bench_ingest as run
-
-    rows = run(n=n, size=size, workers=workers, chexpert_csv=chexpert_csv)
-    table = Table(title=f"cxrsynth bench ingest — {platform.machine()}, {os.cpu_count()} cores, {size} px")
-    for column in ("what", "items", "seconds", "items/s"):
-        table.add_column(column, justify="left" if column == "what" else "right")
-    for r in rows:
-        table.add_row(r["what"], f"{r['items']:,}", f"{r['seconds']:.2f}", f"{r['per_second']:,.0f}")
-    console.print(table)
-    if len(rows) >= 2:
-        console.print(f"speed-up from {rows[1]['what'].split(', ')[1]}: {rows[1]['per_second'] / rows[0]['per_second']:.2f}x")

@@ -6,7 +6,7 @@ DICOM images; the importers read them as they would the real datasets. Modules:
 :mod:`~cxrsynth.phantom.sites` (site specs), :mod:`~cxrsynth.phantom.cohort` (patients,
 studies, demographics, labels), :mod:`~cxrsynth.phantom.render` (the vectorized
 renderer), :mod:`~cxrsynth.phantom.formats` (the writers), :mod:`~cxrsynth.sheet`
-(contact sheet) and :mod:`~cxrsynth.phantom.bench` (the quality benchmark).
+(contact sheet) and :mod:`cxrsynth.bench.phantom` (the quality benchmark).
 """
 
 from __future__ import annotations

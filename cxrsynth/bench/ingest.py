@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from pathlib import Path
+
+from cxrsynth.bench import Timer
 
 
 def bench_ingest(n: int = 1000, size: int = 256, workers: int | None = None, chexpert_csv: Path | None = None, seed: int = 0) -> list[dict]:
@@ -22,14 +23,8 @@ def bench_ingest(n: int = 1000, size: int = 256, workers: int | None = None, che
     from cxrsynth.sources import chexpert
 
     workers = workers or os.cpu_count() or 1
-    rows: list[dict] = []
-
-    def timed(what: str, items: int, fn):
-        start = time.perf_counter()
-        out = fn()
-        seconds = time.perf_counter() - start
-        rows.append({"what": what, "items": items, "seconds": seconds, "per_second": items / seconds})
-        return out
+    timer = Timer()
+    timed = timer.run
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -51,4 +46,4 @@ def bench_ingest(n: int = 1000, size: int = 256, workers: int | None = None, che
             full = chexpert.read(chexpert_csv)
             timed("labels-only ingest, CheXpert train.csv", full.rows_in, lambda: ingest.ingest(
                 chexpert.read(chexpert_csv), root=tmp / "labels", name="cxpfull", kind="chexpert", inputs={}, labels_only=True))
-    return rows
+    return timer.rows

@@ -123,7 +123,7 @@ def bench_generate(
         profile: After timing, profile one more sampler step and keep this many
             top kernels (by device time on CUDA, CPU time elsewhere); 0: no profile.
     """
-    from cxrsynth.diffusion.roofline import roofline
+    from cxrsynth.bench.roofline import roofline
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = get_preset(preset, **({"image_size": image_size} if image_size else {}))
@@ -238,7 +238,7 @@ def bench_train(
     import itertools
     import tempfile
 
-    from cxrsynth.diffusion.roofline import roofline
+    from cxrsynth.bench.roofline import roofline
     from cxrsynth.diffusion.train import TrainConfig, train
 
     if batch < 1 or steps < 1 or warmup_steps < 1:
