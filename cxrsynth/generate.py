@@ -3,9 +3,14 @@
 Each source row (real image) of the chosen split is replicated ``replicas`` times with its
 exact demographics and findings. Replica ``r`` of source row ``k`` gets its own seed,
 derived from (base seed, r, source key), so its noise does not depend on batch size,
-ordering, the number of GPUs or which job-array part made it. Bytes are identical for
-the same batch size and device type; at another batch size CPU/GPU kernels may round
-differently (measured on CPU: at most one grey level, on under 1% of pixels).
+ordering, the number of GPUs or which job-array part made it. The network's rounding
+does depend on the batch size, on ``compile``, and on the numerics of the machine
+(:func:`cxrsynth.runtime.numerics`: device type, CPU instruction set and intra-op thread
+count, or GPU model and CUDA/cuDNN versions; the torch version): all of these are part of
+the version, so one version names one set of bytes. Another batch size or thread count
+is another version (measured on CPU: at most one grey level apart, on under 1% of
+pixels). Under ``torchrun`` every rank runs with ``OMP_NUM_THREADS`` (1 unless set): a
+single process gives the same bytes with ``--threads`` equal to it.
 
 Rows are planned as fixed units of ``shard_size`` images, each written as one shard by
 the project's single shard writer (:mod:`cxrsynth.shards`): a killed run restarted with
@@ -39,7 +44,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxrsynth import __version__, labels, manifest, shards
+from cxrsynth import __version__, labels, manifest, runtime, shards
 
 
 @dataclass(frozen=True)
@@ -148,8 +153,6 @@ def generate(
         A summary: version, images planned, units done by this call, and whether the
         dataset is complete (index and manifest written).
     """
-    import os
-
     import torch
 
     from cxrsynth.diffusion.model import load_generator
@@ -161,23 +164,18 @@ def generate(
     gen_id = generator_id(generator_dir)
     rows = plan(frame, name, config, gen_id)
     cond_version = manifest.read_meta(root, conditions).get("version")
-    params = {"conditions": conditions, "conditions_version": cond_version, "split": split, "generator_id": gen_id, **asdict(config)}
-    params.pop("batch_size")  # does not change the images
-    params.pop("compile")
+    dev = runtime.device(device)
+    params = {"conditions": conditions, "conditions_version": cond_version, "split": split, "generator_id": gen_id,
+              **asdict(config), "numerics": runtime.numerics(dev)}
     version = hashlib.sha256(shards.json_bytes(params)).hexdigest()[:10]
     rows["version"] = version
     directory = shards.shard_dir(root, name, version)
     directory.mkdir(parents=True, exist_ok=True)
 
-    if "WORLD_SIZE" in os.environ and part is None:
-        index, count = int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
-    else:
-        index, count = _parse_part(part)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-    model = load_generator(Path(generator_dir), device=device)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 autocast on GPU only
+    ranks = runtime.distributed(join=False)
+    index, count = (ranks.rank, ranks.world) if ranks.world > 1 and part is None else _parse_part(part)
+    model = load_generator(Path(generator_dir), device=str(dev))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # bf16 autocast on GPU only
     forward = fast_paths(model, compile=config.compile, deterministic=True)
     cond_all = torch.from_numpy(labels.conditioning_vectors(rows))
     seeds = rows["seed"].astype("int64").tolist()

@@ -7,8 +7,9 @@
 * :func:`cuda_fast_paths` — TF32 matmuls and the cuDNN algorithm choice (deterministic for
   anything whose bytes must repeat, autotuned for benchmarks). Per-stage choices (bf16
   autocast, channels_last, compile) stay with the stage and call this for the global ones.
-* :func:`cpu_threads` — torch's intra-op thread count, which CPU kernels' rounding depends
-  on (recorded wherever bytes must repeat).
+* :func:`numerics` — what a network's output bytes depend on besides its inputs and
+  weights (device type, CPU instruction set and thread count, or GPU model and library
+  versions): recorded, and part of the version, wherever bytes must repeat.
 """
 
 from __future__ import annotations
@@ -83,8 +84,25 @@ def cuda_fast_paths(deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
 
 
+def numerics(dev: "torch.device") -> dict:
+    """What the bytes of a network's outputs on ``dev`` depend on, besides inputs and weights.
+
+    CPU kernels (oneDNN convolutions, GEMMs) split their sums by the intra-op thread count and
+    choose code by instruction set (AVX2, AVX-512...), and each choice rounds differently; on
+    CUDA the GPU model and the cuDNN/cuBLAS versions choose the kernels. The torch version is
+    in both: a new release may change kernels.
+    """
+    import torch
+
+    if dev.type == "cuda":
+        return {"device": "cuda", "gpu": torch.cuda.get_device_name(dev), "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version(), "torch": torch.__version__}
+    return {"device": dev.type, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
 def cpu_threads() -> int:
-    """torch's intra-op thread count (what CPU convolutions' rounding depends on)."""
+    """torch's intra-op thread count (what CPU kernels' rounding depends on)."""
     import torch
 
     return torch.get_num_threads()

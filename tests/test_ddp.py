@@ -88,10 +88,20 @@ def test_torchrun_generate_matches_one_process(project):
             "--sampler", "dpmpp", "--steps", 2, "--batch", 4, "--shard-size", 5, "--device", "cpu"]
     output = _torchrun(*args, "--root", root, cwd=tmp)
     assert "complete" in output
-    result = CliRunner().invoke(app, [str(a) for a in args] + ["--root", str(solo)], catch_exceptions=False)
+    # The ranks run with torchrun's OMP_NUM_THREADS=1; CPU kernels round by thread count, so the
+    # single process holds it equal (the version records it: another count is another version).
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(app, [str(a) for a in args] + ["--threads", "1", "--root", str(solo)], catch_exceptions=False)
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0 and "complete" in result.output, result.output
-    version = manifest.read_meta(root, "syn")["version"]
+    meta = manifest.read_meta(root, "syn")
+    version = meta["version"]
     assert version == manifest.read_meta(solo, "syn")["version"]
+    assert meta["numerics"]["device"] == "cpu" and meta["numerics"]["threads"] == 1
 
     def files(project_root: Path) -> dict[str, bytes]:
         d = project_root / "data" / "shards" / "syn" / version

@@ -83,6 +83,7 @@ def test_batch_size_parts_and_resume_give_identical_bytes(project):
     # one image per network call: the same seeds and trajectories; CPU kernels may round
     # differently at another batch size, so pixels agree to within one grey level
     single = generate.generate(name="syn3", **{**kw, "config": generate.GenerateConfig(**{**config.__dict__, "batch_size": 1})})
+    assert single["version"] != whole["version"]  # another batch size may round differently: another version
     ref, one = pngs(d), pngs(shards.shard_dir(root, "syn3", single["version"]))
     assert ref.keys() == one.keys()
     for k in ref:
@@ -121,6 +122,24 @@ def test_a_failed_shard_write_stops_the_run_and_a_rerun_completes_it(project, mo
     assert again["complete"] and again["written"] == 2 and seen == [3, 2]
     fresh = run(root, gen, name="fresh")
     assert pngs(shards.shard_dir(root, "syn", again["version"])) == pngs(shards.shard_dir(root, "fresh", fresh["version"]))
+
+
+def test_version_records_what_the_bytes_depend_on(project):
+    """CPU kernels round by thread count: another count is another version, recorded in the metadata."""
+    root, gen = project
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(root, gen, name="t1")
+        torch.set_num_threads(2)
+        two = run(root, gen, name="t2")
+    finally:
+        torch.set_num_threads(threads)
+    assert one["version"] != two["version"]
+    numerics = manifest.read_meta(root, "t1")["numerics"]
+    assert numerics["device"] == "cpu" and numerics["threads"] == 1 and numerics["torch"] == torch.__version__
+    assert numerics["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert manifest.read_meta(root, "t2")["numerics"]["threads"] == 2
 
 
 def test_image_seed_is_stable():

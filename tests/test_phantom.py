@@ -270,14 +270,10 @@ def test_demographics_and_structure(big_cohort):
 
 
 def test_cli_phantom(tmp_path):
-    import typer
     from typer.testing import CliRunner
 
-    from cxrsynth.cli.phantom import bench_phantom, phantom
+    from cxrsynth.cli import app
 
-    app = typer.Typer()
-    app.command("phantom")(phantom)
-    app.command("bench-phantom")(bench_phantom)
     runner = CliRunner()
     result = runner.invoke(app, ["phantom", "mimic", "--n", "12", "--out", "ph", "--root", str(tmp_path), "--seed", "2"])
     assert result.exit_code == 0, result.output
@@ -285,4 +281,43 @@ def test_cli_phantom(tmp_path):
     with gzip.open(tmp_path / "ph" / "mimic-cxr-2.0.0-metadata.csv.gz", "rt") as fh:
         assert len(fh.read().splitlines()) == 13
     bad = runner.invoke(app, ["phantom", "nowhere", "--n", "5", "--out", "x", "--root", str(tmp_path)])
-    assert bad.exit_code != 0
+    assert bad.exit_code == 2 and "nowhere" in bad.output and "cxp" in bad.output  # names the known sites
+
+
+#: sha256 of the pixels of ``sample_site(site, 6, seed=3)``: the embedded default is the same
+#: bytes on every x86 CPU (no BLAS, float64 transcendentals rounded to float32 in the renderer).
+RENDER_SHA256 = {
+    "cxp": "adef1c40364c3a10aab02582d371b954dbd7f62cedff1c13ebbd2885407fb4a4",
+    "mimic": "1d2ea8ae2c33af19950be5457baa642f2ab4a87aa3eeb579b059f1c0ec584c3f",
+    "emory": "64fa85936f3c63530f2d5072158073327a5a15a66a40fa072b0cd6cf414b24fc",
+}
+
+_RENDER_HASHES = (
+    "import hashlib, json; from cxrsynth.phantom import sample_site; "
+    "print(json.dumps({s: hashlib.sha256(b''.join(i.tobytes() for i in sample_site(s, 6, seed=3).images())).hexdigest() "
+    "for s in ('cxp', 'mimic', 'emory')}))"
+)
+
+
+def test_render_bytes_pinned():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _RENDER_HASHES], capture_output=True, text=True, check=True).stdout
+    assert __import__("json").loads(out) == RENDER_SHA256
+
+
+@pytest.mark.parametrize("env", [{"NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"},
+                                 {"OPENBLAS_CORETYPE": "Prescott"}, {"OPENBLAS_CORETYPE": "Sandybridge"}],
+                         ids=["numpy-simd-baseline", "openblas-prescott", "openblas-sandybridge"])
+def test_render_bytes_do_not_depend_on_cpu_kernels(env):
+    """Another CPU, simulated: numpy's SIMD dispatch forced down, OpenBLAS on another core's kernels."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _RENDER_HASHES], capture_output=True, text=True,
+                         env={**os.environ, **env})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout) == RENDER_SHA256

@@ -23,13 +23,13 @@ def generate(
     eta: Annotated[float, typer.Option("--eta", help="DDIM eta (0 deterministic; Mediffusion used 1).")] = 0.0,
     cfg_formula: Annotated[str, typer.Option("--cfg-formula", help="standard: u + w(c - u); mediffusion: c + w(c - u).")] = "standard",
     seed: Annotated[int, typer.Option("--seed", help="Base seed; each image's seed derives from it.")] = 0,
-    batch: Annotated[int, typer.Option("--batch", help="Images per network call (does not change the images).")] = 16,
+    batch: Annotated[int, typer.Option("--batch", help="Images per network call. Part of the version: kernels round differently at another batch size.")] = 16,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Images per shard (the unit of resume).")] = 1000,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the network (GPU throughput). Fused kernels may round differently: use it for every part and rerun of a dataset, or for none.")] = False,
     part: Annotated[Optional[str], typer.Option("--part", help="i/N: this job's share of the shards (job arrays).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if present).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (torch.set_num_threads); default: torch's. "
-                                                  "On a shared 2-core machine 1 is several times faster than 2.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (torch.set_num_threads); default: torch's. Part "
+                                                  "of the version on CPU (kernels round by thread count); under torchrun each rank has OMP_NUM_THREADS.")] = None,
     root: Root = Path("."),
 ) -> None:
     """Write K synthetic replicas of a dataset's split, conditioned row by row, as new shards.

@@ -195,6 +195,41 @@ def sample_scene(
 # ----------------------------------------------------------------------------- helpers
 
 
+# Same bytes on every x86 CPU: numpy dispatches float32 sin/cos/exp/power to SIMD kernels
+# chosen by the CPU's instruction set (SSE4 / AVX2 / AVX-512), which differ in the last
+# bits, and OpenBLAS picks a GEMM kernel per CPU model. So the renderer uses no BLAS, and
+# every transcendental function is taken in float64 and rounded to float32: a float64
+# kernel's last-bit differences survive that rounding only for values within 2^-29 of a
+# float32 rounding boundary, and then move a pixel only at a uint8 boundary. Elementwise
+# +, -, *, /, sqrt are exact in IEEE arithmetic on every CPU. tests/test_phantom.py pins
+# the bytes of a small render and re-renders with the SIMD levels and BLAS kernels forced
+# down (NPY_DISABLE_CPU_FEATURES, OPENBLAS_CORETYPE).
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def _sin(x: np.ndarray) -> np.ndarray:
+    return _f32(np.sin(np.asarray(x, dtype=np.float64)))
+
+
+def _cos(x: np.ndarray) -> np.ndarray:
+    return _f32(np.cos(np.asarray(x, dtype=np.float64)))
+
+
+def _exp(x: np.ndarray) -> np.ndarray:
+    return _f32(np.exp(np.asarray(x, dtype=np.float64)))
+
+
+def _arctan2(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return _f32(np.arctan2(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64)))
+
+
+def _power(x: np.ndarray, p: np.ndarray) -> np.ndarray:
+    return _f32(np.power(np.asarray(x, dtype=np.float64), np.asarray(p, dtype=np.float64)))
+
+
 def _ramp(x: np.ndarray, width: float | np.ndarray) -> np.ndarray:
     """Soft step from 0 (x <= -width/2) to 1 (x >= width/2); cheaper than a sigmoid."""
     return np.clip(x / width + 0.5, 0.0, 1.0)
@@ -206,22 +241,19 @@ def _col(a: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=32)
-def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """(n_out, n_in) linear interpolation weights from a coarse to a fine axis."""
+def _interp_weights(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """Linear interpolation from a coarse axis of ``n_in`` to ``n_out`` points: (lower index, weight of the upper)."""
     pos = np.linspace(0, n_in - 1, n_out)
     lo = np.clip(np.floor(pos).astype(int), 0, n_in - 2)
-    frac = pos - lo
-    m = np.zeros((n_out, n_in), dtype=np.float32)
-    m[np.arange(n_out), lo] = 1 - frac
-    m[np.arange(n_out), lo + 1] = frac
-    return m
+    return lo, (pos - lo).astype(np.float32)
 
 
 def _upsample(coarse: np.ndarray, H: int, W: int) -> np.ndarray:
-    """(B, h, w) coarse field -> (B, H, W) by separable linear interpolation."""
-    my = _interp_matrix(H, coarse.shape[1])  # (H, h)
-    mx = _interp_matrix(W, coarse.shape[2])  # (W, w)
-    return np.matmul(np.matmul(my, coarse), mx.T)  # (B, H, W)
+    """(B, h, w) coarse field -> (B, H, W) by separable linear interpolation (elementwise, no BLAS)."""
+    lo, f = _interp_weights(H, coarse.shape[1])
+    rows = coarse[:, lo] * (1 - f)[None, :, None] + coarse[:, lo + 1] * f[None, :, None]  # (B, H, w)
+    lo, f = _interp_weights(W, coarse.shape[2])
+    return rows[:, :, lo] * (1 - f) + rows[:, :, lo + 1] * f  # (B, H, W)
 
 
 def _upsample2(x: np.ndarray, H: int, W: int) -> np.ndarray:
@@ -331,8 +363,8 @@ def _attenuation(scene: Scene, H: int, W: int, h: int, w: int, rngs: list[np.ran
     air = lung * (1.0 - soft)
 
     # Lung markings: vessels radiating from the hila, wiggled by noise, fading outward.
-    angle = np.arctan2(v - 1.0, a - 0.12)  # (B, H, W)
-    rays = np.abs(np.sin(11.0 * angle + 2.5 * vessels))
+    angle = _arctan2(v - 1.0, a - 0.12)  # (B, H, W)
+    rays = np.abs(_sin(11.0 * angle + 2.5 * vessels))
     hilum = np.clip(1.0 - ((a - 0.15) ** 2 + (v - 1.0) ** 2) / 0.55, 0.1, 1.0)
     markings = np.clip(1.0 - rays * 4.0, 0.0, 1.0) * hilum
     ptx_region = _pneumothorax_region(scene, u, v, ell)
@@ -357,7 +389,7 @@ def _attenuation(scene: Scene, H: int, W: int, h: int, w: int, rngs: list[np.ran
 
     # Bones: spine, posterior and anterior ribs, clavicles.
     bone = _col(scene.bone)
-    vert = 0.75 + 0.25 * np.cos(2 * np.pi * v / 0.15)  # (B, H, 1) vertebral bodies and discs
+    vert = 0.75 + 0.25 * _cos(2 * np.pi * v / 0.15)  # (B, H, 1) vertebral bodies and discs
     A += 0.15 * bone * _ramp(0.085 - a, 0.03) * vert
     A += _ribs(scene, u, v, a, ell, dome) * 0.09 * bone
     clav = _segment_band(a, v, (0.06, 0.45), (0.7, 0.3), 0.04)
@@ -393,10 +425,10 @@ def _ribs(scene: Scene, u: np.ndarray, v: np.ndarray, a: np.ndarray, ell: np.nda
         step = _ramp((u[idx] - fx) * side, 0.01) * near_y  # offset one side of the break
         phase[idx] += (0.15 + 0.3 * s) * step
         gap = (idx, np.clip(1.0 - np.abs(u[idx] - fx) / 0.02, 0.0, 1.0) * near_y, s, fx, fy)
-    c = np.cos(2 * np.pi * phase)
+    c = _cos(2 * np.pi * phase)
     rib = np.clip((c - 0.25) / 0.75, 0.0, 1.0)
     rib = np.sqrt(rib) * (1.0 - 0.35 * rib)  # brighter cortex than marrow
-    anterior = np.clip((np.cos(2 * np.pi * (v - 0.3 + 0.5 * a) / 0.24) - 0.55) / 0.45, 0.0, 1.0)
+    anterior = np.clip((_cos(2 * np.pi * (v - 0.3 + 0.5 * a) / 0.24) - 0.55) / 0.45, 0.0, 1.0)
     cage = _ramp(1.12 - ell, 0.1) * _ramp(dome + 0.1 - v, 0.1)
     ribs = (rib + 0.35 * anterior) * cage
     if gap is not None:
@@ -494,7 +526,7 @@ def _draw_findings(
         ca = _col(0.12 + 0.16 * where[idx, F["Edema"], 0])  # perihilar centre varies
         cv = _col(0.92 + 0.25 * where[idx, F["Edema"], 1])
         bat = np.clip(1.0 - ((a[idx] - ca) ** 2 / (0.08 + 0.1 * s) + (v[idx] - cv) ** 2 / (0.2 + 0.15 * s)), 0.0, 1.0)
-        kerley = np.clip((np.cos(2 * np.pi * v[idx] / 0.045) - 0.6) / 0.4, 0.0, 1.0)
+        kerley = np.clip((_cos(2 * np.pi * v[idx] / 0.045) - 0.6) / 0.4, 0.0, 1.0)
         kerley = kerley * _ramp(a[idx] - 0.55, 0.05) * _ramp(v[idx] - dome[idx] + 0.35, 0.05)
         reticular = np.clip(1.0 - np.abs(vessels[idx]) * 3.0, 0.0, 1.0)
         heavy = np.clip((s - 0.4) / 0.6, 0.0, 1.0)  # Kerley lines only in marked edema
@@ -617,9 +649,9 @@ def _expose(A: np.ndarray, scene: Scene, imaging: Imaging, rngs: list[np.random.
     B = A.shape[0]
     H, W = imaging.size
     k = _col(scene.exposure)
-    img = 1.0 - np.exp(-k * np.clip(A, 0.0, None))  # (B, h, w), 0 air .. ~1 bone/metal
-    img /= 1.0 - np.exp(-k * 1.3)
-    img = np.clip(img, 0.0, 1.0) ** _col(scene.gamma)
+    img = 1.0 - _exp(-k * np.clip(A, 0.0, None))  # (B, h, w), 0 air .. ~1 bone/metal
+    img /= 1.0 - _exp(-k * 1.3)
+    img = _power(np.clip(img, 0.0, 1.0), _col(scene.gamma))
     img = np.clip(0.5 + (img - 0.45) * _col(scene.contrast) + 0.02, 0.0, 1.0)
     for i in range(B):  # blur sigma is per image; half-resolution grid halves it
         if scene.blur[i] > 0.4:
