@@ -17,16 +17,19 @@ the project's single shard writer (:mod:`cxrsynth.shards`): a killed run restart
 the same command skips finished shards and ends with byte-identical output; ``part``
 (``i/N``, job arrays) or ``torchrun`` ranks take units ``i::N``.
 
-Finishing (``index.json``, the manifest, its rejects file): every process, after its
-own units, takes an exclusive ``flock`` on ``<version>/.progress/finalize.lock``, and
-under it checks whether every unit is finished; if so, it writes them. So the *last*
-process to finish writes them, whichever rank or job-array part it is (a rank that
-finishes early sees unfinished units and leaves); two processes finishing at the same
-moment are serialised by the lock, and the second rewrites the same bytes after the
-first (atomic renames: readers never see a half-written file). No process waits for
-another and no process group is needed (``torchrun`` is only a launcher here); the
-lock is released by the kernel if a process dies. ``flock`` is advisory and works on
-local file systems and NFS (Linux emulates it with POSIX locks there).
+Work is planned first (:func:`prepare`: conditions, generator, version, this process's
+units), so that every bad input fails before any image is sampled; :func:`run` samples
+and writes the units. Finishing (:func:`cxrsynth.publish.publish`: ``index.json``, the
+manifest, its rejects file): every process, after its own units, takes an exclusive
+``flock`` on ``<version>/.progress/finalize.lock``, and under it checks whether every
+unit is finished; if so, it writes them. So the *last* process to finish writes them,
+whichever rank or job-array part it is (a rank that finishes early sees unfinished units
+and leaves); two processes finishing at the same moment are serialised by the lock, and
+the second rewrites the same bytes after the first (atomic renames: readers never see a
+half-written file). No process waits for another and no process group is needed
+(``torchrun`` is only a launcher here); the lock is released by the kernel if a process
+dies. ``flock`` is advisory and works on local file systems and NFS (Linux emulates it
+with POSIX locks there).
 
 Synthetic rows carry no real identifiers: no patient, study or source path; the key is
 ``<name>-r<replica>-<row>``. ``source_key`` keeps the link to the real row for the
@@ -39,12 +42,15 @@ import contextlib
 import hashlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from cxrsynth import __version__, labels, manifest, runtime, shards
+from cxrsynth import labels, manifest, runtime, shards
+from cxrsynth.errors import CxrsynthError
+from cxrsynth.publish import Metadata, publish
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,21 @@ class GenerateConfig:
     shard_size: int = 1000
     compile: bool = False  # torch.compile the network (GPU throughput; may round differently from eager)
 
+    def __post_init__(self) -> None:
+        for what in ("replicas", "steps", "batch_size", "shard_size"):
+            if getattr(self, what) < 1:
+                raise CxrsynthError(f"{what} must be >= 1, got {getattr(self, what)}")
+        if self.eta < 0:
+            raise CxrsynthError(f"eta must be >= 0, got {self.eta}")
+
+    def check_names(self) -> None:
+        """Fail now, naming the known ones, on a sampler or guidance formula nobody registered."""
+        from cxrsynth.diffusion.sample import guidance_branches
+        from cxrsynth.diffusion.schedule import get_sampler
+
+        get_sampler(self.sampler)
+        guidance_branches(self.guidance, self.cfg_formula)  # type: ignore[arg-type]
+
 
 def image_seed(base: int, replica: int, source_key: str) -> int:
     """A 63-bit seed for one synthetic image, stable under any batching or sharding."""
@@ -74,7 +95,7 @@ def generator_id(generator_dir: str | Path) -> str:
     digest = hashlib.sha256()
     files = sorted(Path(generator_dir).glob("*.safetensors")) + sorted(Path(generator_dir).glob("generator.json"))
     if not files:
-        raise FileNotFoundError(f"{generator_dir} holds no generator weights (*.safetensors)")
+        raise CxrsynthError(f"{generator_dir} holds no generator weights (*.safetensors): not a generator folder")
     for f in files:
         digest.update(f.name.encode())
         digest.update(shards.sha256_file(f).encode())
@@ -117,10 +138,141 @@ def _parse_part(part: str | None) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in part.split("/"))
     except ValueError:
-        raise ValueError(f"--part expects i/N (e.g. 0/4), got {part!r}") from None
+        raise CxrsynthError(f"--part expects i/N (e.g. 0/4), got {part!r}") from None
     if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"--part {part}: need 0 <= i < N")
+        raise CxrsynthError(f"--part {part}: need 0 <= i < N")
     return i, n
+
+
+@dataclass
+class Job:
+    """A replica set planned and ready to sample (:func:`prepare`): what :func:`run` needs.
+
+    Attributes:
+        root: Project root.
+        name: Synthetic dataset name.
+        version: Its version (hash of :attr:`params`).
+        generator_dir: The generator folder, as given (recorded in the metadata).
+        config: Sampling parameters.
+        params: What the version hashes and records (conditions, generator, config, numerics).
+        rows: The planned manifest rows (without shards).
+        units: ``(start, stop)`` row ranges, one per shard.
+        todo: This process's unfinished units, ``(unit, start, stop)``.
+        rank: This process's part (job-array part or torchrun rank).
+        world: Number of parts.
+        model: The loaded generator.
+        device: Where it runs.
+    """
+
+    root: Path
+    name: str
+    version: str
+    generator_dir: str | Path
+    config: GenerateConfig
+    params: dict
+    rows: pd.DataFrame
+    units: list[tuple[int, int]]
+    todo: list[tuple[int, int, int]]
+    rank: int
+    world: int
+    model: Any = field(repr=False)
+    device: Any
+
+    @property
+    def directory(self) -> Path:
+        return shards.shard_dir(self.root, self.name, self.version)
+
+    @property
+    def images_todo(self) -> int:
+        """Images this process will sample."""
+        return sum(stop - start for _, start, stop in self.todo)
+
+
+def prepare(
+    *,
+    root: str | Path,
+    generator_dir: str | Path,
+    conditions: str,
+    split: str | None,
+    name: str,
+    config: GenerateConfig,
+    part: str | None = None,
+    device: str | None = None,
+) -> Job:
+    """Plan a replica set (arguments as :func:`generate`) and load its generator; nothing is sampled yet.
+
+    Raises:
+        CxrsynthError: a bad name, part, sampler, guidance formula, device, conditions
+            dataset or generator folder.
+    """
+    manifest.check_name(name)
+    config.check_names()
+    root = Path(root)
+    index, count = _parse_part(part) if part is not None else (0, 1)
+    frame = condition_rows(root, conditions, split)
+    gen_id = generator_id(generator_dir)
+    rows = plan(frame, name, config, gen_id)
+    cond_version = manifest.read_meta(root, conditions).get("version")
+    dev = runtime.device(device)
+    params = {"conditions": conditions, "conditions_version": cond_version, "split": split, "generator_id": gen_id,
+              **asdict(config), "numerics": runtime.numerics(dev)}
+    version = hashlib.sha256(shards.json_bytes(params)).hexdigest()[:10]
+    rows["version"] = version
+    directory = shards.shard_dir(root, name, version)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    ranks = runtime.distributed(join=False)
+    if ranks.world > 1 and part is None:
+        index, count = ranks.rank, ranks.world
+    from cxrsynth.diffusion.model import load_generator
+
+    model = load_generator(Path(generator_dir), device=str(dev))
+    units = [(s, min(s + config.shard_size, len(rows))) for s in range(0, len(rows), config.shard_size)]
+    todo = [(u, start, stop) for u, (start, stop) in enumerate(units)
+            if u % count == index and shards.finished(directory, name, u) is None]
+    return Job(root=root, name=name, version=version, generator_dir=generator_dir, config=config, params=params,
+               rows=rows, units=units, todo=todo, rank=index, world=count, model=model, device=dev)
+
+
+def run(job: Job, progress: Callable[[int], None] | None = None) -> dict:
+    """Sample and write a prepared job's units; publish the version when every unit is done.
+
+    Returns:
+        A summary: version, images planned, units done by this call, and whether the
+        dataset is complete (index and manifest written).
+    """
+    import torch
+
+    from cxrsynth.diffusion.sample import fast_paths, sample
+
+    config, model, dev, rows, directory, name = job.config, job.model, job.device, job.rows, job.directory, job.name
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # bf16 autocast on GPU only
+    forward = fast_paths(model, compile=config.compile, deterministic=True)
+    cond_all = torch.from_numpy(labels.conditioning_vectors(rows))
+    seeds = rows["seed"].astype("int64").tolist()
+    # One shard is PNG-encoded and written by a background thread while the next one is
+    # sampled (the GPU waits on nothing; ~3 ms per 256 px image is ~10% of the time at 30
+    # images/s). At most one shard is in flight; its error surfaces at the next wait.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrsynth-shard-writer") as writer:
+        pending: Future | None = None
+        for u, start, stop in job.todo:
+            images = sample(
+                model, cond_all[start:stop], seeds[start:stop], sampler=config.sampler, steps=config.steps,
+                guidance=config.guidance, eta=config.eta, cfg_formula=config.cfg_formula,
+                batch_size=config.batch_size, dtype=dtype, forward=forward,
+            )  # (n, 1, H, W) uint8
+            _wait(pending, progress)
+            pending = writer.submit(_write_unit, directory, name, u, rows.iloc[start:stop], images)
+        _wait(pending, progress)
+
+    with _exclusive(directory / shards.PROGRESS_DIR / "finalize.lock"):
+        results = [shards.finished(directory, name, u) for u in range(len(job.units))]
+        complete = all(r is not None for r in results)
+        if complete:  # idempotent: a second finisher rewrites the same bytes, after the first
+            made_by = {"generator": str(job.generator_dir), **job.params}
+            publish(job.root, Metadata(name, job.version, "synthetic", made_by), rows, shard_results=results)
+    return {"name": name, "version": job.version, "images": len(rows), "units": len(job.units), "written": len(job.todo),
+            "complete": complete, "rank": job.rank, "world": job.world}
 
 
 def generate(
@@ -137,6 +289,8 @@ def generate(
 ) -> dict:
     """Write ``config.replicas`` synthetic replicas of ``conditions`` (one split) as dataset ``name``.
 
+    :func:`prepare` then :func:`run`.
+
     Args:
         root: Project root.
         generator_dir: A saved generator (``cxrsynth generator train`` / ``import-mediffusion``).
@@ -146,71 +300,16 @@ def generate(
         name: Name of the synthetic dataset.
         config: Sampling parameters.
         part: ``"i/N"``: only units i::N (job arrays). Under torchrun, the rank/world.
-        device: Torch device; default cuda when available.
+        device: Torch device (:func:`cxrsynth.runtime.device`); default cuda when available.
         progress: Optional callable ``progress(images)``.
 
     Returns:
         A summary: version, images planned, units done by this call, and whether the
         dataset is complete (index and manifest written).
     """
-    import torch
-
-    from cxrsynth.diffusion.model import load_generator
-    from cxrsynth.diffusion.sample import fast_paths, sample
-
-    manifest.check_name(name)
-    root = Path(root)
-    frame = condition_rows(root, conditions, split)
-    gen_id = generator_id(generator_dir)
-    rows = plan(frame, name, config, gen_id)
-    cond_version = manifest.read_meta(root, conditions).get("version")
-    dev = runtime.device(device)
-    params = {"conditions": conditions, "conditions_version": cond_version, "split": split, "generator_id": gen_id,
-              **asdict(config), "numerics": runtime.numerics(dev)}
-    version = hashlib.sha256(shards.json_bytes(params)).hexdigest()[:10]
-    rows["version"] = version
-    directory = shards.shard_dir(root, name, version)
-    directory.mkdir(parents=True, exist_ok=True)
-
-    ranks = runtime.distributed(join=False)
-    index, count = (ranks.rank, ranks.world) if ranks.world > 1 and part is None else _parse_part(part)
-    model = load_generator(Path(generator_dir), device=str(dev))
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # bf16 autocast on GPU only
-    forward = fast_paths(model, compile=config.compile, deterministic=True)
-    cond_all = torch.from_numpy(labels.conditioning_vectors(rows))
-    seeds = rows["seed"].astype("int64").tolist()
-    units = [(s, min(s + config.shard_size, len(rows))) for s in range(0, len(rows), config.shard_size)]
-    todo = [(u, start, stop) for u, (start, stop) in enumerate(units)
-            if u % count == index and shards.finished(directory, name, u) is None]
-    # One shard is PNG-encoded and written by a background thread while the next one is
-    # sampled (the GPU waits on nothing; ~3 ms per 256 px image is ~10% of the time at 30
-    # images/s). At most one shard is in flight; its error surfaces at the next wait.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrsynth-shard-writer") as writer:
-        pending: Future | None = None
-        for u, start, stop in todo:
-            images = sample(
-                model, cond_all[start:stop], seeds[start:stop], sampler=config.sampler, steps=config.steps,
-                guidance=config.guidance, eta=config.eta, cfg_formula=config.cfg_formula,
-                batch_size=config.batch_size, dtype=dtype, forward=forward,
-            )  # (n, 1, H, W) uint8
-            _wait(pending, progress)
-            pending = writer.submit(_write_unit, directory, name, u, rows.iloc[start:stop], images)
-        _wait(pending, progress)
-    done_here = len(todo)
-
-    with _exclusive(directory / shards.PROGRESS_DIR / "finalize.lock"):
-        results = [shards.finished(directory, name, u) for u in range(len(units))]
-        complete = all(r is not None for r in results)
-        if complete:  # idempotent: a second finisher rewrites the same bytes, after the first
-            shards.write_index(directory, name, version, results)
-            shard_of = {k: str(Path(shards.SHARD_ROOT) / name / version / r.name) for r in results for k in r.keys}
-            rows["shard"] = rows["key"].map(shard_of).astype("string")
-            meta = {"dataset": name, "version": version, "kind": "synthetic", "generator": str(generator_dir),
-                    **params, "rows_in": len(rows), "kept": len(rows), "rejected": {}, "cxrsynth": __version__}
-            manifest.write(root, name, rows, meta)
-            manifest.write_rejects(root, name, pd.DataFrame(columns=list(manifest.REJECT_SCHEMA.names)))
-    return {"name": name, "version": version, "images": len(rows), "units": len(units), "written": done_here,
-            "complete": complete, "rank": index, "world": count}
+    job = prepare(root=root, generator_dir=generator_dir, conditions=conditions, split=split, name=name,
+                  config=config, part=part, device=device)
+    return run(job, progress)
 
 
 @contextlib.contextmanager
@@ -242,6 +341,4 @@ def _wait(pending: Future | None, progress: Callable[[int], None] | None) -> Non
 
 
 def _samples(rows: pd.DataFrame, images) -> list[dict]:
-    from cxrsynth.ingest import encode_sample, sample_records
-
-    return [encode_sample(record, image[0]) for record, image in zip(sample_records(rows), images.numpy())]
+    return [shards.encode_sample(record, image[0]) for record, image in zip(shards.sample_records(rows), images.numpy())]

@@ -3,18 +3,53 @@
 Khosravi et al.: pad to square keeping the aspect ratio, resize to 256x256, equalize the
 histogram with 256 bins. Everything works on 8-bit grayscale arrays ``(H, W) uint8``.
 DICOM input honours MONOCHROME1 (inverted) and the VOI LUT / windowing.
+
+Input images are untrusted: a PNG of a few hundred KB can claim 13000 x 13000 16-bit
+pixels. :func:`read_image` checks the size in the header against a pixel limit before it
+decodes anything (:data:`MAX_PIXELS`, 8192 x 8192 by default; ``Preprocess.max_pixels``,
+whose default the environment variable ``CXRSYNTH_MAX_PIXELS`` overrides) and treats
+PIL's decompression-bomb warning as an error too; such an image is an :class:`ImageError`
+with reason ``too_large`` (a reject of that row, not of the ingest). 16-bit pixels are
+rescaled to 8 bits in blocks of rows, so no float64 copy of a whole image is ever made.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from cxrsynth.errors import CxrsynthError
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
+
+#: Default limit of an input image's width x height: 8192 x 8192 = 67,108,864 pixels, twice
+#: the side of the largest radiograph detectors (43 cm at 0.1 mm is 4300 px). PIL's own
+#: limit (``Image.MAX_IMAGE_PIXELS``, 89,478,485) still applies above it, as a reject too.
+MAX_PIXELS = 8192 * 8192
+#: Environment variable that overrides :data:`MAX_PIXELS` as the default of ``Preprocess.max_pixels``.
+MAX_PIXELS_ENV = "CXRSYNTH_MAX_PIXELS"
+_BLOCK_PIXELS = 1 << 18  # float64 work per block of rows in to_uint8: 2 MiB per temporary
+
+
+def default_max_pixels() -> int:
+    """:data:`MAX_PIXELS`, or the value of ``CXRSYNTH_MAX_PIXELS`` when that is set."""
+    raw = os.environ.get(MAX_PIXELS_ENV)
+    if raw is None or raw.strip() == "":
+        return MAX_PIXELS
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise CxrsynthError(f"{MAX_PIXELS_ENV}={raw!r} must be a positive whole number of pixels")
+    return value
 
 
 @dataclass(frozen=True)
@@ -24,36 +59,75 @@ class Preprocess:
     Attributes:
         size: Output side in pixels (square).
         equalize: Histogram equalization with 256 bins after resizing.
+        max_pixels: Largest input width x height; a larger image is rejected (``too_large``)
+            before it is decoded. Default :data:`MAX_PIXELS` or ``$CXRSYNTH_MAX_PIXELS``.
     """
 
     size: int = 256
     equalize: bool = True
+    max_pixels: int = field(default_factory=default_max_pixels)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-class ImageError(ValueError):
-    """An image that is missing, unreadable or corrupt."""
+class ImageError(CxrsynthError):
+    """An image that is missing, unreadable, corrupt or too large.
+
+    Attributes:
+        reason: Its reason in a rejects ledger: ``missing_image``, ``corrupt_image`` or
+            ``too_large``.
+    """
+
+    def __init__(self, message: str, reason: str = "corrupt_image") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.reason))
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def _check_pixels(path: Path, width: int, height: int, limit: int, frames: int = 1) -> None:
+    if width * height * frames > limit:
+        what = f"{width} x {height}" + (f" x {frames} frames" if frames > 1 else "")
+        raise ImageError(f"too large: {path}: {what} = {width * height * frames:,} pixels, over the limit of {limit:,} "
+                         f"(Preprocess.max_pixels, ${MAX_PIXELS_ENV})", reason="too_large")
+
+
+def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Read a PNG, JPEG or DICOM file as an ``(H, W) uint8`` grayscale array.
 
+    Args:
+        path: The image file.
+        max_pixels: Largest width x height to decode (default :func:`default_max_pixels`);
+            checked on the header, before any pixel is decoded.
+
     Raises:
-        ImageError: the file is missing, unreadable or not a decodable image.
+        ImageError: the file is missing (reason ``missing_image``), larger than the limit or
+            a decompression bomb by PIL's measure (``too_large``), or not a decodable
+            image (``corrupt_image``).
     """
     path = Path(path)
+    limit = default_max_pixels() if max_pixels is None else int(max_pixels)
     if not path.is_file():
-        raise ImageError(f"missing image: {path}")
+        raise ImageError(f"missing image: {path}", reason="missing_image")
     try:
         if path.suffix.lower() in DICOM_SUFFIXES:
-            return read_dicom(path)
-        with Image.open(path) as im:
+            return read_dicom(path, max_pixels=limit)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            _check_pixels(path, im.width, im.height, limit)
             im.load()
-            return to_uint8(np.asarray(_to_gray(im)))
+            gray = _to_gray(im)
+            pixels = np.asarray(gray)  # (H, W) uint8, uint16 or int32: the file's own depth
+        del im, gray  # free PIL's copy before rescaling
+        return to_uint8(pixels)
     except ImageError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"too large: {path}: {exc}", reason="too_large") from None
     except Exception as exc:  # PIL and pydicom raise many types for corrupt files
         raise ImageError(f"corrupt image: {path}: {type(exc).__name__}: {exc}") from exc
 
@@ -64,32 +138,63 @@ def _to_gray(im: Image.Image) -> Image.Image:
     return im.convert("L")
 
 
-def read_dicom(path: str | Path) -> np.ndarray:
-    """Read a DICOM radiograph: apply the modality and VOI LUT, invert MONOCHROME1."""
+def read_dicom(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """Read a DICOM radiograph: apply the modality and VOI LUT, invert MONOCHROME1.
+
+    The size in the header is checked against ``max_pixels`` before the pixel data is
+    decoded; the LUTs run on blocks of rows (they act pixel by pixel), so the float64
+    values they produce never exist for the whole image at once.
+    """
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    path = Path(path)
     ds = pydicom.dcmread(str(path))
+    limit = default_max_pixels() if max_pixels is None else int(max_pixels)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    _check_pixels(path, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0), limit, frames)
     pixels = ds.pixel_array
-    pixels = apply_modality_lut(pixels, ds)
-    pixels = apply_voi_lut(pixels, ds, index=0)
-    image = to_uint8(np.asarray(pixels, dtype=np.float64))
+    image = to_uint8(pixels, lut=lambda block: apply_voi_lut(apply_modality_lut(block, ds), ds, index=0))
     if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
         image = 255 - image
     return image
 
 
-def to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Rescale any grayscale array to uint8 (min-max), passing uint8 through unchanged."""
+def to_uint8(pixels: np.ndarray, lut: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Rescale any grayscale array to uint8 (min-max), passing uint8 through unchanged.
+
+    The arithmetic is float64, as ever, but on blocks of rows (:data:`_BLOCK_PIXELS`
+    each), so a 16-bit image costs its own 2 bytes and the 1-byte output per pixel, not
+    three float64 copies (24 bytes) of the whole image; the result is the same.
+
+    Args:
+        pixels: ``(H, W)`` array of any numeric dtype.
+        lut: Optional pixel-wise map applied first, block by block (DICOM modality/VOI LUT).
+    """
     if pixels.ndim != 2:
         raise ImageError(f"expected a 2-D grayscale image, got shape {pixels.shape}")
-    if pixels.dtype == np.uint8:
+    if pixels.dtype == np.uint8 and lut is None:
         return pixels
-    pixels = pixels.astype(np.float64)
-    lo, hi = float(pixels.min()), float(pixels.max())
+    step = max(1, _BLOCK_PIXELS // max(pixels.shape[1], 1))
+    blocks = [slice(i, i + step) for i in range(0, pixels.shape[0], step)]
+
+    def values(block: slice) -> np.ndarray:
+        return np.asarray(lut(pixels[block]) if lut is not None else pixels[block], dtype=np.float64)
+
+    if lut is None:
+        lo, hi = float(pixels.min()), float(pixels.max())  # in the input's dtype: no copy
+    else:
+        extremes = [(float(v.min()), float(v.max())) for v in map(values, blocks)]
+        lo, hi = min(e[0] for e in extremes), max(e[1] for e in extremes)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ImageError("image has non-finite pixel values (NaN or infinity)")
+    out = np.zeros(pixels.shape, dtype=np.uint8)
     if hi <= lo:
-        return np.zeros(pixels.shape, dtype=np.uint8)
-    return np.round((pixels - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        return out
+    scale = 255.0 / (hi - lo)
+    for block in blocks:
+        out[block] = np.round((values(block) - lo) * scale).astype(np.uint8)
+    return out
 
 
 def pad_to_square(image: np.ndarray, fill: int = 0) -> np.ndarray:
@@ -132,6 +237,17 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    """Decode PNG bytes to ``(H, W) uint8``."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("L"), dtype=np.uint8)
+    """Decode PNG bytes to ``(H, W) uint8``.
+
+    Raises:
+        ImageError: the bytes are not a decodable image (or a decompression bomb).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        with im:
+            return np.asarray(im.convert("L"), dtype=np.uint8)
+    except Exception as exc:  # PIL raises many types for corrupt data
+        detail = str(exc).replace(" <_io.BytesIO object", "").split(" at 0x")[0]
+        raise ImageError(f"corrupt PNG: {type(exc).__name__}: {detail}") from exc

@@ -1,4 +1,4 @@
-"""The one writer: a source's record table → shards + manifest + rejects.
+"""Ingest: a source's record table → a real dataset version (shards + manifest + rejects).
 
 Every adapter in :mod:`cxrsynth.sources` returns a :class:`~cxrsynth.sources.SourceTable`;
 :func:`ingest` turns it into a dataset version:
@@ -9,15 +9,20 @@ Every adapter in :mod:`cxrsynth.sources` returns a :class:`~cxrsynth.sources.Sou
    shard (see :mod:`cxrsynth.shards`), written in parallel processes, skipped when a
    previous run already finished it.
 3. Each image is read, preprocessed (:mod:`cxrsynth.imaging`) and stored as PNG beside
-   its manifest row as JSON. Missing or corrupt images become rejects.
-4. The manifest and the rejects ledger are written; rows in = kept + rejected.
+   its manifest row as JSON. Missing, corrupt or too large images become rejects
+   (``missing_image``, ``corrupt_image``, ``too_large``: over ``Preprocess.max_pixels``).
+4. :func:`cxrsynth.publish.publish` finishes the version: shard index, manifest and the
+   rejects ledger; rows in = kept + rejected.
+
+Samples are encoded by :func:`cxrsynth.shards.encode_sample`; an image that cannot be read
+is a :class:`~cxrsynth.shards.Reject` of its shard.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections import Counter
+import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -26,12 +31,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrsynth import __version__, manifest, shards
-from cxrsynth.imaging import ImageError, Preprocess, encode_png, preprocess, read_image
+from cxrsynth import manifest, shards
+from cxrsynth.errors import CxrsynthError
+from cxrsynth.imaging import ImageError, Preprocess, preprocess, read_image
+from cxrsynth.publish import Metadata, publish
+from cxrsynth.shards import SAMPLE_FIELDS, sample_records  # noqa: F401  (moved to shards; cxrsynth.share imports them from here)
 from cxrsynth.sources import SourceTable
 
-#: Record fields copied into each sample's JSON (the manifest row minus mutable columns).
-SAMPLE_FIELDS = tuple(c for c in manifest.COLUMNS if c not in ("shard", "split"))
+#: A version name given by hand: it becomes a folder name under ``data/shards/<name>/``.
+VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass
@@ -48,6 +56,13 @@ class IngestResult:
     rejects: Path
     info: dict = field(default_factory=dict)
     resumed_shards: int = 0
+
+
+def check_version(version: str | None) -> str | None:
+    """A version name given by hand must be one folder name (:data:`VERSION_PATTERN`)."""
+    if version is not None and not VERSION_PATTERN.match(version):
+        raise CxrsynthError(f"version name {version!r} must match {VERSION_PATTERN.pattern} (it becomes a folder name)")
+    return version
 
 
 def content_version(records: pd.DataFrame, params: dict, sizes: np.ndarray | None = None) -> str:
@@ -72,35 +87,22 @@ def _file_sizes(paths: pd.Series) -> np.ndarray:
     return np.fromiter((size(p) for p in paths), dtype=np.int64, count=len(paths))
 
 
-def sample_records(frame: pd.DataFrame, extra: tuple[str, ...] = ()) -> list[dict]:
-    """Plain-Python rows of :data:`SAMPLE_FIELDS` (+ ``extra``): picklable, JSON-ready, nulls as None."""
-    sub = frame.reindex(columns=[*extra, *SAMPLE_FIELDS]).astype(object)
-    rows = sub.where(sub.notna(), None).to_dict("records")
-    return [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items()} for r in rows]
-
-
-def encode_sample(record: dict, image: np.ndarray) -> dict:
-    """One WebDataset sample: ``<key>.png`` and ``<key>.json`` (the record's sample fields)."""
-    meta = {k: record[k] for k in SAMPLE_FIELDS}
-    return {"__key__": record["key"], "png": encode_png(image), "json": shards.json_bytes(meta)}
-
-
-def _samples(rows: list[dict], params: Preprocess, rejects: list[dict], tick=None):
+def _samples(rows: list[dict], params: Preprocess, tick=None):
+    """A unit's samples: each row's image read and preprocessed, or a :class:`~cxrsynth.shards.Reject`."""
     for r in rows:
         if tick:
             tick(1)
         try:
-            image = preprocess(read_image(r["image_path"]), params)
+            image = preprocess(read_image(r["image_path"], max_pixels=params.max_pixels), params)
         except ImageError as exc:
-            reason = "missing_image" if str(exc).startswith("missing") else "corrupt_image"
-            rejects.append({"row": r["row"], "key": r["key"], "source_path": r["source_path"], "reason": reason, "detail": str(exc)})
+            reason = exc.reason  # missing_image, corrupt_image or too_large
+            yield shards.Reject(row=r["row"], key=r["key"], source_path=r["source_path"], reason=reason, detail=str(exc))
             continue
-        yield encode_sample(r, image)
+        yield shards.encode_sample(r, image)
 
 
 def _write_unit(directory: Path, dataset: str, index: int, rows: list[dict], params: Preprocess, tick=None) -> shards.ShardResult:
-    rejects: list[dict] = []
-    return shards.write_shard(directory, dataset, index, _samples(rows, params, rejects, tick), rejects)
+    return shards.write_shard(directory, dataset, index, _samples(rows, params, tick))
 
 
 def _mp_context():
@@ -131,7 +133,8 @@ def ingest(
         source: An adapter's output.
         root: Project root (``manifests/`` and ``data/`` live under it).
         name: Dataset name (a SQL identifier).
-        kind: Adapter name, recorded in the manifest metadata.
+        kind: Adapter name (``chexpert``, ``mimic``, ``table``...), recorded in the manifest
+            metadata as the version's source.
         inputs: What was read (paths, options), recorded in the manifest metadata.
         labels_only: Write only the manifest (no images read).
         params: Preprocessing parameters.
@@ -139,8 +142,16 @@ def ingest(
         workers: Processes for image work; default all cores; 1 runs in-process.
         version: Version name; default a content hash.
         progress: Optional callable ``progress(advance_rows)`` for a progress bar.
+
+    Raises:
+        CxrsynthError: a bad name, version name, shard size or worker count.
     """
     manifest.check_name(name)
+    check_version(version)
+    if shard_size < 1:
+        raise CxrsynthError(f"shard size must be >= 1, got {shard_size}")
+    if workers is not None and workers < 1:
+        raise CxrsynthError(f"workers must be >= 1, got {workers}")
     root = Path(root)
     records = source.records.copy()
     records.insert(1, "dataset", name)
@@ -149,9 +160,8 @@ def ingest(
     sizes = None if labels_only else _file_sizes(records["image_path"])
     version = version or content_version(records, run_params, sizes)
     records["version"] = version
-    rejects = [source.rejects]
     resumed = 0
-    results: list[shards.ShardResult] = []
+    results: list[shards.ShardResult] | None = None
 
     if labels_only:
         records["shard"] = pd.Series(pd.NA, index=records.index, dtype="string")
@@ -160,7 +170,7 @@ def ingest(
     else:
         directory = shards.shard_dir(root, name, version)
         directory.mkdir(parents=True, exist_ok=True)
-        rows = sample_records(records, extra=("row", "image_path"))
+        rows = shards.sample_records(records, extra=("row", "image_path"))
         units = [rows[i : i + shard_size] for i in range(0, len(rows), shard_size)]
         todo = []
         by_index: dict[int, shards.ShardResult] = {}
@@ -188,43 +198,19 @@ def ingest(
                     if progress:
                         progress(len(units[i]))
         results = [by_index[i] for i in range(len(units))]
-        shards.write_index(directory, name, version, results)
-        shard_of = {k: str(Path(shards.SHARD_ROOT) / name / version / r.name) for r in results for k in r.keys}
-        records["shard"] = records["key"].map(shard_of).astype("string")
-        image_rejects = [rj for r in results for rj in r.rejects]
-        if image_rejects:
-            rejects.append(pd.DataFrame(image_rejects))
-        records = records.loc[records["shard"].notna()]
 
-    all_rejects = pd.concat([r for r in rejects if len(r)] or [source.rejects], ignore_index=True)
-    all_rejects = all_rejects.sort_values("row", kind="stable").reset_index(drop=True)
-    kept = len(records)
-    if kept + len(all_rejects) != source.rows_in:
-        raise AssertionError(f"accounting error: {kept} kept + {len(all_rejects)} rejected != {source.rows_in} rows in")
-    by_reason = dict(sorted(Counter(all_rejects["reason"].astype(str)).items()))
-    meta = {
-        "dataset": name,
-        "version": version,
-        "kind": kind,
-        "inputs": inputs,
-        **run_params,
-        "rows_in": source.rows_in,
-        "kept": kept,
-        "rejected": by_reason,
-        "info": source.info,
-        "cxrsynth": __version__,
-    }
-    manifest_file = manifest.write(root, name, records.drop(columns=["row", "image_path"]), meta)
-    rejects_file = manifest.write_rejects(root, name, all_rejects)
+    made_by = {"inputs": inputs, **{k: v for k, v in run_params.items() if k != "kind"}, "info": source.info}
+    done = publish(root, Metadata(name, version, "real", made_by, source=kind), records, rows_in=source.rows_in,
+                   shard_results=results, rejects=source.rejects)
     return IngestResult(
         name=name,
         version=version,
-        rows_in=source.rows_in,
-        kept=kept,
-        rejected=by_reason,
-        shards=len(results),
-        manifest=manifest_file,
-        rejects=rejects_file,
+        rows_in=done.rows_in,
+        kept=done.kept,
+        rejected=done.rejected,
+        shards=len(results or ()),
+        manifest=done.manifest,
+        rejects=done.rejects,
         info=source.info,
         resumed_shards=resumed,
     )

@@ -57,10 +57,6 @@ SEXES: tuple[str, ...] = ("F", "M")
 CONDITION_SIZE = 1 + len(SEXES) + len(RACES) + len(FINDINGS)
 
 
-class LabelError(ValueError):
-    """A raw label value outside the contract's domain."""
-
-
 def encode_findings(raw: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Map one raw finding column to the contract's int8 codes.
 
@@ -95,7 +91,7 @@ def normalize_sex(raw: pd.Series) -> pd.Series:
 def normalize_age(raw: pd.Series) -> pd.Series:
     """Age in years as float; null when missing, not a number, zero or negative.
 
-    CheXpert writes 0 for unknown ages, hence zero is null (DESIGN.md).
+    CheXpert writes 0 for unknown ages, hence zero is null (the demographics contract).
     """
     age = pd.to_numeric(raw, errors="coerce").astype("Float64")
     return age.mask(age <= 0)

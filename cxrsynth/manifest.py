@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -20,9 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cxrsynth import labels
+from cxrsynth.errors import CxrsynthError, CxrsynthWarning
 
 MANIFEST_DIR = "manifests"
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+#: Longest dataset name: it becomes a SQL view name and part of file names (manifest,
+#: rejects ledger, shard folder and ``<name>-000000.tar``), well under 255 bytes.
+NAME_MAX = 64
 
 #: Manifest columns and their arrow types, in order.
 SCHEMA = pa.schema(
@@ -56,12 +61,14 @@ REJECT_SCHEMA = pa.schema(
 )
 
 
-class ManifestError(ValueError):
-    """A manifest that does not exist or is not valid."""
+class ManifestError(CxrsynthError):
+    """A manifest that does not exist, cannot be read or is not valid, or a query that fails."""
 
 
 def check_name(name: str) -> str:
     """Dataset names become SQL view names: letters, digits and underscores."""
+    if len(name) > NAME_MAX:
+        raise ManifestError(f"dataset name {name[:20]!r}... has {len(name)} characters; at most {NAME_MAX} characters")
     if not NAME_PATTERN.match(name):
         raise ManifestError(f"dataset name {name!r} must match {NAME_PATTERN.pattern} (it becomes a SQL view name)")
     if name.lower() == "images":
@@ -124,7 +131,16 @@ def read(root: str | Path, name: str) -> pd.DataFrame:
     if not path.is_file():
         known = ", ".join(list_names(root)) or "none"
         raise ManifestError(f"no manifest named {name!r} under {Path(root) / MANIFEST_DIR} (known: {known})")
-    return pq.read_table(path).to_pandas(types_mapper=pd.ArrowDtype).pipe(_to_nullable)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:  # truncated, empty or not parquet
+        raise _unreadable(path, exc) from None
+    return table.to_pandas(types_mapper=pd.ArrowDtype).pipe(_to_nullable)
+
+
+def _unreadable(path: Path, exc: Exception) -> ManifestError:
+    reason = re.sub(r"Could not open Parquet input source '[^']*': ", "", " ".join(str(exc).split())) or type(exc).__name__
+    return ManifestError(f"manifest {path} is unreadable ({reason}); restore it (git, DVC) or remove it")
 
 
 def _to_nullable(frame: pd.DataFrame) -> pd.DataFrame:
@@ -150,8 +166,11 @@ def read_meta(root: str | Path, name: str) -> dict:
     path = manifest_path(root, name)
     if not path.is_file():
         raise ManifestError(f"no manifest named {name!r} under {Path(root) / MANIFEST_DIR}")
-    raw = pq.read_schema(path).metadata or {}
-    return json.loads(raw.get(b"cxrsynth", b"{}"))
+    try:
+        raw = pq.read_schema(path).metadata or {}
+        return json.loads(raw.get(b"cxrsynth", b"{}"))
+    except (pa.ArrowException, OSError, ValueError) as exc:  # not parquet, or metadata not JSON
+        raise _unreadable(path, exc) from None
 
 
 def list_names(root: str | Path) -> list[str]:
@@ -165,10 +184,24 @@ def views_sql(root: str | Path, relative: bool = False) -> str:
 
     With ``relative=True`` the parquet paths are relative to ``root``, for the DuckDB CLI
     started there: ``cxrsynth query --views > views.sql && duckdb -init views.sql``.
+
+    A manifest that cannot be read (a junk or truncated ``.parquet``) does not break the
+    others: it is left out of ``images`` with a :class:`~cxrsynth.errors.CxrsynthWarning`
+    naming the file, and its own view raises that the file is unreadable when queried.
     """
     names = list_names(root)
     statements = []
-    union_names = [n for n in names if read_meta(root, n).get("kind") != "mix"]  # a mix repeats others' rows
+    metas: dict[str, dict] = {}
+    for name in names:
+        try:
+            metas[name] = read_meta(root, name)
+        except ManifestError as exc:
+            warnings.warn(f"{exc}; left out of the view images", CxrsynthWarning, stacklevel=2)
+            message = str(exc).replace("'", "''")
+            statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT CAST(NULL AS VARCHAR) AS key FROM '
+                              f"(SELECT error('{message}') AS unreadable) WHERE unreadable IS NULL;")
+    names = [n for n in names if n in metas]
+    union_names = [n for n in names if metas[n].get("kind") != "mix"]  # a mix repeats others' rows
     for name in names:
         path = manifest_path(root, name)
         path = path.relative_to(root) if relative else path.resolve()
@@ -187,15 +220,30 @@ def connect(root: str | Path, database: str = ":memory:"):
     """A DuckDB connection with a view per manifest and the union view ``images``."""
     import duckdb
 
+    if not Path(root).is_dir():
+        raise ManifestError(f"project root {root} does not exist (--root names the folder holding manifests/)")
     con = duckdb.connect(database)
     con.execute(views_sql(root))
     return con
 
 
 def query(root: str | Path, sql: str) -> pd.DataFrame:
-    """Run SQL over all manifests (views per dataset + ``images``) and return a frame."""
+    """Run SQL over all manifests (views per dataset + ``images``) and return a frame.
+
+    Raises:
+        ManifestError: the SQL is empty or fails (DuckDB's message), or ``root`` does not exist.
+    """
+    import duckdb
+
+    if not sql or not sql.strip():
+        raise ManifestError("empty SQL: give a statement, e.g. SELECT count(*) FROM images")
     con = connect(root)
     try:
-        return con.execute(sql).fetchdf()
+        result = con.execute(sql)
+        if result is None or result.description is None:
+            raise ManifestError(f"the SQL returns no rows to show (no SELECT?): {sql.strip()[:80]!r}")
+        return result.fetchdf()
+    except duckdb.Error as exc:
+        raise ManifestError(" ".join(str(exc).split())) from None
     finally:
         con.close()

@@ -11,8 +11,9 @@ The tuning and test splits always stay real. ``k x 100%`` counts replicas of the
 synthetic dataset's source split: 300% is replicas 0, 1 and 2; a fraction (250%) adds a
 seeded random subset of the next replica's rows. Rows keep their own ``dataset`` and
 ``shard`` (they point at the source datasets' shards); ``split`` is their role in the
-mix. A mix is recorded with ``kind = "mix"`` in its metadata and is left out of the
-union view ``images``, which would otherwise count its rows twice.
+mix. A mix is published (:func:`cxrsynth.publish.publish`) with ``kind = "mix"`` in its
+metadata and is left out of the union view ``images``, which would otherwise count its
+rows twice.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrsynth import __version__, manifest, shards
+from cxrsynth import manifest, shards
+from cxrsynth.errors import CxrsynthError
+from cxrsynth.publish import Metadata, publish
 
 _PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%?\s*$")
 
 
-class MixError(ValueError):
+class MixError(CxrsynthError):
     """A mix that cannot be built as asked."""
 
 
@@ -47,7 +50,7 @@ class MixParams:
     """What a mix is made of (recorded in its metadata)."""
 
     real: str
-    synthetic: float  # replicas, e.g. 5.0 for 500%
+    synthetic: float = 0.0  # replicas, e.g. 5.0 for 500%
     synthetic_from: str | None = None
     only_synthetic: bool = False
     real_split: str = "train"
@@ -118,10 +121,7 @@ def mix(root: str | Path, name: str, params: MixParams) -> dict[str, int]:
         raise MixError("the mix has no training rows")
     record = {**asdict(params), "synthetic_from": synthetic_name}
     version = hashlib.sha256(shards.json_bytes({"params": record, "versions": versions})).hexdigest()[:10]
-    meta = {"dataset": name, "version": version, "kind": "mix", "params": record, "sources": versions,
-            "rows_in": len(rows), "kept": len(rows), "rejected": {}, "cxrsynth": __version__}
-    manifest.write(root, name, rows, meta)
-    manifest.write_rejects(root, name, pd.DataFrame(columns=list(manifest.REJECT_SCHEMA.names)))
+    publish(root, Metadata(name, version, "mix", {"params": record, "sources": versions}), rows)
     counts = rows["split"].value_counts().to_dict()
     return {"train": int(counts.get("train", 0)), "tune": int(counts.get("tune", 0)),
             "test": int(counts.get("test", 0)), "synthetic": synthetic_rows}

@@ -64,14 +64,24 @@ def device(name: str | None = None) -> "torch.device":
     """The device to run on: ``name`` if given, else cuda when available, else cpu.
 
     A bare ``cuda`` under ``torchrun`` becomes ``cuda:LOCAL_RANK`` (one GPU per process).
+    A name torch does not know, or CUDA asked for where there is none, is a
+    :class:`~cxrsynth.errors.CxrsynthError`.
     """
     import torch
+
+    from cxrsynth.errors import CxrsynthError
 
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:
         name = f"cuda:{os.environ['LOCAL_RANK']}"
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:  # torch's message lists the device types it knows
+        raise CxrsynthError(f"unknown device {name!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CxrsynthError(f"device {name!r}: no CUDA device is available here (use cpu)")
+    return dev
 
 
 def cuda_fast_paths(deterministic: bool) -> None:

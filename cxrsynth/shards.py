@@ -1,16 +1,21 @@
-"""WebDataset tar shards: deterministic, atomic writing, an index, verification.
+"""WebDataset tar shards: the sample encoder, deterministic atomic writing, an index, verification.
 
 Layout: ``data/shards/<dataset>/<version>/<dataset>-%06d.tar`` with ``index.json``
 beside the shards. A sample is ``<key>.png`` (8-bit grayscale) and ``<key>.json`` (its
-manifest row). Tar members carry a fixed mtime, owner and mode, so the same samples
-give byte-identical shards, which is what lets DVC cache them.
+manifest row minus the columns a later step may change, :data:`SAMPLE_FIELDS`), made by
+:func:`encode_sample` from a plain record (:func:`sample_records`). Tar members carry a
+fixed mtime, owner and mode, so the same samples give byte-identical shards, which is
+what lets DVC cache them.
 
 Shards are planned as fixed work units (one unit of input rows → one shard), each
 written with webdataset's :class:`~webdataset.ShardWriter` under a ``.partial`` name and
 renamed only once complete, with a small progress record (``.progress/<shard>.json``:
 count, bytes, sha256, keys, rejects). A killed job therefore never
 leaves a shard that a later run would trust, and a restarted job skips finished units;
-units are independent, so they also run in parallel processes.
+units are independent, so they also run in parallel processes. A unit's input rows that
+cannot become samples (an unreadable image) come to the writer as :class:`Reject` items
+in the sample stream; :func:`write_shard` returns them with the shard, so rows in = samples
+written + rows rejected holds per shard.
 """
 
 from __future__ import annotations
@@ -21,6 +26,15 @@ import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxrsynth import manifest
+from cxrsynth.imaging import encode_png
+
+#: Record fields copied into each sample's JSON (the manifest row minus mutable columns).
+SAMPLE_FIELDS = tuple(c for c in manifest.COLUMNS if c not in ("shard", "split"))
 
 SHARD_ROOT = Path("data") / "shards"
 INDEX_NAME = "index.json"
@@ -51,8 +65,37 @@ class ShardResult:
     rejects: list[dict] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Reject:
+    """An input row that did not become a sample, as its rejects-ledger row."""
+
+    row: int | None
+    key: str | None
+    source_path: str | None
+    reason: str
+    detail: str
+
+
+def sample_records(frame: pd.DataFrame, extra: tuple[str, ...] = ()) -> list[dict]:
+    """Plain-Python rows of :data:`SAMPLE_FIELDS` (+ ``extra``): picklable, JSON-ready, nulls as None."""
+    sub = frame.reindex(columns=[*extra, *SAMPLE_FIELDS]).astype(object)
+    rows = sub.where(sub.notna(), None).to_dict("records")
+    return [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items()} for r in rows]
+
+
+def encode_sample(record: dict, image: np.ndarray) -> dict:
+    """One WebDataset sample: ``<key>.png`` and ``<key>.json`` (the record's sample fields)."""
+    meta = {k: record[k] for k in SAMPLE_FIELDS}
+    return {"__key__": record["key"], "png": encode_png(image), "json": json_bytes(meta)}
+
+
 def shard_dir(root: str | Path, dataset: str, version: str) -> Path:
     return Path(root) / SHARD_ROOT / dataset / version
+
+
+def shard_path(dataset: str, version: str, name: str) -> str:
+    """A shard's path relative to the project root, as the manifest's ``shard`` column holds it."""
+    return str(SHARD_ROOT / dataset / version / name)
 
 
 def shard_name(dataset: str, index: int) -> str:
@@ -94,15 +137,16 @@ def finished(directory: Path, dataset: str, index: int) -> ShardResult | None:
     return result
 
 
-def write_shard(directory: Path, dataset: str, index: int, samples: Iterable[dict], rejects: list[dict] | None = None) -> ShardResult:
+def write_shard(directory: Path, dataset: str, index: int, samples: Iterable[dict | Reject]) -> ShardResult:
     """Write one shard from samples ``{"__key__": str, "png": bytes, "json": bytes}``.
 
-    ``samples`` may be a generator that appends to ``rejects`` as it goes (the images
-    that failed to load); the list is read after the generator is exhausted.
+    ``samples`` may also yield :class:`Reject` items (the rows whose image failed to
+    load): they are not written, and the result lists them, in stream order, as
+    ``rejects``.
     """
     import webdataset as wds
 
-    rejects = [] if rejects is None else rejects
+    rejects: list[dict] = []
     directory.mkdir(parents=True, exist_ok=True)
     (directory / PROGRESS_DIR).mkdir(exist_ok=True)
     name = shard_name(dataset, index)
@@ -122,11 +166,15 @@ def write_shard(directory: Path, dataset: str, index: int, samples: Iterable[dic
     )
     try:
         for sample in samples:
+            if isinstance(sample, Reject):
+                rejects.append(asdict(sample))
+                continue
             writer.write(sample)
             keys.append(sample["__key__"])
     finally:
         writer.close()
-    result = ShardResult(name=name, count=len(keys), bytes=partial.stat().st_size, sha256=sha256_file(partial), keys=keys, rejects=rejects)
+    result = ShardResult(name=name, count=len(keys), bytes=partial.stat().st_size, sha256=sha256_file(partial), keys=keys,
+                         rejects=rejects)
     _atomic_write_bytes(directory / PROGRESS_DIR / f"{name}.json", json_bytes(asdict(result)))
     os.replace(partial, final)
     return result
@@ -164,9 +212,15 @@ def verify(directory: Path, expected_counts: dict[str, int] | None = None) -> li
     path = directory / INDEX_NAME
     if not path.is_file():
         return [f"missing index: {path}"]
-    index = json.loads(path.read_text())
+    try:
+        index = json.loads(path.read_text())
+        entries = index["shards"]
+        if not all({"name", "count", "bytes", "sha256"} <= set(e) for e in entries):
+            raise ValueError("a shard entry lacks name, count, bytes or sha256")
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not a shard index
+        return [f"unreadable index: {path}: {type(exc).__name__}: {exc}"]
     problems = []
-    for entry in index["shards"]:
+    for entry in entries:
         shard = directory / entry["name"]
         if not shard.is_file():
             problems.append(f"missing shard: {shard}")
@@ -183,10 +237,3 @@ def verify(directory: Path, expected_counts: dict[str, int] | None = None) -> li
             if listed.get(name) != count:
                 problems.append(f"count mismatch: {name}: manifest has {count} rows, index says {listed.get(name)}")
     return problems
-
-
-def urls(root: str | Path, dataset: str, version: str) -> list[str]:
-    """Shard paths of a version, from its index, in order."""
-    directory = shard_dir(root, dataset, version)
-    index = json.loads((directory / INDEX_NAME).read_text())
-    return [str(directory / e["name"]) for e in index["shards"]]

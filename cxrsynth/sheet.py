@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cxrsynth.errors import CxrsynthError
 from cxrsynth.labels import FINDINGS
 
 #: Short names for captions.
@@ -62,7 +63,7 @@ def contact_sheet(
     font = ImageFont.load_default()
     n = len(images)
     if n == 0:
-        raise ValueError("a contact sheet needs at least one image")
+        raise CxrsynthError("a contact sheet needs at least one image")
     tile_height = max(int(round(tile_width * im.shape[0] / im.shape[1])) for im in images)
     text_height = 4 * 12 + 4
     rows = (n + columns - 1) // columns
@@ -81,10 +82,14 @@ def contact_sheet(
 
 
 def write_sheet(path: Path, images: list[np.ndarray], labels: np.ndarray, headers: list[str] | None = None) -> Path:
-    """Write a contact sheet PNG (deterministic bytes)."""
+    """Write a contact sheet PNG (deterministic bytes); a path that cannot be written is a :class:`CxrsynthError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    contact_sheet(images, labels, headers).save(path, format="PNG", optimize=False, compress_level=6)
+    sheet = contact_sheet(images, labels, headers)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(path, format="PNG", optimize=False, compress_level=6)
+    except OSError as exc:  # a parent that is a file, no permission, a full disk
+        raise CxrsynthError(f"cannot write the sheet {path}: {exc.strerror or exc}") from None
     return path
 
 
@@ -108,7 +113,7 @@ def dataset_sheet(root: str | Path, name: str, out: str | Path, *, n: int = 24, 
         where: Optional SQL condition on the manifest, e.g. ``"pleural_effusion = 1"``.
     """
     from cxrsynth import labels, manifest, stream
-    from cxrsynth.imaging import decode_png
+    from cxrsynth.imaging import ImageError, decode_png
 
     condition = f"WHERE shard IS NOT NULL AND ({where})" if where else "WHERE shard IS NOT NULL"
     frame = manifest.query(root, f'SELECT * FROM "{manifest.check_name(name)}" {condition} ORDER BY key LIMIT {int(n)}')
@@ -116,5 +121,12 @@ def dataset_sheet(root: str | Path, name: str, out: str | Path, *, n: int = 24, 
         raise manifest.ManifestError(f"{name}: no images with shards match {where or 'the dataset'}")
     pngs = dict(stream.samples(root, frame, train=False, seed=0))
     rows = frame.to_dict("records")
-    images = [decode_png(pngs[r["key"]]) for r in rows]
+    images = []
+    for r in rows:
+        if r["key"] not in pngs:
+            raise manifest.ManifestError(f"{name}: key {r['key']} is in the manifest but not in its shard {r['shard']}")
+        try:
+            images.append(decode_png(pngs[r["key"]]))
+        except ImageError as exc:
+            raise ImageError(f"{name}: key {r['key']} in shard {r['shard']}: {exc}") from None
     return write_sheet(Path(out), images, labels.findings_matrix(frame), [header(r) for r in rows])

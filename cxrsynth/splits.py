@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth import manifest
+from cxrsynth.errors import CxrsynthError
 
 SPLITS = ("train", "tune", "test")
 
@@ -30,7 +31,7 @@ class SplitParams:
 
     def __post_init__(self) -> None:
         if not (0 <= self.tune <= 1 and 0 <= self.test <= 1 and self.tune + self.test <= 1):
-            raise ValueError(f"--tune {self.tune} and --test {self.test} must be in [0, 1] and sum to at most 1")
+            raise CxrsynthError(f"--tune {self.tune} and --test {self.test} must be in [0, 1] and sum to at most 1")
 
 
 def _order(patients: np.ndarray, seed: int) -> np.ndarray:

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth import labels, manifest
+from cxrsynth.errors import UnknownNameError
+from cxrsynth.splits import SPLITS
 
 
 def cohort_stats(frame: pd.DataFrame) -> dict:
@@ -31,7 +33,9 @@ def cohort_stats(frame: pd.DataFrame) -> dict:
 
 
 def dataset_stats(root: str | Path, name: str, split: str | None = None) -> dict:
-    """:func:`cohort_stats` of a manifest, optionally of one split."""
+    """:func:`cohort_stats` of a manifest, optionally of one split (train, tune or test)."""
+    if split is not None and split not in SPLITS:
+        raise UnknownNameError("split", split, SPLITS)
     frame = manifest.read(root, name)
     if split is not None:
         frame = frame.loc[(frame["split"] == split).fillna(False).to_numpy(dtype=bool)]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from cxrsynth.cli.common import CleanErrors
 from cxrsynth.diffusion.model import ConditionalUNet
 from cxrsynth.diffusion.presets import get_preset
 from cxrsynth.bench.roofline import roofline, summarize, trace
@@ -90,7 +91,7 @@ def test_bench_generate_reports_and_profiles_on_cpu() -> None:
 
     import typer
 
-    app = typer.Typer()
+    app = typer.Typer(cls=CleanErrors)  # the app's group class: library errors become one line and exit code 2
     app.command("generate")(bench_generate)
     app.command("roofline")(bench_roofline)
     runner = CliRunner()
@@ -143,7 +144,7 @@ def test_bench_train_times_the_real_loop() -> None:
 
     from cxrsynth.cli.bench import bench_train
 
-    app = typer.Typer()
+    app = typer.Typer(cls=CleanErrors)  # the app's group class: library errors become one line and exit code 2
     app.command("train")(bench_train)
     app.command("unused")(lambda: None)
     runner = CliRunner()
@@ -204,7 +205,7 @@ def test_bench_solvers_measures_few_step_error_against_a_reference(tmp_path) -> 
     torch.manual_seed(0)
     gen = save_generator(ConditionalUNet.build(get_preset("micro")), tmp_path / "gen")
 
-    app = typer.Typer()
+    app = typer.Typer(cls=CleanErrors)  # the app's group class: library errors become one line and exit code 2
     app.command("solvers")(bench_solvers)
     app.command("unused")(lambda: None)
     runner = CliRunner()

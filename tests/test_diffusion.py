@@ -15,6 +15,7 @@ from cxrsynth.diffusion.fid import FeatureStats, frechet_distance
 from cxrsynth.diffusion.model import ConditionalUNet, generator_info, load_generator, save_generator
 from cxrsynth.diffusion.presets import get_preset, list_presets
 from cxrsynth.diffusion.sample import MEDIFFUSION_COMPAT, combine_guidance, guided_output, sample, sample_batch
+from cxrsynth.diffusion.schedule import get_sampler, list_samplers
 from cxrsynth.diffusion.train import TrainConfig, train
 from cxrsynth.labels import CONDITION_SIZE
 
@@ -34,7 +35,9 @@ def _one_thread():
 def _model(seed: int = 0) -> ConditionalUNet:
     """A micro network with all weights random (zero-initialised layers too)."""
     g = torch.Generator().manual_seed(seed)
-    model = ConditionalUNet.build(MICRO)
+    with torch.random.fork_rng(devices=[]):  # the same network whatever ran before (the global RNG inits it)
+        torch.manual_seed(seed)
+        model = ConditionalUNet.build(MICRO)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
@@ -55,8 +58,35 @@ def test_presets_registered_and_paper_layout() -> None:
     paper = get_preset("paper")
     assert paper.channel_mult == (1, 1, 2, 2, 4, 4) and paper.attention_levels == (False, False, False, True, True, True)
     assert paper.prediction_type == "v_prediction" and paper.zero_terminal_snr and paper.out_channels == 2
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError) as err:
         get_preset("nope")
+    assert str(err.value) == f"unknown generator preset 'nope'; known: {', '.join(sorted(list_presets()))}"  # no stray quotes
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_builds_a_network_on_meta_tensors(name: str) -> None:
+    config = get_preset(name)
+    assert config.name == name
+    with torch.device("meta"):  # shapes only: the paper's 125M-parameter network costs nothing here
+        model = ConditionalUNet.build(config)
+        out = model(torch.zeros(1, config.in_channels, config.image_size, config.image_size),
+                    torch.zeros(1, dtype=torch.long), torch.zeros(1, CONDITION_SIZE))
+    assert tuple(out.shape) == (1, config.out_channels, config.image_size, config.image_size)
+
+
+def _sampling_cases() -> list[dict]:
+    """Every registered sampler (a stochastic one with eta 0 and 1), and Mediffusion's settings."""
+    cases: list[dict] = []
+    for name in list_samplers():
+        if get_sampler(name).stochastic:
+            cases += [{"sampler": name, "eta": 0.0, "guidance": 3.0}, {"sampler": name, "eta": 1.0, "guidance": 1.0}]
+        else:
+            cases.append({"sampler": name, "guidance": 2.0})
+    return [*cases, {**MEDIFFUSION_COMPAT, "guidance": 4.0}]
+
+
+def test_sampling_cases_cover_the_registry() -> None:
+    assert {c["sampler"] for c in _sampling_cases()} == set(list_samplers()) >= {"ddim", "ddim-unclipped", "dpmpp"}
 
 
 def test_forward_shapes_and_null_embedding() -> None:
@@ -95,15 +125,7 @@ def assert_same_images(a: torch.Tensor, b: torch.Tensor) -> None:
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"sampler": "ddim", "eta": 0.0, "guidance": 3.0},
-        {"sampler": "ddim", "eta": 1.0, "guidance": 1.0},
-        {"sampler": "dpmpp", "guidance": 2.0},
-        {**MEDIFFUSION_COMPAT, "guidance": 4.0},
-    ],
-)
+@pytest.mark.parametrize("kwargs", _sampling_cases())
 def test_sampling_is_seeded_per_image(kwargs: dict) -> None:
     model, cond, seeds = _model(), torch.rand(3, CONDITION_SIZE), [11, 12, 13]
     one = sample(model, cond, seeds, steps=3, batch_size=1, **kwargs)

@@ -19,7 +19,7 @@ else:
         "mediffusion.models.unet", reason="mediffusion not installed (make install-mediffusion)"
     )
 
-from cxrsynth.diffusion.mediffusion import _DEFAULTS, import_mediffusion  # noqa: E402
+from cxrsynth.diffusion.mediffusion import MEDIFFUSION_DEFAULTS, import_mediffusion  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -33,7 +33,7 @@ def test_outputs_match_mediffusion(overrides: dict, tmp_path) -> None:
     torch.set_num_threads(1)
     raw = {"model": {"input_size": 64, "num_classes": 22, "model_channels": 32, **overrides}}
     torch.manual_seed(0)
-    adm = unet_mod.UNetModel(**{**_DEFAULTS["model"], **raw["model"]}).eval()
+    adm = unet_mod.UNetModel(**{**MEDIFFUSION_DEFAULTS["model"], **raw["model"]}).eval()
     with torch.no_grad():  # randomise every weight, zero-initialised output convs included
         for p in adm.parameters():
             p.copy_(torch.randn_like(p) * 0.1)

@@ -61,7 +61,9 @@ def test_fid_from_local_inception_file(tmp_path, no_network, one_thread):
     assert other > 0 and other > 1e3 * abs(same)
 
 def test_missing_inception_file_is_an_error_not_a_download(tmp_path, no_network):
-    with pytest.raises(FileNotFoundError, match="never downloads"):
+    from cxrsynth.errors import CxrsynthError
+
+    with pytest.raises(CxrsynthError, match="never downloads"):
         fid.inception_extractor(tmp_path / "missing.pth")
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from cxrsynth import ingest, labels
 from cxrsynth.imaging import Preprocess
-from cxrsynth.phantom import sample_site, write_site
+from cxrsynth.phantom import SITES, sample_site, write_site
 from cxrsynth.sources import chexpert, mimic, table
 
 EMORY_MAP = ["ImagePath=path", "AnonPatientID=patient_id", "AnonAccession=study_id", "PatientSex=sex",
@@ -23,7 +23,7 @@ def read_site(site, raw):
     return [table.read(raw / "emory.csv", EMORY_MAP)]
 
 
-@pytest.mark.parametrize("site", ["cxp", "mimic", "emory"])
+@pytest.mark.parametrize("site", sorted(SITES))
 def test_site_is_read_back_by_its_importer(site, tmp_path):
     n = 40
     write_site(site, n, tmp_path / "raw", seed=3)

@@ -6,9 +6,9 @@ network forward at the benchmark batch on meta tensors and sums torch's
 device), and the total is forwards x FLOPs per forward. MFU = achieved FLOP/s / peak, with the
 peak from :data:`PEAK_TFLOPS` (dense bf16 unless noted):
 
-* H100 / H200 (SXM): 790 TFLOP/s, the *measured* dense bf16 matmul ceiling that
-  DESIGN.md uses as its anchor (the data-sheet figure is 989); pass ``peak_tflops`` to
-  use another.
+* H100 / H200 (SXM): 790 TFLOP/s, the *measured* dense bf16 matmul ceiling that the
+  project's performance figures use as their anchor (the data-sheet figure is 989); pass
+  ``peak_tflops`` to use another.
 * A100: 312 (data sheet); L40S: 362; A10G: 125 (data sheets).
 * CPU: no peak (MFU not reported).
 
@@ -29,9 +29,11 @@ from typing import Any
 
 import torch
 
+from cxrsynth import runtime
 from cxrsynth.diffusion.model import ConditionalUNet
 from cxrsynth.diffusion.presets import get_preset
-from cxrsynth.diffusion.sample import _needs, fast_paths, sample_batch
+from cxrsynth.diffusion.sample import fast_paths, guidance_branches, sample_batch
+from cxrsynth.errors import CxrsynthError, UnknownNameError
 
 #: Dense bf16 peak TFLOP/s by GPU name fragment (see module docstring).
 PEAK_TFLOPS: dict[str, float] = {"H100": 790.0, "H200": 790.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -125,10 +127,10 @@ def bench_generate(
     """
     from cxrsynth.bench.roofline import roofline
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = runtime.device(device)
     cfg = get_preset(preset, **({"image_size": image_size} if image_size else {}))
     if dtype not in ("bf16", "bf16-weights", "fp32"):
-        raise ValueError(f"unknown dtype {dtype!r} (bf16 | bf16-weights | fp32)")
+        raise UnknownNameError("dtype", dtype, ("bf16", "bf16-weights", "fp32"))
     torch_dtype = torch.bfloat16 if (dtype == "bf16-weights" or (dtype == "bf16" and dev.type == "cuda")) else torch.float32
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -137,7 +139,7 @@ def bench_generate(
         torch.nn.Module.to(model, torch.bfloat16)  # all of it: diffusers would warn about fp32-kept modules (none)
     forward = fast_paths(model, compile=compile, compile_mode=compile_mode, channels_last=channels_last,
                          deterministic=deterministic)
-    need_cond, need_uncond = _needs(guidance, "standard")
+    need_cond, need_uncond = guidance_branches(guidance, "standard")
     passes = int(need_cond) + int(need_uncond)
     roof = roofline(preset, batch * passes, dtype="bf16", image_size=image_size)  # H100 bf16 ceilings
     flops = roof.gflop * 1e9 * batch * passes  # one sampler step
@@ -242,8 +244,8 @@ def bench_train(
     from cxrsynth.diffusion.train import TrainConfig, train
 
     if batch < 1 or steps < 1 or warmup_steps < 1:
-        raise ValueError("batch, steps and warmup steps must be >= 1")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        raise CxrsynthError("batch, steps and warmup steps must be >= 1")
+    dev = runtime.device(device)
     cfg = get_preset(preset, **({"image_size": image_size} if image_size else {}))
     steps = -(-steps // warmup_steps) * warmup_steps  # readouts every warmup_steps
     g = torch.Generator().manual_seed(0)
@@ -298,7 +300,10 @@ def bench_solvers(
         levels), mean_abs_grey and p99_abs_grey.
     """
     from cxrsynth.diffusion.sample import sample
+    from cxrsynth.diffusion.schedule import get_sampler
 
+    for sampler, _ in [reference, *runs]:
+        get_sampler(sampler)  # an unknown name fails before any run
     out: list[dict[str, Any]] = []
     ref: torch.Tensor | None = None
     for sampler, steps in [reference, *runs]:

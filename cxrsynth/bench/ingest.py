@@ -18,6 +18,10 @@ from cxrsynth.bench import Timer
 def bench_ingest(n: int = 1000, size: int = 256, workers: int | None = None, chexpert_csv: Path | None = None, seed: int = 0) -> list[dict]:
     """Run the data-layer timings; returns rows ``{"what", "items", "seconds", "per_second"}``."""
     from cxrsynth import ingest, splits, stream
+    from cxrsynth.errors import CxrsynthError
+
+    if chexpert_csv is not None and not Path(chexpert_csv).is_file():
+        raise CxrsynthError(f"CheXpert CSV not found: {chexpert_csv}")  # before minutes of image work
     from cxrsynth.imaging import Preprocess
     from cxrsynth.phantom import write_site
     from cxrsynth.sources import chexpert

@@ -43,6 +43,7 @@ from torch.utils.flop_counter import flop_registry
 
 from cxrsynth.diffusion.model import ConditionalUNet
 from cxrsynth.diffusion.presets import get_preset
+from cxrsynth.errors import CxrsynthError, UnknownNameError
 
 #: Dense bf16 TFLOP/s and copy bandwidth TB/s of one H100 measured here (module docstring).
 H100_PEAK_TFLOPS = 790.0
@@ -361,10 +362,10 @@ def roofline(
         bandwidth_tbs: Memory bandwidth for the memory time of each op.
     """
     if batch < 1:
-        raise ValueError("batch must be >= 1")
+        raise CxrsynthError(f"batch must be >= 1, got {batch}")
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype)
     if torch_dtype is None:
-        raise ValueError(f"unknown dtype {dtype!r} (bf16 | fp32)")
+        raise UnknownNameError("dtype", dtype, ("bf16", "fp32"))
     cfg = get_preset(preset, **({"image_size": image_size} if image_size else {}))
     with torch.device("meta"):
         model = ConditionalUNet.build(cfg).eval()

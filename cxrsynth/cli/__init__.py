@@ -1,18 +1,20 @@
 """The ``cxrsynth`` command line: a thin typer layer over the library.
 
 Each command parses, calls one library function and prints. Heavy imports (pandas,
-torch, duckdb) happen inside the command bodies, so ``--help`` is instant.
+torch, duckdb) happen inside the command bodies, so ``--help`` is instant. Errors are
+printed once, by :class:`~cxrsynth.cli.common.CleanErrors`, the app's group class.
 """
 
 from __future__ import annotations
 
 import typer
 
+from cxrsynth.cli import bench as _bench
 from cxrsynth.cli import data as _data
-from cxrsynth.cli.bench import bench_generate, bench_ingest, bench_phantom, bench_roofline, bench_solvers, bench_train
 from cxrsynth.cli.common import CleanErrors
 from cxrsynth.cli.generate import generate
 from cxrsynth.cli.generator import generator_app
+from cxrsynth.cli.options import LazyHelp
 from cxrsynth.cli.phantom import phantom
 
 app = typer.Typer(
@@ -24,20 +26,23 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures (not tests).")
 
-app.command("phantom")(phantom)
+# data
+app.command("phantom", cls=LazyHelp)(phantom)
 app.add_typer(_data.ingest_app, name="ingest")
 app.command("stats")(_data.stats)
-app.command("split")(_data.split)
+app.command("split", cls=LazyHelp)(_data.split)
 app.command("query")(_data.query)
 app.command("verify")(_data.verify)
 app.command("sheet")(_data.sheet)
 app.command("mix")(_data.mix)
+# generator
 app.add_typer(generator_app, name="generator")
-app.command("generate")(generate)
+app.command("generate", cls=LazyHelp)(generate)
+# benchmarks
 app.add_typer(bench_app, name="bench")
-bench_app.command("ingest")(bench_ingest)
-bench_app.command("phantom")(bench_phantom)
-bench_app.command("generate")(bench_generate)
-bench_app.command("roofline")(bench_roofline)
-bench_app.command("train")(bench_train)
-bench_app.command("solvers")(bench_solvers)
+bench_app.command("ingest")(_bench.bench_ingest)
+bench_app.command("phantom")(_bench.bench_phantom)
+bench_app.command("generate", cls=LazyHelp)(_bench.bench_generate)
+bench_app.command("roofline", cls=LazyHelp)(_bench.bench_roofline)
+bench_app.command("train", cls=LazyHelp)(_bench.bench_train)
+bench_app.command("solvers")(_bench.bench_solvers)

@@ -17,24 +17,24 @@ from cxrsynth.cli.common import Root, console, fail, set_threads
 
 
 def bench_generate(
-    preset: Annotated[str, typer.Option("--preset", help="Generator preset.")] = "paper",
-    batch: Annotated[int, typer.Option("--batch", help="Images per batch.")] = 64,
-    steps: Annotated[int, typer.Option("--steps", help="Sampler steps.")] = 200,
-    sampler: Annotated[str, typer.Option("--sampler", help="ddim | ddim-unclipped | dpmpp.")] = "ddim",
+    preset: Annotated[str, typer.Option("--preset", help="Generator preset: {presets}.")] = "paper",
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per batch.")] = 64,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Sampler steps.")] = 200,
+    sampler: Annotated[str, typer.Option("--sampler", help="{samplers}.")] = "ddim",
     guidance: Annotated[float, typer.Option("--guidance", help="Standard CFG scale; 1 = one forward per step.")] = 1.0,
     dtype: Annotated[str, typer.Option("--dtype", help="bf16 (autocast, as generate runs) | bf16-weights (network cast whole) | fp32; on CPU bf16 means fp32.")] = "bf16",
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the network.")] = False,
     compile_mode: Annotated[str, typer.Option(
-        "--compile-mode", help="default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs.")] = "default",
+        "--compile-mode", help="{compile_modes} (reduce-overhead: CUDA graphs).")] = "default",
     channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="NHWC on CUDA.")] = True,
     deterministic: Annotated[bool, typer.Option("--deterministic/--autotune", help="cuDNN deterministic algorithms as "
                                                 "`generate` uses (repeatable bytes), or autotuned (fastest).")] = False,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the preset's size.")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="Default: cuda if available, else cpu.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (torch.set_num_threads); default: torch's. "
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads); default: torch's. "
                                                   "On a shared 2-core machine 1 is several times faster than 2.")] = None,
     peak: Annotated[Optional[float], typer.Option("--peak-tflops", help="Peak TFLOP/s for MFU (default: table).")] = None,
-    profile: Annotated[int, typer.Option("--profile", help="Also print the top N kernels of one sampler step.")] = 0,
+    profile: Annotated[int, typer.Option("--profile", min=0, help="Also print the top N kernels of one sampler step.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
 ) -> None:
     """Sampling throughput on random weights: images/s, TFLOP/s, MFU, peak memory.
@@ -44,14 +44,9 @@ def bench_generate(
     from cxrsynth.bench.generator import bench_generate as bench_lib
 
     set_threads(threads)
-    if profile < 0:
-        fail("--profile must be >= 0")
-    try:
-        r = bench_lib(preset, batch, steps, sampler=sampler, guidance=guidance, dtype=dtype, compile=compile,
-                      compile_mode=compile_mode, channels_last=channels_last, device=device,
-                      image_size=image_size, peak_tflops=peak, profile=profile, deterministic=deterministic)
-    except (KeyError, ValueError) as exc:
-        fail(str(exc))
+    r = bench_lib(preset, batch, steps, sampler=sampler, guidance=guidance, dtype=dtype, compile=compile,
+                  compile_mode=compile_mode, channels_last=channels_last, device=device,
+                  image_size=image_size, peak_tflops=peak, profile=profile, deterministic=deterministic)
     if as_json:
         print(json.dumps(r.to_dict()))
         return
@@ -77,14 +72,14 @@ def bench_generate(
 
 
 def bench_roofline(
-    preset: Annotated[str, typer.Option("--preset", help="Generator preset.")] = "paper",
-    batch: Annotated[int, typer.Option("--batch", help="Images per forward (x2 with guidance).")] = 64,
+    preset: Annotated[str, typer.Option("--preset", help="Generator preset: {presets}.")] = "paper",
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per forward (x2 with guidance).")] = 64,
     dtype: Annotated[str, typer.Option("--dtype", help="bf16 | fp32 element size.")] = "bf16",
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the preset's size.")] = None,
     peak: Annotated[float, typer.Option("--peak-tflops", help="Peak TFLOP/s (default: H100 measured here).")] = 790.0,
     bandwidth: Annotated[float, typer.Option("--bandwidth-tbs", help="Memory bandwidth TB/s (default: H100 measured here).")] = 3.0,
     steps: Annotated[str, typer.Option("--steps", help="Sampler step counts for the images/s ceilings, comma-separated.")] = "200,25",
-    top_ops: Annotated[int, typer.Option("--ops", help="Also list the N aten ops with the most roofline time.")] = 0,
+    top_ops: Annotated[int, typer.Option("--ops", min=0, help="Also list the N aten ops with the most roofline time.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
 ) -> None:
     """FLOPs and bytes of one forward, per category of op, and the MFU ceilings they imply.
@@ -93,16 +88,11 @@ def bench_roofline(
     """
     from cxrsynth.bench.roofline import roofline
 
-    try:
-        step_counts = [int(s) for s in steps.split(",") if s.strip()]
-        if not step_counts or min(step_counts) < 1:
-            raise ValueError
-    except ValueError:
+    counts = [s.strip() for s in steps.split(",") if s.strip()]
+    if not counts or not all(s.isdigit() and int(s) >= 1 for s in counts):
         fail(f"--steps must be positive integers separated by commas, got {steps!r}")
-    try:
-        r = roofline(preset, batch, dtype=dtype, image_size=image_size, peak_tflops=peak, bandwidth_tbs=bandwidth)
-    except (KeyError, ValueError) as exc:
-        fail(str(exc))
+    step_counts = [int(s) for s in counts]
+    r = roofline(preset, batch, dtype=dtype, image_size=image_size, peak_tflops=peak, bandwidth_tbs=bandwidth)
     if as_json:
         print(json.dumps(r.to_dict() | {"images_per_s": {
             str(s): {"eager": r.images_per_s(s), "fused": r.images_per_s(s, fused=True),
@@ -141,13 +131,13 @@ def bench_roofline(
 
 
 def bench_train(
-    preset: Annotated[str, typer.Option("--preset", help="Generator preset.")] = "paper",
+    preset: Annotated[str, typer.Option("--preset", help="Generator preset: {presets}.")] = "paper",
     batch: Annotated[int, typer.Option("--batch", help="Images per step.")] = 32,
     steps: Annotated[int, typer.Option("--steps", help="Timed steps (rounded up to a multiple of --warmup).")] = 20,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps first; also the readout interval.")] = 5,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the preset's size.")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="Default: cuda if available, else cpu.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (torch.set_num_threads).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads).")] = None,
     peak: Annotated[Optional[float], typer.Option("--peak-tflops", help="Peak TFLOP/s for MFU (default: table).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
 ) -> None:
@@ -155,11 +145,7 @@ def bench_train(
     from cxrsynth.bench.generator import bench_train as bench_lib
 
     set_threads(threads)
-    try:
-        r = bench_lib(preset, batch, steps, warmup_steps=warmup, device=device, image_size=image_size,
-                      peak_tflops=peak)
-    except (KeyError, ValueError) as exc:
-        fail(str(exc))
+    r = bench_lib(preset, batch, steps, warmup_steps=warmup, device=device, image_size=image_size, peak_tflops=peak)
     if as_json:
         print(json.dumps(r.to_dict()))
         return
@@ -182,14 +168,14 @@ def bench_solvers(
     generator: Annotated[Path, typer.Option("--generator", help="Generator folder (generator train / import-mediffusion).")],
     conditions: Annotated[str, typer.Option("--conditions", help="Dataset whose rows give the conditions.")],
     split: Annotated[Optional[str], typer.Option("--split", help="Split of the conditions.")] = "train",
-    n: Annotated[int, typer.Option("--n", help="Images per run (the first N condition rows, as generate orders them).")] = 16,
+    n: Annotated[int, typer.Option("--n", min=1, help="Images per run (the first N condition rows, as generate orders them).")] = 16,
     runs: Annotated[str, typer.Option("--runs", help="Runs as sampler:steps, comma-separated.")] =
         "ddim:200,ddim:25,ddim-unclipped:200,ddim-unclipped:25,dpmpp:25,dpmpp:10",
     reference: Annotated[str, typer.Option("--reference", help="The converged run, sampler:steps.")] = "dpmpp:200",
     guidance: Annotated[float, typer.Option("--guidance", help="Standard CFG scale (1: conditional model).")] = 1.0,
-    batch: Annotated[int, typer.Option("--batch", help="Images per network call.")] = 16,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per network call.")] = 16,
     device: Annotated[Optional[str], typer.Option("--device", help="Default: cuda if available, else cpu.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (torch.set_num_threads).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON (one line).")] = False,
     root: Root = Path("."),
 ) -> None:
@@ -199,7 +185,7 @@ def bench_solvers(
     """
     import torch
 
-    from cxrsynth import labels
+    from cxrsynth import labels, runtime
     from cxrsynth.bench.generator import bench_solvers as bench_lib
     from cxrsynth.diffusion.model import load_generator
     from cxrsynth.generate import condition_rows
@@ -214,15 +200,10 @@ def bench_solvers(
 
     plan = [parse(s) for s in runs.split(",") if s.strip()]
     ref = parse(reference)
-    if n < 1:
-        fail("--n must be >= 1")
-    try:
-        rows = condition_rows(root, conditions, split).head(n)
-        model = load_generator(generator, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        results = bench_lib(model, torch.from_numpy(labels.conditioning_vectors(rows)), list(range(len(rows))),
-                            plan, reference=ref, guidance=guidance, batch_size=batch)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        fail(str(exc))
+    rows = condition_rows(root, conditions, split).head(n)
+    model = load_generator(generator, device=runtime.device(device))
+    results = bench_lib(model, torch.from_numpy(labels.conditioning_vectors(rows)), list(range(len(rows))),
+                        plan, reference=ref, guidance=guidance, batch_size=batch)
     if as_json:
         print(json.dumps(results))
         return
@@ -238,9 +219,9 @@ def bench_solvers(
 
 
 def bench_ingest(
-    n: Annotated[int, typer.Option("--n", help="Phantom images to ingest.")] = 1000,
-    size: Annotated[int, typer.Option("--size", help="Preprocessed image side.")] = 256,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Processes for image work (default: all cores).")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Phantom images to ingest.")] = 1000,
+    size: Annotated[int, typer.Option("--size", min=1, help="Preprocessed image side.")] = 256,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes for image work (default: all cores).")] = None,
     chexpert_csv: Annotated[Optional[Path], typer.Option("--chexpert-csv", help="CheXpert train.csv for the labels-only timing.")] = None,
 ) -> None:
     """Time ingest (1 vs all workers), shard streaming, and labels-only ingest of a CheXpert CSV."""

@@ -37,10 +37,24 @@ class CleanErrors(TyperGroup):
     """A typer group whose commands' :class:`CxrsynthError` prints as one clean line."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except CxrsynthError as exc:
-            fail(str(exc), exc.exit_code)
+        import warnings
+
+        from cxrsynth.errors import CxrsynthWarning
+
+        def show(message, category, *args, **kwargs):
+            if not issubclass(category, CxrsynthWarning):
+                return others(message, category, *args, **kwargs)
+            from rich.markup import escape
+
+            err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", soft_wrap=True, highlight=False)
+
+        with warnings.catch_warnings():  # the library's warnings as one line each, every time
+            warnings.simplefilter("always", CxrsynthWarning)
+            others, warnings.showwarning = warnings.showwarning, show
+            try:
+                return super().invoke(ctx)
+            except CxrsynthError as exc:
+                fail(str(exc), exc.exit_code)
 
 
 @contextlib.contextmanager

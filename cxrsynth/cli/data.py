@@ -1,45 +1,89 @@
-"""Data commands: ``ingest chexpert|mimic|table``, ``stats``, ``split``, ``query``, ``verify``."""
+"""Data commands: ``ingest chexpert|mimic|table``, ``stats``, ``split``, ``query``, ``verify``, ``sheet``, ``mix``.
+
+The three ingest commands differ only in what they read: each is an adapter call wrapped
+by :func:`ingest_command`, which adds the options every ingest shares
+(:data:`INGEST_OPTIONS`) and runs the one ingest. Options that only override a library
+default are ``None`` unless given and dropped (:func:`~cxrsynth.cli.options.given`).
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from cxrsynth.cli.common import Root, console, fail, progress_bar
+from cxrsynth.cli.options import LazyHelp, given
 
 ingest_app = typer.Typer(no_args_is_help=True, help="Ingest a real dataset in its native format into shards + a manifest.")
 
 Name = Annotated[str, typer.Option("--name", help="Dataset name (letters, digits, underscores).")]
 Images = Annotated[Optional[Path], typer.Option("--images", help="Image root folder (default: beside the table).")]
-LabelsOnly = Annotated[bool, typer.Option("--labels-only", help="Write the manifest only (no images read, no shards).")]
-Size = Annotated[int, typer.Option("--size", help="Preprocessed image side (pad to square, resize).")]
-Equalize = Annotated[bool, typer.Option("--equalize/--no-equalize", help="256-bin histogram equalization.")]
-ShardSize = Annotated[int, typer.Option("--shard-size", help="Input rows per shard.")]
-Workers = Annotated[Optional[int], typer.Option("--workers", help="Processes for image work (default: all cores).")]
+LabelsOnly = Annotated[Optional[bool], typer.Option("--labels-only", help="Write the manifest only (no images read, no shards).")]
+Size = Annotated[Optional[int], typer.Option(
+    "--size", min=1, help="Preprocessed image side (pad to square, resize; default {Preprocess.size}).")]
+Equalize = Annotated[Optional[bool], typer.Option(
+    "--equalize/--no-equalize", help="256-bin histogram equalization (default {Preprocess.equalize}).")]
+ShardSize = Annotated[Optional[int], typer.Option("--shard-size", min=1, help="Input rows per shard (default {ingest.shard_size}).")]
+Workers = Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes for image work (default: all cores).")]
 Version = Annotated[Optional[str], typer.Option("--version", help="Version name (default: a content hash).")]
 
 
-def _run_ingest(read, *, kind: str, inputs: dict, root: Path, name: str, labels_only: bool, size: int, equalize: bool, shard_size: int, workers: int | None, version: str | None) -> None:
-    from cxrsynth import ingest as ingest_lib
-    from cxrsynth.imaging import Preprocess
-    from cxrsynth import manifest as manifest_lib
-    from cxrsynth.manifest import ManifestError
-    from cxrsynth.sources import SourceError
+def _option(name: str, annotation, default=inspect.Parameter.empty) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
-    try:
-        manifest_lib.check_name(name)
-        source = read()
+
+#: The options of every ``ingest`` command, after the command's own inputs.
+INGEST_OPTIONS: tuple[inspect.Parameter, ...] = (
+    _option("name", Name),
+    _option("images", Images, None),
+    _option("labels_only", LabelsOnly, None),
+    _option("size", Size, None),
+    _option("equalize", Equalize, None),
+    _option("shard_size", ShardSize, None),
+    _option("workers", Workers, None),
+    _option("version", Version, None),
+    _option("root", Root, Path(".")),
+)
+
+
+def ingest_command(read: Callable[..., tuple[Callable, str, dict]]):
+    """An ingest command from an adapter reader: its own inputs + :data:`INGEST_OPTIONS`.
+
+    ``read(**own inputs, images=...)`` returns ``(adapter call, adapter name, inputs to
+    record)``; the command checks the name, reads the source, ingests it and prints.
+    """
+    shared = {p.name for p in INGEST_OPTIONS}
+    own = inspect.signature(read, eval_str=True)
+    parameters = [p for p in own.parameters.values() if p.name not in shared]
+
+    @functools.wraps(read)
+    def command(**kwargs) -> None:
+        from cxrsynth import ingest as ingest_lib
+        from cxrsynth import manifest
+        from cxrsynth.imaging import Preprocess
+
+        options = {name: kwargs.pop(name) for name in shared}
+        name, root = options["name"], options["root"]
+        manifest.check_name(name)
+        ingest_lib.check_version(options["version"])
+        adapter, kind, inputs = read(**kwargs, images=options["images"])
+        source = adapter()
+        params = Preprocess(**given(size=options["size"], equalize=options["equalize"]))
         with progress_bar("ingest " + name, total=len(source.records)) as advance:
             result = ingest_lib.ingest(
-                source, root=root, name=name, kind=kind, inputs=inputs, labels_only=labels_only,
-                params=Preprocess(size=size, equalize=equalize), shard_size=shard_size,
-                workers=workers, version=version, progress=advance,
+                source, root=root, name=name, kind=kind, inputs=inputs, params=params, progress=advance,
+                **given(labels_only=options["labels_only"], shard_size=options["shard_size"],
+                        workers=options["workers"], version=options["version"]),
             )
-    except (SourceError, ManifestError) as exc:
-        fail(str(exc))
-    _print_ingest(result)
+        _print_ingest(result)
+
+    command.__signature__ = own.replace(parameters=[*parameters, *INGEST_OPTIONS])  # what typer reads
+    return command
 
 
 def _print_ingest(result) -> None:
@@ -59,74 +103,62 @@ def _print_ingest(result) -> None:
     console.print(table)
 
 
-@ingest_app.command("chexpert")
+def _path(p: Path | None) -> str | None:
+    return None if p is None else str(p)
+
+
+@ingest_app.command("chexpert", cls=LazyHelp)
+@ingest_command
 def ingest_chexpert(
     csv: Annotated[Path, typer.Argument(help="CheXpert train.csv or valid.csv.")],
-    name: Name,
-    images: Images = None,
-    demographics: Annotated[Optional[Path], typer.Option("--demographics", help="CheXpert demographics (PATIENT, GENDER, AGE_AT_CXR, PRIMARY_RACE).")] = None,
-    include: Annotated[Optional[Path], typer.Option("--include", help="CSV with a Path column restricting the rows (a published split).")] = None,
-    labels_only: LabelsOnly = False,
-    size: Size = 256,
-    equalize: Equalize = True,
-    shard_size: ShardSize = 1000,
-    workers: Workers = None,
-    version: Version = None,
-    root: Root = Path("."),
-) -> None:
+    demographics: Annotated[Optional[Path], typer.Option(
+        "--demographics", help="CheXpert demographics (PATIENT, GENDER, AGE_AT_CXR, PRIMARY_RACE).")] = None,
+    include: Annotated[Optional[Path], typer.Option(
+        "--include", help="CSV with a Path column restricting the rows (a published split).")] = None,
+    *,
+    images: Path | None,
+):
     """Ingest CheXpert (train.csv / valid.csv + images)."""
     from cxrsynth.sources import chexpert
 
-    inputs = {"csv": str(csv), "images": images and str(images), "demographics": demographics and str(demographics), "include": include and str(include)}
-    _run_ingest(lambda: chexpert.read(csv, images, demographics, include), kind="chexpert", inputs=inputs, root=root, name=name,
-                labels_only=labels_only, size=size, equalize=equalize, shard_size=shard_size, workers=workers, version=version)
+    inputs = {"csv": str(csv), "images": _path(images), "demographics": _path(demographics), "include": _path(include)}
+    return (lambda: chexpert.read(csv, images, demographics, include)), "chexpert", inputs
 
 
-@ingest_app.command("mimic")
+@ingest_app.command("mimic", cls=LazyHelp)
+@ingest_command
 def ingest_mimic(
     metadata: Annotated[Path, typer.Option("--metadata", help="mimic-cxr-2.0.0-metadata.csv(.gz).")],
     labels: Annotated[Path, typer.Option("--labels", help="mimic-cxr-2.0.0-chexpert.csv(.gz).")],
-    name: Name,
     split_file: Annotated[Optional[Path], typer.Option("--split", help="mimic-cxr-2.0.0-split.csv(.gz).")] = None,
-    patients: Annotated[Optional[Path], typer.Option("--patients", help="MIMIC-IV patients.csv(.gz) (gender, anchor_age).")] = None,
+    patients: Annotated[Optional[Path], typer.Option(
+        "--patients", help="MIMIC-IV patients.csv(.gz) (gender, anchor_age).")] = None,
     admissions: Annotated[Optional[Path], typer.Option("--admissions", help="MIMIC-IV admissions.csv(.gz) (race).")] = None,
-    images: Images = None,
-    labels_only: LabelsOnly = False,
-    size: Size = 256,
-    equalize: Equalize = True,
-    shard_size: ShardSize = 1000,
-    workers: Workers = None,
-    version: Version = None,
-    root: Root = Path("."),
-) -> None:
+    *,
+    images: Path | None,
+):
     """Ingest MIMIC-CXR-JPG 2.0 (metadata + CheXpert labels [+ split, patients, admissions] + images)."""
     from cxrsynth.sources import mimic
 
-    inputs = {"metadata": str(metadata), "labels": str(labels), "split": split_file and str(split_file), "patients": patients and str(patients), "admissions": admissions and str(admissions), "images": images and str(images)}
-    _run_ingest(lambda: mimic.read(metadata, labels, split_file, patients, images, admissions), kind="mimic", inputs=inputs, root=root, name=name,
-                labels_only=labels_only, size=size, equalize=equalize, shard_size=shard_size, workers=workers, version=version)
+    inputs = {"metadata": str(metadata), "labels": str(labels), "split": _path(split_file), "patients": _path(patients),
+              "admissions": _path(admissions), "images": _path(images)}
+    return (lambda: mimic.read(metadata, labels, split_file, patients, images, admissions)), "mimic", inputs
 
 
-@ingest_app.command("table")
+@ingest_app.command("table", cls=LazyHelp)
+@ingest_command
 def ingest_table(
     file: Annotated[Path, typer.Argument(help="CSV or parquet table, one row per image.")],
-    name: Name,
-    map_: Annotated[list[str], typer.Option("--map", help="COLUMN=FIELD; fields: path, key, patient_id, study_id, sex, age, race, view, split, or a finding.")] = [],
-    images: Images = None,
-    labels_only: LabelsOnly = False,
-    size: Size = 256,
-    equalize: Equalize = True,
-    shard_size: ShardSize = 1000,
-    workers: Workers = None,
-    version: Version = None,
-    root: Root = Path("."),
-) -> None:
+    map_: Annotated[list[str], typer.Option(
+        "--map", help="COLUMN=FIELD; fields: path, key, patient_id, study_id, sex, age, race, view, split, or a finding.")] = [],
+    *,
+    images: Path | None,
+):
     """Ingest a generic (in-house) table with PNG, JPEG or DICOM images."""
     from cxrsynth.sources import table
 
-    inputs = {"table": str(file), "map": list(map_), "images": images and str(images)}
-    _run_ingest(lambda: table.read(file, map_, images), kind="table", inputs=inputs, root=root, name=name,
-                labels_only=labels_only, size=size, equalize=equalize, shard_size=shard_size, workers=workers, version=version)
+    inputs = {"table": str(file), "map": list(map_), "images": _path(images)}
+    return (lambda: table.read(file, map_, images)), "table", inputs
 
 
 def stats(
@@ -140,13 +172,10 @@ def stats(
 
     from rich.table import Table
 
-    from cxrsynth import labels, manifest
+    from cxrsynth import labels
     from cxrsynth.stats import dataset_stats
 
-    try:
-        result = dataset_stats(root, name, split)
-    except manifest.ManifestError as exc:
-        fail(str(exc))
+    result = dataset_stats(root, name, split)
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -172,26 +201,25 @@ def stats(
 def split(
     name: Annotated[str, typer.Argument(help="Dataset name.")],
     seed: Annotated[int, typer.Option("--seed", help="Seed of the patient order.")],
-    tune: Annotated[float, typer.Option("--tune", help="Fraction of patients for tuning.")] = 0.1,
-    test: Annotated[float, typer.Option("--test", help="Fraction of patients for testing.")] = 0.0,
+    tune: Annotated[Optional[float], typer.Option(
+        "--tune", help="Fraction of patients for tuning (default {SplitParams.tune}).")] = None,
+    test: Annotated[Optional[float], typer.Option(
+        "--test", help="Fraction of patients for testing (default {SplitParams.test}).")] = None,
     view: Annotated[Optional[str], typer.Option("--view", help="Only images of this view (AP, PA); others get no split.")] = None,
     root: Root = Path("."),
 ) -> None:
     """Split a dataset at the patient level (deterministic for a seed) into its manifest."""
-    from cxrsynth import manifest
     from cxrsynth.splits import SplitParams
     from cxrsynth.splits import split as split_lib
 
-    try:
-        counts = split_lib(root, name, SplitParams(tune=tune, test=test, view=view, seed=seed))
-    except (ValueError, manifest.ManifestError) as exc:
-        fail(str(exc))
+    counts = split_lib(root, name, SplitParams(view=view, seed=seed, **given(tune=tune, test=test)))
     console.print(f"{name}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + " images")
 
 
 def query(
     sql: Annotated[Optional[str], typer.Argument(help='SQL over the views "<dataset>" and "images".')] = None,
-    views: Annotated[bool, typer.Option("--views", help="Print the CREATE VIEW statements (for `duckdb -init`) and exit.")] = False,
+    views: Annotated[bool, typer.Option(
+        "--views", help="Print the CREATE VIEW statements (for `duckdb -init`) and exit.")] = False,
     format_: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the result here instead of printing.")] = None,
     root: Root = Path("."),
@@ -206,10 +234,9 @@ def query(
         fail("give a SQL statement (or --views)")
     if format_ not in ("table", "csv", "json"):
         fail(f"--format must be table, csv or json, not {format_!r}")
-    try:
-        result = manifest.query(root, sql)
-    except Exception as exc:  # duckdb errors carry the useful message
-        fail(f"query failed: {exc}")
+    if out is not None and (out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents)):
+        fail(f"--out {out}: {'it is a folder' if out.is_dir() else 'a parent is a file'}; name a file to write")
+    result = manifest.query(root, sql)
     if format_ == "csv":
         text = result.to_csv(index=False)
     elif format_ == "json":
@@ -227,6 +254,7 @@ def query(
             return
         text = result.to_string(index=False) + "\n"
     if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
     else:
         typer.echo(text, nl=False)
@@ -237,17 +265,14 @@ def verify(
     root: Root = Path("."),
 ) -> None:
     """Re-hash a dataset's shards against index.json and the manifest; exit 1 on any mismatch."""
-    from cxrsynth import manifest
+    from cxrsynth.errors import CheckFailed
     from cxrsynth.verify import verify_dataset
 
-    try:
-        problems, checked = verify_dataset(root, name)
-    except manifest.ManifestError as exc:
-        fail(str(exc))
+    problems, checked = verify_dataset(root, name)
     for problem in problems:
         console.print(f"[red]✗[/red] {problem}")
     if problems:
-        raise typer.Exit(1)
+        raise CheckFailed(f"{name}: {len(problems)} problem(s) in {checked} shard(s); the data is not as index.json records it")
     console.print(f"[green]✓[/green] {name}: {checked} shard(s) match index.json and the manifest")
 
 
@@ -255,22 +280,22 @@ def mix(
     real: Annotated[str, typer.Option("--real", help="Real dataset (with train/tune/test splits).")],
     name: Annotated[str, typer.Option("--name", help="Name of the mix.")],
     seed: Annotated[int, typer.Option("--seed", help="Seed for a fractional replica's subset.")],
-    synthetic: Annotated[str, typer.Option("--synthetic", help="Synthetic share of the training set, e.g. 500% = 5 replicas.")] = "0%",
-    synthetic_from: Annotated[Optional[str], typer.Option("--synthetic-from", help="Synthetic dataset (default: the replicas of --real).")] = None,
-    only_synthetic: Annotated[bool, typer.Option("--only-synthetic", help="Train on the synthetic rows alone (tune/test stay real).")] = False,
+    synthetic: Annotated[Optional[str], typer.Option(
+        "--synthetic", help="Synthetic share of the training set, e.g. 500% = 5 replicas (default: none).")] = None,
+    synthetic_from: Annotated[Optional[str], typer.Option(
+        "--synthetic-from", help="Synthetic dataset (default: the replicas of --real).")] = None,
+    only_synthetic: Annotated[Optional[bool], typer.Option(
+        "--only-synthetic", help="Train on the synthetic rows alone (tune/test stay real).")] = None,
     root: Root = Path("."),
 ) -> None:
     """Mix real and synthetic training data as a manifest (a query: no shards are copied)."""
-    from cxrsynth import manifest
-    from cxrsynth.mix import MixError, MixParams, parse_percent
+    from cxrsynth.mix import MixParams, parse_percent
     from cxrsynth.mix import mix as mix_lib
 
-    try:
-        params = MixParams(real=real, synthetic=parse_percent(synthetic), synthetic_from=synthetic_from,
-                           only_synthetic=only_synthetic, seed=seed)
-        counts = mix_lib(root, name, params)
-    except (MixError, manifest.ManifestError) as exc:
-        fail(str(exc))
+    share = None if synthetic is None else parse_percent(synthetic)
+    params = MixParams(real=real, seed=seed,
+                       **given(synthetic=share, synthetic_from=synthetic_from, only_synthetic=only_synthetic))
+    counts = mix_lib(root, name, params)
     console.print(f"{name}: train {counts['train']:,} ({counts['synthetic']:,} synthetic), "
                   f"tune {counts['tune']:,}, test {counts['test']:,} images")
 
@@ -278,18 +303,13 @@ def mix(
 def sheet(
     name: Annotated[str, typer.Argument(help="Dataset name (with shards).")],
     out: Annotated[Path, typer.Option("--out", help="PNG to write.")],
-    n: Annotated[int, typer.Option("--n", help="Images on the sheet.")] = 24,
-    where: Annotated[Optional[str], typer.Option("--where", help="SQL condition, e.g. \"pleural_effusion = 1 AND view = 'PA'\".")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Images on the sheet.")] = 24,
+    where: Annotated[Optional[str], typer.Option(
+        "--where", help="SQL condition, e.g. \"pleural_effusion = 1 AND view = 'PA'\".")] = None,
     root: Root = Path("."),
 ) -> None:
     """Contact sheet of a dataset's images (real or synthetic), captioned with their findings."""
-    from cxrsynth import manifest
     from cxrsynth.sheet import dataset_sheet
 
-    try:
-        path = dataset_sheet(root, name, out, n=n, where=where)
-    except manifest.ManifestError as exc:
-        fail(str(exc))
-    except Exception as exc:  # a bad --where is a DuckDB error with a useful message
-        fail(f"{name}: {exc}")
+    path = dataset_sheet(root, name, out, n=n, where=where)
     console.print(f"wrote {path}")

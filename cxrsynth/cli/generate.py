@@ -1,4 +1,8 @@
-"""``cxrsynth generate``: synthetic replicas of a dataset as a new shard version."""
+"""``cxrsynth generate``: synthetic replicas of a dataset as a new shard version.
+
+Options that only override :class:`~cxrsynth.generate.GenerateConfig` are ``None`` unless
+given; their help shows the config's defaults and the registered names when asked.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import Root, console, fail, progress_bar, set_threads
+from cxrsynth.cli.common import Root, console, progress_bar, set_threads
+from cxrsynth.cli.options import given
 
 
 def generate(
@@ -15,42 +20,53 @@ def generate(
     conditions: Annotated[str, typer.Option("--conditions", help="Dataset whose rows give demographics + findings.")],
     name: Annotated[str, typer.Option("--name", help="Name of the synthetic dataset.")],
     split: Annotated[Optional[str], typer.Option("--split", help="Split of the conditions to replicate (paper: train).")] = "train",
-    replicas: Annotated[int, typer.Option("--replicas", help="Synthetic images per source row.")] = 1,
-    guidance: Annotated[float, typer.Option("--guidance", help="Guidance w. standard: 1 = conditional only, 0 = unconditional; "
-                                               "the paper's CFG 0 / 4 / 7.5 are w with --cfg-formula mediffusion.")] = 1.0,
-    sampler: Annotated[str, typer.Option("--sampler", help="ddim (x0 clipped, as Mediffusion) | ddim-unclipped | dpmpp (DPM-Solver++ 2M).")] = "ddim",
-    steps: Annotated[int, typer.Option("--steps", help="Denoising steps (paper: DDIM 200).")] = 200,
-    eta: Annotated[float, typer.Option("--eta", help="DDIM eta (0 deterministic; Mediffusion used 1).")] = 0.0,
-    cfg_formula: Annotated[str, typer.Option("--cfg-formula", help="standard: u + w(c - u); mediffusion: c + w(c - u).")] = "standard",
-    seed: Annotated[int, typer.Option("--seed", help="Base seed; each image's seed derives from it.")] = 0,
-    batch: Annotated[int, typer.Option("--batch", help="Images per network call. Part of the version: kernels round differently at another batch size.")] = 16,
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Images per shard (the unit of resume).")] = 1000,
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the network (GPU throughput). Fused kernels may round differently: use it for every part and rerun of a dataset, or for none.")] = False,
+    replicas: Annotated[Optional[int], typer.Option(
+        "--replicas", min=1, help="Synthetic images per source row (default {GenerateConfig.replicas}).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(
+        "--guidance", help="Guidance w (default {GenerateConfig.guidance}). standard: 1 = conditional only, 0 = unconditional; "
+                           "the paper's CFG 0 / 4 / 7.5 are w with --cfg-formula mediffusion.")] = None,
+    sampler: Annotated[Optional[str], typer.Option(
+        "--sampler", help="{samplers} (default {GenerateConfig.sampler}; ddim clips x0 as Mediffusion did, "
+                          "dpmpp is DPM-Solver++ 2M).")] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", min=1, help="Denoising steps (default {GenerateConfig.steps}, the paper's DDIM 200).")] = None,
+    eta: Annotated[Optional[float], typer.Option(
+        "--eta", min=0, help="DDIM eta, 0 deterministic; Mediffusion used 1 (default {GenerateConfig.eta}).")] = None,
+    cfg_formula: Annotated[Optional[str], typer.Option(
+        "--cfg-formula", help="{cfg_formulas} (default {GenerateConfig.cfg_formula}). standard: u + w(c - u); "
+                              "mediffusion: c + w(c - u), rescaled.")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Base seed; each image's seed derives from it (default {GenerateConfig.seed}).")] = None,
+    batch: Annotated[Optional[int], typer.Option(
+        "--batch", min=1, help="Images per network call (default {GenerateConfig.batch_size}). Part of the version: "
+                               "kernels round differently at another batch size.")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(
+        "--shard-size", min=1, help="Images per shard, the unit of resume (default {GenerateConfig.shard_size}).")] = None,
+    compile_: Annotated[Optional[bool], typer.Option(
+        "--compile/--no-compile", help="torch.compile the network (GPU throughput; default {GenerateConfig.compile}). Fused "
+                                       "kernels may round differently: use it for every part and rerun of a dataset, or for none.")] = None,
     part: Annotated[Optional[str], typer.Option("--part", help="i/N: this job's share of the shards (job arrays).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if present).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (torch.set_num_threads); default: torch's. Part "
-                                                  "of the version on CPU (kernels round by thread count); under torchrun each rank has OMP_NUM_THREADS.")] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", min=1, help="CPU threads (torch.set_num_threads); default: torch's. Part of the version on CPU (kernels "
+                                 "round by thread count); under torchrun each rank has OMP_NUM_THREADS.")] = None,
     root: Root = Path("."),
 ) -> None:
     """Write K synthetic replicas of a dataset's split, conditioned row by row, as new shards.
 
     Resumable: the same command after a kill skips finished shards and ends byte-identical.
     """
-    from cxrsynth import manifest
-    from cxrsynth.generate import GenerateConfig
-    from cxrsynth.generate import generate as generate_lib
+    from cxrsynth.generate import GenerateConfig, prepare, run
 
     set_threads(threads)
 
-    config = GenerateConfig(replicas=replicas, guidance=guidance, sampler=sampler, steps=steps, eta=eta,
-                            cfg_formula=cfg_formula, seed=seed, batch_size=batch, shard_size=shard_size,
-                            compile=compile_)
-    try:
-        with progress_bar(f"generate {name}", total=None) as advance:
-            summary = generate_lib(root=root, generator_dir=generator, conditions=conditions, split=split, name=name,
-                                   config=config, part=part, device=device, progress=advance)
-    except (ValueError, FileNotFoundError, KeyError, manifest.ManifestError) as exc:
-        fail(str(exc))
+    config = GenerateConfig(**given(replicas=replicas, guidance=guidance, sampler=sampler, steps=steps, eta=eta,
+                                    cfg_formula=cfg_formula, seed=seed, batch_size=batch, shard_size=shard_size,
+                                    compile=compile_))
+    job = prepare(root=root, generator_dir=generator, conditions=conditions, split=split, name=name,
+                  config=config, part=part, device=device)
+    with progress_bar(f"generate {name}", total=job.images_todo) as advance:
+        summary = run(job, progress=advance)
     if summary["complete"]:
         state = "complete"
     elif summary["world"] > 1:

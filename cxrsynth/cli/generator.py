@@ -1,7 +1,8 @@
 """`cxrsynth generator train | import-mediffusion | info | fid`.
 
 Thin commands over :mod:`cxrsynth.diffusion`; torch and diffusers are imported inside
-the command bodies so ``cxrsynth --help`` stays instant.
+the command bodies so ``cxrsynth --help`` stays instant. Training options that only
+override :class:`~cxrsynth.diffusion.train.TrainConfig` are ``None`` unless given.
 """
 
 from __future__ import annotations
@@ -14,27 +15,37 @@ from typing import Annotated, Optional
 import typer
 
 from cxrsynth.cli.common import Root, console, err_console, fail, set_threads
+from cxrsynth.cli.options import LazyHelp, given
 
 generator_app = typer.Typer(no_args_is_help=True, help="Train, import and inspect conditional diffusion generators.")
 
 
-@generator_app.command("train")
+@generator_app.command("train", cls=LazyHelp)
 def train(
     data: Annotated[str, typer.Option("--data", help="Dataset name (its manifest and shards).")],
     out: Annotated[Path, typer.Option(
         "--out", help="Generator directory (EMA weights, generator.json, train.json; checkpoints/ unless --checkpoints).")],
     split: Annotated[Optional[str], typer.Option("--split", help="Split to train on.")] = "train",
-    preset: Annotated[str, typer.Option("--preset", help="Generator preset: paper | tiny | micro.")] = "tiny",
-    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the preset's image size.")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Total optimizer steps.")] = 1000,
-    batch: Annotated[int, typer.Option("--batch", help="Images per step per process.")] = 16,
-    lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate.")] = 1e-4,
-    warmup: Annotated[int, typer.Option("--warmup", help="Linear LR warm-up steps.")] = 100,
-    ema: Annotated[float, typer.Option("--ema", help="EMA decay (paper 0.9999).")] = 0.9999,
-    grad_clip: Annotated[float, typer.Option("--grad-clip", help="Max gradient norm (0: off).")] = 1.0,
-    save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 500,
-    log_every: Annotated[int, typer.Option("--log-every", help="Progress readout every N steps.")] = 10,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of data order, noise and timesteps.")] = 0,
+    preset: Annotated[str, typer.Option("--preset", help="Generator preset: {presets}.")] = "tiny",
+    image_size: Annotated[Optional[int], typer.Option("--image-size", min=8, help="Override the preset's image size.")] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", min=1, help="Total optimizer steps (default {TrainConfig.steps}).")] = None,
+    batch: Annotated[Optional[int], typer.Option(
+        "--batch", min=1, help="Images per step per process (default {TrainConfig.batch_size}).")] = None,
+    lr: Annotated[Optional[float], typer.Option(
+        "--lr", min=0, help="Peak AdamW learning rate (default {TrainConfig.lr}).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(
+        "--warmup", min=0, help="Linear LR warm-up steps (default {TrainConfig.warmup_steps}).")] = None,
+    ema: Annotated[Optional[float], typer.Option(
+        "--ema", min=0, max=1, help="EMA decay (default {TrainConfig.ema_decay}, the paper's).")] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(
+        "--grad-clip", min=0, help="Max gradient norm, 0: off (default {TrainConfig.grad_clip}).")] = None,
+    save_every: Annotated[Optional[int], typer.Option(
+        "--save-every", min=1, help="Checkpoint every N steps (default {TrainConfig.save_every}).")] = None,
+    log_every: Annotated[Optional[int], typer.Option(
+        "--log-every", min=1, help="Progress readout every N steps (default {TrainConfig.log_every}).")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Seed of data order, noise and timesteps (default {TrainConfig.seed}).")] = None,
     checkpoints: Annotated[Optional[Path], typer.Option(
         "--checkpoints", help="Checkpoint root (default: OUT/checkpoints); each run writes to ROOT/<run id>, the id "
                               "hashing the preset, data version, processes and every setting but --steps, "
@@ -44,7 +55,7 @@ def train(
         "--resume/--no-resume", help="Continue this run from ROOT/<run id>/latest.pt if present (a changed setting "
                                      "is another run and starts fresh; more --steps extends a run).")] = True,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (torch.set_num_threads); default: torch's. "
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads); default: torch's. "
                                                   "On a shared 2-core machine 1 is several times faster than 2.")] = None,
     root: Root = Path("."),
 ) -> None:
@@ -52,85 +63,73 @@ def train(
 
     Single process, or DDP under ``torchrun --nproc-per-node N -m cxrsynth.cli ...``.
     """
-    from cxrsynth import stream
+    from cxrsynth import runtime, stream
     from cxrsynth.diffusion.presets import get_preset
-    from cxrsynth.diffusion.train import (
-        CHECKPOINTS, TrainConfig, _init_distributed, latest_checkpoint, run_checkpoints, train as train_lib,
-    )
+    from cxrsynth.diffusion.train import CHECKPOINTS, TrainConfig, latest_checkpoint, run_checkpoints
+    from cxrsynth.diffusion.train import train as train_lib
 
     set_threads(threads)
 
-    try:
-        config = get_preset(preset, **({"image_size": image_size} if image_size else {}))
-    except (KeyError, ValueError) as exc:
-        fail(str(exc))
-    dist_info = _init_distributed()
+    config = get_preset(preset, **given(image_size=image_size))
+    tc = TrainConfig(**given(steps=steps, batch_size=batch, lr=lr, warmup_steps=warmup, ema_decay=ema, grad_clip=grad_clip,
+                             save_every=save_every, log_every=log_every, seed=seed))
+    dist_info = runtime.distributed()
     frame = stream.select(root, data, split, exclude_uncertain=True)
-    if len(frame) < batch * dist_info.world:
-        fail(f"{data}/{split}: {len(frame)} trainable images, fewer than one global batch ({batch * dist_info.world})")
+    global_batch = tc.batch_size * dist_info.world
+    if len(frame) < global_batch:
+        fail(f"{data}/{split}: {len(frame)} trainable images, fewer than one global batch ({global_batch})")
 
     # Samples are dealt round-robin, so ranks may differ by one image; every rank stops at
     # the shortest share's batch count so that each step has one batch on every rank.
-    per_rank = len(frame) // dist_info.world // batch
+    per_rank = len(frame) // dist_info.world // tc.batch_size
 
     def batches(epoch: int):
         return itertools.islice(stream.batches(
-            root, data, split, batch, config.image_size, train=True, seed=seed, rank=dist_info.rank,
+            root, data, split, tc.batch_size, config.image_size, train=True, seed=tc.seed, rank=dist_info.rank,
             world=dist_info.world, exclude_uncertain=True, epoch=epoch, frame=frame,
         ), per_rank)
 
-    tc = TrainConfig(steps=steps, batch_size=batch, lr=lr, warmup_steps=warmup, ema_decay=ema,
-                     grad_clip=grad_clip, save_every=save_every, log_every=log_every, seed=seed)
     data_version = f"{data}@{stream.dataset_version(root, data)}"
     ck_root = checkpoints if checkpoints is not None else out / CHECKPOINTS
     ck = run_checkpoints(ck_root, config, tc, data_version, dist_info.world)
-    if dist_info.rank == 0:
+    if dist_info.is_main:
         others = sorted(p.name for p in ck_root.iterdir() if p.is_dir() and p != ck) if ck_root.is_dir() else []
         what = "resuming" if resume and latest_checkpoint(ck) else "new run"
         err_console.print(f"checkpoints: {ck} ({what})" + (f"; other runs there: {', '.join(others)}" if others else ""),
                           highlight=False, soft_wrap=True)
-    try:
-        train_lib(config, tc, batches, out, checkpoints=ck, resume=resume, device=device, data_version=data_version)
-    except ValueError as exc:
-        fail(str(exc))
+    train_lib(config, tc, batches, out, checkpoints=ck, resume=resume, device=device, data_version=data_version)
     if dist_info.world > 1:
         import torch.distributed as dist
 
         dist.barrier()  # rank 0 has written the generator when any rank returns
         dist.destroy_process_group()
-    if dist_info.rank == 0:
-        console.print(f"generator written to [bold]{out}[/bold] ({steps} steps, preset {preset})")
+    if dist_info.is_main:
+        console.print(f"generator written to [bold]{out}[/bold] ({tc.steps} steps, preset {preset})")
 
 
 @generator_app.command("import-mediffusion")
 def import_mediffusion(
-    checkpoint: Annotated[Path, typer.Argument(help="Mediffusion checkpoint (.ckpt / .pt).", exists=True, dir_okay=False)],
-    config: Annotated[Path, typer.Option("--config", help="Mediffusion YAML config of that checkpoint.", exists=True, dir_okay=False)],
+    checkpoint: Annotated[Path, typer.Argument(help="Mediffusion checkpoint (.ckpt / .pt).")],
+    config: Annotated[Path, typer.Option("--config", help="Mediffusion YAML config of that checkpoint.")],
     out: Annotated[Path, typer.Option("--out", help="Generator directory to write.")],
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights when present.")] = True,
 ) -> None:
     """Convert a Mediffusion (ADM UNetModel) checkpoint into a cxrsynth generator."""
-    from cxrsynth.diffusion.mediffusion import MediffusionImportError
     from cxrsynth.diffusion.mediffusion import import_mediffusion as import_lib
 
-    try:
-        model = import_lib(checkpoint, config, out, ema=ema)
-    except MediffusionImportError as exc:
-        fail(f"cannot import {checkpoint}: {exc}")
+    model = import_lib(checkpoint, config, out, ema=ema)
     n = sum(p.numel() for p in model.parameters())
     console.print(f"imported {checkpoint} -> [bold]{out}[/bold] ({n / 1e6:.1f}M parameters)")
 
 
 @generator_app.command("info")
 def info(
-    directory: Annotated[Path, typer.Argument(help="Generator directory.", exists=True, file_okay=False)],
+    directory: Annotated[Path, typer.Argument(help="Generator directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print generator.json as JSON.")] = False,
 ) -> None:
     """Show a generator's preset, configuration, conditioning layout and data version."""
-    from cxrsynth.diffusion.model import GENERATOR_JSON, generator_info
+    from cxrsynth.diffusion.model import generator_info
 
-    if not (directory / GENERATOR_JSON).exists():
-        fail(f"{directory} is not a cxrsynth generator (no {GENERATOR_JSON})")
     meta = generator_info(directory)
     if as_json:
         console.print_json(json.dumps(meta))
@@ -152,35 +151,33 @@ def fid(
     real: Annotated[str, typer.Option("--real", help="Real dataset.")],
     synthetic: Annotated[str, typer.Option("--synthetic", help="Synthetic dataset.")],
     real_split: Annotated[Optional[str], typer.Option("--real-split", help="Split of the real dataset (e.g. train).")] = None,
-    inception: Annotated[Optional[Path], typer.Option("--inception", help="torchvision inception_v3 state dict (local file): FID.")] = None,
-    classifier: Annotated[Optional[str], typer.Option("--classifier", help="timm model name of a classifier trained on the real data.")] = None,
+    inception: Annotated[Optional[Path], typer.Option(
+        "--inception", help="torchvision inception_v3 state dict (local file): FID.")] = None,
+    classifier: Annotated[Optional[str], typer.Option(
+        "--classifier", help="timm model name of a classifier trained on the real data.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="That classifier's state dict (local file).")] = None,
-    size: Annotated[int, typer.Option("--size", help="Classifier input side.")] = 256,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="At most this many images per side.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if available).")] = None,
+    size: Annotated[int, typer.Option("--size", min=8, help="Classifier input side.")] = 256,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=2, help="At most this many images per side.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")] = None,
     root: Root = Path("."),
 ) -> None:
     """Fréchet distance between real and synthetic images: FID (Inception) or in a classifier's feature space.
 
     Weights always come from local files; nothing is downloaded.
     """
-    import torch
-
+    from cxrsynth import runtime
     from cxrsynth.diffusion import fid as fid_lib
 
     if (inception is None) == (classifier is None):
         fail("give exactly one of --inception FILE or --classifier MODEL --checkpoint FILE")
-    try:
-        if inception is not None:
-            extractor, side, what = fid_lib.inception_extractor(inception), 299, "FID (Inception)"
-        else:
-            if checkpoint is None:
-                fail("--classifier needs --checkpoint FILE")
-            extractor, side, what = fid_lib.classifier_extractor(classifier, checkpoint, size), size, f"Frechet distance ({classifier})"
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        fail(str(exc))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if classifier is not None and checkpoint is None:
+        fail("--classifier needs --checkpoint FILE")
+    dev = runtime.device(device)
+    if inception is not None:
+        extractor, side, what = fid_lib.inception_extractor(inception), 299, "FID (Inception)"
+    else:
+        extractor, side, what = fid_lib.classifier_extractor(classifier, checkpoint, size), size, f"Frechet distance ({classifier})"
     a = fid_lib.dataset_images(root, real, real_split, side, limit=limit)
     b = fid_lib.dataset_images(root, synthetic, None, side, limit=limit)
-    value = fid_lib.fid_from_images(extractor, a, b, device=device)
+    value = fid_lib.fid_from_images(extractor, a, b, device=str(dev))
     console.print(f"{what} {real}{'/' + real_split if real_split else ''} vs {synthetic}: {value:.4f}")

@@ -1,6 +1,6 @@
 """`cxrsynth phantom`: a thin layer over cxrsynth.phantom.
 
-Heavy imports (numpy, pandas, torch) happen inside the commands so `--help` is instant.
+Heavy imports (numpy, pandas, torch) happen inside the command so `--help` is instant.
 """
 
 from __future__ import annotations
@@ -10,27 +10,26 @@ from typing import Optional
 
 import typer
 
+from cxrsynth.cli.common import Root, console, progress_bar
+
 
 def phantom(
-    site: str = typer.Argument(..., help="Site to simulate: cxp | mimic | emory."),
+    site: str = typer.Argument(..., help="Site to simulate: {sites}."),
     n: int = typer.Option(..., "--n", min=1, help="Number of images."),
     out: Path = typer.Option(..., "--out", help="Output directory (relative to --root)."),
-    seed: int = typer.Option(0, "--seed", help="Seed; the same seed writes byte-identical files."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed; the same seed writes byte-identical files."),
     sheet: Optional[Path] = typer.Option(None, "--sheet", help="Also write a contact-sheet PNG here."),
-    root: Path = typer.Option(Path("."), "--root", help="Project root."),
+    root: Root = Path("."),
 ) -> None:
     """Write N phantom chest X-rays of SITE in that site's native on-disk format."""
-    from rich.console import Console
+    from cxrsynth.errors import CxrsynthError
+    from cxrsynth.phantom import get_site, write_site
 
-    from cxrsynth.phantom import SITES, write_site
-
-    console = Console()
-    if site not in SITES:
-        raise typer.BadParameter(f"unknown site {site!r}; choose one of: {', '.join(SITES)}", param_hint="SITE")
+    get_site(site)  # an unknown site fails here, naming the known ones
     target = out if out.is_absolute() else root / out
+    if target.exists() and not target.is_dir():
+        raise CxrsynthError(f"--out {target} is a file, not a folder")
     sheet_path = None if sheet is None else (sheet if sheet.is_absolute() else root / sheet)
-    from cxrsynth.cli.common import progress_bar
-
     with progress_bar(f"phantom {site}", total=n) as advance:
         summary = write_site(site, n, target, seed=seed, sheet=sheet_path, progress=advance)
     console.print(

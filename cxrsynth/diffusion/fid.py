@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cxrsynth.errors import CxrsynthError
+
 
 @dataclass
 class FeatureStats:
@@ -39,7 +41,7 @@ class FeatureStats:
     def from_features(cls, feats: np.ndarray) -> "FeatureStats":
         feats = np.asarray(feats, dtype=np.float64)
         if feats.ndim != 2 or len(feats) < 2:
-            raise ValueError(f"need (N >= 2, D) features, got {feats.shape}")
+            raise CxrsynthError(f"need (N >= 2, D) features, got {feats.shape}")
         mu = feats.mean(0)
         factor = (feats - mu) / np.sqrt(len(feats) - 1)  # (N, D)
         return cls(mu, factor.T @ factor, len(feats), factor if len(feats) < feats.shape[1] else None)
@@ -83,7 +85,7 @@ class _InceptionPool(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"expected uint8 images (B, 1 or 3, H, W), got {tuple(images.shape)}")
+            raise CxrsynthError(f"expected uint8 images (B, 1 or 3, H, W), got {tuple(images.shape)}")
         x = images.float().div(255.0).expand(-1, 3, -1, -1)  # (B, 3, H, W)
         x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         return self.net((x - self.mean) / self.std)  # (B, 2048)
@@ -98,13 +100,20 @@ def inception_extractor(weights: Path) -> torch.nn.Module:
     """
     from torchvision.models import inception_v3
 
+    from cxrsynth.errors import CxrsynthError
+    from cxrsynth.safeload import load_torch
+
     weights = Path(weights)
     if not weights.exists():
-        raise FileNotFoundError(f"Inception weights not found: {weights} (cxrsynth never downloads them)")
+        raise CxrsynthError(f"Inception weights not found: {weights} (cxrsynth never downloads them)")
     # transform_input=True, as torchvision sets it for these weights: the Google-ported
     # network expects (x - 0.5) / 0.5 inputs and converts from ImageNet normalisation.
     net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
-    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    state = load_torch(weights, "inception_v3 state dict")
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:  # not a dict, wrong keys or shapes
+        raise CxrsynthError(f"{weights} is not a torchvision inception_v3 state dict: {str(exc).splitlines()[0]}") from None
     net.fc = torch.nn.Identity()
     net.aux_logits, net.AuxLogits = False, None
     return _InceptionPool(net).eval()
@@ -136,7 +145,7 @@ class _GrayClassifier(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 1:
-            raise ValueError(f"expected (B, 1, H, W) grayscale images, got {tuple(images.shape)}")
+            raise CxrsynthError(f"expected (B, 1, H, W) grayscale images, got {tuple(images.shape)}")
         x = images.float() / 127.5 - 1.0  # (B, 1, H, W) in [-1, 1]
         if x.shape[-1] != self.size:
             x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
@@ -154,20 +163,30 @@ def classifier_extractor(model: str, checkpoint: Path, size: int = 256) -> torch
     """
     import timm
 
+    from cxrsynth.errors import CxrsynthError
+    from cxrsynth.safeload import load_torch
+
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
-        raise FileNotFoundError(f"classifier checkpoint not found: {checkpoint}")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        raise CxrsynthError(f"classifier checkpoint not found: {checkpoint}")
+    state = load_torch(checkpoint, "classifier checkpoint")
     for key in ("ema", "state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
             break
+    if not isinstance(state, dict):
+        raise CxrsynthError(f"{checkpoint} holds a {type(state).__name__}, not a state dict")
+    if not timm.is_model(model):
+        raise CxrsynthError(f"unknown timm model {model!r} (timm.list_models() lists the names)")
     net = timm.create_model(model, pretrained=False, num_classes=0, in_chans=1)
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes of another model
+        raise CxrsynthError(f"{checkpoint} does not fit timm model {model}: {str(exc).splitlines()[-1].strip()}") from None
     head = net.default_cfg.get("classifier", "")
     unexpected = [k for k in unexpected if not (head and k.startswith(head))]
     if missing or unexpected:
-        raise ValueError(f"{checkpoint} does not fit timm model {model}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise CxrsynthError(f"{checkpoint} does not fit timm model {model}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return _GrayClassifier(net, size).eval()
 
 

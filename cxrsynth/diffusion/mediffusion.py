@@ -29,6 +29,14 @@ product by d^-1/2: the same.
 
 Not supported (a loud error): ``resblock_updown``, ``concat_channels``,
 ``scale_skip_connection``, unequal ``num_res_blocks`` per level, ``dims != 2``.
+
+A checkpoint from another site is untrusted input: it is loaded with
+``torch.load(weights_only=True)`` through :func:`cxrsynth.safeload.load_torch`, which
+allows only tensors, plain data and the OmegaConf hyper-parameters of a Lightning
+checkpoint (as inert stand-ins, :data:`cxrsynth.safeload.LIGHTNING`); a file that needs
+anything else is refused, naming what it needed. Every fault of the file (empty, not a
+checkpoint, no weights, missing weights, shapes of another layout) is one
+:class:`MediffusionImportError` naming it.
 """
 
 from __future__ import annotations
@@ -40,11 +48,12 @@ import torch
 
 from cxrsynth.diffusion.model import ConditionalUNet, save_generator
 from cxrsynth.diffusion.presets import GeneratorConfig
+from cxrsynth.errors import CxrsynthError
 
 _SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
 _PREDICTIONS = {"VELOCITY": "v_prediction", "EPSILON": "epsilon", "START_X": "sample"}
-# Mediffusion's defaults (default_config/default.yaml of 0.7.1, same as 0.6.0's).
-_DEFAULTS: dict[str, Any] = {
+#: Mediffusion's defaults (default_config/default.yaml of 0.7.1, same as 0.6.0's).
+MEDIFFUSION_DEFAULTS: dict[str, Any] = {
     "diffusion": {
         "timesteps": 1000,
         "schedule_name": "cosine",
@@ -63,7 +72,7 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
-class MediffusionImportError(ValueError):
+class MediffusionImportError(CxrsynthError):
     """A Mediffusion configuration or checkpoint this importer cannot map exactly."""
 
 
@@ -72,8 +81,14 @@ def config_from_mediffusion(raw: dict[str, Any], *, name: str = "mediffusion") -
 
     Missing keys take Mediffusion's defaults, as ``DiffusionModule`` merges them.
     """
-    model = {**_DEFAULTS["model"], **(raw.get("model") or {})}
-    diff = {**_DEFAULTS["diffusion"], **(raw.get("diffusion") or {})}
+    if not isinstance(raw, dict):
+        raise MediffusionImportError(f"the config must be a mapping with model: and diffusion: sections, "
+                                     f"not a {type(raw).__name__}")
+    for section in ("model", "diffusion"):
+        if not isinstance(raw.get(section) or {}, dict):
+            raise MediffusionImportError(f"the config's {section}: section must be a mapping, not {raw[section]!r}")
+    model = {**MEDIFFUSION_DEFAULTS["model"], **(raw.get("model") or {})}
+    diff = {**MEDIFFUSION_DEFAULTS["diffusion"], **(raw.get("diffusion") or {})}
     nrb = model["num_res_blocks"]
     nrb = [nrb] * len(model["channel_mult"]) if isinstance(nrb, int) else list(nrb)
     problems = []
@@ -175,9 +190,16 @@ def convert_state_dict(
     """Map an ADM ``UNetModel`` state dict to a :class:`ConditionalUNet` state dict.
 
     Raises:
-        MediffusionImportError: on any ADM key left unmapped.
+        MediffusionImportError: on any ADM key left unmapped, an attention weight the
+            config needs that is missing, or one of another shape.
     """
     prefixes, attn = key_map(config)
+    needed = [f"{src}.{p}" for src, _ in attn for p in ("qkv.weight", "qkv.bias", "norm.weight", "norm.bias",
+                                                         "proj_out.weight", "proj_out.bias")]
+    lacking = [k for k in needed if k not in adm]
+    if lacking:
+        raise MediffusionImportError(f"the checkpoint lacks {len(lacking)} weights this config needs, e.g. "
+                                     f"{', '.join(lacking[:3])}: it is of another layout than the config")
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for key, value in adm.items():
@@ -194,9 +216,13 @@ def convert_state_dict(
                 used.add(key)
     heads_of = {}
     for src, dst in attn:
-        w, b = adm[f"{src}.qkv.weight"][..., 0], adm[f"{src}.qkv.bias"]  # (3C, C), (3C,)
-        c = w.shape[1]
+        w, b = adm[f"{src}.qkv.weight"], adm[f"{src}.qkv.bias"]
+        c = w.shape[1] if w.ndim == 3 else -1
         heads = c // config.num_head_channels if config.num_head_channels > 0 else config.num_heads
+        if w.ndim != 3 or w.shape[0] != 3 * c or w.shape[2] != 1 or b.shape != (3 * c,) or heads < 1 or c % heads:
+            raise MediffusionImportError(f"the checkpoint does not fit the config: {src}.qkv is {tuple(w.shape)} "
+                                         f"(bias {tuple(b.shape)}), not (3C, C, 1) for {heads} heads")
+        w = w[..., 0]  # (3C, C); b: (3C,)
         d = c // heads
         if new_attention_order:  # [q | k | v], each (H*d)
             wq, wk, wv = w.chunk(3, 0)
@@ -230,19 +256,30 @@ def extract_unet_state(checkpoint: dict[str, Any], *, ema: bool = True) -> dict[
     Prefers ``ema_state_dict`` (bkh_pytorch_utils' EMA callback) when ``ema``; strips
     the ``model.`` prefix of ``DiffusionModule`` and ``_orig_mod.`` of compiled models.
     A bare ``UNetModel`` state dict is accepted too.
+
+    Raises:
+        MediffusionImportError: the checkpoint is not a dict, or holds no weights.
     """
+    if not isinstance(checkpoint, dict):
+        raise MediffusionImportError(f"it holds a {type(checkpoint).__name__}, not a Lightning checkpoint (a dict with "
+                                     "state_dict) or a UNetModel state dict")
     if ema and "ema_state_dict" in checkpoint:
         sd = checkpoint["ema_state_dict"]
     elif "state_dict" in checkpoint:
         sd = checkpoint["state_dict"]
     else:
         sd = checkpoint
+    if not isinstance(sd, dict):
+        raise MediffusionImportError(f"its state dict is a {type(sd).__name__}, not a dict of tensors")
     out = {}
     for key, value in sd.items():
         if not torch.is_tensor(value):
             continue
         key = key.removeprefix("model.").removeprefix("_orig_mod.")
         out[key] = value
+    if not out:
+        raise MediffusionImportError("it has no state_dict or ema_state_dict and no weights "
+                                     f"(keys: {', '.join(map(str, list(checkpoint)[:6]))})")
     return out
 
 
@@ -263,28 +300,63 @@ def import_mediffusion(
 
     Returns:
         The converted network (eval mode, fp32).
-    """
-    if not isinstance(config, dict):
-        from omegaconf import OmegaConf
 
-        raw = OmegaConf.to_container(OmegaConf.load(str(config)), resolve=True)
-    else:
-        raw = config
-    gen_config = config_from_mediffusion(raw)  # type: ignore[arg-type]
+    Raises:
+        MediffusionImportError: a fault of the config or the checkpoint, named, with its
+            file. The checkpoint is loaded without running code in it (module docstring).
+    """
+    raw = config if isinstance(config, dict) else _load_config(config)
+    try:
+        gen_config = config_from_mediffusion(raw)  # type: ignore[arg-type]
+    except MediffusionImportError as exc:
+        raise MediffusionImportError(f"config{'' if isinstance(config, dict) else ' ' + str(config)}: {exc}") from None
     if not isinstance(checkpoint, dict):
+        from cxrsynth.safeload import LIGHTNING, load_torch
+
         ckpt_path = Path(checkpoint)
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        checkpoint = load_torch(ckpt_path, "Mediffusion checkpoint", allow=LIGHTNING)
     else:
         ckpt_path = None
-    adm = extract_unet_state(checkpoint, ema=ema)
-    new_order = bool({**_DEFAULTS["model"], **(raw.get("model") or {})}["use_new_attention_order"])
-    state = convert_state_dict(adm, gen_config, new_attention_order=new_order)
-    model = ConditionalUNet.build(gen_config)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    if missing or unexpected:
-        raise MediffusionImportError(f"missing {missing[:5]} unexpected {unexpected[:5]}")
+    try:
+        adm = extract_unet_state(checkpoint, ema=ema)
+        new_order = bool({**MEDIFFUSION_DEFAULTS["model"], **(raw.get("model") or {})}["use_new_attention_order"])
+        state = convert_state_dict(adm, gen_config, new_attention_order=new_order)
+        model = ConditionalUNet.build(gen_config)
+        _check_fits(model, state)
+    except MediffusionImportError as exc:
+        raise MediffusionImportError(f"cannot import {ckpt_path or 'the checkpoint'}: {exc}") from None
+    model.load_state_dict({k: v.float() for k, v in state.items()})
     model.eval()
     if out is not None:
         save_generator(model, Path(out), data_version=None,
                        extra={"imported_from": str(ckpt_path) if ckpt_path else "mediffusion", "ema": ema})
     return model
+
+
+def _load_config(path: Path | str) -> dict[str, Any]:
+    """A Mediffusion YAML config as a plain dict; a clean error when it is missing or not YAML."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise MediffusionImportError(f"Mediffusion config not found: {path}")
+    try:
+        loaded = OmegaConf.load(str(path))
+    except yaml.YAMLError as exc:
+        raise MediffusionImportError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    return OmegaConf.to_container(loaded, resolve=True)  # type: ignore[return-value]
+
+
+def _check_fits(model: ConditionalUNet, state: dict[str, torch.Tensor]) -> None:
+    """Every weight of ``model`` is in ``state`` with its shape, and nothing else is."""
+    ours = model.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(ours[k].shape)) for k, v in state.items() if k in ours and v.shape != ours[k].shape]
+    if wrong:
+        key, got, want = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise MediffusionImportError(f"the checkpoint does not fit the config: {key} is {got} in the checkpoint, "
+                                     f"{want} for the config{more}")
+    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    if missing or unexpected:
+        raise MediffusionImportError(f"the checkpoint does not fit the config: lacks {missing[:3]}, has extra {unexpected[:3]}")

@@ -27,6 +27,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from cxrsynth.diffusion.presets import GeneratorConfig
+from cxrsynth.errors import CxrsynthError
 
 #: Name of the JSON written beside the weights: preset, conditioning layout, data version.
 GENERATOR_JSON = "generator.json"
@@ -46,7 +47,7 @@ def _set_attention_heads(unet: nn.Module, num_heads: int, num_head_channels: int
             width = module.inner_dim
             heads = width // num_head_channels if num_head_channels > 0 else num_heads
             if width % heads:
-                raise ValueError(f"attention width {width} is not divisible by {heads} heads")
+                raise CxrsynthError(f"attention width {width} is not divisible by {heads} heads")
             module.heads = heads
             module.sliceable_head_dim = heads
             module.scale = (width // heads) ** -0.5
@@ -73,7 +74,7 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         attn = cfg.attention_levels
         emb_dim = 4 * cfg.model_channels
         if cfg.channel_mult[0] != 1:
-            raise ValueError("channel_mult[0] must be 1 (ADM time embedding width = 4 * model_channels)")
+            raise CxrsynthError("channel_mult[0] must be 1 (ADM time embedding width = 4 * model_channels)")
         self.unet = UNet2DModel(
             sample_size=cfg.image_size,
             in_channels=cfg.in_channels,
@@ -112,7 +113,7 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         if cond is None:
             return self.null_embed.expand(batch, -1)
         if cond.shape != (batch, self.gen_config.condition_size):
-            raise ValueError(f"cond must be ({batch}, {self.gen_config.condition_size}), got {tuple(cond.shape)}")
+            raise CxrsynthError(f"cond must be ({batch}, {self.gen_config.condition_size}), got {tuple(cond.shape)}")
         cond = cond.to(self.null_embed.dtype)
         if self.gen_config.missing_value is not None:
             cond = torch.where(cond == self.gen_config.missing_value, self.missing_param.to(cond.dtype), cond)
@@ -177,14 +178,41 @@ def save_generator(
 
 
 def load_generator(path: Path, *, device: str | torch.device = "cpu") -> ConditionalUNet:
-    """Load a generator written by :func:`save_generator`, in eval mode."""
+    """Load a generator written by :func:`save_generator`, in eval mode.
+
+    Weights load from the safetensors file only (:func:`save_generator` writes nothing
+    else): a generator folder from another site cannot run code through a pickled ``.bin``.
+
+    Raises:
+        CxrsynthError: the folder is not a generator, or its files are damaged.
+    """
+    from cxrsynth.errors import CxrsynthError
+
     path = Path(path)
-    if not (path / GENERATOR_JSON).exists():
-        raise FileNotFoundError(f"{path} is not a cxrsynth generator (no {GENERATOR_JSON})")
-    model = ConditionalUNet.from_pretrained(path, low_cpu_mem_usage=False)  # no accelerate needed
+    generator_info(path)  # a clean error for a missing or damaged generator.json
+    try:
+        model = ConditionalUNet.from_pretrained(path, low_cpu_mem_usage=False, use_safetensors=True)  # no accelerate needed
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:  # missing/damaged config.json or weights
+        message = " ".join(str(exc).split())[:300]
+        raise CxrsynthError(f"cannot load the generator in {path}: {type(exc).__name__}: {message}") from None
     return model.to(device).eval()
 
 
 def generator_info(path: Path) -> dict[str, Any]:
-    """The :data:`GENERATOR_JSON` of a generator directory."""
-    return json.loads((Path(path) / GENERATOR_JSON).read_text())
+    """The :data:`GENERATOR_JSON` of a generator directory.
+
+    Raises:
+        CxrsynthError: the file is missing or is not a JSON object.
+    """
+    from cxrsynth.errors import CxrsynthError
+
+    file = Path(path) / GENERATOR_JSON
+    if not file.is_file():
+        raise CxrsynthError(f"{path} is not a cxrsynth generator (no {GENERATOR_JSON})")
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CxrsynthError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise CxrsynthError(f"{file} is not a cxrsynth generator.json (no config)")
+    return meta

@@ -5,8 +5,8 @@ channel multipliers, residual blocks per level, attention at given downsampling
 factors), the image size and the diffusion process (schedule, prediction type, number
 of training steps). Register new presets with :func:`register_preset`.
 
-``paper`` is the ADM layout of Khosravi et al. (Mediffusion 0.6.0 default config,
-DESIGN.md): 128 channels, multipliers 1,1,2,2,4,4, two residual blocks per level,
+``paper`` is the ADM layout of Khosravi et al. (Mediffusion 0.6.0 default
+config): 128 channels, multipliers 1,1,2,2,4,4, two residual blocks per level,
 attention at downsampling 8/16/32 (32/16/8 px at 256 px), 4 heads, scale-shift norm,
 1 input and 2 output channels (v and the learned-range variance), v-prediction, cosine
 schedule with zero terminal SNR, 1000 steps. ``tiny`` trains on 2 CPU cores in minutes
@@ -19,7 +19,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from cxrsynth.errors import CxrsynthError, UnknownNameError, lookup
 from cxrsynth.labels import CONDITION_SIZE
+
+#: What the network predicts (diffusers' ``prediction_type``).
+PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
 
 
 @dataclass(frozen=True)
@@ -80,14 +84,14 @@ class GeneratorConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % 2 ** (len(self.channel_mult) - 1):
-            raise ValueError(
+            raise CxrsynthError(
                 f"image_size {self.image_size} is not divisible by 2^{len(self.channel_mult) - 1} "
                 f"(one halving per level after the first of channel_mult={self.channel_mult})"
             )
         if self.out_channels not in (self.in_channels, 2 * self.in_channels):
-            raise ValueError("out_channels must be in_channels (fixed variance) or 2x (learned range)")
-        if self.prediction_type not in ("v_prediction", "epsilon", "sample"):
-            raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
+            raise CxrsynthError("out_channels must be in_channels (fixed variance) or 2x (learned range)")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise UnknownNameError("prediction type", self.prediction_type, PREDICTION_TYPES)
 
     @property
     def learned_variance(self) -> bool:
@@ -109,7 +113,7 @@ class GeneratorConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ValueError(f"unknown generator config keys: {sorted(unknown)}")
+            raise CxrsynthError(f"unknown generator config keys: {sorted(unknown)}")
         data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**data)
 
@@ -124,16 +128,14 @@ _PRESETS: dict[str, GeneratorConfig] = {}
 def register_preset(config: GeneratorConfig) -> GeneratorConfig:
     """Register ``config`` under ``config.name``; names are unique."""
     if config.name in _PRESETS:
-        raise ValueError(f"preset {config.name!r} is already registered")
+        raise CxrsynthError(f"preset {config.name!r} is already registered")
     _PRESETS[config.name] = config
     return config
 
 
 def get_preset(name: str, **overrides: Any) -> GeneratorConfig:
     """The preset called ``name``, optionally with some fields overridden."""
-    if name not in _PRESETS:
-        raise KeyError(f"unknown generator preset {name!r}; known: {', '.join(list_presets())}")
-    config = _PRESETS[name]
+    config = lookup(_PRESETS, "generator preset", name)
     return config.replace(**overrides) if overrides else config
 
 

@@ -30,10 +30,14 @@ from typing import Any, Literal
 
 import torch
 
+from cxrsynth import runtime
 from cxrsynth.diffusion.model import ConditionalUNet
 from cxrsynth.diffusion.schedule import get_sampler
+from cxrsynth.errors import CxrsynthError, UnknownNameError
 
 CfgFormula = Literal["standard", "mediffusion"]
+#: Guidance formulas (see the module docstring).
+CFG_FORMULAS: tuple[str, ...] = ("standard", "mediffusion")
 
 #: Keyword arguments of :func:`sample` that reproduce Mediffusion 0.6.0's DDIM sampler.
 MEDIFFUSION_COMPAT: dict[str, Any] = {
@@ -58,14 +62,20 @@ def combine_guidance(
         dims = tuple(range(1, cond.ndim))
         rescaled = g * (cond.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True))
         return MEDIFFUSION_PHI * rescaled + (1 - MEDIFFUSION_PHI) * g
-    raise ValueError(f"unknown cfg formula {formula!r} (standard | mediffusion)")
+    raise UnknownNameError("cfg formula", formula, CFG_FORMULAS)
 
 
-def _needs(guidance: float, formula: CfgFormula) -> tuple[bool, bool]:
-    """Which branches (cond, uncond) a guidance setting needs."""
+def guidance_branches(guidance: float, formula: CfgFormula) -> tuple[bool, bool]:
+    """Which network branches ``(cond, uncond)`` a guidance setting needs.
+
+    ``standard`` needs only the conditional branch at w = 1 and only the unconditional
+    one at w = 0; ``mediffusion`` always needs the conditional one.
+    """
     if formula == "standard":
         return guidance != 0.0, guidance != 1.0
-    return True, guidance != 0.0
+    if formula == "mediffusion":
+        return True, guidance != 0.0
+    raise UnknownNameError("cfg formula", formula, CFG_FORMULAS)
 
 
 def guided_output(
@@ -89,7 +99,7 @@ def guided_output(
     Returns:
         (B, out_channels, H, W).
     """
-    need_cond, need_uncond = _needs(guidance, formula)
+    need_cond, need_uncond = guidance_branches(guidance, formula)
     b = x.shape[0]
     tt = t.expand(b) if t.ndim == 0 else t
     if need_cond and not need_uncond:
@@ -126,7 +136,7 @@ def sample_batch(
     seeds: Sequence[int],
     *,
     sampler: str = "ddim",
-    steps: int = 50,
+    steps: int,
     guidance: float = 1.0,
     eta: float = 0.0,
     cfg_formula: CfgFormula = "standard",
@@ -181,7 +191,7 @@ def sample(
     seeds: Sequence[int],
     *,
     sampler: str = "ddim",
-    steps: int = 50,
+    steps: int,
     guidance: float = 1.0,
     eta: float = 0.0,
     cfg_formula: CfgFormula = "standard",
@@ -196,8 +206,9 @@ def sample(
         model: The generator (its device is used).
         cond: (N, 22) conditioning vectors (labels.conditioning_vectors).
         seeds: N seeds, one per image.
-        sampler: Registered sampler name (``ddim``, ``dpmpp``).
-        steps: Denoising steps (the paper: DDIM 200).
+        sampler: Registered sampler name (:func:`~cxrsynth.diffusion.schedule.list_samplers`).
+        steps: Denoising steps (no default here: a replica set's is
+            :class:`cxrsynth.generate.GenerateConfig`'s; the paper used DDIM 200).
         guidance: Guidance scale w (meaning depends on ``cfg_formula``).
         eta: DDIM stochasticity (0 deterministic, 1 DDPM-like; Mediffusion used 1).
         cfg_formula: ``standard`` or ``mediffusion`` (see the module docstring).
@@ -211,9 +222,11 @@ def sample(
         (N, C, H, W) uint8 images.
     """
     if cond.ndim != 2 or len(cond) != len(seeds):
-        raise ValueError(f"need one seed per condition row: cond {tuple(cond.shape)}, {len(seeds)} seeds")
+        raise CxrsynthError(f"need one seed per condition row: cond {tuple(cond.shape)}, {len(seeds)} seeds")
     if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
+        raise CxrsynthError(f"batch size must be >= 1, got {batch_size}")
+    if steps < 1:
+        raise CxrsynthError(f"sampler steps must be >= 1, got {steps}")
     out = []
     for start in range(0, len(seeds), batch_size):
         x = sample_batch(
@@ -251,13 +264,10 @@ def fast_paths(
     (diffusers' ``AttnProcessor2_0``): flash attention on the GPU in bf16.
     """
     if compile_mode not in COMPILE_MODES:
-        raise ValueError(f"unknown compile mode {compile_mode!r} ({' | '.join(COMPILE_MODES)})")
+        raise UnknownNameError("compile mode", compile_mode, COMPILE_MODES)
     device = next(model.parameters()).device
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = not deterministic
-        torch.backends.cudnn.deterministic = deterministic
+        runtime.cuda_fast_paths(deterministic)
         if channels_last:
             model.to(memory_format=torch.channels_last)
     if not compile:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from cxrsynth.diffusion.presets import GeneratorConfig
+from cxrsynth.errors import CxrsynthError, lookup
 
 
 def _common(config: GeneratorConfig) -> dict[str, Any]:
@@ -55,16 +56,14 @@ _SAMPLERS: dict[str, Sampler] = {}
 def register_sampler(sampler: Sampler) -> Sampler:
     """Add a sampler to the registry (unique names)."""
     if sampler.name in _SAMPLERS:
-        raise ValueError(f"sampler {sampler.name!r} is already registered")
+        raise CxrsynthError(f"sampler {sampler.name!r} is already registered")
     _SAMPLERS[sampler.name] = sampler
     return sampler
 
 
 def get_sampler(name: str) -> Sampler:
     """The sampler called ``name``."""
-    if name not in _SAMPLERS:
-        raise KeyError(f"unknown sampler {name!r}; known: {', '.join(sorted(_SAMPLERS))}")
-    return _SAMPLERS[name]
+    return lookup(_SAMPLERS, "sampler", name)
 
 
 def list_samplers() -> list[str]:

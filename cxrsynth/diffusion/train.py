@@ -19,10 +19,12 @@ change mid-run) and resuming another run fails, naming what differs; only ``step
 its own directory under a checkpoint root (:func:`run_checkpoints`, named by
 :func:`run_id`), so a changed setting starts a new run beside the old one.
 
-Fast paths (chosen in :func:`_fast_paths`, one place): bf16 autocast, channels_last
-and fused AdamW on CUDA only; fp32 elsewhere.
+Fast paths (chosen in :func:`_fast_paths`, one place): bf16 autocast, channels_last,
+fused AdamW and :func:`cxrsynth.runtime.cuda_fast_paths` (TF32, autotuned cuDNN) on
+CUDA only; fp32 elsewhere.
 
-DDP (``torchrun``; gloo on CPU, nccl on CUDA): every rank builds the same initial
+DDP (``torchrun``, joined through :func:`cxrsynth.runtime.distributed`; gloo on CPU,
+nccl on CUDA): every rank builds the same initial
 weights, draws its noise from ``seed + rank`` and reads its own share of the data
 (``data(epoch)`` must already be sharded by rank and yield the same number of batches
 on every rank, else the gradient all-reduce of the longer rank would wait forever; the
@@ -49,10 +51,12 @@ from typing import Any
 import torch
 from timm.utils import ModelEmaV3
 
+from cxrsynth import runtime
 from cxrsynth.diffusion.losses import ScheduleTensors, diffusion_loss
 from cxrsynth.diffusion.model import ConditionalUNet, save_generator
 from cxrsynth.diffusion.presets import GeneratorConfig
 from cxrsynth.diffusion.schedule import training_scheduler
+from cxrsynth.errors import CxrsynthError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.pt"
@@ -91,39 +95,17 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
 
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-
-def _init_distributed() -> _Dist:
-    """Join the process group when launched by ``torchrun`` (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend)
-    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local)
-
-
 def _fast_paths(device: torch.device) -> dict[str, Any]:
     """The one place where training speed options are chosen.
 
     CUDA: bf16 autocast (no loss scaling needed), channels_last (cuDNN NHWC kernels),
-    fused AdamW and TF32 matmuls. CPU: fp32 throughout, so runs are exact and resumable.
+    fused AdamW, TF32 matmuls and autotuned cuDNN algorithms (a GPU run repeats only up to
+    floating-point nondeterminism anyway). CPU: fp32 throughout, so runs are exact and
+    resumable.
     """
     cuda = device.type == "cuda"
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        runtime.cuda_fast_paths(deterministic=False)
     return {
         "autocast_dtype": torch.bfloat16 if cuda else None,
         "channels_last": cuda,
@@ -184,21 +166,46 @@ def run_checkpoints(root: Path, config: GeneratorConfig, train_config: TrainConf
     return Path(root) / run_id(config, run_fingerprint(train_config, data_version, world))
 
 
+#: What every training checkpoint holds (written by ``save_checkpoint`` in :func:`train`).
+CHECKPOINT_KEYS = ("config", "step", "epoch", "batch_in_epoch", "model", "ema", "optimizer", "lr_schedule", "rng")
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """A training checkpoint, loaded without running code in it (``weights_only=True``).
+
+    A checkpoint directory may come from another machine or another person, so it is
+    loaded like any untrusted torch file (:func:`cxrsynth.safeload.load_torch`): tensors,
+    optimizer and scheduler states, generator states and plain data only.
+
+    Raises:
+        CxrsynthError: the file is unreadable, needs code to load, or lacks what a
+            training checkpoint holds.
+    """
+    from cxrsynth.errors import CxrsynthError
+    from cxrsynth.safeload import load_torch
+
+    state = load_torch(path, "training checkpoint", map_location=device)
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CxrsynthError(f"{path} is not a cxrsynth training checkpoint (lacks {', '.join(missing)})")
+    return state
+
+
 def _check_resumable(ckpt_path: Path, state: dict[str, Any], config: GeneratorConfig, run: dict[str, Any]) -> None:
-    """Raise ValueError unless the checkpoint comes from the same generator and run.
+    """Raise a :class:`CxrsynthError` unless the checkpoint comes from the same generator and run.
 
     Checkpoints written before the run fingerprint existed are checked on the generator
     config only.
     """
     advice = "pass a new --checkpoints dir, or --no-resume to start over"
     if state["config"] != config.to_dict():
-        raise ValueError(f"{ckpt_path} was trained with another generator config; {advice}")
+        raise CxrsynthError(f"{ckpt_path} was trained with another generator config; {advice}")
     old = state.get("run")
     if old is None:
         return
     diffs = [f"{k} {old.get(k)!r} -> {run.get(k)!r}" for k in sorted(set(old) | set(run)) if old.get(k) != run.get(k)]
     if diffs:
-        raise ValueError(f"{ckpt_path} belongs to another run ({'; '.join(diffs)}); {advice}")
+        raise CxrsynthError(f"{ckpt_path} belongs to another run ({'; '.join(diffs)}); {advice}")
 
 
 def train(
@@ -226,8 +233,9 @@ def train(
             ``out / "checkpoints"``. Keep it outside a DVC output.
         resume: True to continue from ``checkpoints/latest.pt`` when present, or a
             checkpoint path. The checkpoint must come from the same generator config and
-            :func:`run_fingerprint` (else ValueError naming each difference).
-        device: Defaults to CUDA (``LOCAL_RANK``) when available, else CPU.
+            :func:`run_fingerprint` (else a :class:`CxrsynthError` naming each difference).
+        device: Default :func:`cxrsynth.runtime.device` (CUDA, ``cuda:LOCAL_RANK`` under
+            torchrun, when available, else CPU).
         data_version: Recorded in ``generator.json``.
         progress: Show a rich progress bar (rank 0).
         on_step: Called as ``on_step(step, loss)`` at each log interval.
@@ -237,13 +245,13 @@ def train(
     """
     tc = train_config
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CxrsynthError(f"{out} is a file, not a generator folder")
     ck = Path(checkpoints) if checkpoints is not None else out / CHECKPOINTS
-    dist_info = _init_distributed()
-    if device is None:
-        device = f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    dist_info = runtime.distributed()
+    device = runtime.device(None if device is None else str(device))
     fast = _fast_paths(device)
-    is_main = dist_info.rank == 0
+    is_main = dist_info.is_main
 
     # 1. Model, EMA, optimiser, LR schedule; every random draw from `gen`.
     gen = torch.Generator(device="cpu").manual_seed(tc.seed)
@@ -266,7 +274,7 @@ def train(
 
     ckpt_path = latest_checkpoint(ck) if resume is True else (Path(resume) if resume else None)
     if ckpt_path is not None:
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = load_checkpoint(ckpt_path, device)
         _check_resumable(ckpt_path, state, config, run)
         model.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])
@@ -382,7 +390,7 @@ def train(
             epoch += 1
             batch_in_epoch = 0
             if step == 0 and batch_in_epoch == 0 and epoch > 1:
-                raise RuntimeError("the data yielded no batches")
+                raise CxrsynthError("the training data yielded no batches")
             continue
         break
     bar.close()
@@ -397,7 +405,7 @@ def train(
     return final
 
 
-def _data_seen(images: int, keys: set[str], dist_info: _Dist) -> dict[str, Any] | None:
+def _data_seen(images: int, keys: set[str], dist_info: runtime.Distributed) -> dict[str, Any] | None:
     """Images and distinct keys consumed by each rank in the run (resumes included), and overall.
 
     Gathers every rank's key set on every rank (``all_gather_object``), once at the

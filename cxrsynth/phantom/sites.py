@@ -4,7 +4,7 @@ A :class:`SiteSpec` is pure data: who the patients are (age, sex, race), what th
 reports say (per-finding positive and uncertain rates), how they are imaged (view mix,
 native size, exposure curve, noise, blur, collimation) and how the site stores its files.
 
-Label rates come from Table 1 of Khosravi et al. (``paper.txt``):
+Label rates come from Table 1 of Khosravi et al., "Synthetically enhanced" (eBioMedicine 2024):
 
 - ``cxp``: positives from the CXPTr column. CXPTr excluded every image with an uncertain
   finding, so the uncertain rates come from the CXPTs column (the rest of CheXpert).
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cxrsynth.errors import CxrsynthError, lookup
 from cxrsynth.labels import FINDINGS
 
 # Table 1 (percent of images). Order: FINDINGS. (positive, uncertain).
@@ -162,19 +163,16 @@ SITES: dict[str, SiteSpec] = {}
 def register(spec: SiteSpec) -> SiteSpec:
     """Add a site to :data:`SITES` (names are unique)."""
     if spec.name in SITES:
-        raise ValueError(f"site {spec.name!r} is already registered")
+        raise CxrsynthError(f"site {spec.name!r} is already registered")
     if len(spec.rates) != len(FINDINGS):
-        raise ValueError(f"site {spec.name!r}: need {len(FINDINGS)} rates, got {len(spec.rates)}")
+        raise CxrsynthError(f"site {spec.name!r}: need {len(FINDINGS)} rates, got {len(spec.rates)}")
     SITES[spec.name] = spec
     return spec
 
 
 def get_site(name: str) -> SiteSpec:
     """The registered site called ``name``; a loud error lists the known ones."""
-    try:
-        return SITES[name]
-    except KeyError:
-        raise KeyError(f"unknown phantom site {name!r}; known: {', '.join(sorted(SITES))}") from None
+    return lookup(SITES, "phantom site", name)
 
 
 register(

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth import labels
+from cxrsynth.errors import CxrsynthError
 
 #: Columns every adapter's ``records`` frame has, in this order.
 RECORD_COLUMNS: tuple[str, ...] = (
@@ -29,7 +30,7 @@ REJECT_COLUMNS: tuple[str, ...] = ("row", "key", "source_path", "reason", "detai
 _KEY_FORBIDDEN = re.compile(r"[^A-Za-z0-9_-]+")
 
 
-class SourceError(ValueError):
+class SourceError(CxrsynthError):
     """An input that cannot be read at all (missing file, missing required columns)."""
 
 
@@ -70,19 +71,56 @@ def require_columns(frame: pd.DataFrame, required: list[str] | tuple[str, ...], 
 
 
 def read_table(path: str | Path, what: str) -> pd.DataFrame:
-    """Read a CSV (optionally gzipped), parquet or Excel table as strings."""
+    """Read a CSV (optionally gzipped), parquet or Excel table as strings.
+
+    CSV text must be UTF-8 (a leading byte-order mark, as Excel writes, is dropped). Text
+    in another encoding (Latin-1 / Windows-1252 exports) is refused, naming the file, line
+    and byte, rather than guessed: a wrong guess would change names and values silently.
+
+    Raises:
+        SourceError: the file is missing, empty, not UTF-8, or not a readable table.
+    """
+    import pyarrow as pa
+
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise SourceError(f"{what} {path} is empty (0 bytes)")
     name = path.name.lower()
     if name.endswith(".parquet"):
-        return pd.read_parquet(path).astype("string")
+        try:
+            return pd.read_parquet(path).astype("string")
+        except (pa.ArrowException, OSError) as exc:
+            raise SourceError(f"{what} {path} is not a readable parquet file: {' '.join(str(exc).split())}") from None
     if name.endswith((".xlsx", ".xls")):
         try:
             return pd.read_excel(path, dtype=str).astype("string")
         except ImportError as exc:
             raise SourceError(f"reading {path} needs openpyxl: pip install openpyxl ({exc})") from exc
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""]).astype("string")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8-sig").astype("string")
+    except pd.errors.EmptyDataError:
+        raise SourceError(f"{what} {path} is empty (no header row)") from None
+    except UnicodeDecodeError:
+        raise SourceError(f"{what} {path} is not UTF-8 text ({_first_bad_utf8(path)}); save it as UTF-8, "
+                          f"e.g. iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}") from None
+    except (pd.errors.ParserError, OSError, EOFError) as exc:  # ragged rows, bad gzip
+        raise SourceError(f"{what} {path} is not a readable CSV: {' '.join(str(exc).split())}") from None
+
+
+def _first_bad_utf8(path: Path) -> str:
+    """Where the first byte that is not UTF-8 is, as ``byte 0xe9 on line 2, column 7``."""
+    import gzip
+
+    raw = gzip.open(path).read() if path.name.lower().endswith(".gz") else path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        newline = b"\n"
+        line, column = raw.count(newline, 0, exc.start) + 1, exc.start - raw.rfind(newline, 0, exc.start)
+        return f"byte 0x{raw[exc.start]:02x} on line {line}, column {column}"
+    return "an invalid byte"
 
 
 def empty_rejects() -> pd.DataFrame:

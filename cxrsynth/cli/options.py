@@ -1,0 +1,94 @@
+"""Option plumbing shared by the commands: "not given" options, and help filled in lazily.
+
+* :func:`given` drops the options a user did not give (``None``), so the library's default
+  applies and lives in one place, its config dataclass or function (timm's
+  ``create_model`` does the same).
+* :class:`LazyHelp`: the registries (samplers, generator presets, phantom sites, guidance
+  formulas, compile modes) and the configs' defaults live in modules that import torch,
+  diffusers or pandas. Reading them when the CLI loads would make every command, and
+  ``--help``, wait for those imports; copying them into the CLI would keep a second copy to
+  go stale. So an option's help says ``{samplers}`` (the registered names, ``a | b | c``)
+  or ``{GenerateConfig.steps}`` (a default), and :class:`LazyHelp`, the class of every
+  command whose help does, fills them in only when the help is shown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import re
+from collections.abc import Callable
+from typing import Any
+
+from typer.core import TyperCommand
+
+
+def given(**options: Any) -> dict[str, Any]:
+    """The options that were given (not ``None``), to pass on as keyword arguments."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _names(module: str, attribute: str) -> Callable[[], list[str]]:
+    def load() -> list[str]:
+        value = getattr(importlib.import_module(module), attribute)
+        return sorted(value()) if callable(value) else sorted(value) if isinstance(value, dict) else list(value)
+
+    return load
+
+
+#: Placeholder → the names registered there.
+REGISTRIES: dict[str, Callable[[], list[str]]] = {
+    "samplers": _names("cxrsynth.diffusion.schedule", "list_samplers"),
+    "presets": _names("cxrsynth.diffusion.presets", "list_presets"),
+    "sites": _names("cxrsynth.phantom.sites", "SITES"),
+    "cfg_formulas": _names("cxrsynth.diffusion.sample", "CFG_FORMULAS"),
+    "compile_modes": _names("cxrsynth.diffusion.sample", "COMPILE_MODES"),
+}
+
+#: Placeholder prefix → where the defaults live (a dataclass, or a function's keyword defaults).
+DEFAULTS: dict[str, tuple[str, str]] = {
+    "GenerateConfig": ("cxrsynth.generate", "GenerateConfig"),
+    "TrainConfig": ("cxrsynth.diffusion.train", "TrainConfig"),
+    "Preprocess": ("cxrsynth.imaging", "Preprocess"),
+    "SplitParams": ("cxrsynth.splits", "SplitParams"),
+    "MixParams": ("cxrsynth.mix", "MixParams"),
+    "ingest": ("cxrsynth.ingest", "ingest"),
+}
+
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(REGISTRIES) + r")\}|\{(" + "|".join(DEFAULTS) + r")\.(\w+)\}")
+
+
+def names(registry: str) -> str:
+    """The names registered in ``registry`` (a key of :data:`REGISTRIES`), as ``a | b | c``."""
+    return " | ".join(REGISTRIES[registry]())
+
+
+def default(owner: str, field: str) -> str:
+    """The default of ``owner.field`` (``owner`` a key of :data:`DEFAULTS`), as help shows it."""
+    module, attribute = DEFAULTS[owner]
+    obj = getattr(importlib.import_module(module), attribute)
+    if dataclasses.is_dataclass(obj):
+        spec = {f.name: f for f in dataclasses.fields(obj)}[field]
+        value = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+    else:
+        value = inspect.signature(obj).parameters[field].default
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def fill(text: str) -> str:
+    """``text`` with every ``{registry}`` and ``{Owner.field}`` placeholder replaced."""
+    return _PLACEHOLDER.sub(lambda m: names(m[1]) if m[1] else default(m[2], m[3]), text)
+
+
+class LazyHelp(TyperCommand):
+    """A command whose parameters' help may hold placeholders (see the module docstring)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        for param in self.get_params(ctx):
+            text = getattr(param, "help", None)
+            if text and "{" in text:
+                param.help = fill(text)
+        return super().format_help(ctx, formatter)
