@@ -11,6 +11,7 @@ import typer
 
 from cxrsynth.cli import bench as _bench
 from cxrsynth.cli import data as _data
+from cxrsynth.cli import evaluate as _evaluate
 from cxrsynth.cli.common import CleanErrors
 from cxrsynth.cli.generate import generate
 from cxrsynth.cli.generator import generator_app
@@ -38,6 +39,9 @@ app.command("mix")(_data.mix)
 # generator
 app.add_typer(generator_app, name="generator")
 app.command("generate", cls=LazyHelp)(generate)
+app.command("evaluate")(_evaluate.evaluate)
+app.command("compare")(_evaluate.compare)
+app.command("cooccurrence")(_evaluate.cooccurrence)
 # benchmarks
 app.add_typer(bench_app, name="bench")
 bench_app.command("ingest")(_bench.bench_ingest)
@@ -46,3 +50,4 @@ bench_app.command("generate", cls=LazyHelp)(_bench.bench_generate)
 bench_app.command("roofline", cls=LazyHelp)(_bench.bench_roofline)
 bench_app.command("train", cls=LazyHelp)(_bench.bench_train)
 bench_app.command("solvers")(_bench.bench_solvers)
+bench_app.command("evaluate")(_bench.bench_evaluate)

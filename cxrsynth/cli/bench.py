@@ -283,3 +283,27 @@ def bench_phantom(
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def bench_evaluate(
+    images: Annotated[int, typer.Option("--images", min=2, help="Test images (the paper's CheXpert test set: 56,448).")] = 56_000,
+    replicates: Annotated[int, typer.Option("--replicates", min=1, help="Bootstrap replicates.")] = 1000,
+    cluster: Annotated[str, typer.Option("--cluster", help="image | patient (2-4 images per patient).")] = "image",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random data and the draws.")] = 0,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Threads (default: the CPUs available).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
+) -> None:
+    """Bootstrap AUROC speed: REPLICATES x IMAGES x 14 findings on random data (what `evaluate` runs)."""
+    from cxrsynth.bench.evaluate import bench_bootstrap
+
+    if cluster not in ("image", "patient"):
+        fail(f"--cluster must be image or patient, got {cluster!r}")
+    r = bench_bootstrap(images=images, replicates=replicates, seed=seed, cluster=cluster, threads=threads)
+    if as_json:
+        print(json.dumps(r.to_dict()))
+        return
+    console.print(
+        f"bootstrap {r.replicates} x {r.images:,} images x {r.findings} findings ({r.cluster}s resampled, "
+        f"{r.threads} thread(s)): {r.seconds:.2f} s wall, {r.cpu_seconds:.2f} s CPU, {r.replicates_per_s:.0f} replicates/s",
+        highlight=False,
+    )
