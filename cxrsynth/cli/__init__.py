@@ -17,6 +17,7 @@ from cxrsynth.cli.generate import generate
 from cxrsynth.cli.generator import generator_app
 from cxrsynth.cli.options import LazyHelp
 from cxrsynth.cli.phantom import phantom
+from cxrsynth.cli.share import share_app
 
 app = typer.Typer(
     cls=CleanErrors,
@@ -42,6 +43,8 @@ app.command("generate", cls=LazyHelp)(generate)
 app.command("evaluate")(_evaluate.evaluate)
 app.command("compare")(_evaluate.compare)
 app.command("cooccurrence")(_evaluate.cooccurrence)
+# sharing
+app.add_typer(share_app, name="share")
 # benchmarks
 app.add_typer(bench_app, name="bench")
 bench_app.command("ingest")(_bench.bench_ingest)
@@ -51,3 +54,4 @@ bench_app.command("roofline", cls=LazyHelp)(_bench.bench_roofline)
 bench_app.command("train", cls=LazyHelp)(_bench.bench_train)
 bench_app.command("solvers")(_bench.bench_solvers)
 bench_app.command("evaluate")(_bench.bench_evaluate)
+bench_app.command("audit")(_bench.bench_audit)

@@ -307,3 +307,26 @@ def bench_evaluate(
         f"{r.threads} thread(s)): {r.seconds:.2f} s wall, {r.cpu_seconds:.2f} s CPU, {r.replicates_per_s:.0f} replicates/s",
         highlight=False,
     )
+
+
+def bench_audit(
+    queries: Annotated[int, typer.Option("--queries", min=1, help="Synthetic embeddings searched.")] = 4096,
+    bank: Annotated[int, typer.Option("--bank", min=1, help="Training embeddings searched against.")] = 16384,
+    dim: Annotated[int, typer.Option("--dim", min=1, help="Embedding size (1024 = the 32 px pixels embedding).")] = 1024,
+    k: Annotated[int, typer.Option("--k", min=1, help="Neighbours kept per query.")] = 5,
+    chunk: Annotated[int, typer.Option("--chunk", min=1, help="Queries per similarity block.")] = 4096,
+    device: Annotated[Optional[str], typer.Option("--device", help="Default: cuda if available, else cpu.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
+) -> None:
+    """Memorization-audit search speed: seconds per million (synthetic, training) pairs, and the paper's 720K x 72K."""
+    from cxrsynth.bench.audit import bench_audit as bench_lib
+
+    set_threads(threads)
+    r = bench_lib(queries=queries, bank=bank, dim=dim, k=k, chunk=chunk, device=device)
+    if as_json:
+        print(json.dumps(r.to_dict()))
+        return
+    console.print(f"audit search {r.queries:,} x {r.bank:,} pairs, dim {r.dim}, k {r.k} on {r.device} ({r.threads} threads): "
+                  f"{r.seconds:.3f} s = {r.seconds_per_million_pairs * 1e3:.3f} ms per million pairs; the paper's 720K x 72K: "
+                  f"{r.paper_scale_hours:.2f} h; pixels embedding {r.embed_images_per_s:,.0f} images/s", highlight=False, soft_wrap=True)

@@ -1,0 +1,150 @@
+"""``cxrsynth share export | verify | import | audit``: thin commands over :mod:`cxrsynth.share`.
+
+Options that only override a config default (:class:`~cxrsynth.share.audit.AuditConfig`,
+:class:`~cxrsynth.share.export.ExportConfig`) default to None here and are dropped when not
+given, so each default lives once, in the dataclass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cxrsynth.cli.common import Root, console, err_console
+
+share_app = typer.Typer(no_args_is_help=True, help="Share synthetic data with other sites: export, verify, import, audit.")
+
+Embedding = Annotated[Optional[str], typer.Option("--embedding", help="pixels (the default) | classifier:DIR | reid | reid:DIR.")]
+K = Annotated[Optional[int], typer.Option("--k", min=1, help="Nearest training images kept per synthetic image.")]
+Quantile = Annotated[Optional[float], typer.Option("--quantile", min=0.0, max=1.0,
+                                                   help="Flag below this quantile of held-out real → train distances.")]
+Split = Annotated[Optional[str], typer.Option("--split", help="Training split of the real dataset.")]
+ExportSplit = Annotated[Optional[str], typer.Option("--split", help="Training split of the real dataset (default: the split the "
+                                                                   "replicas were conditioned on, else train).")]
+Heldout = Annotated[Optional[str], typer.Option("--heldout-split", help="Split calibrating the threshold (default: every image "
+                                                                       "whose patient is outside the training split).")]
+ReidSteps = Annotated[Optional[int], typer.Option("--reid-steps", min=1, help="Training steps of the reid network.")]
+Device = Annotated[Optional[str], typer.Option("--device", help="Torch device (default: cuda when available, else cpu).")]
+
+
+def _audit_config(**options):
+    from dataclasses import replace
+
+    from cxrsynth.share.audit import AuditConfig, with_overrides
+
+    reid_steps = options.pop("reid_steps", None)
+    config = with_overrides(AuditConfig(), **options)
+    return replace(config, reid=replace(config.reid, steps=reid_steps)) if reid_steps else config
+
+
+def _say(message: str) -> None:
+    err_console.print(message, highlight=False, soft_wrap=True)
+
+
+@share_app.command("audit")
+def audit(
+    name: Annotated[str, typer.Argument(help="Synthetic dataset to audit.")],
+    against: Annotated[str, typer.Option("--against", help="Real dataset the generator learnt from.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for audit.json, neighbours.parquet, distances.png, pairs.png "
+                                                    "(relative to --root).")],
+    split: Split = None,
+    heldout_split: Heldout = None,
+    embedding: Embedding = None,
+    k: K = None,
+    quantile: Quantile = None,
+    reid_steps: ReidSteps = None,
+    device: Device = None,
+    root: Root = Path("."),
+) -> None:
+    """Nearest real training images of every synthetic image; flags likely copies.
+
+    The threshold is calibrated on held-out real images; the embedding's patient re-identification AUROC is reported.
+    """
+    from cxrsynth.share.audit import audit as audit_lib
+
+    config = _audit_config(split=split, heldout_split=heldout_split, embedding=embedding, k=k, quantile=quantile,
+                           reid_steps=reid_steps, device=device)
+    summary = audit_lib(root, name, against, root / out, config, progress=_say)
+    reid = summary["reid"]
+    console.print(
+        f"{name} vs {against}/{summary['training']['split']} ({summary['embedding']['name']}): "
+        f"{summary['counts']['flagged']} of {summary['counts']['synthetic']} flagged "
+        f"(threshold {summary['threshold']['distance']:.4f}, the {summary['threshold']['quantile']:g} quantile of "
+        f"{summary['heldout']['images']} held-out images; {summary['counts']['expected_by_chance']} expected by chance); "
+        f"re-identification AUROC {reid['training_split'].get('auroc')} (training pairs), "
+        f"{reid['heldout'].get('auroc')} (held-out pairs); {summary['seconds']:.1f} s; wrote {out}",
+        highlight=False, soft_wrap=True)
+
+
+@share_app.command("export")
+def export(
+    name: Annotated[str, typer.Argument(help="Synthetic dataset to export.")],
+    out: Annotated[Path, typer.Option("--out", help="Package folder to create (must not exist; relative to --root).")],
+    force: Annotated[bool, typer.Option("--force", help="Export even if the audit flags more than --max-flagged "
+                                                        "or cannot run; the datasheet records it.")] = False,
+    audit_against: Annotated[Optional[str], typer.Option("--audit-against", help="Real dataset the generator learnt from "
+                                                         "(default: the generator's recorded training data).")] = None,
+    max_flagged: Annotated[Optional[int], typer.Option("--max-flagged", min=0,
+                                                       help="Most flagged pairs an export accepts.")] = None,
+    key_secret: Annotated[Optional[Path], typer.Option("--key-secret", help="File with the key-renumbering secret, for "
+                                                       "repeatable exports (default: a random secret, kept nowhere).")] = None,
+    keymap: Annotated[Optional[Path], typer.Option("--keymap",
+                                                   help="Also write exported → original keys here (local only).")] = None,
+    audit_out: Annotated[Optional[Path], typer.Option("--audit-out", help="Folder for the audit's files (default "
+                                                      "data/audits/NAME; relative to --root).")] = None,
+    split: ExportSplit = None,
+    embedding: Embedding = None,
+    quantile: Quantile = None,
+    reid_steps: ReidSteps = None,
+    device: Device = None,
+    root: Root = Path("."),
+) -> None:
+    """Package a synthetic dataset for another site: shards, a manifest without real identifiers, sha256 index, DATASHEET.md."""
+    from cxrsynth.share.audit import with_overrides
+    from cxrsynth.share.export import ExportConfig
+    from cxrsynth.share.export import export as export_lib
+
+    audit_config = _audit_config(embedding=embedding, quantile=quantile, reid_steps=reid_steps, device=device)
+    config = with_overrides(ExportConfig(), audit_against=audit_against, max_flagged=max_flagged, force=force or None,
+                            secret_file=key_secret, keymap=keymap, audit_out=root / audit_out if audit_out else None,
+                            audit_split=split, audit=audit_config)
+    result = export_lib(root, name, root / out, config, progress=_say)
+    console.print(f"{result['out']}: {result['images']:,} images in {result['shards']} shard(s), version {result['version']}; "
+                  f"{result['decision']}" + (f" Audit files: {result['audit_dir']}" if result["audit_dir"] else ""),
+                  highlight=False, soft_wrap=True)
+
+
+@share_app.command("verify")
+def verify(package: Annotated[Path, typer.Argument(help="Package folder (relative to --root).")], root: Root = Path(".")) -> None:
+    """Re-hash every file of a package against its index.json; exit 1 on any mismatch, missing or extra file."""
+    from cxrsynth.errors import CheckFailed
+    from cxrsynth.share import package as package_lib
+
+    package = root / package
+    problems = package_lib.verify(package)
+    for problem in problems:
+        console.print(f"[red]✗[/red] {problem}", highlight=False, soft_wrap=True)
+    if problems:
+        raise CheckFailed(f"{package}: {len(problems)} problem(s)")
+    index = package_lib.read_index(package)
+    console.print(f"[green]✓[/green] {package}: {len(index['files'])} file(s) match index.json "
+                  f"({index.get('name')} version {index.get('version')}, {index.get('images')} images)", highlight=False)
+
+
+@share_app.command("import")
+def import_(
+    package: Annotated[Path, typer.Argument(help="Package folder (from `share export`; relative to --root).")],
+    name: Annotated[str, typer.Option("--name", help="Dataset name to register it as.")],
+    copy: Annotated[bool, typer.Option("--copy", help="Copy the shards under data/shards/NAME/<version>/ "
+                                                      "(default: use them where they are).")] = False,
+    root: Root = Path("."),
+) -> None:
+    """Verify a package, check every tar member and manifest row, and register it as a synthetic dataset."""
+    from cxrsynth.share.importer import import_package
+
+    result = import_package(root, root / package, name, copy=copy)
+    console.print(f"{name} @ {result['version']}: {result['images']:,} synthetic images in {result['shards']} shard(s) "
+                  f"({'copied to ' if copy else 'in place at '}{result['shard_dir']}); manifest {result['manifest']}",
+                  highlight=False, soft_wrap=True)

@@ -1,0 +1,397 @@
+"""The memorization audit: is any synthetic image a copy of a real training image?
+
+For every synthetic image, its ``k`` nearest real training images by an embedding
+(:mod:`cxrsynth.share.embed`; unit vectors, cosine distance, chunked matrix products on
+the GPU when there is one). A synthetic image is *flagged* when its nearest training image
+is closer than the ``quantile`` (default 1%) of the distances from genuinely new real
+images — held-out images of patients outside the training split — to their nearest
+training image: closer to a training image than almost any new patient's radiograph is.
+The threshold is thus calibrated on real data, not picked by hand; by construction about
+``quantile x synthetic images`` are flagged by chance alone (``expected_by_chance``).
+
+An embedding that cannot recognise a patient in two of their radiographs cannot catch a
+leaked patient either (Packhäuser et al., Sci Rep 2022), so the audit also reports the
+embedding's patient verification AUROC on real pairs: same patient (different studies
+where the manifest knows studies) against different patients, on the training split and
+on the held-out patients.
+
+Outputs (in ``out``): ``audit.json`` (the summary, flagged pairs with their training keys),
+``neighbours.parquet`` (every synthetic image's ``k`` neighbours), ``distances.png``
+(synthetic→train and held-out→train distance histograms with the threshold) and
+``pairs.png`` (the flagged pairs side by side, or the closest pairs when none is flagged).
+These hold real keys and real images: they stay with the data owner. :func:`public_summary`
+is the part an export may carry.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from cxrsynth import manifest
+from cxrsynth.errors import CxrsynthError
+from cxrsynth.share import embed
+
+AUDIT_JSON = "audit.json"
+
+
+class AuditError(CxrsynthError):
+    """An audit that cannot run as asked (no images, no held-out patients...)."""
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """What an audit compares and how (recorded in ``audit.json``).
+
+    Attributes:
+        split: The training split of ``against`` (the rows the generator learnt from).
+        heldout_split: Split of ``against`` whose images calibrate the threshold; None: every
+            row with an image whose patient is not in ``split``. Training patients are never used.
+        embedding: ``pixels``, ``classifier:DIR``, ``reid`` or ``reid:DIR``.
+        k: Neighbours kept per synthetic image.
+        quantile: Flag below this quantile of the held-out → train nearest distances.
+        pixel_size: Side of the ``pixels`` embedding.
+        reid: The ``reid`` network's settings.
+        pairs: Most same-patient (and as many different-patient) pairs for each AUROC.
+        seed: Seeds the pair sample and the reid network.
+        chunk: Query rows per similarity block.
+        batch: Images decoded and embedded at a time.
+        show: Most pairs drawn in ``pairs.png``.
+        device: Torch device (default: cuda when available).
+    """
+
+    split: str = "train"
+    heldout_split: str | None = None
+    embedding: str = "pixels"
+    k: int = 5
+    quantile: float = 0.01
+    pixel_size: int = 32
+    reid: embed.ReidConfig = embed.ReidConfig()
+    pairs: int = 20000
+    seed: int = 0
+    chunk: int = 4096
+    batch: int = 256
+    show: int = 16
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.quantile < 1:
+            raise AuditError(f"quantile must be in (0, 1), got {self.quantile}")
+        for name in ("k", "pixel_size", "pairs", "chunk", "batch"):
+            if getattr(self, name) < 1:
+                raise AuditError(f"audit config: {name} must be >= 1, got {getattr(self, name)}")
+
+
+def _rows_with_images(root: Path, name: str) -> pd.DataFrame:
+    frame = manifest.read(root, name)
+    return frame.loc[frame["shard"].notna().to_numpy(dtype=bool)].reset_index(drop=True)
+
+
+def _in_split(frame: pd.DataFrame, split: str) -> np.ndarray:
+    return (frame["split"] == split).fillna(False).to_numpy(dtype=bool)
+
+
+def real_sets(root: Path, against: str, config: AuditConfig) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """The training rows and the held-out calibration rows of ``against``, and how held-out was chosen."""
+    frame = _rows_with_images(root, against)
+    if frame.empty:
+        raise AuditError(f"{against} has no images (labels-only?): the audit compares images")
+    train = frame.loc[_in_split(frame, config.split)].reset_index(drop=True)
+    if train.empty:
+        raise AuditError(f"{against} has no images in split {config.split!r}")
+    patients = set(train["patient_id"].dropna().astype(str))
+    known = frame["patient_id"].notna().to_numpy(dtype=bool)
+    outside = known & ~frame["patient_id"].astype(str).isin(patients).to_numpy(dtype=bool)
+    if config.heldout_split is not None:
+        chosen = _in_split(frame, config.heldout_split)
+        how = f"{against} split {config.heldout_split!r}, patients not in split {config.split!r}"
+    else:
+        chosen = ~_in_split(frame, config.split)
+        how = f"every {against} image whose patient is not in split {config.split!r}"
+    heldout = frame.loc[chosen & outside].reset_index(drop=True)
+    if heldout.empty:
+        raise AuditError(f"{against}: no held-out real images ({how}) to calibrate the threshold on; "
+                         f"split {against} with a tuning or test share (`cxrsynth split`)")
+    return train, heldout, how
+
+
+def _summary(values: np.ndarray) -> dict[str, float] | None:
+    if len(values) == 0:
+        return None
+    q = np.quantile(values, [0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 1.0])
+    return {name: round(float(v), 6) for name, v in zip(("min", "p1", "p5", "p25", "median", "p75", "max"), q)}
+
+
+def patient_pairs(frame: pd.DataFrame, n_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """Row pairs ``(i, j, same_patient)`` for a verification AUROC, and what the positives are.
+
+    Positives: pairs of images of one patient from different studies (any two images when
+    the manifest has no studies), at most ``n_pairs``, sampled uniformly. Negatives: as many
+    uniformly drawn pairs of images of different patients.
+    """
+    rng = np.random.default_rng(seed)
+    patient = pd.factorize(frame["patient_id"].astype(str))[0]
+    has_study = frame["study_id"].notna().all() if "study_id" in frame else False
+    study = pd.factorize(frame["study_id"].astype(str))[0] if has_study else np.arange(len(frame))
+    order = np.argsort(patient, kind="stable")
+    groups = np.split(order, np.flatnonzero(np.diff(patient[order])) + 1) if len(order) else []
+    pos_i, pos_j = [], []
+    for g in groups:
+        if len(g) < 2:
+            continue
+        a, b = np.triu_indices(len(g), k=1)
+        keep = study[g[a]] != study[g[b]]
+        pos_i.append(g[a][keep])
+        pos_j.append(g[b][keep])
+    i = np.concatenate(pos_i) if pos_i else np.zeros(0, dtype=np.int64)
+    j = np.concatenate(pos_j) if pos_j else np.zeros(0, dtype=np.int64)
+    if len(i) > n_pairs:
+        pick = rng.choice(len(i), n_pairs, replace=False)
+        i, j = i[pick], j[pick]
+    n = len(i)
+    neg_i, neg_j = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if n and len(groups) >= 2:
+        while len(neg_i) < n:
+            a, b = rng.integers(0, len(frame), size=(2, 4 * n))
+            keep = patient[a] != patient[b]
+            neg_i, neg_j = np.concatenate([neg_i, a[keep]]), np.concatenate([neg_j, b[keep]])
+        neg_i, neg_j = neg_i[:n], neg_j[:n]
+    same = np.concatenate([np.ones(n, dtype=bool), np.zeros(len(neg_i), dtype=bool)])
+    what = "images of one patient from different studies" if has_study else "two images of one patient"
+    return np.concatenate([i, neg_i]), np.concatenate([j, neg_j]), same, what
+
+
+def reid_auroc(frame: pd.DataFrame, vectors, n_pairs: int, seed: int) -> dict[str, Any]:
+    """Patient verification AUROC of unit ``vectors`` (rows of ``frame``): cosine similarity as the score."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    i, j, same, what = patient_pairs(frame, n_pairs, seed)
+    out: dict[str, Any] = {"same_patient_pairs": int(same.sum()), "different_patient_pairs": int((~same).sum()),
+                           "positives": what}
+    if same.sum() == 0 or (~same).sum() == 0:
+        out["auroc"] = None
+        out["why_none"] = "no patient with two images from different studies" if same.sum() == 0 else "a single patient"
+        return out
+    ii, jj = torch.from_numpy(i).to(vectors.device), torch.from_numpy(j).to(vectors.device)
+    scores = (vectors[ii] * vectors[jj]).sum(dim=1).cpu().numpy()
+    out["auroc"] = round(float(roc_auc_score(same, scores)), 4)
+    return out
+
+
+def _load_array(root: Path, frame: pd.DataFrame, size: int, batch: int) -> np.ndarray:
+    """All images of ``frame`` as ``(N, size, size) uint8``, in frame order."""
+    found = {}
+    for keys, images in embed.iter_images(root, frame, size, batch):
+        found.update(zip(keys, images))
+    return np.stack([found[k] for k in frame["key"].astype(str)])
+
+
+def audit(
+    root: str | Path,
+    synthetic: str,
+    against: str,
+    out: str | Path,
+    config: AuditConfig = AuditConfig(),
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Audit synthetic dataset ``synthetic`` against the real training images of ``against``.
+
+    Args:
+        root: Project root.
+        synthetic: A dataset whose images are audited (normally synthetic).
+        against: The real dataset the generator learnt from; ``config.split`` its training rows.
+        out: Folder for ``audit.json``, ``neighbours.parquet``, ``distances.png`` and ``pairs.png``.
+        config: What to compare and how.
+        progress: Optional ``progress(message)`` for each phase.
+
+    Returns:
+        The ``audit.json`` content.
+    """
+    import torch
+
+    from cxrsynth import runtime
+
+    started = time.perf_counter()
+    say = progress or (lambda message: None)
+    root, out = Path(root), Path(out)
+    syn = _rows_with_images(root, synthetic)
+    if syn.empty:
+        raise AuditError(f"{synthetic} has no images to audit")
+    train, heldout, heldout_how = real_sets(root, against, config)
+    device = runtime.device(config.device)
+
+    def train_reid() -> embed.Embedding:
+        size = config.reid.size
+        say(f"training the reid network on {len(train)} images of split {config.split!r} ({config.reid.steps} steps)")
+        images = _load_array(root, train, size, config.batch)
+        return embed.train_reid(images, train["patient_id"], config.reid, device, out=out / "reid")
+
+    out.mkdir(parents=True, exist_ok=True)
+    emb = embed.build(config.embedding, device=device, train=train_reid, pixel_size=config.pixel_size)
+    say(f"embedding {len(train)} training and {len(heldout)} held-out images ({emb.name})")
+    train_keys, bank = embed.embed_rows(root, train, emb, device, config.batch)
+    _, held = embed.embed_rows(root, heldout, emb, device, config.batch)
+    held_dist, held_idx = embed.nearest(held, bank, 1, config.chunk)
+    held_nn = held_dist[:, 0].cpu().numpy()
+    threshold = float(np.quantile(held_nn, config.quantile))
+
+    say(f"nearest training images of {len(syn)} synthetic images")
+    syn_keys, dists, idx = [], [], []
+    for keys, images in embed.iter_images(root, syn, emb.size, config.batch):
+        d, i = embed.nearest(emb(torch.from_numpy(images).to(device)), bank, config.k, config.chunk)
+        syn_keys += keys
+        dists.append(d.cpu().numpy())
+        idx.append(i.cpu().numpy())
+    dist = np.concatenate(dists)  # (N_s, k)
+    index = np.concatenate(idx)
+    nn = dist[:, 0]
+    flagged_rows = np.flatnonzero(nn < threshold)
+    flagged_rows = flagged_rows[np.argsort(nn[flagged_rows], kind="stable")]
+
+    say("re-identification AUROC on real pairs")
+    reid_train = reid_auroc(train, bank, config.pairs, config.seed)
+    reid_held = reid_auroc(heldout, held, config.pairs, config.seed)
+
+    def pair(row: int) -> dict[str, Any]:
+        neighbours = [{"training_key": train_keys[index[row, r]], "distance": round(float(dist[row, r]), 6)}
+                      for r in range(dist.shape[1])]
+        rest = dist[row, 1:].mean() if dist.shape[1] > 1 else float("nan")
+        return {"synthetic_key": syn_keys[row], "training_key": neighbours[0]["training_key"],
+                "distance": neighbours[0]["distance"],
+                "heldout_below": round(float((held_nn < nn[row]).mean()), 6),  # share of new patients even closer
+                "ratio_to_next": round(float(nn[row] / rest), 4) if rest > 0 else None,
+                "neighbours": neighbours}
+
+    summary: dict[str, Any] = {
+        "format": "cxrsynth-audit/1",
+        "synthetic": {"name": synthetic, "version": manifest.read_meta(root, synthetic).get("version"), "images": len(syn)},
+        "training": {"name": against, "version": manifest.read_meta(root, against).get("version"), "split": config.split,
+                     "images": len(train), "patients": int(train["patient_id"].nunique())},
+        "heldout": {"rows": heldout_how, "images": len(heldout), "patients": int(heldout["patient_id"].nunique())},
+        "embedding": {"name": emb.name, **{k: v for k, v in emb.info.items() if k != "config"},
+                      **({"config": emb.info["config"]} if "config" in emb.info else {}), "dim": int(bank.shape[1])},
+        "reid": {"training_split": reid_train, "heldout": reid_held},
+        "threshold": {
+            "distance": round(threshold, 6), "quantile": config.quantile, "metric": "cosine distance (1 - cosine similarity)",
+            "calibration": f"the {config.quantile:g} quantile of the distances from each of {len(heldout)} held-out "
+                           f"real images ({heldout_how}) to its nearest training image: a flagged synthetic image is closer "
+                           f"to a training image than {100 * (1 - config.quantile):g}% of genuinely new real images are",
+        },
+        "distances": {"synthetic_to_train": _summary(nn), "heldout_to_train": _summary(held_nn)},
+        "counts": {"synthetic": len(syn), "flagged": int(len(flagged_rows)),
+                   "expected_by_chance": round(config.quantile * len(syn), 2)},
+        "flagged": [pair(int(r)) for r in flagged_rows],
+        "config": asdict(config),
+        "device": str(device),
+    }
+    _write_neighbours(out / "neighbours.parquet", syn_keys, dist, index, train_keys)
+    plot_distances(out / "distances.png", nn, held_nn, threshold, emb.name)
+    shown = flagged_rows if len(flagged_rows) else np.argsort(nn, kind="stable")
+    title = f"{len(flagged_rows)} flagged pair(s)" if len(flagged_rows) else "no pair flagged: the closest pairs"
+    drawn = [(syn_keys[r], train_keys[index[r, 0]], float(nn[r])) for r in shown[: config.show]]
+    plot_pairs(root, out / "pairs.png", syn, train, drawn,
+               title=f"{synthetic} vs {against}/{config.split} ({emb.name}): {title}; threshold {threshold:.4f}")
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    (out / AUDIT_JSON).write_text(json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n")
+    return summary
+
+
+def _write_neighbours(path: Path, syn_keys: list[str], dist: np.ndarray, index: np.ndarray, train_keys: list[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, k = dist.shape
+    table = pa.table({
+        "synthetic_key": np.repeat(np.array(syn_keys, dtype=object), k),
+        "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n),
+        "training_key": np.array(train_keys, dtype=object)[index.reshape(-1)],
+        "distance": dist.reshape(-1).astype(np.float64),
+    })
+    pq.write_table(table, path, compression="zstd")
+
+
+def plot_distances(path: Path, synthetic: np.ndarray, heldout: np.ndarray, threshold: float, embedding: str) -> Path:
+    """Histograms of synthetic→train and held-out→train nearest distances, with the threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    both = np.concatenate([synthetic, heldout])
+    bins = np.linspace(0.0, max(float(both.max()), threshold) * 1.05 + 1e-9, 50)
+    ax.hist(heldout, bins=bins, density=True, alpha=0.6, label=f"held-out real → train (n={len(heldout)})")
+    ax.hist(synthetic, bins=bins, density=True, alpha=0.6, label=f"synthetic → train (n={len(synthetic)})")
+    ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:.4f}")
+    ax.set_xlabel(f"cosine distance to the nearest training image ({embedding})")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def plot_pairs(root: Path, path: Path, syn: pd.DataFrame, train: pd.DataFrame, pairs: list[tuple[str, str, float]],
+               title: str, columns: int = 4) -> Path:
+    """The pairs side by side (synthetic left, its nearest training image right), ``columns`` pairs a row, captioned."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from cxrsynth import stream
+    from cxrsynth.imaging import decode_png
+
+    tile, gap, caption, head = 128, 4, 38, 20
+    cell = 2 * tile + gap + 12
+    syn_rows = syn.loc[syn["key"].astype(str).isin([p[0] for p in pairs])]
+    train_rows = train.loc[train["key"].astype(str).isin([p[1] for p in pairs])]
+    pngs = dict(stream.samples(root, syn_rows, train=False, seed=0)) | dict(stream.samples(root, train_rows, train=False, seed=0))
+    font = ImageFont.load_default()
+    n_rows = max(1, -(-len(pairs) // columns))
+    sheet = Image.new("L", (columns * cell, head + n_rows * (tile + caption)), color=255)
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 4), title, fill=0, font=font)
+    for i, (s_key, t_key, distance) in enumerate(pairs):
+        r, c = divmod(i, columns)
+        x, y = c * cell, head + r * (tile + caption)
+        for j, key in enumerate((s_key, t_key)):
+            image = Image.fromarray(decode_png(pngs[key])).resize((tile, tile), Image.Resampling.BILINEAR)
+            sheet.paste(image, (x + j * (tile + gap), y))
+        draw.text((x + 2, y + tile + 1), f"d = {distance:.4f}", fill=0, font=font)
+        draw.text((x + 2, y + tile + 12), f"syn {s_key}"[:44], fill=0, font=font)
+        draw.text((x + 2, y + tile + 24), f"train {t_key}"[:44], fill=0, font=font)
+    sheet.save(path, format="PNG")
+    return path
+
+
+def public_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """What an export may say about its audit: no training key, no image, no path.
+
+    Keeps the embedding's kind and re-identification AUROCs, the threshold and how it was
+    calibrated, the counts and distance summaries, and the training data's name and version.
+    """
+    emb = summary["embedding"]
+    return {
+        "format": summary["format"],
+        "training": {k: summary["training"][k] for k in ("name", "version", "split", "images", "patients")},
+        "heldout": {"images": summary["heldout"]["images"], "patients": summary["heldout"]["patients"]},
+        "embedding": {"name": emb["name"].split(":", 1)[0], "dim": emb.get("dim"), "size": emb.get("size")},
+        "reid_auroc": {"training_split": summary["reid"]["training_split"].get("auroc"),
+                       "heldout": summary["reid"]["heldout"].get("auroc")},
+        "threshold": {k: summary["threshold"][k] for k in ("distance", "quantile", "metric")},
+        "calibration": (f"{summary['threshold']['quantile']:g} quantile of {summary['heldout']['images']} held-out real "
+                        f"images' distances to their nearest training image"),
+        "counts": summary["counts"],
+        "distances": summary["distances"],
+    }
+
+
+def with_overrides(config: AuditConfig, **changes: Any) -> AuditConfig:
+    """A copy with the given settings changed; None means "keep the default" (options not given)."""
+    return replace(config, **{k: v for k, v in changes.items() if v is not None})

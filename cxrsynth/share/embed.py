@@ -1,0 +1,339 @@
+"""Image embeddings for the memorization audit, and chunked nearest-neighbour search.
+
+Every embedding maps ``(B, S, S) uint8`` images to ``(B, D)`` float32 rows of unit L2 norm,
+so the cosine distance of two images is ``1 - a @ b``. Registered by name
+(:func:`build`):
+
+* ``pixels`` — the image downsampled to ``size`` px, each standardised to mean 0 and
+  variance 1 (so the cosine is the Pearson correlation of the pixels). A baseline: it sees
+  near-copies, but little of what makes a patient recognisable in another radiograph.
+* ``classifier:DIR`` — the pooled (pre-logits) features of a cxrsynth classifier trained on
+  the real data (``classifier.json`` + ``model.safetensors``; loaded from local files only).
+* ``reid`` — a small siamese network trained on the training set's patients to tell
+  whether two radiographs show the same patient (the idea of Packhäuser et al., Sci Rep
+  2022): :func:`train_reid`. ``reid:DIR`` reuses a saved one (``reid.json`` + ``reid.safetensors``).
+
+:func:`nearest` finds each query's ``k`` nearest bank rows by chunked matrix products on
+the embeddings' device (a GPU when there is one): memory is ``chunk x bank`` similarities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from cxrsynth.errors import CxrsynthError, UnknownNameError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class EmbeddingError(CxrsynthError):
+    """An embedding that cannot be built or used as asked."""
+
+
+@dataclass
+class Embedding:
+    """A named image embedding.
+
+    Attributes:
+        name: As given on the command line (``pixels``, ``classifier:DIR``, ``reid``).
+        size: Side (px) the images are decoded at before ``fn``.
+        fn: ``(B, size, size) uint8 tensor on device → (B, D) float32``, unit rows.
+        info: What it is, recorded in ``audit.json``.
+    """
+
+    name: str
+    size: int
+    fn: Callable[["torch.Tensor"], "torch.Tensor"]
+    info: dict
+
+    def __call__(self, images: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        with torch.no_grad():
+            return torch.nn.functional.normalize(self.fn(images).float(), dim=1)
+
+
+def standardise(x: "torch.Tensor") -> "torch.Tensor":
+    """``(B, ...)`` → per-image zero mean, unit variance, flattened to ``(B, D)``."""
+    flat = x.reshape(x.shape[0], -1).float()
+    flat = flat - flat.mean(dim=1, keepdim=True)
+    return flat / flat.std(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def pixels(size: int = 32) -> Embedding:
+    """Downsampled, standardised pixels (a baseline)."""
+    return Embedding("pixels", size, standardise, {"kind": "pixels", "size": size, "dim": size * size})
+
+
+def classifier(directory: str | Path, device: "torch.device") -> Embedding:
+    """Pooled (pre-logits) features of a cxrsynth classifier (``classifier.json`` + ``model.safetensors``)."""
+    directory = Path(directory)
+    try:
+        from cxrsynth.classify import model as classify_model
+    except ImportError:
+        raise EmbeddingError("classifier embeddings need cxrsynth.classify, which this install lacks") from None
+    model, meta = classify_model.load_classifier(directory, device=device)
+    size = int(meta["config"]["image_size"])
+    net = model.net
+
+    def fn(images: "torch.Tensor") -> "torch.Tensor":
+        x = images[:, None].float() / 127.5 - 1.0  # (B, 1, S, S) in [-1, 1], as Classifier.forward
+        return net.forward_head(net.forward_features(x), pre_logits=True)  # (B, D)
+
+    info = {"kind": "classifier", "directory": str(directory), "model": meta["config"].get("model"), "size": size,
+            "classifier_id": meta.get("classifier_id")}
+    return Embedding(f"classifier:{directory}", size, fn, info)
+
+
+def build(spec: str, *, device: "torch.device", train: Callable[[], Any] | None = None, pixel_size: int = 32) -> Embedding:
+    """The embedding named by ``spec``: ``pixels``, ``classifier:DIR``, ``reid`` or ``reid:DIR``.
+
+    Args:
+        spec: The name (and directory) of the embedding.
+        device: Where it runs.
+        train: For ``reid``: a callable that trains the network and returns the embedding.
+        pixel_size: Side of the ``pixels`` embedding.
+    """
+    kind, _, arg = spec.partition(":")
+    if kind == "pixels" and not arg:
+        return pixels(pixel_size)
+    if kind == "classifier" and arg:
+        return classifier(arg, device)
+    if kind == "reid":
+        if arg:
+            return load_reid(arg, device)
+        if train is None:
+            raise EmbeddingError("the reid embedding is trained on the training set's patients; no training data given")
+        return train()
+    raise UnknownNameError("embedding", spec, ["pixels", "classifier:DIR", "reid", "reid:DIR"])
+
+
+def iter_images(root: str | Path, frame: pd.DataFrame, size: int, batch: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    """``(keys, (B, size, size) uint8)`` of the rows of ``frame``, in shard order, ``batch`` at a time."""
+    from cxrsynth import stream
+
+    keys: list[str] = []
+    images: list[np.ndarray] = []
+    for key, png in stream.samples(root, frame, train=False, seed=0):
+        keys.append(key)
+        images.append(stream.decode(png, size))
+        if len(keys) == batch:
+            yield keys, np.stack(images)
+            keys, images = [], []
+    if keys:
+        yield keys, np.stack(images)
+
+
+def embed_rows(root: str | Path, frame: pd.DataFrame, embedding: Embedding, device: "torch.device",
+               batch: int = 256) -> tuple[list[str], "torch.Tensor"]:
+    """Embed every row of ``frame``: ``(keys in frame order, (N, D) tensor on device)``.
+
+    Raises :class:`EmbeddingError` when a row's image is not in its shard.
+    """
+    import torch
+
+    found: dict[str, int] = {}
+    parts = []
+    for keys, images in iter_images(root, frame, embedding.size, batch):
+        for k in keys:
+            found[k] = len(found)
+        parts.append(embedding(torch.from_numpy(images).to(device)))
+    wanted = frame["key"].astype(str).tolist()
+    missing = [k for k in wanted if k not in found]
+    if missing:
+        raise EmbeddingError(f"{len(missing)} image(s) not found in their shards, e.g. {missing[:3]}")
+    if not parts:
+        return [], torch.zeros((0, 1), device=device)
+    order = torch.tensor([found[k] for k in wanted], device=device)
+    return wanted, torch.cat(parts)[order]
+
+
+def nearest(queries: "torch.Tensor", bank: "torch.Tensor", k: int, chunk: int = 4096) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The ``k`` nearest bank rows of each query by cosine distance: ``(distance, index)``, each ``(Q, k)``.
+
+    Rows must be unit vectors. Queries are taken ``chunk`` at a time (a ``chunk x N``
+    similarity block); both tensors stay on their device.
+    """
+    import torch
+
+    k = min(k, bank.shape[0])
+    dist, index = [], []
+    for start in range(0, queries.shape[0], chunk):
+        sims = queries[start : start + chunk] @ bank.T  # (q, N)
+        top, idx = torch.topk(sims, k, dim=1)  # largest similarity = smallest distance
+        dist.append((1.0 - top).clamp_min(0.0))
+        index.append(idx)
+    if not dist:
+        return torch.zeros((0, k), device=bank.device), torch.zeros((0, k), dtype=torch.long, device=bank.device)
+    return torch.cat(dist), torch.cat(index)
+
+
+# --- the re-identification network -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReidConfig:
+    """A small siamese re-identification network and its training (recorded in ``reid.json``).
+
+    Attributes:
+        size: Input side (px).
+        width: Channels of the first convolution (doubling twice).
+        dim: Embedding size.
+        steps: Optimizer steps.
+        patients: Patients per batch (two radiographs each).
+        lr: Adam learning rate.
+        temperature: Of the supervised contrastive loss.
+        shift: Largest random translation (px) of the augmentation.
+        seed: Seeds the initial weights, the batches and the augmentation.
+    """
+
+    size: int = 64
+    width: int = 16
+    dim: int = 64
+    steps: int = 300
+    patients: int = 32
+    lr: float = 2e-3
+    temperature: float = 0.1
+    shift: int = 4
+    seed: int = 0
+
+
+def reid_network(config: ReidConfig) -> "torch.nn.Module":
+    """Four strided convolutions, global average pooling, a linear projection: ``(B, 1, S, S) → (B, dim)``."""
+    from torch import nn
+
+    w = config.width
+
+    def block(cin: int, cout: int, stride: int) -> list:
+        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(4, cout), nn.ReLU(inplace=True)]
+
+    return nn.Sequential(*block(1, w, 1), *block(w, 2 * w, 2), *block(2 * w, 4 * w, 2), *block(4 * w, 4 * w, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, config.dim))
+
+
+def _as_input(images: "torch.Tensor") -> "torch.Tensor":
+    return images[:, None].float() / 127.5 - 1.0  # (B, 1, S, S) in [-1, 1]
+
+
+def _augment(x: "torch.Tensor", shift: int, gen: "torch.Generator") -> "torch.Tensor":
+    """Random translation (reflect-padded crop), contrast and brightness per image: ``(B, 1, S, S)``."""
+    import torch
+
+    b, _, s, _ = x.shape
+    if shift:
+        padded = torch.nn.functional.pad(x, (shift,) * 4, mode="reflect")
+        dy, dx = (torch.randint(0, 2 * shift + 1, (b,), generator=gen).tolist() for _ in range(2))
+        x = torch.stack([padded[i, :, dy[i] : dy[i] + s, dx[i] : dx[i] + s] for i in range(b)])
+    scale = 1.0 + 0.2 * (torch.rand((b, 1, 1, 1), generator=gen) - 0.5)
+    offset = 0.2 * (torch.rand((b, 1, 1, 1), generator=gen) - 0.5)
+    return x * scale + offset
+
+
+def supcon_loss(z: "torch.Tensor", patient: "torch.Tensor", temperature: float) -> "torch.Tensor":
+    """Supervised contrastive loss (Khosla et al. 2020): each image's other images of its patient are its positives."""
+    import torch
+
+    z = torch.nn.functional.normalize(z, dim=1)
+    logits = z @ z.T / temperature  # (B, B)
+    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(eye, float("-inf"))
+    positive = (patient[:, None] == patient[None, :]) & ~eye
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    return -(log_prob.masked_fill(~positive, 0.0).sum(1) / positive.sum(1).clamp_min(1)).mean()
+
+
+def _pair_pool(patient: np.ndarray) -> dict[int, np.ndarray]:
+    """Row indices of each patient with two or more images."""
+    order = np.argsort(patient, kind="stable")
+    groups = np.split(order, np.flatnonzero(np.diff(patient[order])) + 1) if len(order) else []
+    return {int(patient[g[0]]): g for g in groups if len(g) >= 2}
+
+
+def train_reid(images: np.ndarray, patient_ids: pd.Series, config: ReidConfig, device: "torch.device",
+               out: Path | None = None, progress: Callable[[int], None] | None = None) -> Embedding:
+    """Train the re-identification network on real images of known patients.
+
+    Args:
+        images: ``(N, size, size) uint8`` training images.
+        patient_ids: ``(N,)`` their patients.
+        config: Network and training settings.
+        device: Where to train.
+        out: Where to save ``reid.json`` + ``reid.safetensors`` (``reid:OUT`` reloads it).
+        progress: Optional ``progress(steps)``.
+
+    Each step takes ``config.patients`` patients with at least two images and two of
+    their images each, augments both, and minimises the supervised contrastive loss.
+    """
+    import torch
+
+    codes = pd.factorize(patient_ids.astype(str))[0]
+    pool = _pair_pool(codes)
+    if len(pool) < 2:
+        raise EmbeddingError(f"the reid network needs patients with two or more images; the training set has {len(pool)}")
+    gen = torch.Generator().manual_seed(config.seed)
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights, the global RNG left as it was
+        torch.manual_seed(config.seed)
+        net = reid_network(config)
+    net = net.to(device).train()
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
+    data = torch.from_numpy(images)  # (N, S, S) uint8, CPU
+    patients = np.array(sorted(pool))
+    per_batch = min(config.patients, len(patients))
+    for step in range(config.steps):
+        chosen = patients[torch.randperm(len(patients), generator=gen)[:per_batch].numpy()]
+        rows = []
+        for p in chosen:
+            group = pool[int(p)]
+            pick = torch.randperm(len(group), generator=gen)[:2].numpy()
+            rows += group[pick].tolist()
+        x = _augment(_as_input(data[rows]), config.shift, gen).to(device)  # (2P, 1, S, S)
+        labels_ = torch.from_numpy(codes[rows]).to(device)
+        loss = supcon_loss(net(x), labels_, config.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress:
+            progress(1)
+    net.eval()
+    info = {"kind": "reid", "size": config.size, "dim": config.dim, "config": asdict(config),
+            "patients": int(len(pool)), "images": int(len(images)), "final_loss": float(loss.detach())}
+    if out is not None:
+        save_reid(net, info, Path(out))
+        info["directory"] = str(out)
+    return Embedding("reid", config.size, lambda im: net(_as_input(im)), info)
+
+
+def save_reid(net: "torch.nn.Module", info: dict, out: Path) -> Path:
+    """Write ``reid.safetensors`` and ``reid.json`` (its config and training facts)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(out / "reid.safetensors"))
+    (out / "reid.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    return out
+
+
+def load_reid(directory: str | Path, device: "torch.device") -> Embedding:
+    """A re-identification network saved by :func:`train_reid`."""
+    import json
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / "reid.json").is_file() or not (directory / "reid.safetensors").is_file():
+        raise EmbeddingError(f"{directory}: no reid.json + reid.safetensors (save one with `share audit --embedding reid`)")
+    info = json.loads((directory / "reid.json").read_text())
+    config = ReidConfig(**info["config"])
+    net = reid_network(config)
+    net.load_state_dict(load_file(str(directory / "reid.safetensors")))
+    net = net.to(device).eval()
+    return Embedding(f"reid:{directory}", config.size, lambda im: net(_as_input(im)), {**info, "directory": str(directory)})

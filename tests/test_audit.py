@@ -1,0 +1,147 @@
+"""The memorization audit: nearest training images, a threshold calibrated on held-out real images,
+the embedding's re-identification AUROC, and the export it blocks."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_share import Project, build_project
+
+from cxrsynth import manifest, shards, stream
+from cxrsynth.imaging import decode_png, encode_png
+from cxrsynth.share import audit as audit_lib
+from cxrsynth.share import embed
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Project:
+    return build_project(tmp_path_factory.mktemp("audit"))
+
+
+def plant_copy(root: Path, synthetic: str = "syn", training: str = "cxp") -> tuple[str, str]:
+    """Replace one synthetic image by a training image with +-1 grey level of noise; returns (synthetic key, training key)."""
+    real = manifest.read(root, training)
+    source = real.loc[real["split"] == "train"].sort_values("key").iloc[[3]]
+    (train_key, png), = stream.samples(root, source, train=False, seed=0)
+    noise = np.random.default_rng(0).integers(-1, 2, size=decode_png(png).shape)
+    near_copy = encode_png(np.clip(decode_png(png).astype(int) + noise, 0, 255).astype(np.uint8))
+    syn = manifest.read(root, synthetic)
+    target = syn.sort_values("key").iloc[5]
+    meta = manifest.read_meta(root, synthetic)
+    directory = shards.shard_dir(root, synthetic, meta["version"])
+    shard = Path(str(target["shard"])).name
+    unit = int(shard.rsplit("-", 1)[1].split(".")[0])
+    with tarfile.open(directory / shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    samples: dict[str, dict] = {}
+    for name, data in members:
+        key, ext = name.split(".", 1)
+        samples.setdefault(key, {"__key__": key})[ext] = near_copy if (key, ext) == (target["key"], "png") else data
+    shards.write_shard(directory, synthetic, unit, list(samples.values()))
+    units = sorted(int(p.name.rsplit("-", 1)[1].split(".")[0]) for p in directory.glob("*.tar"))
+    shards.write_index(directory, synthetic, meta["version"], [shards.finished(directory, synthetic, u) for u in units])
+    return str(target["key"]), train_key
+
+
+@pytest.fixture(scope="module")
+def planted(built, tmp_path_factory) -> tuple[Project, str, str]:
+    project = built.copy(tmp_path_factory.mktemp("planted") / "proj")
+    return (project, *plant_copy(project.root))
+
+
+def pixel_vectors(root: Path, frame: pd.DataFrame, size: int = 32) -> np.ndarray:
+    """The pixels embedding recomputed by hand (numpy): standardised, unit length, in frame order."""
+    pngs = dict(stream.samples(root, frame, train=False, seed=0))
+    x = np.stack([stream.decode(pngs[k], size).astype(np.float64).ravel() for k in frame["key"]])
+    x = (x - x.mean(1, keepdims=True)) / x.std(1, ddof=1, keepdims=True)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_a_planted_near_copy_is_flagged_and_the_threshold_is_calibrated_on_heldout_images(planted, tmp_path):
+    project, syn_key, train_key = planted
+    summary = audit_lib.audit(project.root, "syn", "cxp", tmp_path / "audit", audit_lib.AuditConfig())
+    assert [(f["synthetic_key"], f["training_key"]) for f in summary["flagged"]] == [(syn_key, train_key)]
+    assert summary["flagged"][0]["distance"] < 1e-3 < summary["threshold"]["distance"]
+    # the threshold is the 1% quantile of held-out → train nearest distances, recomputed here by brute force
+    real = manifest.read(project.root, "cxp")
+    train = real.loc[real["split"] == "train"].reset_index(drop=True)
+    heldout = real.loc[~real["patient_id"].isin(train["patient_id"])].reset_index(drop=True)
+    assert summary["heldout"]["images"] == len(heldout) == 9 and summary["training"]["images"] == len(train)
+    nn = 1 - (pixel_vectors(project.root, heldout) @ pixel_vectors(project.root, train).T).max(axis=1)
+    assert summary["threshold"]["distance"] == pytest.approx(np.quantile(nn, 0.01), abs=1e-5)
+    assert summary["counts"] == {"synthetic": 21, "flagged": 1, "expected_by_chance": 0.21}
+    # patient textures repeat across studies: the pixel embedding re-identifies patients
+    assert summary["reid"]["training_split"]["auroc"] > 0.9 and summary["reid"]["heldout"]["auroc"] > 0.9
+    assert summary["reid"]["training_split"]["positives"] == "images of one patient from different studies"
+    written = json.loads((tmp_path / "audit/audit.json").read_text())
+    assert written["flagged"][0]["neighbours"][0]["training_key"] == train_key and len(written["flagged"][0]["neighbours"]) == 5
+    for png in ("distances.png", "pairs.png"):
+        assert (tmp_path / "audit" / png).read_bytes().startswith(b"\x89PNG")
+    neighbours = pd.read_parquet(tmp_path / "audit/neighbours.parquet")
+    assert len(neighbours) == 21 * 5 and neighbours.groupby("synthetic_key")["distance"].is_monotonic_increasing.all()
+    public = audit_lib.public_summary(summary)
+    assert train_key not in json.dumps(public) and syn_key not in json.dumps(public) and str(tmp_path) not in json.dumps(public)
+
+
+def test_flagged_pairs_block_the_export_unless_forced(planted, tmp_path):
+    project, syn_key, train_key = planted
+    out = project.cli("share", "audit", "syn", "--against", "cxp", "--out", tmp_path / "cli", "--k", 3)
+    assert "1 of 21 flagged" in out and "re-identification AUROC" in out
+    assert len(json.loads((tmp_path / "cli/audit.json").read_text())["flagged"][0]["neighbours"]) == 3
+    out = project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-out", tmp_path / "a", code=1)
+    assert "flagged 1 synthetic image(s)" in out and "--force" in out and not (tmp_path / "pkg").exists()
+    assert not (tmp_path / "pkg.partial").exists()
+    project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-out", tmp_path / "a", "--max-flagged", 1)
+    assert "Passed: 1 flagged pair(s), limit 1." in (tmp_path / "pkg/DATASHEET.md").read_text()
+    project.cli("share", "export", "syn", "--out", tmp_path / "forced", "--audit-out", tmp_path / "a", "--force")
+    sheet = (tmp_path / "forced/DATASHEET.md").read_text()
+    assert "Exported with --force although 1 pair(s) were flagged (limit 0)" in sheet
+    import pyarrow.parquet as pq
+
+    meta = json.loads(pq.read_schema(tmp_path / "forced/manifest.parquet").metadata[b"cxrsynth"])
+    assert meta["forced"] is True and meta["audit"]["counts"]["flagged"] == 1
+    assert meta["audit"]["training"]["name"] == "cxp" and "generator's training data cxp@" in meta["audit"]["target"]
+    assert train_key not in json.dumps(meta)
+
+
+def test_nearest_in_chunks_equals_the_full_product():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(50, 16, generator=gen), dim=1)
+    bank = torch.nn.functional.normalize(torch.randn(37, 16, generator=gen), dim=1)
+    dist, idx = embed.nearest(q, bank, 4, chunk=7)
+    full = 1 - q @ bank.T
+    expected, expected_idx = torch.topk(full, 4, dim=1, largest=False)
+    assert torch.allclose(dist, expected, atol=1e-6) and torch.equal(idx, expected_idx)
+
+
+def test_patient_pairs_are_same_patient_other_study_against_other_patients():
+    frame = pd.DataFrame({"patient_id": ["a", "a", "a", "b", "b", "c"], "study_id": ["a1", "a1", "a2", "b1", "b2", "c1"]})
+    i, j, same, what = audit_lib.patient_pairs(frame, 100, seed=0)
+    pos = {tuple(sorted(p)) for p in zip(i[same], j[same])}
+    assert pos == {(0, 2), (1, 2), (3, 4)} and what == "images of one patient from different studies"
+    assert (~same).sum() == 3 and (frame["patient_id"].to_numpy()[i[~same]] != frame["patient_id"].to_numpy()[j[~same]]).all()
+
+
+def test_the_reid_embedding_trains_on_training_patients_and_reloads(built, tmp_path):
+    config = audit_lib.AuditConfig(embedding="reid", reid=embed.ReidConfig(size=32, steps=15, patients=6))
+    summary = audit_lib.audit(built.root, "syn", "cxp", tmp_path / "audit", config)
+    assert summary["embedding"]["kind"] == "reid" and summary["embedding"]["patients"] == 7
+    assert 0.0 <= summary["reid"]["training_split"]["auroc"] <= 1.0 and summary["counts"]["flagged"] == 0
+    again = audit_lib.audit(built.root, "syn", "cxp", tmp_path / "again",
+                            audit_lib.AuditConfig(embedding=f"reid:{tmp_path / 'audit/reid'}"))
+    assert again["threshold"]["distance"] == pytest.approx(summary["threshold"]["distance"], abs=1e-6)
+    assert again["reid"] == summary["reid"]
+
+
+def test_audit_refuses_a_training_set_without_heldout_patients(built, tmp_path):
+    project = built.copy(tmp_path / "proj")
+    frame = manifest.read(project.root, "cxp")
+    manifest.write(project.root, "cxp", frame.assign(split="train"), manifest.read_meta(project.root, "cxp"))
+    out = project.cli("share", "audit", "syn", "--against", "cxp", "--out", tmp_path / "a", code=2)
+    assert "no held-out real images" in out and "cxrsynth split" in out

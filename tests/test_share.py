@@ -1,0 +1,423 @@
+"""Sharing synthetic data: export without identifiers, verify, safe import, and plain consumers.
+
+The project fixture (also used by test_audit.py and test_share_dvc.py): a CheXpert-format site of
+10 patients x 3 studies whose images share a per-patient texture (so an embedding can
+re-identify patients), ingested at 32 px and split 70/30 by patient; a random ``micro``
+generator recorded as trained on it; one synthetic replica of its training split.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import chexpert_rows, save_jpeg, write_chexpert
+from typer.testing import CliRunner
+
+from cxrsynth import manifest, shards, stream
+from cxrsynth.cli import app
+from cxrsynth.errors import CheckFailed
+from cxrsynth.share import export as export_lib
+from cxrsynth.share import importer, package
+from cxrsynth.share.audit import AuditConfig
+
+runner = CliRunner()
+
+
+def patient_image(patient: int, study: int, h: int = 48, w: int = 40) -> np.ndarray:
+    """A per-patient smooth texture plus per-study noise: two studies of a patient look alike."""
+    from scipy.ndimage import gaussian_filter
+
+    base = gaussian_filter(np.random.default_rng(1000 + patient).normal(size=(h, w)), 2.5)
+    base = 128 + 50 * base / base.std()
+    noise = np.random.default_rng(10_000 + 100 * patient + study).normal(0, 8, (h, w))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+@dataclass
+class Project:
+    root: Path
+    gen: Path
+
+    def cli(self, *args, code: int = 0) -> str:
+        result = runner.invoke(app, [str(a) for a in args] + ["--root", str(self.root)], catch_exceptions=False)
+        assert result.exit_code == code, result.output
+        return result.output
+
+    def copy(self, to: Path) -> "Project":
+        shutil.copytree(self.root, to)
+        return Project(to, self.gen)
+
+
+def build_project(base: Path) -> Project:
+    import torch
+
+    from cxrsynth import generate, ingest, splits
+    from cxrsynth.diffusion.model import ConditionalUNet, save_generator
+    from cxrsynth.diffusion.presets import get_preset
+    from cxrsynth.imaging import Preprocess
+    from cxrsynth.sources import chexpert
+
+    rows = chexpert_rows(n_patients=10, studies=3, uncertain=False)
+    csv = write_chexpert(base / "raw", rows, images=False)
+    for row in rows:
+        patient = int(row["Path"].split("/patient")[1][:5])
+        study = int(row["Path"].split("/study")[1].split("/")[0])
+        save_jpeg(base / "raw" / row["Path"], patient_image(patient, study))
+    root = base / "proj"
+    result = ingest.ingest(chexpert.read(csv), root=root, name="cxp", kind="chexpert", inputs={}, params=Preprocess(size=32),
+                           shard_size=10, workers=1)
+    splits.split(root, "cxp", splits.SplitParams(tune=0.3, seed=0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = ConditionalUNet.build(get_preset("micro"))
+    gen = save_generator(net, base / "gen", data_version=f"cxp@{result.version}")
+    config = generate.GenerateConfig(replicas=1, sampler="ddim", steps=1, seed=5, shard_size=32, batch_size=32)  # one forward
+    generate.generate(root=root, generator_dir=gen, conditions="cxp", split="train", name="syn", config=config, device="cpu")
+    return Project(root, gen)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Project:
+    return build_project(tmp_path_factory.mktemp("share"))
+
+
+@pytest.fixture
+def project(built, tmp_path) -> Project:
+    """A private copy of the built project (tests change it)."""
+    return built.copy(tmp_path / "proj")
+
+
+@pytest.fixture(scope="module")
+def exported(built, tmp_path_factory) -> Path:
+    """One export of the synthetic dataset (read-only for the tests that use it)."""
+    out = tmp_path_factory.mktemp("pkg") / "syn_pkg"
+    export_lib.export(built.root, "syn", out, export_lib.ExportConfig(shard_size=8, audit_out=out.parent / "audit"))
+    return out
+
+
+def identifiers(root: Path) -> list[str]:
+    """Every real key, patient id, study id and source path of the conditions, and every synthetic
+    row's source key and per-image seed (a seed is a hash of the source key: a dictionary inverts it)."""
+    real = manifest.read(root, "cxp")
+    syn = manifest.read(root, "syn")
+    found = set()
+    for column in ("key", "patient_id", "study_id", "source_path"):
+        found |= set(real[column].dropna().astype(str))
+    found |= set(syn["source_key"].dropna().astype(str)) | set(syn["seed"].dropna().astype(str))
+    found |= {p.split("/", 1)[1] for p in real["source_path"].dropna().astype(str)}  # the path without its prefix
+    return sorted(found)
+
+
+def every_text(directory: Path) -> dict[str, bytes]:
+    """Each file's raw bytes, plus the decoded content of tars (names, members) and parquet (cells, metadata)."""
+    import pyarrow.parquet as pq
+
+    out = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = path.relative_to(directory).as_posix()
+        out[rel] = path.read_bytes()
+        if path.suffix == ".tar":
+            with tarfile.open(path) as tar:
+                for m in tar.getmembers():
+                    out[f"{rel}::{m.name}"] = m.name.encode() + b"\0" + tar.extractfile(m).read()
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+            metadata = b"".join(k + b"=" + v for k, v in (table.schema.metadata or {}).items())
+            cells = json.dumps(table.to_pylist(), default=str).encode()
+            footer = repr(pq.ParquetFile(path).metadata.to_dict()).encode()
+            out[f"{rel}::decoded"] = metadata + b"\0" + cells + b"\0" + footer
+    return out
+
+
+def test_export_holds_no_identifier_of_the_source_rows(built, exported):
+    ids = identifiers(built.root)
+    assert any(i.startswith("train_patient") for i in ids) and any(i.startswith("patient0") for i in ids)
+    texts = every_text(exported)
+    assert any("::" in k and k.endswith(".json") for k in texts) and "manifest.parquet::decoded" in texts
+    leaks = [(where, i) for where, data in texts.items() for i in ids if i.encode() in data]
+    assert leaks == []
+    # what the receiver does get: synthetic rows, conditions, provenance, package-relative shards
+    pkg = pd.read_parquet(exported / "manifest.parquet")
+    syn = manifest.read(built.root, "syn")
+    assert len(pkg) == len(syn) and (pkg["origin"] == "synthetic").all()
+    for column in export_lib.DROPPED:
+        assert pkg[column].isna().all(), column
+    assert sorted(pkg["key"]) == [f"syn-r00-{i:07d}" for i in range(len(syn))]  # renumbered (order: a keyed hash)
+    assert sorted(pkg["age"].dropna() % 10) == [0] * int(pkg["age"].notna().sum())  # decades only
+    assert sorted((syn["age"] // 10 * 10).tolist()) == sorted(pkg["age"].tolist())
+    assert pkg["shard"].str.fullmatch(r"shards/syn-\d{6}\.tar").all()
+    import pyarrow.parquet as pq
+
+    meta = json.loads(pq.read_schema(exported / "manifest.parquet").metadata[b"cxrsynth"])
+    assert meta["generator"]["id"] == syn["generator_id"].iloc[0] and meta["generator"]["trained_on"].startswith("cxp@")
+    assert meta["conditions"] == {"name": "cxp", "version": manifest.read_meta(built.root, "cxp")["version"], "split": "train"}
+    assert str(built.gen) not in json.dumps(meta) and str(built.root) not in json.dumps(meta)
+    sheet = (exported / "DATASHEET.md").read_text()
+    for section in ("## Motivation", "## Composition", "## Collection process", "## Preprocessing", "## Uses",
+                    "## Distribution", "## Maintenance", "## Known limits", "## Memorization audit",
+                    "| Pleural Effusion |", "generator id", syn["generator_id"].iloc[0], "Passed: 0 flagged"):
+        assert section in sheet, section
+    assert package.verify(exported) == []
+
+
+def test_export_keeps_the_images_and_refuses_real_rows(built, exported, tmp_path):
+    pkg = pd.read_parquet(exported / "manifest.parquet")
+    keymap = tmp_path / "keymap.parquet"
+    again = tmp_path / "again"
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"0123456789abcdef-a-secret")
+    fixed = export_lib.ExportConfig(secret_file=secret, audit_out=tmp_path / "a")
+    export_lib.export(built.root, "syn", again, replace(fixed, keymap=keymap))
+    mapping = pd.read_parquet(keymap).set_index("exported_key")["original_key"]
+    original = dict(stream.samples(built.root, manifest.read(built.root, "syn"), train=False, seed=0))
+    for path in sorted((again / "shards").glob("*.tar")):
+        for sample in package.samples(path):
+            assert sample["png"] == original[mapping[sample["__key__"]]]  # pixels untouched
+    # a fixed secret gives the same package again; a random one other keys
+    export_lib.export(built.root, "syn", tmp_path / "third", fixed)
+    assert (tmp_path / "third/index.json").read_bytes() == (again / "index.json").read_bytes()
+    assert sorted(pd.read_parquet(again / "manifest.parquet")["key"]) == sorted(pkg["key"])  # the same key set, renumbered
+    assert (mapping.index.to_series().map(dict(zip(pkg["key"], pkg["key"]))).notna()).all()
+    # real rows are refused, naming how many
+    out = built.copy(tmp_path / "p").cli("share", "export", "cxp", "--out", tmp_path / "real_pkg", code=2)
+    assert "30 real row(s)" in out and not (tmp_path / "real_pkg").exists()
+
+
+def test_verify_catches_a_flipped_byte_a_missing_and_an_extra_file(exported, tmp_path):
+    pkg = shutil.copytree(exported, tmp_path / "pkg")
+    p = Project(tmp_path, Path())
+    assert "match index.json" in p.cli("share", "verify", pkg)
+    tar = sorted((pkg / "shards").glob("*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tar.write_bytes(bytes(data))
+    (pkg / "DATASHEET.md").unlink()
+    (pkg / "shards" / "notes.txt").write_text("hello")
+    out = p.cli("share", "verify", pkg, code=1)
+    assert f"sha256 mismatch: shards/{tar.name}" in out
+    assert "missing file: DATASHEET.md" in out and "extra file: shards/notes.txt" in out
+    assert len(package.verify(pkg)) == 3
+
+
+def test_an_interrupted_export_leaves_nothing_verify_accepts(built, tmp_path, monkeypatch):
+    out = tmp_path / "pkg"
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_lib.datasheet, "render", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export_lib.export(built.root, "syn", out, export_lib.ExportConfig(audit_out=tmp_path / "a"))
+    assert not out.exists() and (tmp_path / "pkg.partial/shards").is_dir()
+    assert package.verify(tmp_path / "pkg.partial") and package.verify(out)
+    monkeypatch.undo()
+    export_lib.export(built.root, "syn", out, export_lib.ExportConfig(audit_out=tmp_path / "a"))
+    assert package.verify(out) == [] and not (tmp_path / "pkg.partial").exists()
+
+
+def _reindexed(exported: Path, to: Path, mutate) -> Path:
+    """A copy of the package changed by ``mutate(pkg)`` and re-indexed, so that it passes verify."""
+    pkg = shutil.copytree(exported, to)
+    mutate(pkg)
+    meta = {k: v for k, v in json.loads((pkg / "index.json").read_text()).items() if k not in ("files", "format")}
+    (pkg / "index.json").unlink()
+    package.write_index(pkg, meta)
+    assert package.verify(pkg) == []
+    return pkg
+
+
+def _crafted_tar(extra: tarfile.TarInfo, data: bytes = b""):
+    """Replace the first shard with its own members plus one crafted member (and fix the shard index)."""
+    def mutate(pkg: Path) -> None:
+        tar_path = sorted((pkg / "shards").glob("*.tar"))[0]
+        buffer = io.BytesIO()
+        with tarfile.open(tar_path) as src, tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as dst:
+            for m in src.getmembers():
+                dst.addfile(m, src.extractfile(m))
+            dst.addfile(extra, io.BytesIO(data) if data else None)
+        tar_path.write_bytes(buffer.getvalue())
+        index = json.loads((pkg / "shards/index.json").read_text())
+        for e in index["shards"]:
+            if e["name"] == tar_path.name:
+                e.update(bytes=tar_path.stat().st_size, sha256=shards.sha256_file(tar_path))
+        (pkg / "shards/index.json").write_text(json.dumps(index))
+    return mutate
+
+
+def _member(name: str, kind=tarfile.REGTYPE, link: str = "", size: int = 0) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, link, size
+    return info
+
+
+@pytest.mark.parametrize("member, why", [
+    (_member("../../evil.png", size=4), "a path with '..'"),
+    (_member("ok-key.png", tarfile.SYMTYPE, "/etc/passwd"), "a symbolic link (to '/etc/passwd')"),
+    (_member("ok-key.json", tarfile.LNKTYPE, "syn-r00-0000000.json"), "a hard link"),
+    (_member("/tmp/abs.png", size=4), "an absolute path"),
+    (_member("dev.png", tarfile.CHRTYPE), "a device file"),
+    (_member("sub/x.png", size=4), "a path with folders"),
+    (_member("x.sh", size=4), "not named <key>.<ext>"),
+])
+def test_import_refuses_unsafe_tar_members(exported, tmp_path, member, why):
+    pkg = _reindexed(exported, tmp_path / "pkg", _crafted_tar(member, b"evil" if member.size else b""))
+    with pytest.raises(package.UnsafePackage) as caught:
+        importer.import_package(tmp_path / "proj", pkg, "received")
+    assert f"member {member.name!r} refused: {why}" in str(caught.value)
+    assert not manifest.manifest_path(tmp_path / "proj", "received").exists() and not (tmp_path / "evil.png").exists()
+    out = Project(tmp_path / "proj", Path()).cli("share", "import", pkg, "--name", "received", code=1)
+    assert member.name in out and "refused" in out
+
+
+@pytest.mark.parametrize("shard, message", [
+    ("../../outside.tar", "points at '../../outside.tar'"),
+    ("/etc/passwd", "points at '/etc/passwd'"),
+    ("shards/../manifest.parquet", "which is not a listed shards/*.tar"),
+])
+def test_import_refuses_rows_pointing_outside_the_package(exported, tmp_path, shard, message):
+    def mutate(pkg: Path) -> None:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(pkg / "manifest.parquet")
+        frame = table.to_pandas()
+        frame.loc[0, "shard"] = shard
+        pq.write_table(manifest.conform(frame).replace_schema_metadata(table.schema.metadata), pkg / "manifest.parquet")
+
+    pkg = _reindexed(exported, tmp_path / "pkg", mutate)
+    with pytest.raises(package.UnsafePackage, match="manifest.parquet: row") as caught:
+        importer.import_package(tmp_path / "proj", pkg, "received")
+    assert message in str(caught.value)
+
+
+def test_import_refuses_identifiers_and_unverified_packages(exported, tmp_path):
+    def mutate(pkg: Path) -> None:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(pkg / "manifest.parquet")
+        frame = table.to_pandas()
+        frame.loc[1, "patient_id"] = "patient00003"
+        pq.write_table(manifest.conform(frame).replace_schema_metadata(table.schema.metadata), pkg / "manifest.parquet")
+
+    pkg = _reindexed(exported, tmp_path / "pkg", mutate)
+    with pytest.raises(package.UnsafePackage, match="1 row.s. carry patient_id"):
+        importer.import_package(tmp_path / "proj", pkg, "received")
+    broken = shutil.copytree(exported, tmp_path / "broken")
+    (broken / "DATASHEET.md").write_text("changed")
+    with pytest.raises(CheckFailed, match="size mismatch: DATASHEET.md"):
+        importer.import_package(tmp_path / "proj", broken, "received")
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_import_then_mix_round_trip(built, exported, tmp_path, copy):
+    # The receiving site: its own real dataset (here a copy of cxp) and the package inside its tree.
+    receiver = Project(tmp_path / "site", Path())
+    (receiver.root / "manifests").mkdir(parents=True)
+    for f in ("cxp.parquet", "cxp.rejects.parquet"):
+        shutil.copy(built.root / "manifests" / f, receiver.root / "manifests" / f)
+    shutil.copytree(built.root / "data/shards/cxp", receiver.root / "data/shards/cxp")
+    pkg = shutil.copytree(exported, receiver.root / "incoming" / "syn_pkg")
+    out = receiver.cli("share", "import", pkg, "--name", "remote_syn", *(["--copy"] if copy else []))
+    assert "remote_syn @" in out
+    meta = manifest.read_meta(receiver.root, "remote_syn")
+    assert meta["kind"] == "synthetic" and "conditions" not in meta and "generator" not in meta
+    assert meta["imported"]["sender"]["generator"]["trained_on"].startswith("cxp@")
+    rows = manifest.read(receiver.root, "remote_syn")
+    assert (rows["dataset"] == "remote_syn").all() and (rows["origin"] == "synthetic").all()
+    if copy:
+        assert rows["shard"].str.startswith("data/shards/remote_syn/").all()
+        assert "shard(s) match" in receiver.cli("verify", "remote_syn")
+    else:
+        assert rows["shard"].str.startswith("incoming/syn_pkg/shards/").all()
+    pngs = dict(stream.samples(receiver.root, rows, train=False, seed=0))
+    assert len(pngs) == len(rows) == len(pd.read_parquet(exported / "manifest.parquet"))
+    receiver.cli("mix", "--real", "cxp", "--synthetic", "100%", "--synthetic-from", "remote_syn", "--seed", 0,
+                 "--name", "cxp_mix")
+    mixed = manifest.read(receiver.root, "cxp_mix")
+    train = mixed.loc[mixed["split"] == "train"]
+    assert int((train["dataset"] == "remote_syn").sum()) == len(rows)
+    batch = next(stream.batches(receiver.root, "cxp_mix", "train", 64, 32, train=False, seed=0,
+                                frame=train.reset_index(drop=True)))
+    assert batch["image"].shape[0] == len(train)
+    with pytest.raises(package.ShareError, match="exists already"):
+        importer.import_package(receiver.root, pkg, "remote_syn")
+
+
+PLAIN_CONSUMER = r"""
+import json, sys
+import duckdb
+import webdataset as wds
+
+pkg = sys.argv[1]
+index = json.load(open(f"{pkg}/shards/index.json"))
+urls = [f"{pkg}/shards/{s['name']}" for s in index["shards"]]
+dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("l").to_tuple("__key__", "png", "json")
+images = [(key, image.shape, row["pleural_effusion"]) for key, image, row in dataset]
+
+con = duckdb.connect()
+effusion = con.sql(f"SELECT key, pleural_effusion FROM '{pkg}/manifest.parquet' ORDER BY key").fetchall()
+by_sex = con.sql(f"SELECT sex, count(*) AS n FROM '{pkg}/manifest.parquet' GROUP BY sex ORDER BY sex").fetchall()
+assert "cxrsynth" not in sys.modules, "the plain consumer imported cxrsynth"
+print(json.dumps({"images": [[k, list(s), e] for k, s, e in sorted(images)], "effusion": effusion, "by_sex": by_sex}))
+"""
+
+
+def test_plain_webdataset_and_duckdb_read_an_export(exported, tmp_path):
+    script = tmp_path / "consumer.py"
+    script.write_text(PLAIN_CONSUMER)
+    result = subprocess.run([sys.executable, "-I", str(script), str(exported)], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    pkg = pd.read_parquet(exported / "manifest.parquet").sort_values("key")
+    assert [k for k, _, _ in seen["images"]] == pkg["key"].tolist()
+    assert all(shape in ([32, 32], [32, 32, 1]) for _, shape, _ in seen["images"])
+    assert [e for _, _, e in seen["images"]] == pkg["pleural_effusion"].astype(int).tolist()
+    assert [list(r) for r in seen["effusion"]] == [[k, int(v)] for k, v in zip(pkg["key"], pkg["pleural_effusion"])]
+    assert sum(n for _, n in seen["by_sex"]) == len(pkg)
+
+
+def test_export_without_a_known_training_set_needs_audit_against_or_force(project, tmp_path):
+    # forget where the generator came from: the audit cannot tell which real images it learnt from
+    meta = manifest.read_meta(project.root, "syn")
+    frame = manifest.read(project.root, "syn")
+    manifest.write(project.root, "syn", frame, {**meta, "generator": "nowhere", "conditions": "gone"})
+    out = project.cli("share", "export", "syn", "--out", tmp_path / "pkg", code=2)
+    assert "--audit-against" in out and not (tmp_path / "pkg").exists()
+    project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-against", "cxp", "--audit-out", tmp_path / "a")
+    assert "Passed: 0 flagged" in (tmp_path / "pkg/DATASHEET.md").read_text()
+    project.cli("share", "export", "syn", "--out", tmp_path / "pkg2", "--force")
+    assert "Exported unaudited with --force" in (tmp_path / "pkg2/DATASHEET.md").read_text()
+    assert package.verify(tmp_path / "pkg2") == []
+
+
+def test_audit_config_defaults_live_in_the_dataclass():
+    assert AuditConfig().quantile == 0.01 and AuditConfig().embedding == "pixels"
+    with pytest.raises(Exception, match="quantile"):
+        AuditConfig(quantile=0)
+
+
+def test_png_metadata_chunks_are_dropped_pixels_kept():
+    from PIL import Image, PngImagePlugin
+
+    from cxrsynth.imaging import decode_png
+
+    image = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 3).astype(np.uint8)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("PatientName", "patient00001")
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
+    stripped = package.strip_png(buffer.getvalue())
+    assert b"patient00001" in buffer.getvalue() and b"patient00001" not in stripped and b"tEXt" not in stripped
+    assert (decode_png(stripped) == image).all()
+    with pytest.raises(package.ShareError, match="CRC"):
+        package.strip_png(stripped[:40] + bytes([stripped[40] ^ 1]) + stripped[41:])
