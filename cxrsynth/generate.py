@@ -67,6 +67,7 @@ class GenerateConfig:
     batch_size: int = 16
     shard_size: int = 1000
     compile: bool = False  # torch.compile the network (GPU throughput; may round differently from eager)
+    rebalance: float | None = None  # draw conditions so rarer findings reach this prevalence (cxrsynth.rebalance)
 
     def __post_init__(self) -> None:
         for what in ("replicas", "steps", "batch_size", "shard_size"):
@@ -74,6 +75,16 @@ class GenerateConfig:
                 raise CxrsynthError(f"{what} must be >= 1, got {getattr(self, what)}")
         if self.eta < 0:
             raise CxrsynthError(f"eta must be >= 0, got {self.eta}")
+        if self.rebalance is not None and not 0 < self.rebalance < 1:
+            raise CxrsynthError(f"rebalance must be a prevalence in (0, 1), got {self.rebalance}")
+
+    def recorded(self) -> dict:
+        """The settings a version records and hashes (``rebalance`` only when set, so plain
+        replica sets keep the versions they always had)."""
+        out = asdict(self)
+        if out["rebalance"] is None:
+            del out["rebalance"]
+        return out
 
     def check_names(self) -> None:
         """Fail now, naming the known ones, on a sampler or guidance formula nobody registered."""
@@ -90,6 +101,11 @@ def image_seed(base: int, replica: int, source_key: str) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+def draw_seed(base: int, replica: int) -> int:
+    """The seed of replica ``replica``'s condition draw (rebalanced replicas)."""
+    return image_seed(base, replica, "rebalance")
+
+
 def generator_id(generator_dir: str | Path) -> str:
     """Short hash of a generator's weights (``*.safetensors``) and ``generator.json``."""
     digest = hashlib.sha256()
@@ -103,16 +119,33 @@ def generator_id(generator_dir: str | Path) -> str:
 
 
 def plan(conditions: pd.DataFrame, name: str, config: GenerateConfig, gen_id: str) -> pd.DataFrame:
-    """The synthetic manifest rows (without shards): replica-major, source order within."""
+    """The synthetic manifest rows (without shards): replica-major, source order within.
+
+    Each replica conditions on every source row once; with ``config.rebalance`` a replica
+    is as many rows drawn from the source by :func:`cxrsynth.rebalance.rebalance_weights`
+    (rarer findings raised to that prevalence), a seeded draw of its own per replica.
+    """
     keep = ["split", "sex", "age", "race", "view", *labels.FINDING_COLUMNS]
-    source = conditions.reset_index(drop=True)
+    base = conditions.reset_index(drop=True)
+    weights = None
+    if config.rebalance is not None and len(base):
+        from cxrsynth.rebalance import rebalance_weights
+
+        weights = rebalance_weights(labels.findings_matrix(base), config.rebalance)
     parts = []
     for r in range(config.replicas):
+        source = base
+        if weights is not None:
+            from cxrsynth.rebalance import systematic_draw
+
+            source = base.iloc[systematic_draw(weights, len(base), seed=draw_seed(config.seed, r))].reset_index(drop=True)
         part = source.loc[:, keep].copy()
         part.insert(0, "key", [f"{name}-r{r:02d}-{i:07d}" for i in range(len(source))])
         part["source_key"] = source["key"].astype("string").to_numpy()
         part["replica"] = r
-        part["seed"] = [image_seed(config.seed, r, k) for k in source["key"].astype(str)]
+        # a rebalanced replica may draw a source row twice: its seed also takes the row number
+        seed_keys = source["key"].astype(str) if weights is None else [f"{k}#{i}" for i, k in enumerate(source["key"].astype(str))]
+        part["seed"] = [image_seed(config.seed, r, k) for k in seed_keys]
         parts.append(part)
     out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["key", *keep])
     out["dataset"] = name
@@ -125,10 +158,12 @@ def plan(conditions: pd.DataFrame, name: str, config: GenerateConfig, gen_id: st
 
 
 def condition_rows(root: str | Path, conditions: str, split: str | None) -> pd.DataFrame:
-    """The rows a synthetic replica is conditioned on: ``split``, no uncertain finding, by key."""
+    """The rows a synthetic replica is conditioned on: ``split`` (one name, or several
+    separated by commas, e.g. ``train,tune``), no uncertain finding, by key."""
     frame = manifest.read(root, conditions)
     if split is not None:
-        frame = frame.loc[(frame["split"] == split).fillna(False).to_numpy(dtype=bool)]
+        wanted = [s.strip() for s in split.split(",") if s.strip()]
+        frame = frame.loc[frame["split"].isin(wanted).fillna(False).to_numpy(dtype=bool)]
     return frame.loc[~labels.has_uncertain(frame)].sort_values("key", kind="stable")
 
 
@@ -215,7 +250,7 @@ def prepare(
     cond_version = manifest.read_meta(root, conditions).get("version")
     dev = runtime.device(device)
     params = {"conditions": conditions, "conditions_version": cond_version, "split": split, "generator_id": gen_id,
-              **asdict(config), "numerics": runtime.numerics(dev)}
+              **config.recorded(), "numerics": runtime.numerics(dev)}
     version = hashlib.sha256(shards.json_bytes(params)).hexdigest()[:10]
     rows["version"] = version
     directory = shards.shard_dir(root, name, version)

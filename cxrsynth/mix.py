@@ -30,7 +30,7 @@ from cxrsynth import manifest, shards
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.publish import Metadata, publish
 
-_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%?\s*$")
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|x)?\s*$")
 
 
 class MixError(CxrsynthError):
@@ -38,11 +38,11 @@ class MixError(CxrsynthError):
 
 
 def parse_percent(text: str | float) -> float:
-    """``"500%"`` / ``"500"`` / ``500`` → 5.0 replicas."""
+    """``"500%"`` / ``"500"`` / ``500`` / ``"5x"`` → 5.0 replicas."""
     match = _PERCENT.match(str(text))
     if not match:
-        raise MixError(f"--synthetic expects a percentage such as 500%, got {text!r}")
-    return float(match.group(1)) / 100.0
+        raise MixError(f"--synthetic expects a percentage such as 500% (or a count of replicas such as 5x), got {text!r}")
+    return float(match.group(1)) if match.group(2) == "x" else float(match.group(1)) / 100.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,15 @@ class MixParams:
     only_synthetic: bool = False
     real_split: str = "train"
     seed: int = 0
+    synthetic_tune: bool = False  # tune on the synthetic replica (replica 0) of the tuning split
+
+    def recorded(self) -> dict:
+        """What the version hashes and records (``synthetic_tune`` only when set, so other
+        mixes keep the versions they always had)."""
+        out = asdict(self)
+        if not out["synthetic_tune"]:
+            del out["synthetic_tune"]
+        return out
 
 
 def find_synthetic(root: str | Path, real: str) -> str:
@@ -99,10 +108,19 @@ def mix(root: str | Path, name: str, params: MixParams) -> dict[str, int]:
         raise MixError(f"{params.real} has no splits yet: run `cxrsynth split {params.real} ...` first")
     if not params.only_synthetic:
         parts.append(real_train.assign(split="train"))
-    for split in ("tune", "test"):
+    for split in ("tune", "test") if not params.synthetic_tune else ("test",):
         parts.append(real.loc[(real["split"] == split).fillna(False).to_numpy(dtype=bool)])
     synthetic_rows = 0
     versions = {params.real: manifest.read_meta(root, params.real).get("version")}
+    if params.synthetic_tune:
+        if params.synthetic_from is None:
+            raise MixError("--synthetic-tune needs --synthetic-from (replicas of the tuning split)")
+        syn = manifest.read(root, params.synthetic_from)
+        tune = syn.loc[(syn["split"] == "tune").fillna(False).to_numpy(dtype=bool) & (syn["replica"] == 0).to_numpy(dtype=bool)]
+        if tune.empty:
+            raise MixError(f"{params.synthetic_from} has no replica of the tuning split: generate it with --split train,tune")
+        parts.append(tune.assign(split="tune"))
+        versions[params.synthetic_from] = manifest.read_meta(root, params.synthetic_from).get("version")
     if synthetic_name is not None and params.synthetic > 0:
         syn = manifest.read(root, synthetic_name)
         syn_meta = manifest.read_meta(root, synthetic_name)
@@ -119,7 +137,7 @@ def mix(root: str | Path, name: str, params: MixParams) -> dict[str, int]:
         raise MixError(f"keys collide between {params.real} and {synthetic_name}; rename one dataset")
     if rows.loc[rows["split"] == "train"].empty:
         raise MixError("the mix has no training rows")
-    record = {**asdict(params), "synthetic_from": synthetic_name}
+    record = {**params.recorded(), "synthetic_from": synthetic_name}
     version = hashlib.sha256(shards.json_bytes({"params": record, "versions": versions})).hexdigest()[:10]
     publish(root, Metadata(name, version, "mix", {"params": record, "sources": versions}), rows)
     counts = rows["split"].value_counts().to_dict()

@@ -175,3 +175,23 @@ def test_cli_train_then_generate_then_verify(tmp_path):
     counts = cli("query", "SELECT origin, count(*) AS n FROM images GROUP BY origin ORDER BY origin", "--format", "csv")
     n_train = int(manifest.query(root, "SELECT count(*) AS n FROM cxp WHERE split = 'train'")["n"].iloc[0])
     assert counts.splitlines() == ["origin,n", "real,12", f"synthetic,{2 * n_train}"]
+
+
+def test_rebalanced_replicas_raise_rare_findings(project):
+    """Targeted synthesis: each replica draws its conditions so rarer findings reach the target."""
+    root, gen = project
+    config = generate.GenerateConfig(replicas=2, steps=1, seed=5, shard_size=50, rebalance=0.4)
+    summary = generate.generate(root=root, generator_dir=gen, conditions="cxp", split="train", name="reb",
+                                config=config, device="cpu")
+    syn = manifest.read(root, "reb")
+    src = generate.condition_rows(root, "cxp", "train")
+    assert summary["complete"] and len(syn) == 2 * len(src)  # same size as plain replicas
+    assert set(syn["source_key"]) <= set(src["key"]) and syn["seed"].nunique() == len(syn)
+    before = (labels.findings_matrix(src) == 1).mean(axis=0)
+    after = (labels.findings_matrix(syn) == 1).mean(axis=0)
+    rare = (before > 0) & (before < 0.4)
+    assert rare.any() and np.all(after[rare] >= before[rare])  # tiny source: raised, as far as 4 rows allow
+    assert manifest.read_meta(root, "reb")["rebalance"] == 0.4
+    plain = run(root, gen, name="plain")  # a plain replica set records no rebalance field
+    assert "rebalance" not in manifest.read_meta(root, "plain")
+    assert plain["version"] == run(root, gen, name="plain")["version"]

@@ -78,3 +78,45 @@ def test_mixes_stay_out_of_the_union_view_and_cli(project):
     r = runner.invoke(app, ["mix", "--real", "cxp", "--synthetic", "100%", "--synthetic-from", "cxp", "--seed", "0",
                             "--name", "bad", "--root", str(project)])
     assert r.exit_code == 2 and "not a synthetic dataset" in r.output
+
+
+def test_replica_counts_parse_as_x():
+    assert parse_percent("2x") == 2.0 and parse_percent("0x") == 0.0 and parse_percent("1.5x") == 1.5
+
+
+def test_synthetic_tuning_set(tmp_path):
+    """The CFG study's mixes: real or synthetic training rows, tuned on the synthetic twin of the tuning split."""
+    rows = chexpert_rows(n_patients=10, studies=2, uncertain=False)
+    root = tmp_path / "proj"
+    ingest.ingest(chexpert.read(write_chexpert(tmp_path / "raw", rows)), root=root, name="cxp", kind="chexpert",
+                  inputs={}, params=Preprocess(size=32), workers=1)
+    splits.split(root, "cxp", splits.SplitParams(tune=0.2, test=0.2, seed=0))
+    torch.manual_seed(0)
+    gen = save_generator(ConditionalUNet.build(get_preset("micro")), tmp_path / "gen")
+    generate.generate(root=root, generator_dir=gen, conditions="cxp", split="train,tune", name="twin",
+                      config=generate.GenerateConfig(replicas=1, steps=1, shard_size=50), device="cpu")
+    real = manifest.read(root, "cxp")
+    twin = manifest.read(root, "twin")
+    assert sorted(twin["split"].unique()) == ["train", "tune"]
+    assert len(twin) == int(real["split"].isin(["train", "tune"]).sum())
+    # real training rows, synthetic tuning rows
+    counts = mix(root, "real_syntune", MixParams(real="cxp", synthetic_from="twin", synthetic_tune=True, seed=0))
+    frame = manifest.read(root, "real_syntune")
+    assert frame.loc[frame["split"] == "train", "origin"].eq("real").all()
+    tune = frame.loc[frame["split"] == "tune"]
+    assert tune["origin"].eq("synthetic").all() and counts["tune"] == int((real["split"] == "tune").sum())
+    assert set(tune["source_key"]) == set(real.loc[real["split"] == "tune", "key"])
+    assert frame.loc[frame["split"] == "test", "origin"].eq("real").all()
+    # synthetic training and tuning rows
+    mix(root, "syn_syntune", MixParams(real="cxp", synthetic=1.0, synthetic_from="twin", only_synthetic=True,
+                                       synthetic_tune=True, seed=0))
+    frame = manifest.read(root, "syn_syntune")
+    assert frame.loc[frame["split"].isin(["train", "tune"]), "origin"].eq("synthetic").all()
+    assert set(frame.loc[frame["split"] == "train", "source_key"]) == set(real.loc[real["split"] == "train", "key"])
+    with pytest.raises(MixError, match="synthetic-from"):
+        mix(root, "nope", MixParams(real="cxp", synthetic_tune=True, seed=0))
+    # a plain mix records no synthetic_tune field: its version is what it always was
+    plain = manifest.read_meta(root, "real_syntune")
+    assert plain["params"]["synthetic_tune"] is True
+    mix(root, "sup", MixParams(real="cxp", synthetic=1.0, synthetic_from="twin", seed=0))
+    assert "synthetic_tune" not in manifest.read_meta(root, "sup")["params"]

@@ -281,11 +281,14 @@ def mix(
     name: Annotated[str, typer.Option("--name", help="Name of the mix.")],
     seed: Annotated[int, typer.Option("--seed", help="Seed for a fractional replica's subset.")],
     synthetic: Annotated[Optional[str], typer.Option(
-        "--synthetic", help="Synthetic share of the training set, e.g. 500% = 5 replicas (default: none).")] = None,
+        "--synthetic", help="Synthetic share of the training set: 500% or 5x = 5 replicas (default: none).")] = None,
     synthetic_from: Annotated[Optional[str], typer.Option(
         "--synthetic-from", help="Synthetic dataset (default: the replicas of --real).")] = None,
     only_synthetic: Annotated[Optional[bool], typer.Option(
         "--only-synthetic", help="Train on the synthetic rows alone (tune/test stay real).")] = None,
+    synthetic_tune: Annotated[Optional[bool], typer.Option(
+        "--synthetic-tune", help="Tune on the synthetic replica of the tuning split instead of the real one (the paper's "
+                                 "CFG study; generate it with --split train,tune).")] = None,
     root: Root = Path("."),
 ) -> None:
     """Mix real and synthetic training data as a manifest (a query: no shards are copied)."""
@@ -294,7 +297,8 @@ def mix(
 
     share = None if synthetic is None else parse_percent(synthetic)
     params = MixParams(real=real, seed=seed,
-                       **given(synthetic=share, synthetic_from=synthetic_from, only_synthetic=only_synthetic))
+                       **given(synthetic=share, synthetic_from=synthetic_from, only_synthetic=only_synthetic,
+                             synthetic_tune=synthetic_tune))
     counts = mix_lib(root, name, params)
     console.print(f"{name}: train {counts['train']:,} ({counts['synthetic']:,} synthetic), "
                   f"tune {counts['tune']:,}, test {counts['test']:,} images")

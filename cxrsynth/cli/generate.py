@@ -45,6 +45,9 @@ def generate(
     compile_: Annotated[Optional[bool], typer.Option(
         "--compile/--no-compile", help="torch.compile the network (GPU throughput; default {GenerateConfig.compile}). Fused "
                                        "kernels may round differently: use it for every part and rerun of a dataset, or for none.")] = None,
+    rebalance: Annotated[Optional[float], typer.Option(
+        "--rebalance", min=0.0, max=1.0, help="Draw each replica's conditions so that every rarer finding reaches this "
+                                              "prevalence (e.g. 0.2); default: every source row once.")] = None,
     part: Annotated[Optional[str], typer.Option("--part", help="i/N: this job's share of the shards (job arrays).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if present).")] = None,
     threads: Annotated[Optional[int], typer.Option(
@@ -62,7 +65,7 @@ def generate(
 
     config = GenerateConfig(**given(replicas=replicas, guidance=guidance, sampler=sampler, steps=steps, eta=eta,
                                     cfg_formula=cfg_formula, seed=seed, batch_size=batch, shard_size=shard_size,
-                                    compile=compile_))
+                                    compile=compile_, rebalance=rebalance))
     job = prepare(root=root, generator_dir=generator, conditions=conditions, split=split, name=name,
                   config=config, part=part, device=device)
     with progress_bar(f"generate {name}", total=job.images_todo) as advance:
