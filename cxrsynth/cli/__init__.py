@@ -12,6 +12,7 @@ import typer
 from cxrsynth.cli import bench as _bench
 from cxrsynth.cli import data as _data
 from cxrsynth.cli import evaluate as _evaluate
+from cxrsynth.cli.classifier import classifier_app
 from cxrsynth.cli.common import CleanErrors
 from cxrsynth.cli.generate import generate
 from cxrsynth.cli.generator import generator_app
@@ -40,6 +41,8 @@ app.command("mix")(_data.mix)
 # generator
 app.add_typer(generator_app, name="generator")
 app.command("generate", cls=LazyHelp)(generate)
+# classifier and evaluation
+app.add_typer(classifier_app, name="classifier")
 app.command("evaluate")(_evaluate.evaluate)
 app.command("compare")(_evaluate.compare)
 app.command("cooccurrence")(_evaluate.cooccurrence)
@@ -48,10 +51,12 @@ app.add_typer(share_app, name="share")
 # benchmarks
 app.add_typer(bench_app, name="bench")
 bench_app.command("ingest")(_bench.bench_ingest)
+bench_app.command("load")(_bench.bench_load)
 bench_app.command("phantom")(_bench.bench_phantom)
 bench_app.command("generate", cls=LazyHelp)(_bench.bench_generate)
 bench_app.command("roofline", cls=LazyHelp)(_bench.bench_roofline)
 bench_app.command("train", cls=LazyHelp)(_bench.bench_train)
 bench_app.command("solvers")(_bench.bench_solvers)
+bench_app.command("classifier")(_bench.bench_classifier)
 bench_app.command("evaluate")(_bench.bench_evaluate)
 bench_app.command("audit")(_bench.bench_audit)

@@ -309,6 +309,80 @@ def bench_evaluate(
     )
 
 
+def bench_load(
+    data: Annotated[str, typer.Option("--data", help="Dataset or mix whose shards are streamed.")],
+    split: Annotated[Optional[str], typer.Option("--split", help="Split streamed ('all': every row).")] = "train",
+    workers: Annotated[str, typer.Option("--workers", help="Worker counts to time, comma-separated (0: in-process).")] = "0,1,2",
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per batch.")] = 64,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most this many rows.")] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", min=8, help="Resize to this side (default: the shards').")] = None,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Also run the training augmentations.")] = False,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Epochs per worker count (the best is kept).")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
+    root: Root = Path("."),
+) -> None:
+    """Loader images/s per worker count next to the PNG-decode ceiling (PIL, one process) of the same images.
+
+    Steady images/s (after the first batch: worker start-up and the shuffle buffer's fill) is the rate compared with the ceiling.
+    """
+    from rich.table import Table
+
+    from cxrsynth.bench.load import LoadBenchConfig
+    from cxrsynth.bench.load import bench_load as bench_lib
+
+    try:
+        counts = tuple(int(w) for w in workers.split(",") if w.strip())
+        if not counts or min(counts) < 0:
+            raise ValueError
+    except ValueError:
+        raise typer.BadParameter(f"expected worker counts such as 0,1,2, got {workers!r}", param_hint="--workers") from None
+    r = bench_lib(root, LoadBenchConfig(name=data, split=None if split == "all" else split, workers=counts,
+                                        batch_size=batch, limit=limit, image_size=image_size, augment=augment, repeats=repeats))
+    if as_json:
+        print(json.dumps(r))
+        return
+    c = r["ceiling"]
+    table = Table(title=f"bench load {data}/{split}: {r['images']:,} images, {r['image_side']} px, {r['cpu_count']} cores"
+                        f"{', augmented' if augment else ''}")
+    for col in ("what", "images", "seconds", "images/s", "first batch s", "steady images/s", "per worker / ceiling",
+                "vs 1 worker"):
+        table.add_column(col, justify="left" if col == "what" else "right")
+    table.add_row("PIL decode ceiling, 1 process", f"{c['images']:,}", f"{c['seconds']:.2f}", f"{c['images_per_s']:,.0f}",
+                  "", f"{c['images_per_s']:,.0f}", "100%", "")
+    for x in r["loader"]:
+        speedup = "" if x["speedup_vs_1"] is None else f"{x['speedup_vs_1']:.2f}x"
+        table.add_row(f"loader, {x['workers']} workers", f"{x['images']:,}", f"{x['seconds']:.2f}", f"{x['images_per_s']:,.0f}",
+                      f"{x['first_batch_s']:.2f}", f"{x['steady_images_per_s']:,.0f}", f"{100 * x['per_worker_of_ceiling']:.0f}%",
+                      speedup)
+    console.print(table)
+
+
+def bench_classifier(
+    preset: Annotated[str, typer.Option("--preset", help="Classifier preset: paper | small.")] = "small",
+    batch: Annotated[Optional[int], typer.Option("--batch", min=1, help="Images per step (preset's by default).")] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", min=8, help="Input side (preset's by default).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="timm model (preset's by default).")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per phase.")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps first.")] = 3,
+    device: Annotated[Optional[str], typer.Option("--device", help="Default: cuda if available, else cpu.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
+) -> None:
+    """Classifier training and inference images/s and peak memory on random images (the real training step)."""
+    from cxrsynth.bench.classifier import bench_classifier as bench_lib
+
+    set_threads(threads)
+    r = bench_lib(preset, batch=batch, image_size=image_size, steps=steps, warmup=warmup, device=device, model=model)
+    if as_json:
+        print(json.dumps(r.to_dict()))
+        return
+    mem = (f"peak memory train {r.train_peak_memory_gib:.2f} GiB, inference {r.infer_peak_memory_gib:.2f} GiB"
+           if r.train_peak_memory_gib is not None else f"peak RSS {r.peak_rss_gib:.2f} GiB")
+    console.print(f"classifier {r.preset} ({r.model}, {r.parameters_m:.1f}M parameters) {r.image_size}px batch {r.batch} "
+                  f"on {r.device} ({r.threads} threads): train {r.train_images_per_s:,.1f} images/s, "
+                  f"inference {r.infer_images_per_s:,.1f} images/s; {mem}", highlight=False)
+
+
 def bench_audit(
     queries: Annotated[int, typer.Option("--queries", min=1, help="Synthetic embeddings searched.")] = 4096,
     bank: Annotated[int, typer.Option("--bank", min=1, help="Training embeddings searched against.")] = 16384,

@@ -1,0 +1,155 @@
+"""The classifier network: any timm model with 14 outputs and one input channel.
+
+:class:`Classifier` wraps the timm network and maps the loader's [0, 1] pixels to
+[-1, 1] (as the paper's code and :mod:`cxrsynth.diffusion.fid`'s classifier features
+do) before it; it returns one logit per finding of :data:`cxrsynth.labels.FINDINGS`.
+The saved weights (``model.safetensors``) are the timm network's plain state dict, so
+``timm.create_model(name, num_classes=14, in_chans=1)`` loads them directly.
+
+Pretrained weights come only from a local file (:func:`load_pretrained`): a safetensors
+file or a torch state dict (read with ``weights_only=True``), possibly nested under
+``state_dict`` / ``model`` / ``ema`` and prefixed ``module.``; a 3-channel stem is
+summed to one channel by timm's ``adapt_input_conv`` and a head of another size is
+dropped (re-initialised). Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxrsynth.classify.presets import ClassifierConfig
+from cxrsynth.errors import CxrsynthError
+from cxrsynth.labels import FINDINGS
+
+WEIGHTS = "model.safetensors"
+META = "classifier.json"
+
+
+class Classifier(torch.nn.Module):
+    """``(B, 1, S, S)`` pixels in [0, 1] → ``(B, 14)`` finding logits."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images * 2.0 - 1.0)  # (B, 14)
+
+
+def build(config: ClassifierConfig) -> Classifier:
+    """A freshly initialised classifier (seed the global torch RNG around it for repeatable weights)."""
+    import timm
+
+    try:
+        net = timm.create_model(config.model, pretrained=False, num_classes=len(FINDINGS), in_chans=1, **config.model_kwargs)
+    except RuntimeError as exc:  # timm's "Unknown model (...)"
+        raise CxrsynthError(f"timm cannot build model {config.model!r}: {exc}") from None
+    return Classifier(net)
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CxrsynthError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state: Any = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("ema", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise CxrsynthError(f"{path} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def load_pretrained(model: Classifier, path: str | Path) -> dict[str, list[str]]:
+    """Load local pretrained weights into ``model.net``, adapting stem and head.
+
+    Returns:
+        ``{"adapted": [...], "dropped": [...]}``: the stem weights summed to one channel and
+        the head weights left at their initialisation (another number of classes).
+
+    Raises:
+        CxrsynthError: The file is missing or does not fit the model (names the keys).
+    """
+    from timm.models import adapt_input_conv
+
+    path = Path(path)
+    net = model.net
+    state = _read_state(path)
+    own = net.state_dict()
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    first = cfg.get("first_conv") or ""
+    heads = cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    adapted, dropped = [], []
+    for key in list(state):
+        value = state[key]
+        if key.startswith(first) and key.endswith("weight") and value.ndim == 4 and key in own \
+                and value.shape[1] != own[key].shape[1]:
+            state[key] = adapt_input_conv(own[key].shape[1], value)
+            adapted.append(key)
+        elif any(key.startswith(h) for h in heads) and key in own and value.shape != own[key].shape:
+            del state[key]
+            dropped.append(key)
+    bad_shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
+    missing = [k for k in own if k not in state and k not in dropped]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected or bad_shapes:
+        raise CxrsynthError(
+            f"{path} does not fit timm model {type(net).__name__}: missing {missing[:4]}, unexpected {unexpected[:4]}, "
+            f"shape mismatch {bad_shapes[:4]}")
+    net.load_state_dict(state, strict=False)  # strict but for the dropped head
+    return {"adapted": adapted, "dropped": dropped}
+
+
+def save_weights(model: Classifier, path: str | Path) -> str:
+    """Write ``model.net``'s state dict as safetensors atomically; returns :func:`classifier_id`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.net.state_dict().items()}
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+    return classifier_id(path)
+
+
+def classifier_id(path: str | Path) -> str:
+    """Short sha256 (12 hex digits) of a weights file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """A trained classifier's ``classifier.json``."""
+    path = Path(directory) / META
+    if not path.is_file():
+        raise CxrsynthError(f"{directory} is not a cxrsynth classifier (no {META})")
+    return json.loads(path.read_text())
+
+
+def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
+    """The trained classifier of ``directory`` (eval mode) and its ``classifier.json``."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = read_meta(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise CxrsynthError(f"{directory} has no {WEIGHTS}")
+    model = build(ClassifierConfig.from_dict(meta["config"]))
+    model.net.load_state_dict(load_file(str(weights)))
+    return model.to(device).eval(), meta

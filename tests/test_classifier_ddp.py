@@ -1,0 +1,55 @@
+"""DDP on CPU: ``torchrun --nproc-per-node 2`` (gloo) classifier training; ranks read disjoint data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import chexpert_rows, write_chexpert
+from typer.testing import CliRunner
+
+from cxrsynth import labels, manifest
+from cxrsynth.cli import app
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="torchrun + gloo on Linux")]
+
+
+def _torchrun(*args, cwd: Path, timeout: int = 300) -> str:
+    launcher = Path(sys.executable).with_name("torchrun")
+    cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    cmd += ["--standalone", "--nproc-per-node", "2", "-m", "cxrsynth.cli", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def test_torchrun_classifier_train_two_ranks_read_disjoint_data(tmp_path):
+    rows = chexpert_rows(n_patients=12, studies=2, uncertain=False)
+    csv = write_chexpert(tmp_path / "raw", rows)
+    root = tmp_path / "proj"
+    runner = CliRunner()
+    for args in (["ingest", "chexpert", csv, "--name", "cxp", "--size", 32, "--workers", 1, "--shard-size", 7],
+                 ["split", "cxp", "--tune", 0.25, "--seed", 0]):
+        result = runner.invoke(app, [str(a) for a in args] + ["--root", str(root)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    frame = manifest.read(root, "cxp")
+    n_train = int(((frame["split"] == "train") & ~labels.has_uncertain(frame)).sum())
+    batch = 2
+    steps = n_train // (2 * batch)  # the fixed epoch length of each rank
+    assert steps >= 3
+    out = tmp_path / "cls-ddp"
+    output = _torchrun("classifier", "train", "--data", "cxp", "--preset", "small", "--epochs", 1, "--batch", batch,
+                       "--image-size", 32, "--workers", 2, "--device", "cpu", "--out", out, "--root", root, cwd=tmp_path)
+    assert "written to" in output
+    meta = json.loads((out / "classifier.json").read_text())
+    assert meta["runtime"]["world"] == 2 and meta["trained_steps"] == steps and len(meta["history"]) == 1
+    seen = meta["data_seen"]
+    assert seen["images_per_rank"] == seen["distinct_keys_per_rank"] == [steps * batch] * 2
+    assert seen["distinct_keys"] == 2 * steps * batch  # disjoint shares: 2 x 6 distinct images, not 6
+    assert meta["best"]["tune_loss"] > 0 and (out / "model.safetensors").is_file()
