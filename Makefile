@@ -1,5 +1,5 @@
 # make test — create .venv if missing, install cxrsynth with its test extras, run pytest.
-# make demo — the main job: the DVC pipeline on the embedded phantom data (dvc repro).
+# make demo — the main job: the DVC pipeline (the paper's study) on the embedded phantom data, ending with report/index.html.
 # make device-kit — wheels the GPU machine's image lacks, for scripts/bench-gpu.sh.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -26,7 +26,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 	$(BIN)/cxrsynth query "SELECT dataset, origin, split, count(*) AS images, count(DISTINCT patient_id) AS patients FROM images GROUP BY ALL ORDER BY ALL"
-	$(BIN)/cxrsynth query "SELECT 'cxp_mix' AS mix, split, origin, count(*) AS images FROM cxp_mix GROUP BY ALL ORDER BY ALL"
+	$(BIN)/cxrsynth study summary
+	@echo "report: report/index.html"
 
 # The GPU device machine's image has torch, timm, typer, rich, pandas (KINDS.md) but not
 # diffusers: carry these pure-Python wheels as .whl/ (git-ignored) with the call.
@@ -34,4 +35,4 @@ device-kit:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -c constraints.txt -d .whl diffusers importlib_metadata
 
 clean:
-	rm -rf data manifests/*.parquet .dvc/cache
+	rm -rf data report manifests/*.parquet .dvc/cache

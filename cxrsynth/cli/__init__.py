@@ -19,6 +19,7 @@ from cxrsynth.cli.generator import generator_app
 from cxrsynth.cli.options import LazyHelp
 from cxrsynth.cli.phantom import phantom
 from cxrsynth.cli.share import share_app
+from cxrsynth.cli.study import study_app
 
 app = typer.Typer(
     cls=CleanErrors,
@@ -46,6 +47,8 @@ app.add_typer(classifier_app, name="classifier")
 app.command("evaluate")(_evaluate.evaluate)
 app.command("compare")(_evaluate.compare)
 app.command("cooccurrence")(_evaluate.cooccurrence)
+# the study
+app.add_typer(study_app, name="study")
 # sharing
 app.add_typer(share_app, name="share")
 # benchmarks

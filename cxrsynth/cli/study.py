@@ -1,0 +1,101 @@
+"""``cxrsynth study``: the paper's experiments as cells driven by params.yaml (the DVC stages call these)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cxrsynth.cli.common import Root, console
+
+study_app = typer.Typer(no_args_is_help=True, help="The study: experiment cells, comparisons, distances, the report.")
+
+Params = Annotated[Path, typer.Option("--params", help="The parameters file (relative to --root).")]
+Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")]
+
+
+def _params(root: Path, path: Path) -> dict:
+    import yaml
+
+    from cxrsynth.errors import CxrsynthError
+
+    full = root / path
+    if not full.is_file():
+        raise CxrsynthError(f"parameters file not found: {full}")
+    return yaml.safe_load(full.read_text()) or {}
+
+
+@study_app.command("cell")
+def cell(
+    family: Annotated[str, typer.Argument(help="cfg | supplement | synthetic | external | rebalance.")],
+    tag: Annotated[str, typer.Argument(help="k<k> (supplement, synthetic, external), <replica>-real | <replica>-synthetic "
+                                            "| real-<replica> (cfg), targeted (rebalance).")],
+    params: Params = Path("params.yaml"),
+    device: Device = None,
+    root: Root = Path("."),
+) -> None:
+    """Build one cell's training mix, train its classifier, evaluate it on its tuning split and every test set."""
+    from cxrsynth.study.cell import run_cell
+
+    run_cell(root, _params(root, params), family, tag, device=device, log=lambda line: console.print(line, highlight=False))
+
+
+@study_app.command("compare")
+def compare(
+    family: Annotated[str, typer.Argument(help="cfg | supplement | synthetic | external | rebalance.")],
+    params: Params = Path("params.yaml"),
+    root: Root = Path("."),
+) -> None:
+    """Compare a family's cells with its baseline on every test set (Bonferroni across the family)."""
+    from cxrsynth.study.compare import compare_family
+
+    result = compare_family(root, _params(root, params), family)
+    for label, table in result["tests"].items():
+        significant = [(c["cell"], r["finding"]) for c in table["comparisons"] for r in c["rows"] if r["significant_paired"]]
+        console.print(f"{family} on {label}: {len(table['comparisons'])} cell(s) against {result['baseline']}; "
+                      f"significant (paired bootstrap, Bonferroni): {', '.join(f'{c}/{f}' for c, f in significant) or 'none'}",
+                      highlight=False, soft_wrap=True)
+
+
+@study_app.command("distance")
+def distance(
+    replica: Annotated[str, typer.Argument(help="A replica of params.yaml's `replicas`.")],
+    params: Params = Path("params.yaml"),
+    device: Device = None,
+    root: Root = Path("."),
+) -> None:
+    """Fréchet distance of a replica to the real training images, in the real-only classifier's features."""
+    from cxrsynth.study.distance import replica_distance
+
+    r = replica_distance(root, _params(root, params), replica, device=device)
+    console.print(f"{r['dataset']}: Fréchet distance {r['fid']:.3f} (two halves of the real set: {r['real_halves']:.3f}; "
+                  f"{r['n_synthetic']} synthetic vs {r['n_real']} real images)", highlight=False)
+
+
+@study_app.command("report")
+def report(
+    out: Annotated[Path, typer.Option("--out", help="Report folder (index.html).")] = Path("report"),
+    params: Params = Path("params.yaml"),
+    root: Root = Path("."),
+) -> None:
+    """Write the study report (a self-contained HTML page) and the DVC plot data; print the summary table."""
+    from cxrsynth.study.report import build_report, write_plot_data
+    from cxrsynth.study.summary import summary_table
+
+    p = _params(root, params)
+    write_plot_data(root, p)
+    path = build_report(root, p, root / out)
+    console.print(summary_table(root, p))
+    console.print(f"wrote {path}", highlight=False)
+
+
+@study_app.command("summary")
+def summary(
+    params: Params = Path("params.yaml"),
+    root: Root = Path("."),
+) -> None:
+    """Print every cell's macro AUROC (bootstrap SD) on its tuning split and each test set."""
+    from cxrsynth.study.summary import summary_table
+
+    console.print(summary_table(root, _params(root, params)))

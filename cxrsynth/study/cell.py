@@ -1,0 +1,97 @@
+"""Run one cell of the study: its training mix, its classifier, its evaluations.
+
+``run_cell(root, params, family, tag)``:
+
+1. builds the cell's training mix (:mod:`cxrsynth.mix`; a manifest named after the cell);
+2. trains a classifier on it (:mod:`cxrsynth.classify.train`; ``params["classifier"]`` is a
+   preset plus overrides) into ``data/study/<cell>/model`` — resumable after a kill;
+3. predicts and evaluates (:mod:`cxrsynth.evaluate.metrics`, ``params["evaluate"]``: bootstrap
+   replicates, seed) the cell's own tuning split (the paper's Table 2 measure; the tuning
+   rows are the model's own, so the leak guard records the overlap instead of refusing)
+   and every test set;
+4. writes the cell's summary, ``metrics/study/<cell>.json``: what it trained on, the
+   classifier, and per evaluation the macro and per-finding AUROC with bootstrap SD/CI
+   and the path of the full metrics (whose replicates ``cxrsynth compare`` reads).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from cxrsynth.study.plan import Cell, cell, tests
+
+Log = Callable[[str], None]
+
+
+def classifier_config(params: dict[str, Any]):
+    """The study's classifier configuration: ``params["classifier"]["preset"]`` + its overrides."""
+    from cxrsynth.classify.presets import get_preset
+
+    settings = dict(params.get("classifier", {}))
+    preset = settings.pop("preset", "small")
+    return preset, get_preset(preset, **settings)
+
+
+def evaluations(params: dict[str, Any], c: Cell) -> list[tuple[str, str, str]]:
+    """``(label, dataset, split)`` of what a cell is evaluated on: its tuning split, then the test sets."""
+    return [("tune", c.name, "tune")] + [(f"{name}:{split}", name, split) for name, split in tests(params)]
+
+
+def run_cell(root: str | Path, params: dict[str, Any], family: str, tag: str, *, device: str | None = None,
+             log: Log = print) -> dict:
+    """Mix, train, predict and evaluate one cell; returns (and writes) its summary."""
+    from cxrsynth.classify.predict import predict, write
+    from cxrsynth.classify.train import train
+    from cxrsynth.evaluate import metrics
+    from cxrsynth.mix import mix
+
+    root = Path(root)
+    c = cell(params, family, tag)
+    counts = mix(root, c.name, c.mix)
+    log(f"{c.name}: train {counts['train']:,} images ({counts['synthetic']:,} synthetic), tune {counts['tune']:,}")
+    preset, config = classifier_config(params)
+    directory = c.directory(root)
+    facts = train(root, c.name, config, directory / "model", preset=preset, device=device,
+                  callback=_epoch_logger(c.name, log))
+    settings = params.get("evaluate", {})
+    summary: dict[str, Any] = {
+        "cell": c.name, "family": c.family, "tag": c.tag, "k": c.k, "replica": c.replica, "guidance": c.guidance,
+        "tune": c.tune,
+        "train": {"name": c.name, "real_images": counts["train"] - counts["synthetic"],
+                  "synthetic_images": counts["synthetic"], "tune_images": counts["tune"]},
+        "classifier": {"preset": preset, "classifier_id": facts["classifier_id"], "best": facts["best"]},
+        "evaluations": {},
+    }
+    for label, dataset, split in evaluations(params, c):
+        stem = label.replace(":", "-")
+        frame, meta = predict(directory / "model", root, dataset, split, device=device)
+        pred_path = write(frame, meta, directory / "predictions" / f"{stem}.parquet")
+        config_eval = metrics.EvaluateConfig(bootstrap=int(settings.get("bootstrap", 1000)),
+                                             seed=int(settings.get("seed", 0)), allow_leak=label == "tune")
+        result = metrics.evaluate(root, pred_path, config_eval)
+        path, _ = metrics.write(result, directory / "metrics" / f"{stem}.json")
+        m = result.metrics
+        summary["evaluations"][label] = {
+            "path": str(path.relative_to(root)), "images": m["test"]["images"], "macro": m["macro"],
+            "findings": {f: {k: v for k, v in r.items() if k in ("auroc", "sd", "ci95", "n_pos", "n_neg", "reason")}
+                         for f, r in m["findings"].items()},
+        }
+        log(f"{c.name} on {label}: macro AUROC {_fmt(m['macro']['auroc'])} (SD {_fmt(m['macro'].get('sd'))})")
+    out = c.metrics_path(root)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    return summary
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _epoch_logger(name: str, log: Log):
+    def on_event(event: dict) -> None:
+        if event.get("event") == "epoch":
+            log(f"{name}: epoch {event.get('epoch')} train loss {event.get('train_loss', float('nan')):.4f} "
+                f"tune loss {event.get('tune_loss', float('nan')):.4f}")
+    return on_event

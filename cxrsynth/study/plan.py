@@ -1,0 +1,163 @@
+"""The paper's experiments as cells: one training set, one classifier, its evaluations.
+
+Every experiment of the study is a family of *cells*, each named ``<family>_<tag>`` and
+defined entirely by ``params.yaml`` (:func:`cell`):
+
+* ``cfg`` — the guidance study (the paper's Table 2): tag ``<replica>-real`` trains on a
+  synthetic replica of the training split and tunes on the real tuning split,
+  ``<replica>-synthetic`` tunes on the replica's own synthetic tuning split, and
+  ``real-<replica>`` trains on real data and tunes on that synthetic tuning split. The
+  real/real cell of the table is ``supplement_k0``.
+* ``supplement`` — tag ``k<k>``: the real training split + k x 100% synthetic replicas
+  (k = 0: the real-only baseline);
+* ``synthetic`` — tag ``k<k>``: k x 100% synthetic replicas alone;
+* ``external`` — tag ``k<k>``: another site's real training split + k x 100% replicas
+  made from the first site;
+* ``rebalance`` — tag ``targeted``: the real training split + k x 100% replicas whose
+  conditions raise rarer findings to a target prevalence (compare with ``supplement_k<k>``,
+  plain replicas of the same size).
+
+Synthetic replicas are datasets named ``<real>_<replica>`` (``params["replicas"]``); the
+rebalanced one is ``<real>_rebalanced`` (``params["rebalance"]``: its guidance and target). Tuning and test sets are real unless a
+cfg cell says otherwise; every cell is evaluated on its own tuning split and on every test
+set of ``params["study"]["tests"]``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cxrsynth.errors import CxrsynthError, UnknownNameError
+from cxrsynth.mix import MixParams
+
+FAMILIES = ("cfg", "supplement", "synthetic", "external", "rebalance")
+#: Where a cell's files go, relative to the project root.
+CELL_DIR = Path("data/study")
+METRICS_DIR = Path("metrics/study")
+#: Family comparisons (outside METRICS_DIR, which they read).
+COMPARE_DIR = Path("metrics/compare")
+#: Replicas' Fréchet distances.
+DISTANCE_DIR = Path("metrics/distance")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One classifier of the study: what it trains on and where it is evaluated."""
+
+    family: str
+    tag: str
+    mix: MixParams
+    k: float | None = None
+    replica: str | None = None
+    guidance: float | None = None
+    tune: str = "real"
+
+    @property
+    def name(self) -> str:
+        """The cell's name, also its training mix's dataset name."""
+        return f"{self.family}_{self.tag}".replace("-", "_")
+
+    def directory(self, root: str | Path) -> Path:
+        return Path(root) / CELL_DIR / self.name
+
+    def metrics_path(self, root: str | Path) -> Path:
+        return Path(root) / METRICS_DIR / f"{self.name}.json"
+
+
+def _study(params: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return params["study"]
+    except KeyError:
+        raise CxrsynthError("params.yaml has no 'study' section") from None
+
+
+def replica_dataset(params: dict[str, Any], replica: str) -> str:
+    """The dataset name of a synthetic replica set (``rebalanced``: the rebalance family's)."""
+    if replica != "rebalanced" and replica not in params.get("replicas", {}):
+        raise UnknownNameError("replica", replica, params.get("replicas", {}))
+    return f"{_study(params)['real']}_{replica}"
+
+
+def _k(tag: str) -> float:
+    match = re.fullmatch(r"k(\d+(?:\.\d+)?)", tag)
+    if not match:
+        raise CxrsynthError(f"expected a tag k<replicas> such as k2, got {tag!r}")
+    return float(match.group(1))
+
+
+def cell(params: dict[str, Any], family: str, tag: str) -> Cell:
+    """The cell ``family``/``tag`` as ``params`` defines it."""
+    study = _study(params)
+    real, seed = study["real"], int(params.get("seed", 0))
+    if family == "cfg":
+        train, _, tune = tag.partition("-")
+        if not tune:
+            raise CxrsynthError(f"cfg cells are <train>-<tune> (e.g. w5-real, w5-synthetic, real-w5), got {tag!r}")
+        if train == "real":
+            syn = replica_dataset(params, tune)
+            return Cell(family, tag, MixParams(real=real, synthetic_from=syn, synthetic_tune=True, seed=seed),
+                        replica=tune, guidance=float(params["replicas"][tune]["guidance"]), tune="synthetic")
+        if tune not in ("real", "synthetic"):
+            raise CxrsynthError(f"a cfg cell tunes on 'real' or 'synthetic', got {tag!r}")
+        syn = replica_dataset(params, train)
+        return Cell(family, tag, MixParams(real=real, synthetic=1.0, synthetic_from=syn, only_synthetic=True,
+                                           synthetic_tune=tune == "synthetic", seed=seed),
+                    k=1.0, replica=train, guidance=float(params["replicas"][train]["guidance"]), tune=tune)
+    if family in ("supplement", "synthetic"):
+        k = _k(tag)
+        replica = params[family]["replica"]
+        syn = replica_dataset(params, replica)
+        if family == "synthetic" and k <= 0:
+            raise CxrsynthError("a purely synthetic training set needs k > 0")
+        mix = MixParams(real=real, synthetic=k, synthetic_from=syn if k > 0 else None,
+                        only_synthetic=family == "synthetic", seed=seed)
+        return Cell(family, tag, mix, k=k, replica=replica, guidance=float(params["replicas"][replica]["guidance"]))
+    if family == "external":
+        k = _k(tag)
+        replica = params["external"]["replica"]
+        syn = replica_dataset(params, replica)
+        mix = MixParams(real=params["external"]["real"], synthetic=k, synthetic_from=syn if k > 0 else None, seed=seed)
+        return Cell(family, tag, mix, k=k, replica=replica, guidance=float(params["replicas"][replica]["guidance"]))
+    if family == "rebalance":
+        if tag != "targeted":
+            raise CxrsynthError(f"the rebalance family has one cell, 'targeted' (its plain twin is supplement_k<k>), got {tag!r}")
+        k = float(params["rebalance"]["k"])
+        syn = replica_dataset(params, "rebalanced")
+        return Cell(family, tag, MixParams(real=real, synthetic=k, synthetic_from=syn, seed=seed), k=k, replica="rebalanced",
+                    guidance=float(params["rebalance"]["guidance"]))
+    raise UnknownNameError("study family", family, FAMILIES)
+
+
+def family_cells(params: dict[str, Any], family: str) -> list[Cell]:
+    """Every cell of a family that ``params`` asks for, baseline first."""
+    if family == "cfg":
+        replicas = params["cfg"]["replicas"]
+        tags = [f"{r}-{t}" for r in replicas for t in ("real", "synthetic")] + [f"real-{r}" for r in replicas]
+        return [cell(params, "cfg", t) for t in tags]
+    if family == "rebalance":
+        return [cell(params, "rebalance", "targeted")]
+    return [cell(params, family, f"k{_tag_number(k)}") for k in params[family]["k"]]
+
+
+def baseline(params: dict[str, Any], family: str) -> Cell:
+    """The cell each of a family's cells is compared with."""
+    if family in ("cfg", "supplement", "rebalance"):
+        k = params["rebalance"]["k"] if family == "rebalance" else 0
+        return cell(params, "supplement", f"k{_tag_number(k)}")
+    if family == "synthetic":
+        return cell(params, "supplement", "k0")  # what synthetic data alone is measured against: real data alone
+    if family == "external":
+        return cell(params, "external", "k0")
+    raise UnknownNameError("study family", family, FAMILIES)
+
+
+def _tag_number(k: float) -> str:
+    return f"{k:g}"
+
+
+def tests(params: dict[str, Any]) -> list[tuple[str, str]]:
+    """The test sets, ``(dataset, split)``: every name of ``study.tests`` at its ``test`` split."""
+    return [(name, "test") for name in _study(params)["tests"]]
