@@ -50,7 +50,7 @@ import pandas as pd
 
 from cxrsynth import labels, manifest, runtime, shards
 from cxrsynth.errors import CxrsynthError
-from cxrsynth.publish import Metadata, publish
+from cxrsynth.publish import Metadata, check_target, publish, writer_lock
 
 
 @dataclass(frozen=True)
@@ -212,6 +212,7 @@ class Job:
     world: int
     model: Any = field(repr=False)
     device: Any
+    force: bool = False
 
     @property
     def directory(self) -> Path:
@@ -233,15 +234,18 @@ def prepare(
     config: GenerateConfig,
     part: str | None = None,
     device: str | None = None,
+    force: bool = False,
 ) -> Job:
     """Plan a replica set (arguments as :func:`generate`) and load its generator; nothing is sampled yet.
 
     Raises:
         CxrsynthError: a bad name, part, sampler, guidance formula, device, conditions
-            dataset or generator folder.
+            dataset or generator folder; ``name`` may not be written
+            (:func:`cxrsynth.publish.check_target`: one of its sources, another kind).
     """
     manifest.check_name(name)
     config.check_names()
+    check_target(root, name, "synthetic", (conditions,), force)
     root = Path(root)
     index, count = _parse_part(part) if part is not None else (0, 1)
     frame = condition_rows(root, conditions, split)
@@ -254,7 +258,10 @@ def prepare(
     version = hashlib.sha256(shards.json_bytes(params)).hexdigest()[:10]
     rows["version"] = version
     directory = shards.shard_dir(root, name, version)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # data/ is a file, a read-only folder...
+        raise CxrsynthError(f"cannot create {directory}: {exc.strerror}") from None
 
     ranks = runtime.distributed(join=False)
     if ranks.world > 1 and part is None:
@@ -266,16 +273,24 @@ def prepare(
     todo = [(u, start, stop) for u, (start, stop) in enumerate(units)
             if u % count == index and shards.finished(directory, name, u) is None]
     return Job(root=root, name=name, version=version, generator_dir=generator_dir, config=config, params=params,
-               rows=rows, units=units, todo=todo, rank=index, world=count, model=model, device=dev)
+               rows=rows, units=units, todo=todo, rank=index, world=count, model=model, device=dev, force=force)
 
 
 def run(job: Job, progress: Callable[[int], None] | None = None) -> dict:
     """Sample and write a prepared job's units; publish the version when every unit is done.
 
+    Holds the dataset's writer lock *shared* (:func:`cxrsynth.publish.writer_lock`): the
+    parts and ranks of a job run together, any other writer of the dataset is refused.
+
     Returns:
         A summary: version, images planned, units done by this call, and whether the
         dataset is complete (index and manifest written).
     """
+    with writer_lock(job.root, job.name, shared=True):
+        return _run(job, progress)
+
+
+def _run(job: Job, progress: Callable[[int], None] | None) -> dict:
     import torch
 
     from cxrsynth.diffusion.sample import fast_paths, sample
@@ -305,7 +320,8 @@ def run(job: Job, progress: Callable[[int], None] | None = None) -> dict:
         complete = all(r is not None for r in results)
         if complete:  # idempotent: a second finisher rewrites the same bytes, after the first
             made_by = {"generator": str(job.generator_dir), **job.params}
-            publish(job.root, Metadata(name, job.version, "synthetic", made_by), rows, shard_results=results)
+            publish(job.root, Metadata(name, job.version, "synthetic", made_by), rows, shard_results=results,
+                    force=job.force)
     return {"name": name, "version": job.version, "images": len(rows), "units": len(job.units), "written": len(job.todo),
             "complete": complete, "rank": job.rank, "world": job.world}
 
@@ -321,6 +337,7 @@ def generate(
     part: str | None = None,
     device: str | None = None,
     progress: Callable[[int], None] | None = None,
+    force: bool = False,
 ) -> dict:
     """Write ``config.replicas`` synthetic replicas of ``conditions`` (one split) as dataset ``name``.
 
@@ -337,13 +354,14 @@ def generate(
         part: ``"i/N"``: only units i::N (job arrays). Under torchrun, the rank/world.
         device: Torch device (:func:`cxrsynth.runtime.device`); default cuda when available.
         progress: Optional callable ``progress(images)``.
+        force: Write over an existing dataset of another kind (never over the conditions).
 
     Returns:
         A summary: version, images planned, units done by this call, and whether the
         dataset is complete (index and manifest written).
     """
     job = prepare(root=root, generator_dir=generator_dir, conditions=conditions, split=split, name=name,
-                  config=config, part=part, device=device)
+                  config=config, part=part, device=device, force=force)
     return run(job, progress)
 
 

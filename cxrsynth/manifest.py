@@ -2,8 +2,9 @@
 
 A manifest has one row per image with the columns of :data:`COLUMNS`; the dataset-level
 facts (version, source, preprocessing, counts) live in the parquet file's key-value
-metadata under ``cxrsynth`` as JSON. Rejected input rows sit beside it in
-``<name>.rejects.parquet``.
+metadata under ``cxrsynth`` as JSON, with ``rows_sha256``, a checksum of the row data that
+:func:`write` computes (:func:`rows_checksum`) and ``cxrsynth verify`` checks, so an edit
+made outside cxrsynth shows. Rejected input rows sit beside it in ``<name>.rejects.parquet``.
 
 DuckDB sees every manifest as a view named after its dataset and all of them as the
 union view ``images``, so ``cxrsynth query`` and the DuckDB CLI see the same files.
@@ -11,6 +12,7 @@ union view ``images``, so ``cxrsynth query`` and the DuckDB CLI see the same fil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import warnings
@@ -56,6 +58,8 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+#: Metadata key of the row checksum (:func:`rows_checksum`) that :func:`write` records.
+CHECKSUM_KEY = "rows_sha256"
 REJECT_SCHEMA = pa.schema(
     [("row", pa.int64()), ("key", pa.string()), ("source_path", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
 )
@@ -98,6 +102,53 @@ def conform(frame: pd.DataFrame) -> pa.Table:
     return pa.table(data, schema=SCHEMA)
 
 
+def rows_checksum(table: pa.Table) -> str:
+    """sha256 of a manifest's row data: every :data:`SCHEMA` column in order, values and nulls.
+
+    Computed from the arrow buffers (validity bits, then the values; strings as lengths and
+    bytes), so it is the same for the same rows whatever wrote the file. A column the
+    table lacks counts as all null; one that cannot be cast to its schema type raises.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    digest = hashlib.sha256()
+    for field in SCHEMA:
+        if field.name in table.column_names:
+            column = table.column(field.name).cast(field.type).combine_chunks()
+        else:
+            column = pa.nulls(table.num_rows, type=field.type)
+        digest.update(field.name.encode() + b"\0")
+        digest.update(np.packbits(column.is_valid().to_numpy(zero_copy_only=False)).tobytes())
+        if pa.types.is_string(field.type):
+            filled = pc.fill_null(column, "")
+            lengths = pc.binary_length(filled).to_numpy(zero_copy_only=False).astype("<i8")
+            digest.update(lengths.tobytes())
+            offsets = np.frombuffer(filled.buffers()[1], dtype=np.int32)[filled.offset : filled.offset + len(filled) + 1]
+            data = filled.buffers()[2]
+            if data is not None and len(offsets):
+                digest.update(memoryview(data)[int(offsets[0]) : int(offsets[-1])])
+        else:
+            values = pc.fill_null(column, 0).to_numpy(zero_copy_only=False)
+            digest.update(values.astype(values.dtype.newbyteorder("<")).tobytes())
+    return digest.hexdigest()
+
+
+def stored_checksum(root: str | Path, name: str) -> tuple[str | None, str]:
+    """``(recorded, computed)``: the row checksum in a manifest's metadata and that of its rows now.
+
+    Raises:
+        ManifestError: the manifest cannot be read, or a column is not of its schema type.
+    """
+    path = manifest_path(root, name)
+    try:
+        table = pq.read_table(path)
+        computed = rows_checksum(table)
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(path, exc) from None
+    return read_meta(root, name).get(CHECKSUM_KEY), computed
+
+
 def _atomic_write(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -106,12 +157,14 @@ def _atomic_write(table: pa.Table, path: Path) -> None:
 
 
 def write(root: str | Path, name: str, frame: pd.DataFrame, meta: dict) -> Path:
-    """Write a manifest atomically, with ``meta`` (JSON-able) in its parquet metadata."""
+    """Write a manifest atomically, with ``meta`` (JSON-able) and the rows' checksum
+    (:data:`CHECKSUM_KEY`) in its parquet metadata."""
     check_name(name)
     table = conform(frame)
     keys = table.column("key")
     if keys.null_count or len(pa.compute.unique(keys)) != len(keys):
         raise ManifestError(f"manifest {name}: keys must be unique and non-null")
+    meta = {**meta, CHECKSUM_KEY: rows_checksum(table)}
     table = table.replace_schema_metadata({"cxrsynth": json.dumps(meta, sort_keys=True, default=str)})
     path = manifest_path(root, name)
     _atomic_write(table, path)

@@ -28,7 +28,7 @@ import pandas as pd
 
 from cxrsynth import manifest, shards
 from cxrsynth.errors import CxrsynthError
-from cxrsynth.publish import Metadata, publish
+from cxrsynth.publish import Metadata, check_target, publish
 
 _PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|x)?\s*$")
 
@@ -97,9 +97,13 @@ def select_replicas(synthetic: pd.DataFrame, replicas: float, seed: int) -> pd.D
     return out
 
 
-def mix(root: str | Path, name: str, params: MixParams) -> dict[str, int]:
-    """Build mix ``name``; returns images per split (and the synthetic count)."""
+def mix(root: str | Path, name: str, params: MixParams, force: bool = False) -> dict[str, int]:
+    """Build mix ``name``; returns images per split (and the synthetic count).
+
+    ``force``: write it over an existing dataset of another kind (never over one of its sources).
+    """
     manifest.check_name(name)
+    check_target(root, name, "mix", tuple(s for s in (params.real, params.synthetic_from) if s), force)
     real = manifest.read(root, params.real)
     synthetic_name = params.synthetic_from or (find_synthetic(root, params.real) if params.synthetic > 0 else None)
     parts = []
@@ -139,7 +143,7 @@ def mix(root: str | Path, name: str, params: MixParams) -> dict[str, int]:
         raise MixError("the mix has no training rows")
     record = {**params.recorded(), "synthetic_from": synthetic_name}
     version = hashlib.sha256(shards.json_bytes({"params": record, "versions": versions})).hexdigest()[:10]
-    publish(root, Metadata(name, version, "mix", {"params": record, "sources": versions}), rows)
+    publish(root, Metadata(name, version, "mix", {"params": record, "sources": versions}), rows, force=force)
     counts = rows["split"].value_counts().to_dict()
     return {"train": int(counts.get("train", 0)), "tune": int(counts.get("tune", 0)),
             "test": int(counts.get("test", 0)), "synthetic": synthetic_rows}

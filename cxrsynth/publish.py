@@ -8,8 +8,31 @@ other datasets) each decide their rows, their version and what made them; then e
    row at its shard (the ``shard`` column: key → ``data/shards/<name>/<version>/<shard>``);
    rows the shards did not take (an unreadable image) are in the shards' rejects;
 2. checks that nothing is lost: rows in = rows kept + rows rejected;
-3. writes the manifest, with the version's :class:`Metadata` in its parquet metadata, and
-   the rejects ledger beside it (rows in input order, each with its reason).
+3. writes the manifest, with the version's :class:`Metadata` in its parquet metadata (and
+   the rows' checksum, :func:`cxrsynth.manifest.rows_checksum`), and the rejects ledger
+   beside it (rows in input order, each with its reason).
+
+Rules every writer inherits (:func:`check_target`, run by :func:`publish` and, before any
+work, by each writer):
+
+* a dataset is never written over one of its own sources (``mix --real ds --name ds``,
+  ``generate --conditions ds --name ds``): that would destroy what it is made from;
+* nor over an existing dataset of another kind (a real dataset over a mix...) unless
+  ``force`` (the writers' ``--force``);
+* names are unique case-insensitively: DuckDB's view names ignore case, so ``CX`` beside
+  ``cx`` would make ``query`` read the wrong one; the second is refused, naming the first.
+
+Writers of one dataset exclude each other (:func:`writer_lock`): an ``flock`` on
+``data/.cxrsynth/locks/<name>.lock`` (the name in lower case, as the view names collide),
+held for the whole write. Ingest, mix, import and split hold it exclusively; the parts of
+a ``generate`` (job-array parts, torchrun ranks) hold it *shared*, so they run together
+while no other writer can, and each shard they write is serialised by its own unit lock
+(:func:`cxrsynth.shards.unit_lock`). A writer that cannot take the lock fails at once with
+"dataset NAME is in use by PID n", from the record (``<name>.lock.holders/<host>-<pid>``)
+each holder writes beside the lock file and removes when it lets go. The lock is not in the
+dataset's shard folder on purpose: that folder is a DVC output (a file holding a process id would change its hash), and a
+mix or a labels-only dataset has no folder. The kernel drops the lock when its process
+dies, so a killed writer never leaves the dataset locked.
 
 :class:`Metadata` is the typed record of a version (its ``kind``: ``real``, ``synthetic``
 or ``mix``). Its stored layout (:meth:`Metadata.to_dict`) is the one manifests have always
@@ -20,7 +43,11 @@ top level beside the common fields.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +62,12 @@ KINDS: tuple[str, ...] = ("real", "synthetic", "mix")
 #: Stored ``kind`` values that are not a real dataset's adapter name.
 _STORED_KINDS = ("synthetic", "mix")
 #: Top-level metadata keys :func:`publish` fills in; ``made_by`` may not use them.
-RESERVED = ("dataset", "version", "kind", "rows_in", "kept", "rejected", "cxrsynth")
+RESERVED = ("dataset", "version", "kind", "rows_in", "kept", "rejected", "cxrsynth", manifest.CHECKSUM_KEY)
+LOCK_DIR = Path("data") / ".cxrsynth" / "locks"
+
+
+class PublishError(CxrsynthError):
+    """A dataset version that may not be written where it was asked to be, or a dataset in use."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +114,15 @@ class Metadata:
             "cxrsynth": __version__,
         }
 
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The datasets this version is made from: a mix's sources, a synthetic version's conditions."""
+        if self.kind == "mix":
+            return tuple(self.made_by.get("sources") or ())
+        if self.kind == "synthetic" and self.made_by.get("conditions"):
+            return (str(self.made_by["conditions"]),)
+        return ()
+
     @classmethod
     def from_dict(cls, stored: dict[str, Any]) -> "Metadata":
         """The record of stored metadata (:func:`cxrsynth.manifest.read_meta`)."""
@@ -108,6 +149,115 @@ def empty_rejects() -> pd.DataFrame:
     return pd.DataFrame(columns=list(manifest.REJECT_SCHEMA.names))
 
 
+def stored_kind(stored: dict[str, Any]) -> str:
+    """The kind (``real``, ``synthetic``, ``mix``) of stored metadata."""
+    return stored.get("kind") if stored.get("kind") in _STORED_KINDS else "real"
+
+
+def check_target(root: str | Path, name: str, kind: Kind, sources: tuple[str, ...] = (), force: bool = False) -> None:
+    """Refuse writing dataset ``name`` (of ``kind``, made from ``sources``) where it would do harm.
+
+    Raises:
+        PublishError: ``name`` is one of ``sources``; another dataset's name differs from it
+            only in case; or a dataset ``name`` of another kind exists (or is unreadable)
+            and not ``force``.
+    """
+    for source in sources:
+        if source.lower() == name.lower():
+            raise PublishError(f"dataset {name} is one of its own sources ({source}): writing it would overwrite "
+                               f"the data it is made from; choose another name")
+    for existing in manifest.list_names(root):
+        if existing != name and existing.lower() == name.lower():
+            raise PublishError(f"dataset name {name!r} collides with the existing dataset {existing!r}: names are "
+                               f"case-insensitive (DuckDB's views ignore case); use {existing!r} or another name")
+    if not manifest.manifest_path(root, name).is_file() or force:
+        return
+    try:
+        stored = manifest.read_meta(root, name)
+    except manifest.ManifestError as exc:
+        raise PublishError(f"{exc}; pass --force to write {name} over it") from None
+    existing_kind = stored_kind(stored)
+    if existing_kind != kind:
+        what = f"{existing_kind} dataset" + (f" ({stored.get('kind')})" if existing_kind == "real" and stored.get("kind") else "")
+        raise PublishError(f"dataset {name} exists as a {what}; writing a {kind} dataset over it needs --force")
+
+
+_HELD: dict[str, str] = {}  # lock file -> "exclusive" | "shared": the writer locks this process holds
+
+
+def lock_path(root: str | Path, name: str) -> Path:
+    return Path(root) / LOCK_DIR / f"{name.lower()}.lock"
+
+
+@contextlib.contextmanager
+def writer_lock(root: str | Path, name: str, *, shared: bool = False) -> Iterator[None]:
+    """Hold dataset ``name``'s writer lock for the block (see the module docstring).
+
+    Re-entrant within a process: a block inside another holding the lock of the same
+    dataset (e.g. :func:`publish` inside an ingest, or inside a ``generate`` part holding
+    it shared, whose publishing is serialised by its own finalize lock) takes nothing more.
+
+    Raises:
+        PublishError: another process holds the lock (exclusively, or at all when
+            ``shared`` is False), naming its process id.
+    """
+    import fcntl
+
+    path = lock_path(root, name)
+    held = str(path.absolute())
+    if held in _HELD:
+        yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except OSError as exc:  # data/ is a file, a read-only folder...
+        raise PublishError(f"cannot write under {Path(root) / 'data'}: {exc.strerror}: {exc.filename}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PublishError(f"dataset {name} is in use by {_holders(path)}; wait for it to finish, or choose "
+                               f"another name") from None
+        record = _holder_dir(path) / f"{socket.gethostname()}-{os.getpid()}"
+        record.parent.mkdir(exist_ok=True)
+        record.write_text("shared\n" if shared else "exclusive\n")
+        _HELD[held] = "shared" if shared else "exclusive"
+        try:
+            yield
+        finally:
+            del _HELD[held]
+            record.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _holder_dir(lock: Path) -> Path:
+    """Where the holders of ``lock`` record themselves: one file ``<host>-<pid>`` each."""
+    return lock.with_name(lock.name + ".holders")
+
+
+def _holders(lock: Path) -> str:
+    """``PID n`` (``PIDs n, m``): the holders of ``lock`` as they recorded themselves, live local ones only."""
+    here, pids = socket.gethostname(), []
+    records = sorted(_holder_dir(lock).glob("*")) if _holder_dir(lock).is_dir() else []
+    for record in records:
+        host, _, pid = record.name.rpartition("-")
+        if not pid.isdigit():
+            continue
+        if host == here:
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                record.unlink(missing_ok=True)  # a holder killed before it could remove its record
+                continue
+            except PermissionError:
+                pass
+        pids.append(pid if host == here else f"{pid} on {host}")
+    if not pids:
+        return "another process"
+    return ("PID " if len(pids) == 1 else "PIDs ") + ", ".join(pids)
+
+
 def publish(
     root: str | Path,
     meta: Metadata,
@@ -116,6 +266,7 @@ def publish(
     rows_in: int | None = None,
     shard_results: list[shards.ShardResult] | None = None,
     rejects: pd.DataFrame | None = None,
+    force: bool = False,
 ) -> Published:
     """Finish dataset version ``meta``: shard index, shard column, manifest, rejects.
 
@@ -129,14 +280,22 @@ def publish(
         shard_results: The version's shards, in order (None: it has none of its own).
             Rows whose key no shard holds were rejected by the shards.
         rejects: Rows rejected before the shards (an adapter's ledger); default none.
+        force: Write over an existing dataset of another kind (:func:`check_target`).
 
     Returns:
         The files written and the counts.
 
     Raises:
+        PublishError: :func:`check_target` refuses, or another process writes the dataset.
         AssertionError: rows in != rows kept + rows rejected (a bug in the writer).
     """
-    root = Path(root)
+    with writer_lock(root, meta.dataset):
+        check_target(root, meta.dataset, meta.kind, meta.sources, force)
+        return _publish(Path(root), meta, rows, rows_in=rows_in, shard_results=shard_results, rejects=rejects)
+
+
+def _publish(root: Path, meta: Metadata, rows: pd.DataFrame, *, rows_in: int | None,
+             shard_results: list[shards.ShardResult] | None, rejects: pd.DataFrame | None) -> Published:
     rows_in = len(rows) if rows_in is None else rows_in
     ledger = [empty_rejects() if rejects is None else rejects]
     if shard_results is not None:

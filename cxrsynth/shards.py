@@ -9,10 +9,14 @@ what lets DVC cache them.
 
 Shards are planned as fixed work units (one unit of input rows → one shard), each
 written with webdataset's :class:`~webdataset.ShardWriter` under a ``.partial`` name and
-renamed only once complete, with a small progress record (``.progress/<shard>.json``:
-count, bytes, sha256, keys, rejects). A killed job therefore never
-leaves a shard that a later run would trust, and a restarted job skips finished units;
-units are independent, so they also run in parallel processes. A unit's input rows that
+renamed only once complete, with a small progress record, the unit's receipt
+(``.progress/<shard>.json``: count, bytes, sha256, keys, rejects and ``inputs``, a digest
+of what the unit was made from). A killed job therefore never leaves a shard that a
+later run would trust, and a restarted job skips finished units whose inputs are still
+the recorded ones; units are independent, so they also run in parallel processes. Each
+unit is written under an exclusive ``flock`` on ``.progress/<shard>.lock``, so two
+processes that both write a unit (two parts of one job started twice) take turns instead
+of writing one ``.partial`` file at once. A unit's input rows that
 cannot become samples (an unreadable image) come to the writer as :class:`Reject` items
 in the sample stream; :func:`write_shard` returns them with the shard, so rows in = samples
 written + rows rejected holds per shard.
@@ -20,6 +24,7 @@ written + rows rejected holds per shard.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -55,6 +60,8 @@ class ShardResult:
         keys: Sample keys in write order.
         rejects: Input rows not written, as dicts with ``row``, ``key``, ``source_path``,
             ``reason`` and ``detail``.
+        inputs: Digest of what the unit was made from (its rows, image contents and
+            parameters), or None when the writer records none.
     """
 
     name: str
@@ -63,6 +70,7 @@ class ShardResult:
     sha256: str
     keys: list[str] = field(default_factory=list)
     rejects: list[dict] = field(default_factory=list)
+    inputs: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,34 +129,62 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def finished(directory: Path, dataset: str, index: int) -> ShardResult | None:
+def finished(directory: Path, dataset: str, index: int, inputs: str | None = None) -> ShardResult | None:
     """The result of an already finished shard, or None if it must be (re)written.
 
-    A shard counts as finished only if its progress record exists and the file's size
-    and sha256 match it.
+    A shard counts as finished only if its progress record exists, the file's size and
+    sha256 match it and, when ``inputs`` is given, the record's ``inputs`` equal it (a
+    unit made from other rows or other image bytes is redone).
     """
     name = shard_name(dataset, index)
     record, path = directory / PROGRESS_DIR / f"{name}.json", directory / name
     if not (record.is_file() and path.is_file()):
         return None
-    result = ShardResult(**json.loads(record.read_text()))
+    try:
+        stored = json.loads(record.read_text())
+        result = ShardResult(**{k: v for k, v in stored.items() if k in ShardResult.__dataclass_fields__})
+    except (ValueError, TypeError):  # a damaged receipt: the unit is redone
+        return None
+    if inputs is not None and result.inputs != inputs:
+        return None
     if path.stat().st_size != result.bytes or sha256_file(path) != result.sha256:
         return None
     return result
 
 
-def write_shard(directory: Path, dataset: str, index: int, samples: Iterable[dict | Reject]) -> ShardResult:
+@contextlib.contextmanager
+def unit_lock(directory: Path, name: str):
+    """Hold an exclusive ``flock`` on ``.progress/<name>.lock`` (waiting for it) for the block."""
+    import fcntl
+
+    (directory / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    with open(directory / PROGRESS_DIR / f"{name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_shard(directory: Path, dataset: str, index: int, samples: Iterable[dict | Reject],
+                inputs: str | None = None) -> ShardResult:
     """Write one shard from samples ``{"__key__": str, "png": bytes, "json": bytes}``.
 
     ``samples`` may also yield :class:`Reject` items (the rows whose image failed to
     load): they are not written, and the result lists them, in stream order, as
-    ``rejects``.
+    ``rejects``. ``inputs`` (what the unit was made from) goes into its receipt. The
+    unit is written under :func:`unit_lock`.
     """
+    directory.mkdir(parents=True, exist_ok=True)
+    name = shard_name(dataset, index)
+    with unit_lock(directory, name):
+        return _write_shard(directory, dataset, index, samples, inputs)
+
+
+def _write_shard(directory: Path, dataset: str, index: int, samples: Iterable[dict | Reject], inputs: str | None) -> ShardResult:
     import webdataset as wds
 
     rejects: list[dict] = []
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / PROGRESS_DIR).mkdir(exist_ok=True)
     name = shard_name(dataset, index)
     final, partial = directory / name, directory / f"{name}.partial"
     keys: list[str] = []
@@ -174,7 +210,7 @@ def write_shard(directory: Path, dataset: str, index: int, samples: Iterable[dic
     finally:
         writer.close()
     result = ShardResult(name=name, count=len(keys), bytes=partial.stat().st_size, sha256=sha256_file(partial), keys=keys,
-                         rejects=rejects)
+                         rejects=rejects, inputs=inputs)
     _atomic_write_bytes(directory / PROGRESS_DIR / f"{name}.json", json_bytes(asdict(result)))
     os.replace(partial, final)
     return result
@@ -195,8 +231,25 @@ def write_index(directory: Path, dataset: str, version: str, results: list[Shard
     path = directory / INDEX_NAME
     _atomic_write_bytes(path, json.dumps(index, indent=1, sort_keys=True).encode() + b"\n")
     for stale in directory.glob("*.partial"):
-        stale.unlink()
+        if not _being_written(directory, stale.name[: -len(".partial")]):
+            stale.unlink(missing_ok=True)
     return path
+
+
+def _being_written(directory: Path, name: str) -> bool:
+    """Whether another process holds shard ``name``'s :func:`unit_lock` now."""
+    import fcntl
+
+    lock = directory / PROGRESS_DIR / f"{name}.lock"
+    if not lock.is_file():
+        return False
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
 
 
 def verify(directory: Path, expected_counts: dict[str, int] | None = None) -> list[str]:

@@ -59,13 +59,16 @@ def assign(frame: pd.DataFrame, params: SplitParams) -> pd.Series:
 
 
 def split(root: str | Path, name: str, params: SplitParams) -> dict[str, int]:
-    """Assign splits in manifest ``name`` and rewrite it; returns images per split."""
-    frame = manifest.read(root, name)
-    meta = manifest.read_meta(root, name)
-    frame["split"] = assign(frame, params)
-    check_disjoint(frame)
-    meta["split"] = asdict(params)
-    manifest.write(root, name, frame, meta)
+    """Assign splits in manifest ``name`` and rewrite it (holding its writer lock); returns images per split."""
+    from cxrsynth.publish import writer_lock
+
+    with writer_lock(root, name):
+        frame = manifest.read(root, name)
+        meta = manifest.read_meta(root, name)
+        frame["split"] = assign(frame, params)
+        check_disjoint(frame)
+        meta["split"] = asdict(params)
+        manifest.write(root, name, frame, meta)
     return {s: int((frame["split"] == s).sum()) for s in SPLITS} | {"none": int(frame["split"].isna().sum())}
 
 

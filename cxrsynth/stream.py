@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth import labels, manifest
+from cxrsynth.errors import CxrsynthError
 
 
 def dataset_version(root: str | Path, name: str) -> str:
@@ -93,17 +94,26 @@ def samples(
             yield out
 
 
-def decode(png: bytes, size: int) -> np.ndarray:
-    """PNG bytes → ``(size, size) uint8`` (bilinear resize when the shard size differs)."""
+def decode(png: bytes, size: int, key: str | None = None, shard: str | None = None) -> np.ndarray:
+    """PNG bytes → ``(size, size) uint8`` (bilinear resize when the shard size differs).
+
+    Raises:
+        CxrsynthError: the bytes are not a readable PNG (naming ``key`` and ``shard`` when given).
+    """
     import io
 
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(io.BytesIO(png)) as im:
-        im = im.convert("L")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+    try:
+        with Image.open(io.BytesIO(png)) as im:
+            im = im.convert("L")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:  # PIL's ways of saying "not a PNG"
+        where = f"sample {key!r}" + (f" in {shard}" if shard else "") if key else "a sample"
+        raise CxrsynthError(f"{where}: corrupt PNG ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); "
+                            f"cxrsynth verify names every damaged shard") from None
 
 
 def batches(
@@ -141,11 +151,12 @@ def batches(
     frame = select(root, name, split, exclude_uncertain) if frame is None else frame
     cond = labels.conditioning_vectors(frame)
     row_of = {k: i for i, k in enumerate(frame["key"].astype(str))}
+    shard_of = dict(zip(frame["key"].astype(str), frame["shard"].astype(str)))
     keys: list[str] = []
     images: list[np.ndarray] = []
     for key, png in samples(root, frame, train=train, seed=seed, epoch=epoch, stream=rank, streams=world):
         keys.append(key)
-        images.append(decode(png, size))
+        images.append(decode(png, size, key, shard_of.get(key)))
         if len(keys) == batch_size:
             yield _collate(keys, images, cond, row_of, torch)
             keys, images = [], []

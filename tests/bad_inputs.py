@@ -14,6 +14,7 @@ Arguments are formatted with the paths a builder returns (``{root}``, ``{csv}``.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,6 +363,489 @@ def _no_root(tmp: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
+# Builders for data integrity: versions, locks, orphans, sources, names, keys, values,
+# paths, verification.
+
+
+def _tree_uncompressed(tmp: Path) -> dict:
+    """:func:`_chexpert_tree` with PNGs stored uncompressed: any two images have the same byte size."""
+    from PIL import Image
+
+    paths = _chexpert_tree(tmp)
+    for p in range(1, 4):
+        path = paths["raw"] / f"train/patient{p:05d}/study1/view1_frontal.png"
+        Image.fromarray(_image(p)).save(path, format="PNG", compress_level=0)
+    return paths
+
+
+def _replace_same_size(path: Path, seed: int) -> None:
+    """Overwrite an uncompressed PNG with other pixels of the same byte size, and restore its mtime."""
+    from PIL import Image
+
+    before = path.stat()
+    Image.fromarray(_image(seed)).save(path, format="PNG", compress_level=0)
+    assert path.stat().st_size == before.st_size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def _ingest_lib(paths: dict, name: str = "cxp", size: int = SIDE, **kw) -> str:
+    from cxrsynth import ingest, manifest
+    from cxrsynth.imaging import Preprocess
+    from cxrsynth.sources import chexpert
+
+    ingest.ingest(chexpert.read(paths["csv"]), root=paths["root"], name=name, kind="chexpert", inputs={},
+                  params=Preprocess(size=size), workers=1, **kw)
+    return manifest.read_meta(paths["root"], name)["version"]
+
+
+def _changed_same_size(tmp: Path) -> dict:
+    paths = _tree_uncompressed(tmp)
+    version = _ingest_lib(paths)
+    _replace_same_size(paths["raw"] / "train/patient00002/study1/view1_frontal.png", seed=99)
+    return {**paths, "old_version": version}
+
+
+def _version_changed(paths: dict, output: str) -> None:
+    from cxrsynth import manifest
+
+    new = manifest.read_meta(paths["root"], "cxp")["version"]
+    assert new != paths["old_version"], "same version for other image bytes"
+    _assert_shard_holds(paths, "train_patient00002_study1_view1_frontal", seed=99)
+
+
+def _assert_shard_holds(paths: dict, key: str, seed: int) -> None:
+    """The manifest's shard for ``key`` holds the image of ``seed`` (preprocessed as the ingest does)."""
+    import tarfile
+
+    import numpy as np
+
+    from cxrsynth import manifest
+    from cxrsynth.imaging import Preprocess, decode_png, preprocess
+
+    frame = manifest.read(paths["root"], "cxp").set_index("key")
+    with tarfile.open(paths["root"] / frame.loc[key, "shard"]) as tar:
+        stored = decode_png(tar.extractfile(f"{key}.png").read())
+    assert np.array_equal(stored, preprocess(_image(seed), Preprocess(size=SIDE))), "the shard holds the old image"
+
+
+def _named_changed(tmp: Path) -> dict:
+    paths = _tree_uncompressed(tmp)
+    _ingest_lib(paths, version="v1")
+    _replace_same_size(paths["raw"] / "train/patient00002/study1/view1_frontal.png", seed=99)
+    return paths
+
+
+def _unit_redone(paths: dict, output: str) -> None:
+    assert "reused" not in output, output
+    _assert_shard_holds(paths, "train_patient00002_study1_view1_frontal", seed=99)
+
+
+def _stale_digest_cache(tmp: Path) -> dict:
+    """An ingest, then its digest cache made to hold a wrong digest for one image whose stat it matches
+    (what an unnoticed change of the file would look like), and a clean ingest to compare with."""
+    import shutil
+
+    import pandas as pd
+
+    paths = _tree_uncompressed(tmp)
+    _ingest_lib(paths)
+    cache = paths["root"] / "data" / ".cxrsynth" / "digests" / "cxp.parquet"
+    if cache.is_file():
+        table = pd.read_parquet(cache)
+        table.loc[0, "sha256"] = "0" * 64
+        table.to_parquet(cache, index=False)
+    fresh = {**paths, "root": tmp / "fresh"}
+    shutil.copytree(paths["raw"], tmp / "raw2")
+    version = _ingest_lib({**fresh, "csv": tmp / "raw2" / "train.csv"})
+    return {**paths, "fresh_version": version}
+
+
+def _same_as_fresh(paths: dict, output: str) -> None:
+    from cxrsynth import manifest
+
+    assert manifest.read_meta(paths["root"], "cxp")["version"] == paths["fresh_version"]
+
+
+_HOLD = """
+import sys, time
+from cxrsynth.publish import writer_lock
+with writer_lock(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def _held_by_other(tmp: Path, name: str = "cxp", build=None) -> dict:
+    """``build(tmp)``'s project, with dataset ``name``'s writer lock held by another process."""
+    import subprocess
+    import sys
+
+    paths = (build or _chexpert_tree)(tmp)
+    paths["root"].mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(paths["root"]), name], stdout=subprocess.PIPE, text=True)
+    holder.stdout.readline()  # "held" (or nothing, if the holder could not take the lock)
+    return {**paths, "holder": holder}
+
+
+def _names_holder(paths: dict, output: str) -> None:
+    holder = paths["holder"]
+    try:
+        assert f"PID {holder.pid}" in output, output
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _ingested_held(tmp: Path) -> dict:
+    return _held_by_other(tmp, build=_ingested)
+
+
+_KILL_IMAGES, _KILL_SIZE = 40, 256
+
+
+def _killed_ingest(tmp: Path) -> dict:
+    """An ingest with 2 workers killed with SIGKILL once its first shard is done; the workers it had."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    paths = _chexpert_tree(tmp, n=_KILL_IMAGES)
+    args = [sys.executable, "-m", "cxrsynth", "ingest", "chexpert", str(paths["csv"]), "--name", "cxp", "--size",
+            str(_KILL_SIZE), "--shard-size", "2", "--workers", "2", "--root", str(paths["root"])]
+    ingest = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards_dir, deadline = paths["root"] / "data" / "shards" / "cxp", time.monotonic() + 60
+    while time.monotonic() < deadline and ingest.poll() is None and not list(shards_dir.glob("*/.progress/*.tar.json")):
+        time.sleep(0.01)
+    workers = _children(ingest.pid)  # the first shard is done: the pool is up, the other shards are being written
+    ingest.send_signal(signal.SIGKILL)
+    ingest.wait()
+    midway = not (paths["root"] / "manifests" / "cxp.parquet").exists()
+    reference = {**paths, "root": tmp / "reference"}
+    _ingest_lib({**reference, "csv": paths["csv"]}, size=_KILL_SIZE, shard_size=2)
+    return {**paths, "workers": workers, "reference": reference["root"], "midway": midway}
+
+
+def _children(pid: int) -> set[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie is dead, only not yet reaped
+
+
+def _workers_died_rerun_identical(paths: dict, output: str) -> None:
+    import os
+    import signal
+    import time
+
+    assert paths["workers"] and paths["midway"], "the ingest was not killed while its workers ran"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(p) for p in paths["workers"]):
+        time.sleep(0.05)
+    survivors = [p for p in paths["workers"] if _alive(p)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"worker(s) {survivors} outlived the killed ingest"
+    mine, theirs = (sorted(p.relative_to(r) for p in (r / "data" / "shards").rglob("*") if p.is_file() and p.suffix != ".lock")
+                    for r in (paths["root"], paths["reference"]))
+    assert mine == theirs, (mine, theirs)
+    for rel in mine:
+        assert (paths["root"] / rel).read_bytes() == (paths["reference"] / rel).read_bytes(), rel
+    import pyarrow.parquet as pq
+
+    mine, theirs = (pq.read_table(r / "manifests/cxp.parquet") for r in (paths["root"], paths["reference"]))
+    assert mine.equals(theirs)  # the same rows (the metadata records the command's inputs)
+
+
+def _ingested_split(tmp: Path) -> dict:
+    from cxrsynth import splits
+
+    paths = _ingested(tmp)
+    splits.split(paths["root"], "cxp", splits.SplitParams(tune=0.34, seed=0))
+    return paths
+
+
+def _still_real(paths: dict, output: str) -> None:
+    import pandas as pd
+
+    from cxrsynth import manifest
+
+    assert manifest.read_meta(paths["root"], "cxp")["kind"] == "chexpert"
+    assert len(pd.read_parquet(manifest.rejects_path(paths["root"], "cxp")).columns) == 5
+
+
+def _with_mix(tmp: Path) -> dict:
+    from cxrsynth import mix
+
+    paths = _ingested_split(tmp)
+    mix.mix(paths["root"], "m", mix.MixParams(real="cxp", seed=0))
+    return paths
+
+
+def _m_is_real(paths: dict, output: str) -> None:
+    from cxrsynth import manifest
+
+    assert manifest.read_meta(paths["root"], "m")["kind"] == "chexpert"
+
+
+def _mix_of_itself(tmp: Path) -> dict:
+    """Dataset ``cxp`` rewritten as a mix whose source is ``cxp`` (what ``mix --real cxp --name cxp`` used to write)."""
+    from cxrsynth import manifest
+
+    paths = _ingested_split(tmp)
+    frame = manifest.read(paths["root"], "cxp")
+    meta = manifest.read_meta(paths["root"], "cxp")
+    manifest.write(paths["root"], "cxp", frame, {"dataset": "cxp", "version": "mixed", "kind": "mix",
+                                                  "sources": {"cxp": meta["version"]}, "params": {}})
+    return paths
+
+
+def _ingest_as(name: str, *options: str) -> tuple[str, ...]:
+    return ("ingest", "chexpert", "{csv}", "--name", name, *options, "--size", str(SIDE), "--workers", "1", "--root", "{root}")
+
+
+def _table(tmp: Path, files: list[str], *, splits: list[str] | None = None, paths: list[str] | None = None,
+           make: bool = True) -> dict:
+    """``tmp/site/table.csv``: one row per file (patients p1, p2...), images under ``tmp/site``."""
+    import csv
+
+    site = tmp / "site"
+    site.mkdir(parents=True, exist_ok=True)
+    header = ["path", "patient", *(["split"] if splits else []), *FINDINGS]
+    with open(site / "table.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for i, name in enumerate(files):
+            writer.writerow([(paths or files)[i], f"p{i + 1}", *([splits[i]] if splits else []), *(["1"] + ["0"] * 13)])
+            if make:
+                _save_png(site / name, _image(10 + i))
+    return {"table": site / "table.csv", "site": site, "root": tmp / "proj"}
+
+
+def _ingest_table(*options: str) -> tuple[str, ...]:
+    return ("ingest", "table", "{table}", "--map", "path=path", "--map", "patient=patient_id", *options, "--name", "cxp",
+            "--size", str(SIDE), "--workers", "1", "--root", "{root}")
+
+
+def _keys_normalised_alike(tmp: Path) -> dict:
+    return _table(tmp, ["a b é.png", "a_b_è.png", "clean_name.png"])
+
+
+def _keys_extension_only(tmp: Path) -> dict:
+    return _table(tmp, ["x.png", "x.jpg", "y.png"])
+
+
+def _keys(expected_plain: tuple[str, ...], distinct: int):
+    def check(paths: dict, output: str) -> None:
+        from cxrsynth import manifest
+
+        keys = manifest.read(paths["root"], "cxp")["key"].tolist()
+        assert len(set(keys)) == distinct and all(k in keys for k in expected_plain), keys
+        assert all(set(k) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") for k in keys), keys
+
+    return check
+
+
+def _chexpert_values(tmp: Path, values: list[tuple[str, str]], demographics: list[tuple[str, str, str]] | None = None) -> dict:
+    """:func:`_chexpert_tree` with the rows' (Sex, Age) replaced, and an optional demographics file."""
+    import csv
+
+    paths = _chexpert_tree(tmp, n=len(values))
+    with open(paths["csv"], newline="") as f:
+        rows = list(csv.reader(f))
+    for row, (sex, age) in zip(rows[1:], values):
+        row[1], row[2] = sex, age
+    with open(paths["csv"], "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    if demographics is not None:
+        demo = tmp / "demo.csv"
+        with open(demo, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["PATIENT", "GENDER", "AGE_AT_CXR", "PRIMARY_RACE"])
+            writer.writerows([(f"patient{i + 1:05d}", *d) for i, d in enumerate(demographics)])
+        paths["demo"] = demo
+    return paths
+
+
+def _age_300(tmp: Path) -> dict:
+    return _chexpert_values(tmp, [("Female", "41"), ("Female", "300"), ("Male", "43")])
+
+
+def _age_negative_text(tmp: Path) -> dict:
+    return _chexpert_values(tmp, [("Female", "-5"), ("Female", "abc"), ("Male", "43")])
+
+
+def _sex_x(tmp: Path) -> dict:
+    return _chexpert_values(tmp, [("X", "41"), ("Female", "42"), ("Male", "43")])
+
+
+def _age_text_with_demographics(tmp: Path) -> dict:
+    return _chexpert_values(tmp, [("Female", "abc"), ("Female", "42"), ("Male", "43")],
+                            [("Female", "50", "White"), ("Female", "42", "White"), ("Male", "43", "Asian")])
+
+
+def _age_zero_with_demographics(tmp: Path) -> dict:
+    return _chexpert_values(tmp, [("Female", "0"), ("Female", "42"), ("Male", "43")],
+                            [("Female", "61", "White"), ("Female", "42", "White"), ("Male", "43", "Asian")])
+
+
+def _recorded(normalized: dict, **expected):
+    def check(paths: dict, output: str) -> None:
+        from cxrsynth import manifest
+
+        frame = manifest.read(paths["root"], "cxp")
+        assert manifest.read_meta(paths["root"], "cxp")["normalized"] == normalized
+        for column, values in expected.items():
+            assert sorted(frame[column].dropna().tolist()) == sorted(values), frame[column].tolist()
+
+    return check
+
+
+def _table_split(value: str):
+    def build(tmp: Path) -> dict:
+        return _table(tmp, ["a.png", "b.png", "c.png"], splits=[value, "train", "test"])
+
+    return build
+
+
+def _mimic_conflicting_labels(tmp: Path) -> dict:
+    """A MIMIC-CXR-JPG tree of 3 studies (one image each) whose label table lists study 2 twice, differently."""
+    import csv
+
+    from PIL import Image
+
+    site = tmp / "mimic"
+    site.mkdir(parents=True)
+    meta, labels_rows = [], []
+    for i in range(3):
+        subject, study, dicom = f"1000000{i}", f"5000000{i}", f"d{i:07d}-0000"
+        meta.append([dicom, subject, study, "PA"])
+        labels_rows.append([subject, study, *(["1.0"] + [""] * 13)])
+        path = site / f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg"
+        path.parent.mkdir(parents=True)
+        Image.fromarray(_image(20 + i)).save(path, format="JPEG")
+    labels_rows.append(["10000001", "50000001", *(["0.0", "1.0"] + [""] * 12)])  # study 2 again, other labels
+    for name, header, rows in (("metadata.csv", ["dicom_id", "subject_id", "study_id", "ViewPosition"], meta),
+                               ("chexpert.csv", ["subject_id", "study_id", *sorted(FINDINGS)], labels_rows)):
+        with open(site / name, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+    return {"meta": site / "metadata.csv", "labels": site / "chexpert.csv", "root": tmp / "proj"}
+
+
+def _path_escapes(tmp: Path) -> dict:
+    return _table(tmp, ["a.png", "b.png", "../outside.png"])  # the third image is written beside site/, not in it
+
+
+def _chexpert_escapes(tmp: Path) -> dict:
+    paths = _chexpert_tree(tmp, n=2)
+    rel = "train/patient00003/study1/view1_frontal.png"
+    _save_png(tmp / "elsewhere" / rel, _image(3))
+    with open(paths["csv"], "a") as f:
+        f.write(f"../elsewhere/{rel},Female,43,Frontal,AP,1.0" + "," * 13 + "\n")
+    return paths
+
+
+def _symlink_outside(tmp: Path) -> dict:
+    paths = _table(tmp, ["a.png", "b.png", "link.png"], make=False)
+    _save_png(paths["site"] / "a.png", _image(10))
+    _save_png(paths["site"] / "b.png", _image(11))
+    _save_png(tmp / "secret" / "outside.png", _image(12))
+    (paths["site"] / "link.png").symlink_to(tmp / "secret" / "outside.png")
+    return paths
+
+
+def _edited_manifest(column: str, value):
+    """:func:`_ingested` with one manifest cell changed the way pandas would (metadata kept)."""
+    def build(tmp: Path) -> dict:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        paths = _ingested(tmp)
+        table = pq.read_table(paths["manifest"])
+        values = table.column(column).to_pylist()
+        values[1] = value
+        index = table.column_names.index(column)
+        table = table.set_column(index, column, pa.array(values, type=table.schema.field(column).type))
+        pq.write_table(table, paths["manifest"])
+        return {**paths, "key": table.column("key")[1].as_py()}
+
+    return build
+
+
+def _names(*words: str):
+    def check(paths: dict, output: str) -> None:
+        text = " ".join(output.split())
+        for word in words:
+            assert word.format(**paths) in text, (word, output)
+
+    return check
+
+
+def _imported_in_place(tmp: Path) -> dict:
+    """A synthetic dataset (rows and shards written directly, no generator), exported, then
+    imported in place as ``imp`` (its rows point into the package folder)."""
+    import numpy as np
+    import pandas as pd
+
+    from cxrsynth import manifest, publish, shards
+    from cxrsynth.share import export, importer
+
+    root = tmp / "proj"
+    rows = pd.DataFrame({"key": [f"syn-r00-{i:07d}" for i in range(4)], "dataset": "syn", "version": "v1", "split": "train",
+                         "sex": "F", "age": 45.0, "view": "AP", **{c: 0 for c in _finding_columns()}, "origin": "synthetic",
+                         "replica": 0, "seed": list(range(4)), "guidance": 1.0, "sampler": "ddim", "steps": 1,
+                         "generator_id": "g"})
+    directory = shards.shard_dir(root, "syn", "v1")
+    records = shards.sample_records(rows)
+    result = shards.write_shard(directory, "syn", 0, [shards.encode_sample(r, _image(30 + i)) for i, r in enumerate(records)])
+    publish.publish(root, publish.Metadata("syn", "v1", "synthetic", {"split": "train", "generator_id": "g"}), rows,
+                    shard_results=[result])
+    package = root / "pkg"
+    export.export(root, "syn", package, export.ExportConfig(force=True, audit_out=tmp / "audit"))
+    importer.import_package(root, package, "imp")
+    assert manifest.read(root, "imp")["shard"].str.startswith("pkg/").all()
+    np.testing.assert_equal(len(manifest.read(root, "imp")), 4)
+    return {"root": root}
+
+
+def _finding_columns() -> list[str]:
+    import re
+
+    return [re.sub(r"[^a-z0-9]+", "_", f.lower()).strip("_") for f in FINDINGS]
+
+
+def _train_corrupt_png(tmp: Path) -> dict:
+    from cxrsynth import splits
+
+    paths = _corrupt_png_in_shard(tmp)
+    splits.split(paths["root"], "cxp", splits.SplitParams(tune=0.0, seed=0))
+    return paths
+
+
+def _data_is_a_file(tmp: Path) -> dict:
+    paths = _chexpert_tree(tmp)
+    paths["root"].mkdir(parents=True)
+    (paths["root"] / "data").write_text("not a folder\n")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------
 # The table.
 
 _IMPORT = ("generator", "import-mediffusion", "{ckpt}", "--config", "{config}", "--out", "{out}")
@@ -459,4 +943,100 @@ CASES: tuple[Case, ...] = (
     Case("sheet-corrupt-png", "a corrupt PNG inside a shard (sheet)", _corrupt_png_in_shard,
          ("sheet", "cxp", "--out", "{tmp}/sheet.png", "--root", "{root}"),
          2, "corrupt PNG", "clean error naming the key and the shard", check=_names_shard),
+    # Versions name bytes: a changed image is another version, and resume redoes the unit it changed.
+    Case("image-changed-same-size", "an image replaced by another of the same byte size, mtime restored (re-ingest)",
+         _changed_same_size, _INGEST, 0, "cxp @", "a new version; the shard holds the new image", check=_version_changed),
+    Case("named-version-changed-image", "the same, under a named version (ingest --version v1 again)", _named_changed,
+         _ingest("--version", "v1"), 0, "cxp @ v1", "its unit is redone, not reused", check=_unit_redone),
+    Case("stale-digest-cache", "the digest cache holds a wrong digest for an unchanged stat; ingest --rehash",
+         _stale_digest_cache, _ingest("--rehash"), 0, "cxp @", "every image re-read: the version of a fresh ingest",
+         check=_same_as_fresh),
+    # One writer per dataset; workers die with their ingest.
+    Case("dataset-in-use", "a second ingest of a dataset another process is writing", _held_by_other, _INGEST,
+         2, "is in use by PID", "refused before anything is written, naming the writer's PID", check=_names_holder),
+    Case("dataset-in-use-split", "split of a dataset another process is writing", _ingested_held,
+         ("split", "cxp", "--seed", "0", "--root", "{root}"), 2, "is in use by PID", "refused, naming the writer's PID",
+         check=_names_holder),
+    Case("ingest-killed", "an ingest with 2 workers killed with kill -9 mid-run, then run again", _killed_ingest,
+         ("ingest", "chexpert", "{csv}", "--name", "cxp", "--size", str(_KILL_SIZE), "--shard-size", "2", "--workers", "2",
+          "--root", "{root}"), 0, "reused", "its workers die with it; the rerun finishes byte-identical to a clean ingest",
+         check=_workers_died_rerun_identical),
+    Case("data-is-a-file", "the project's data/ is a file", _data_is_a_file, _INGEST,
+         2, "cannot write under", "clean error naming the folder"),
+    # A dataset is never written over its own sources, nor over another kind unless forced.
+    Case("mix-over-own-source", "mix --real cxp --name cxp", _ingested_split,
+         ("mix", "--real", "cxp", "--name", "cxp", "--seed", "0", "--root", "{root}"),
+         2, "one of its own sources", "refused; cxp and its rejects ledger stay", check=_still_real),
+    Case("ingest-over-mix", "ingest over an existing mix (another kind)", _with_mix, _ingest_as("m"),
+         2, "exists as a mix dataset", "refused: needs --force"),
+    Case("ingest-over-mix-forced", "the same with --force", _with_mix, _ingest_as("m", "--force"),
+         0, "m @", "written: m is now a real dataset", check=_m_is_real),
+    Case("verify-mix-cycle", "verify of a mix that names itself as its source (written before that was refused)",
+         _mix_of_itself, ("verify", "cxp", "--root", "{root}"), 1, "cycle of sources", "a failed check naming the cycle"),
+    Case("name-differs-in-case", "ingest --name CXP beside an existing cxp", _ingested, _ingest_as("CXP"),
+         2, "collides with the existing dataset 'cxp'", "refused, naming the existing dataset"),
+    # Keys stay distinct for distinct paths; clean keys stay as they were.
+    Case("keys-normalised-alike", "images 'a b é.png' and 'a_b_è.png' (ingest table)", _keys_normalised_alike,
+         _ingest_table(), 0, "cxp @", "both kept under distinct keys (a short path hash appended)", rejected={}, kept=3,
+         check=_keys(("clean_name",), 3)),
+    Case("keys-extension-only", "images 'x.png' and 'x.jpg' (ingest table)", _keys_extension_only, _ingest_table(),
+         0, "cxp @", "both kept: the first keeps key x, the second gets x-<hash>", rejected={}, kept=3,
+         check=_keys(("x", "y"), 3)),
+    # Values outside the contract are rejected or counted, never changed silently.
+    Case("age-300", "Age 300", _age_300, _INGEST, 0, "bad_age", "that row rejected as bad_age", rejected={"bad_age": 1}, kept=2),
+    Case("age-negative-text", "Age -5 and Age abc", _age_negative_text, _INGEST, 0, "bad_age",
+         "both rows rejected as bad_age", rejected={"bad_age": 2}, kept=1),
+    Case("sex-unknown-code", "Sex X", _sex_x, _INGEST, 0, "bad_sex", "that row rejected as bad_sex", rejected={"bad_sex": 1},
+         kept=2),
+    Case("age-text-with-demographics", "Age abc with a demographics file giving an age", _age_text_with_demographics,
+         _ingest("--demographics", "{demo}"), 0, "bad_age", "rejected, not replaced from the demographics file",
+         rejected={"bad_age": 1}, kept=2),
+    Case("age-zero-from-demographics", "Age 0 (unknown) with a demographics file giving 61", _age_zero_with_demographics,
+         _ingest("--demographics", "{demo}"), 0, "age from demographics", "filled in, counted, printed and recorded",
+         rejected={}, kept=3, check=_recorded({"age from demographics": 1}, age=[42.0, 43.0, 61.0])),
+    Case("table-split-training", "a table split 'training'", _table_split("training"), _ingest_table("--map", "split=split"),
+         0, "split training -> train", "kept as train, counted, printed and recorded", rejected={}, kept=3,
+         check=_recorded({"split training -> train": 1}, split=["test", "train", "train"])),
+    Case("table-split-unknown", "a table split 'banana'", _table_split("banana"), _ingest_table("--map", "split=split"),
+         0, "bad_split", "that row rejected as bad_split", rejected={"bad_split": 1}, kept=2),
+    Case("mimic-conflicting-labels", "a MIMIC study with two different label rows", _mimic_conflicting_labels,
+         ("ingest", "mimic", "--metadata", "{meta}", "--labels", "{labels}", "--name", "cxp", "--size", str(SIDE),
+          "--workers", "1", "--root", "{root}"),
+         0, "conflicting_labels", "its images rejected as conflicting_labels", rejected={"conflicting_labels": 1}, kept=2),
+    # Images lie under the images root.
+    Case("path-escapes-root", "a table path ../outside.png", _path_escapes, _ingest_table(), 0, "outside_root",
+         "that row rejected as outside_root", rejected={"outside_root": 1}, kept=2),
+    Case("path-escapes-root-allowed", "the same with --allow-outside-root", _path_escapes,
+         _ingest_table("--allow-outside-root"), 0, "cxp @", "kept", rejected={}, kept=3),
+    Case("chexpert-path-escapes-root", "a CheXpert Path ../elsewhere/train/...", _chexpert_escapes, _INGEST, 0, "outside_root",
+         "that row rejected as outside_root", rejected={"outside_root": 1}, kept=2),
+    Case("symlink-outside-root", "an image that is a symbolic link to a file outside the root", _symlink_outside,
+         _ingest_table(), 0, "outside_root", "that row rejected as outside_root", rejected={"outside_root": 1}, kept=2),
+    # Verify checks every row and the manifest's checksum.
+    Case("manifest-label-edited", "a label edited in the manifest (verify)", _edited_manifest("edema", 1),
+         ("verify", "cxp", "--root", "{root}"), 1, "edema is 1 in the manifest", "a failed check naming the key and column",
+         check=_names("{key}: edema")),
+    Case("manifest-id-edited", "a patient id edited in the manifest (verify)", _edited_manifest("patient_id", "patient99999"),
+         ("verify", "cxp", "--root", "{root}"), 1, "differ from the checksum", "a failed check: the rows' checksum differs"),
+    Case("import-in-place-verify", "verify of a package imported in place (rows point into the package)", _imported_in_place,
+         ("verify", "imp", "--root", "{root}"), 0, "match index.json", "the package's shards and index are verified"),
+    # Numeric options in range, corrupt images named.
+    Case("train-corrupt-png", "a corrupt PNG inside a shard (generator train)", _train_corrupt_png,
+         ("generator", "train", "--data", "cxp", "--out", "{tmp}/gen", "--preset", "micro", "--image-size", "32",
+          "--steps", "1", "--batch", "2", "--threads", "1", "--root", "{root}"),
+         2, "corrupt PNG", "clean error naming the key and the shard", check=_names_shard),
+    Case("generate-seed-negative", "generate --seed -1", _nothing,
+         ("generate", "--generator", "{tmp}", "--conditions", "cxp", "--name", "s", "--seed", "-1", "--root", "{root}"),
+         2, "Invalid value for '--seed'", "refused at parse time (must be >= 0)"),
+    Case("generate-guidance-negative", "generate --guidance -2", _nothing,
+         ("generate", "--generator", "{tmp}", "--conditions", "cxp", "--name", "s", "--guidance", "-2", "--root", "{root}"),
+         2, "Invalid value for '--guidance'", "refused at parse time (must be >= 0)"),
+    Case("train-seed-negative", "generator train --seed -1", _nothing,
+         ("generator", "train", "--data", "cxp", "--out", "{tmp}/g", "--seed", "-1", "--root", "{root}"),
+         2, "Invalid value for '--seed'", "refused at parse time (must be >= 0)"),
+    Case("mix-seed-negative", "mix --seed -1", _nothing,
+         ("mix", "--real", "cxp", "--name", "m", "--seed", "-1", "--root", "{root}"),
+         2, "Invalid value for '--seed'", "refused at parse time (must be >= 0)"),
+    Case("option-missing-value", "ingest chexpert --name without a value", _nothing, ("ingest", "chexpert", "{csv}", "--name"),
+         2, "requires an argument", "one error line naming the option and the command's --help"),
 )

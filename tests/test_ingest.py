@@ -121,12 +121,12 @@ def test_interrupted_ingest_resumes_and_ignores_partial_shards(chexpert_tree, tm
     calls = []
     real = ingest._write_unit
 
-    def dying(directory, dataset, index, rows, params, tick=None):
+    def dying(directory, dataset, index, rows, params, tick=None, inputs=None):
         if index == 2:
             (directory / f"{dataset}-{index:06d}.tar.partial").write_bytes(b"half a tar")
             raise KeyboardInterrupt  # killed mid-run
         calls.append(index)
-        return real(directory, dataset, index, rows, params, tick)
+        return real(directory, dataset, index, rows, params, tick, inputs)
 
     monkeypatch.setattr(ingest, "_write_unit", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -158,7 +158,7 @@ def test_labels_only_writes_manifest_without_images(tmp_path):
     csv = write_chexpert(tmp_path / "raw", chexpert_rows(), images=False)
     result = run(chexpert.read(csv), tmp_path / "proj", labels_only=True)
     frame = manifest.read(tmp_path / "proj", "cxp")
-    assert result.kept == 8 and frame["shard"].isna().all() and not (tmp_path / "proj/data").exists()
+    assert result.kept == 8 and frame["shard"].isna().all() and not (tmp_path / "proj/data/shards").exists()
     assert manifest.read_meta(tmp_path / "proj", "cxp")["labels_only"] is True
 
 
@@ -231,3 +231,35 @@ def test_mimic_race_from_admissions(mimic_tree, tmp_path):
     assert race["10000032"] == labels.RACES[2]  # White twice beats Black once
     assert race["10000764"] == labels.RACES[4]  # the only known category
     assert pd.isna(race["11000011"])  # declined: unknown
+
+
+def test_digests_are_cached_by_stat_and_rehash_reads_every_image(chexpert_tree, tmp_path, monkeypatch):
+    from cxrsynth import digests
+
+    reads = []
+    real = digests.file_digest
+    monkeypatch.setattr(digests, "file_digest", lambda p: reads.append(p) or real(p))
+    first = run(chexpert.read(chexpert_tree), tmp_path / "proj", shard_size=3)
+    assert len(reads) == 8 and digests.cache_path(tmp_path / "proj", "cxp").is_file()
+    reads.clear()
+    again = run(chexpert.read(chexpert_tree), tmp_path / "proj", shard_size=3)
+    assert reads == [] and again.version == first.version and again.resumed_shards == 3  # stat unchanged: nothing read
+    image = Path(chexpert.read(chexpert_tree).records["image_path"][4])
+    image.write_bytes(image.read_bytes())  # same bytes, new mtime/ctime: read again, same digest, same version
+    third = run(chexpert.read(chexpert_tree), tmp_path / "proj", shard_size=3)
+    assert reads == [str(image)] and third.version == first.version
+    reads.clear()
+    fourth = run(chexpert.read(chexpert_tree), tmp_path / "proj", shard_size=3, rehash=True)
+    assert len(reads) == 8 and fourth.version == first.version
+
+
+def test_identical_repeated_lookup_rows_are_one_row_conflicting_ones_reject(mimic_tree, tmp_path):
+    lab = pd.read_csv(mimic_tree / "mimic-cxr-2.0.0-chexpert.csv.gz", dtype=str, keep_default_na=False)
+    pd.concat([lab, lab.iloc[[0]]]).to_csv(tmp_path / "repeated.csv", index=False)
+    source = mimic.read(mimic_tree / "mimic-cxr-2.0.0-metadata.csv.gz", tmp_path / "repeated.csv")
+    assert len(source.records) == 12 and source.rejects.empty  # the same row twice: no conflict
+    other = lab.iloc[[0]].assign(Edema="1.0" if lab.iloc[0]["Edema"] != "1.0" else "0.0")
+    pd.concat([lab, other]).to_csv(tmp_path / "conflict.csv", index=False)
+    source = mimic.read(mimic_tree / "mimic-cxr-2.0.0-metadata.csv.gz", tmp_path / "conflict.csv")
+    assert source.rejects["reason"].tolist() == ["conflicting_labels"] * 2  # both images of that study
+    assert "2 different rows in the label table (Edema)" in source.rejects["detail"].iloc[0]

@@ -31,15 +31,26 @@ def test_numeric_input_is_accepted():
 
 
 def test_demographic_normalisation():
-    assert labels.normalize_sex(pd.Series(["Female", "male", "Unknown", None])).tolist()[:2] == ["F", "M"]
-    assert labels.normalize_sex(pd.Series(["Unknown"])).isna().all()
-    age = labels.normalize_age(pd.Series(["68", "0", "", "abc", "90"]))
-    assert age.iloc[0] == 68 and age.iloc[4] == 90 and age.iloc[1:4].isna().all()
+    sex = labels.normalize_sex(pd.Series(["Female", "male", "Unknown", None, "X"]))
+    assert sex.values.tolist()[:2] == ["F", "M"] and sex.values.iloc[2:].isna().all()
+    assert sex.bad.tolist() == [False, False, False, False, True] and sex.changed == {"sex Unknown -> unknown": 1}
+    age = labels.normalize_age(pd.Series(["68", "0", "", "abc", "90", "-5", "300", "45.5"]))
+    assert age.values.iloc[0] == 68 and age.values.iloc[4] == 90 and age.values.iloc[7] == 45.5
+    assert age.values.iloc[1:4].isna().all() and age.values.iloc[5:7].isna().all()
+    assert age.bad.tolist() == [False, False, False, True, False, True, True, False]
+    assert age.changed == {"age 0 -> unknown": 1}
     race = labels.normalize_race(pd.Series(["White, non-Hispanic", "Black or African American", "African American or Black",
                                             "Asian, Hispanic", "Native Hawaiian or Other Pacific Islander",
                                             "American Indian or Alaska Native", "Other", "Unknown", "Caucasian or White"]))
-    assert race.tolist()[:6] == [labels.RACES[2], labels.RACES[1], labels.RACES[1], labels.RACES[4], labels.RACES[3], labels.RACES[0]]
-    assert race.iloc[6:8].isna().all() and race.iloc[8] == labels.RACES[2]
+    values = race.values
+    r = labels.RACES
+    assert values.tolist()[:6] == [r[2], r[1], r[1], r[4], r[3], r[0]]
+    assert values.iloc[6:8].isna().all() and values.iloc[8] == labels.RACES[2]
+    assert not race.bad.any() and race.changed == {"race outside the 5 categories -> unknown": 2}
+    split = labels.normalize_split(pd.Series(["train", "Training", "validate", "TEST", None, "banana"]))
+    assert split.values.tolist()[:4] == ["train", "train", "tune", "test"] and split.values.iloc[4:].isna().all()
+    assert split.bad.tolist() == [False] * 5 + [True]
+    assert split.changed == {"split training -> train": 1, "split validate -> tune": 1}
 
 
 def test_conditioning_vector_layout():

@@ -26,7 +26,9 @@ def test_metadata_round_trips_the_stored_layout(tmp_path) -> None:
     stored = manifest.read_meta(tmp_path, "cxp")
     meta = Metadata.from_dict(stored)
     assert (meta.kind, meta.source, meta.version) == ("real", "chexpert", result.version)
+    checksum = stored.pop(manifest.CHECKSUM_KEY)  # written by manifest.write, over the rows
     assert meta.to_dict(stored["rows_in"], stored["kept"], stored["rejected"]) == stored
+    assert checksum == manifest.stored_checksum(tmp_path, "cxp")[1]
     for kind in ("synthetic", "mix"):
         record = Metadata("s", "v", kind, {"params": {"a": 1}})  # type: ignore[arg-type]
         again = Metadata.from_dict(record.to_dict(3, 3, {}))
@@ -80,3 +82,101 @@ def test_publish_refuses_to_lose_a_row(tmp_path) -> None:
     done = publish(tmp_path, Metadata("d", "v1", "mix"), _rows(3), rows_in=4,
                    rejects=pd.DataFrame([{"row": 7, "key": "x", "source_path": None, "reason": "bad_label", "detail": "E=2"}]))
     assert done.rejected == {"bad_label": 1} and len(empty_rejects()) == 0
+
+
+def _lock_holder(root, name: str, shared: bool):
+    """A real process holding ``name``'s writer lock (shared or exclusive) until killed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom cxrsynth.publish import writer_lock\n"
+            "with writer_lock(sys.argv[1], sys.argv[2], shared=sys.argv[3] == '1'):\n"
+            "    print('held', flush=True)\n    time.sleep(60)\n")
+    process = subprocess.Popen([sys.executable, "-c", code, str(root), name, "1" if shared else "0"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held", process.stderr.read()
+    return process
+
+
+def test_writer_lock_shared_parts_exclude_other_writers(tmp_path) -> None:
+    """generate's parts hold the lock shared (they run together); an exclusive writer is refused while
+    they do, and a part is refused while an exclusive writer holds it. Case does not matter."""
+    from cxrsynth.publish import PublishError, writer_lock
+
+    part = _lock_holder(tmp_path, "syn", shared=True)
+    try:
+        with writer_lock(tmp_path, "syn", shared=True):  # a second part joins
+            pass
+        with pytest.raises(PublishError, match=f"dataset SYN is in use by PID {part.pid}"):
+            with writer_lock(tmp_path, "SYN"):
+                pass
+    finally:
+        part.kill()
+        part.wait()
+    writer = _lock_holder(tmp_path, "syn", shared=False)
+    try:
+        with pytest.raises(PublishError, match=f"in use by PID {writer.pid}"):
+            with writer_lock(tmp_path, "syn", shared=True):
+                pass
+    finally:
+        writer.kill()
+        writer.wait()
+    with writer_lock(tmp_path, "syn"):  # the kernel dropped the killed holder's lock
+        with writer_lock(tmp_path, "syn"):  # re-entrant in one process (publish inside ingest)
+            pass
+
+
+def test_two_ingests_of_one_name_at_once(tmp_path) -> None:
+    """Two real ``cxrsynth ingest`` processes of one dataset: the second is refused naming the first's PID,
+    the first completes and verifies."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from cxrsynth.publish import lock_path
+
+    rows = chexpert_rows(n_patients=12, studies=2)
+    csv = write_chexpert(tmp_path / "raw", rows)
+    root = tmp_path / "proj"
+    args = [sys.executable, "-m", "cxrsynth", "ingest", "chexpert", str(csv), "--name", "cxp", "--size", "256",
+            "--workers", "1", "--root", str(root)]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lock = lock_path(root, "cxp")
+    record, deadline = lock.with_name(f"{lock.name}.holders") / f"{socket.gethostname()}-{first.pid}", time.monotonic() + 60
+    while time.monotonic() < deadline and first.poll() is None:
+        if record.is_file():
+            first.send_signal(signal.SIGSTOP)  # frozen while it holds the lock, mid-write
+            break
+        time.sleep(0.002)
+    try:
+        assert first.poll() is None, "the first ingest finished before it could be held"
+        second = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    out, _ = first.communicate(timeout=120)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"error: dataset cxp is in use by PID {first.pid}" in " ".join(second.stderr.split())
+    assert "Traceback" not in second.stderr
+    assert first.returncode == 0, out
+    verify = subprocess.run([sys.executable, "-m", "cxrsynth", "verify", "cxp", "--root", str(root)], capture_output=True,
+                            text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_check_target_rules(tmp_path) -> None:
+    from cxrsynth.publish import PublishError, check_target
+
+    publish(tmp_path, Metadata("cx", "v1", "real", {"info": {}}, source="test"), _rows(2))
+    check_target(tmp_path, "cx", "real")  # a new version of the same kind is the normal case
+    with pytest.raises(PublishError, match="one of its own sources"):
+        check_target(tmp_path, "cx", "mix", ("cx",), force=True)
+    with pytest.raises(PublishError, match="exists as a real dataset \\(test\\); writing a synthetic"):
+        check_target(tmp_path, "cx", "synthetic")
+    check_target(tmp_path, "cx", "synthetic", force=True)
+    with pytest.raises(PublishError, match="collides with the existing dataset 'cx'"):
+        publish(tmp_path, Metadata("CX", "v1", "mix", {"sources": {"other": "v"}}), _rows(2))
+    with pytest.raises(PublishError, match="one of its own sources"):
+        publish(tmp_path, Metadata("cx", "v2", "mix", {"sources": {"cx": "v1"}}), _rows(2), force=True)
+    assert manifest.read_meta(tmp_path, "cx")["kind"] == "test"  # nothing was written over it

@@ -33,10 +33,39 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _usage_errors() -> tuple[type, tuple]:
+    """``(UsageError, NoArgsIsHelpError)`` of the click that typer runs on: recent typer
+    vendors click as ``typer._click`` (no public name), older typer uses click itself."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # typer < 0.25
+        from click import exceptions
+    return exceptions.UsageError, getattr(exceptions, "NoArgsIsHelpError", ())
+
+
+def _usage_error(exc) -> NoReturn:
+    """A value or option typer refused while parsing, as one ``error:`` line (exit 2), naming the help."""
+    path = exc.ctx.command_path if exc.ctx is not None else "cxrsynth"
+    fail(f"{exc.format_message()} (see: {path} --help)", exc.exit_code)
+
+
 class CleanErrors(TyperGroup):
-    """A typer group whose commands' :class:`CxrsynthError` prints as one clean line."""
+    """A typer group whose commands' :class:`CxrsynthError`, and any usage error typer finds
+    while parsing (a value out of range, an unknown option), print as one clean line.
+    ``--help`` and a command given without its arguments still print the help."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        usage, help_only = _usage_errors()
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except usage as exc:
+            if isinstance(exc, help_only):
+                raise
+            _usage_error(exc)
 
     def invoke(self, ctx):
+        usage, help_only = _usage_errors()
+
         import warnings
 
         from cxrsynth.errors import CxrsynthWarning
@@ -55,6 +84,10 @@ class CleanErrors(TyperGroup):
                 return super().invoke(ctx)
             except CxrsynthError as exc:
                 fail(str(exc), exc.exit_code)
+            except usage as exc:
+                if isinstance(exc, help_only):
+                    raise
+                _usage_error(exc)
 
 
 @contextlib.contextmanager

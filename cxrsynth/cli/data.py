@@ -31,6 +31,14 @@ Equalize = Annotated[Optional[bool], typer.Option(
 ShardSize = Annotated[Optional[int], typer.Option("--shard-size", min=1, help="Input rows per shard (default {ingest.shard_size}).")]
 Workers = Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes for image work (default: all cores).")]
 Version = Annotated[Optional[str], typer.Option("--version", help="Version name (default: a content hash).")]
+Rehash = Annotated[Optional[bool], typer.Option(
+    "--rehash", help="Re-read every image for the version's content hash instead of trusting the stat cache "
+                     "(size, mtime, ctime, inode) of files already hashed.")]
+AllowOutside = Annotated[Optional[bool], typer.Option(
+    "--allow-outside-root", help="Keep images that resolve outside the images root (../ paths, absolute paths, "
+                                 "symbolic links); default: such rows are rejected as outside_root.")]
+Force = Annotated[Optional[bool], typer.Option(
+    "--force", help="Write over an existing dataset of another kind (a mix, a synthetic set).")]
 
 
 def _option(name: str, annotation, default=inspect.Parameter.empty) -> inspect.Parameter:
@@ -47,6 +55,9 @@ INGEST_OPTIONS: tuple[inspect.Parameter, ...] = (
     _option("shard_size", ShardSize, None),
     _option("workers", Workers, None),
     _option("version", Version, None),
+    _option("rehash", Rehash, None),
+    _option("allow_outside_root", AllowOutside, None),
+    _option("force", Force, None),
     _option("root", Root, Path(".")),
 )
 
@@ -78,7 +89,8 @@ def ingest_command(read: Callable[..., tuple[Callable, str, dict]]):
             result = ingest_lib.ingest(
                 source, root=root, name=name, kind=kind, inputs=inputs, params=params, progress=advance,
                 **given(labels_only=options["labels_only"], shard_size=options["shard_size"],
-                        workers=options["workers"], version=options["version"]),
+                        workers=options["workers"], version=options["version"], rehash=options["rehash"],
+                        allow_outside_root=options["allow_outside_root"], force=options["force"]),
             )
         _print_ingest(result)
 
@@ -97,6 +109,8 @@ def _print_ingest(result) -> None:
     table.add_row("shards", f"{result.shards}" + (f" ({result.resumed_shards} reused)" if result.resumed_shards else ""))
     for key, value in result.info.items():
         table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value))
+    for what, count in result.normalized.items():
+        table.add_row(f"normalized: {what}", f"{count:,}")
     table.add_row("manifest", str(result.manifest))
     if sum(result.rejected.values()):
         table.add_row("rejects", str(result.rejects))
@@ -200,7 +214,7 @@ def stats(
 
 def split(
     name: Annotated[str, typer.Argument(help="Dataset name.")],
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the patient order.")],
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the patient order.")],
     tune: Annotated[Optional[float], typer.Option(
         "--tune", help="Fraction of patients for tuning (default {SplitParams.tune}).")] = None,
     test: Annotated[Optional[float], typer.Option(
@@ -264,22 +278,29 @@ def verify(
     name: Annotated[str, typer.Argument(help="Dataset name.")],
     root: Root = Path("."),
 ) -> None:
-    """Re-hash a dataset's shards against index.json and the manifest; exit 1 on any mismatch."""
+    """Check a dataset: its manifest checksum, its shards against index.json, every row against its sample.
+
+    Exit 1 on any mismatch, each one printed (naming the file, or the key and column).
+    """
+    from rich.markup import escape
+
     from cxrsynth.errors import CheckFailed
     from cxrsynth.verify import verify_dataset
 
     problems, checked = verify_dataset(root, name)
     for problem in problems:
-        console.print(f"[red]✗[/red] {problem}")
+        console.print(f"[red]✗[/red] {escape(problem)}", highlight=False, soft_wrap=True)
     if problems:
-        raise CheckFailed(f"{name}: {len(problems)} problem(s) in {checked} shard(s); the data is not as index.json records it")
-    console.print(f"[green]✓[/green] {name}: {checked} shard(s) match index.json and the manifest")
+        raise CheckFailed(f"{name}: {len(problems)} problem(s) in {checked} shard(s); the data is not as its manifest and "
+                          f"index.json record it")
+    console.print(f"[green]✓[/green] {name}: {checked} shard(s) match index.json, every row its sample, the manifest its "
+                  f"checksum", highlight=False)
 
 
 def mix(
     real: Annotated[str, typer.Option("--real", help="Real dataset (with train/tune/test splits).")],
     name: Annotated[str, typer.Option("--name", help="Name of the mix.")],
-    seed: Annotated[int, typer.Option("--seed", help="Seed for a fractional replica's subset.")],
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed for a fractional replica's subset.")],
     synthetic: Annotated[Optional[str], typer.Option(
         "--synthetic", help="Synthetic share of the training set: 500% or 5x = 5 replicas (default: none).")] = None,
     synthetic_from: Annotated[Optional[str], typer.Option(
@@ -289,6 +310,8 @@ def mix(
     synthetic_tune: Annotated[Optional[bool], typer.Option(
         "--synthetic-tune", help="Tune on the synthetic replica of the tuning split instead of the real one (the paper's "
                                  "CFG study; generate it with --split train,tune).")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Write over an existing dataset of another kind (never over one of its sources).")] = False,
     root: Root = Path("."),
 ) -> None:
     """Mix real and synthetic training data as a manifest (a query: no shards are copied)."""
@@ -299,7 +322,7 @@ def mix(
     params = MixParams(real=real, seed=seed,
                        **given(synthetic=share, synthetic_from=synthetic_from, only_synthetic=only_synthetic,
                              synthetic_tune=synthetic_tune))
-    counts = mix_lib(root, name, params)
+    counts = mix_lib(root, name, params, force=force)
     console.print(f"{name}: train {counts['train']:,} ({counts['synthetic']:,} synthetic), "
                   f"tune {counts['tune']:,}, test {counts['test']:,} images")
 

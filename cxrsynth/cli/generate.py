@@ -23,7 +23,8 @@ def generate(
     replicas: Annotated[Optional[int], typer.Option(
         "--replicas", min=1, help="Synthetic images per source row (default {GenerateConfig.replicas}).")] = None,
     guidance: Annotated[Optional[float], typer.Option(
-        "--guidance", help="Guidance w (default {GenerateConfig.guidance}). standard: 1 = conditional only, 0 = unconditional; "
+        "--guidance", min=0, help="Guidance w (default {GenerateConfig.guidance}). standard: 1 = conditional only, "
+                                  "0 = unconditional; "
                            "the paper's CFG 0 / 4 / 7.5 are w with --cfg-formula mediffusion.")] = None,
     sampler: Annotated[Optional[str], typer.Option(
         "--sampler", help="{samplers} (default {GenerateConfig.sampler}; ddim clips x0 as Mediffusion did, "
@@ -36,7 +37,7 @@ def generate(
         "--cfg-formula", help="{cfg_formulas} (default {GenerateConfig.cfg_formula}). standard: u + w(c - u); "
                               "mediffusion: c + w(c - u), rescaled.")] = None,
     seed: Annotated[Optional[int], typer.Option(
-        "--seed", help="Base seed; each image's seed derives from it (default {GenerateConfig.seed}).")] = None,
+        "--seed", min=0, help="Base seed; each image's seed derives from it (default {GenerateConfig.seed}).")] = None,
     batch: Annotated[Optional[int], typer.Option(
         "--batch", min=1, help="Images per network call (default {GenerateConfig.batch_size}). Part of the version: "
                                "kernels round differently at another batch size.")] = None,
@@ -53,6 +54,8 @@ def generate(
     threads: Annotated[Optional[int], typer.Option(
         "--threads", min=1, help="CPU threads (torch.set_num_threads); default: torch's. Part of the version on CPU (kernels "
                                  "round by thread count); under torchrun each rank has OMP_NUM_THREADS.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Write over an existing dataset of another kind (never over --conditions).")] = False,
     root: Root = Path("."),
 ) -> None:
     """Write K synthetic replicas of a dataset's split, conditioned row by row, as new shards.
@@ -67,7 +70,7 @@ def generate(
                                     cfg_formula=cfg_formula, seed=seed, batch_size=batch, shard_size=shard_size,
                                     compile=compile_, rebalance=rebalance))
     job = prepare(root=root, generator_dir=generator, conditions=conditions, split=split, name=name,
-                  config=config, part=part, device=device)
+                  config=config, part=part, device=device, force=force)
     with progress_bar(f"generate {name}", total=job.images_todo) as advance:
         summary = run(job, progress=advance)
     if summary["complete"]:

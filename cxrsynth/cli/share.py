@@ -139,12 +139,13 @@ def import_(
     name: Annotated[str, typer.Option("--name", help="Dataset name to register it as.")],
     copy: Annotated[bool, typer.Option("--copy", help="Copy the shards under data/shards/NAME/<version>/ "
                                                       "(default: use them where they are).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing dataset NAME.")] = False,
     root: Root = Path("."),
 ) -> None:
     """Verify a package, check every tar member and manifest row, and register it as a synthetic dataset."""
     from cxrsynth.share.importer import import_package
 
-    result = import_package(root, root / package, name, copy=copy)
+    result = import_package(root, root / package, name, copy=copy, force=force)
     console.print(f"{name} @ {result['version']}: {result['images']:,} synthetic images in {result['shards']} shard(s) "
                   f"({'copied to ' if copy else 'in place at '}{result['shard_dir']}); manifest {result['manifest']}",
                   highlight=False, soft_wrap=True)

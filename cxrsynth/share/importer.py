@@ -165,14 +165,18 @@ def check_shards(directory: Path, frame: pd.DataFrame, files: dict[str, dict]) -
     return results
 
 
-def import_package(root: str | Path, directory: str | Path, name: str, *, copy: bool = False) -> dict[str, Any]:
+def import_package(root: str | Path, directory: str | Path, name: str, *, copy: bool = False,
+                   force: bool = False) -> dict[str, Any]:
     """Verify and check package ``directory``, then register it as synthetic dataset ``name``.
+
+    Holds the dataset's writer lock (:func:`cxrsynth.publish.writer_lock`) for the whole import.
 
     Args:
         root: Project root.
         directory: The package folder.
-        name: Dataset name (must not exist yet).
+        name: Dataset name (must not exist yet, unless ``force``).
         copy: Copy the shards to ``data/shards/<name>/<version>/``; else use them in place.
+        force: Replace an existing dataset ``name`` (of any kind).
 
     Returns:
         ``{"name", "version", "images", "shards", "shard_dir", "manifest"}``.
@@ -180,12 +184,18 @@ def import_package(root: str | Path, directory: str | Path, name: str, *, copy: 
     Raises:
         CheckFailed: the package does not match its index.
         UnsafePackage: a member or row the package may not hold (named, with the reason).
-        ShareError: ``name`` exists already.
+        ShareError: ``name`` exists already (and not ``force``).
     """
     root, directory = Path(root), Path(directory)
     manifest.check_name(name)
-    if manifest.manifest_path(root, name).exists():
-        raise ShareError(f"a dataset named {name!r} exists already; choose another --name")
+    with publish.writer_lock(root, name):
+        return _import(root, directory, name, copy=copy, force=force)
+
+
+def _import(root: Path, directory: Path, name: str, *, copy: bool, force: bool) -> dict[str, Any]:
+    if manifest.manifest_path(root, name).exists() and not force:
+        raise ShareError(f"a dataset named {name!r} exists already; choose another --name (or --force to replace it)")
+    publish.check_target(root, name, "synthetic", force=force)
     index = package.check(directory)
     files = {e["path"]: e for e in index["files"]}
     version = str(index.get("version", ""))
@@ -215,13 +225,13 @@ def import_package(root: str | Path, directory: str | Path, name: str, *, copy: 
             if package.sha256_file(tmp) != r.sha256:
                 raise package.CheckFailed(f"{r.name} changed while it was copied")
             os.replace(tmp, target / r.name)
-        published = publish.publish(root, meta, rows, shard_results=results)
+        published = publish.publish(root, meta, rows, shard_results=results, force=force)
         shard_dir = target
     else:
         shard_dir = (directory / package.SHARDS).resolve()
         base = root.resolve()
         where = shard_dir.relative_to(base) if base in shard_dir.parents else shard_dir
         shard_of = {k: str(where / r.name) for r in results for k in r.keys}
-        published = publish.publish(root, meta, rows.assign(shard=rows["key"].map(shard_of).astype("string")))
+        published = publish.publish(root, meta, rows.assign(shard=rows["key"].map(shard_of).astype("string")), force=force)
     return {"name": name, "version": version, "images": len(rows), "shards": len(results), "shard_dir": str(shard_dir),
             "manifest": str(published.manifest)}

@@ -9,7 +9,11 @@ Quirks handled here:
 - Lateral images have a blank ``AP/PA``; their view is ``LATERAL``.
 - Race is not in the CSV: it comes from the optional demographics file (CheXpert's
   ``CHEXPERT DEMO.xlsx``, or a CSV export: PATIENT, GENDER, AGE_AT_CXR, PRIMARY_RACE),
-  joined by patient. Its GENDER and AGE_AT_CXR fill in a missing Sex or Age.
+  joined by patient. Its GENDER and AGE_AT_CXR fill in a *missing* Sex or Age (blank,
+  ``Unknown``, age 0), counted as ``sex from demographics`` / ``age from demographics``;
+  a CSV value that is invalid (age 300, sex ``X``) is rejected, never replaced. A patient
+  listed twice with different values in the demographics file is a conflict: its rows
+  are rejected (``conflicting_demographics``).
 - ``--include``: a CSV with a ``Path`` column (a published split) restricts the rows;
   the rows it leaves out are recorded as rejects (``not_included``) and the listed paths
   that match no row are counted in ``info["include_not_found"]``.
@@ -23,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth import labels
-from cxrsynth.sources import SourceTable, finish, make_rejects, read_table, require_columns, sanitize_key
+from cxrsynth.sources import SourceTable, derive_keys, finish, make_rejects, read_table, require_columns, unique_lookup
 
 REQUIRED = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *labels.FINDINGS)
 DEMOGRAPHICS_REQUIRED = ("PATIENT", "GENDER", "AGE_AT_CXR", "PRIMARY_RACE")
@@ -62,7 +66,7 @@ def read(
     frame = pd.DataFrame(
         {
             "row": np.arange(rows_in, dtype=np.int64),
-            "key": sanitize_key(parts["rel"].str.replace(r"\.[A-Za-z0-9]+$", "", regex=True)),
+            "key": derive_keys(parts["rel"].str.replace(r"\.[A-Za-z0-9]+$", "", regex=True), parts["rel"]),
             "patient_id": parts["patient"],
             "study_id": parts["patient"] + "_" + parts["study"],
             "source_path": table["Path"],
@@ -93,25 +97,39 @@ def read(
         bad_path = bad_path | dropped
     frame = frame.loc[~bad_path]
 
+    normalized: dict[str, int] = {}
     if demographics is not None:
         demo = read_table(demographics, "CheXpert demographics")
         require_columns(demo, DEMOGRAPHICS_REQUIRED, f"demographics {demographics}")
-        demo = demo.drop_duplicates("PATIENT").set_index("PATIENT")
+        demo, conflicts = unique_lookup(demo.loc[:, list(DEMOGRAPHICS_REQUIRED)], ["PATIENT"], "demographics file")
+        conflicting = frame["patient_id"].isin(conflicts["PATIENT"]).fillna(False).to_numpy(dtype=bool)
+        detail = frame["patient_id"].map(conflicts.set_index("PATIENT")["detail"]) if len(conflicts) else ""
+        rejects.append(make_rejects(frame, conflicting, "conflicting_demographics", detail))
+        frame = frame.loc[~conflicting]
         patient = frame["patient_id"]
         frame["race"] = patient.map(demo["PRIMARY_RACE"]).astype("string")
-        sex = labels.normalize_sex(frame["sex"])
-        frame["sex"] = sex.fillna(labels.normalize_sex(patient.map(demo["GENDER"])))
-        age = labels.normalize_age(frame["age"])
-        frame["age"] = age.fillna(labels.normalize_age(patient.map(demo["AGE_AT_CXR"])))
+        for column, source in (("sex", "GENDER"), ("age", "AGE_AT_CXR")):
+            given = getattr(labels, f"normalize_{column}")(frame[column])
+            known = patient.map(demo[source]).astype("string")
+            fill = (given.values.isna().to_numpy(dtype=bool) & ~given.bad & known.notna().to_numpy(dtype=bool)
+                    & known.str.strip().ne("").fillna(False).to_numpy(dtype=bool))
+            frame[column] = frame[column].mask(fill, known)
+            if fill.any():
+                normalized[f"{column} from demographics"] = int(fill.sum())
 
     frame["image_path"] = _image_paths(frame, csv, images)
     raw = {name: table.loc[frame.index, name] for name in labels.FINDINGS}
-    return finish(frame.drop(columns=["rel"]), raw, rejects, rows_in, info)
+    return finish(frame.drop(columns=["rel"]), raw, rejects, rows_in, info, normalized=normalized,
+                  images_root=_images_root(csv, images))
+
+
+def _images_root(csv: str | Path, images: str | Path | None) -> Path:
+    return Path(images) if images is not None else Path(csv).resolve().parent
 
 
 def _image_paths(frame: pd.DataFrame, csv: str | Path, images: str | Path | None) -> pd.Series:
     """Resolve image files: ``images/<rel>`` or ``images/<original Path>``, whichever exists."""
-    root = Path(images) if images is not None else Path(csv).resolve().parent
+    root = _images_root(csv, images)
     first = frame["source_path"].str.split("/", n=1).str[0]
     is_dir = {p: (root / p).is_dir() for p in first.dropna().unique()}
     starts_at_split = frame["source_path"].str.match(r"^(train|valid|test)/").fillna(False).astype(bool)

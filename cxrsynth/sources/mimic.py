@@ -5,9 +5,12 @@ Quirks handled here:
 - Labels are per *study* (``mimic-cxr-2.0.0-chexpert.csv.gz``: subject_id, study_id and
   the 14 findings, alphabetical); the metadata table has one row per image (dicom_id).
   They join on subject_id + study_id; an image whose study has no label row is rejected
-  (``no_labels``).
+  (``no_labels``). A study with two label rows is kept when the rows agree and its
+  images rejected when they differ (``conflicting_labels``): no row wins silently.
 - The official split (``mimic-cxr-2.0.0-split.csv.gz``) says train / validate / test;
-  validate becomes ``tune``.
+  validate becomes ``tune`` (counted). A dicom_id listed twice with different splits is
+  rejected (``conflicting_split``); so is a subject listed twice in ``patients`` with
+  different values (``conflicting_patients``).
 - Sex and age come from the MIMIC-IV ``patients`` table (gender, anchor_age).
 - Race comes from the optional MIMIC-IV ``admissions`` table (``race``, or ``ethnicity``
   in MIMIC-IV < 2.0), one row per admission: a subject's most frequent known category
@@ -23,13 +26,12 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth import labels
-from cxrsynth.sources import SourceTable, finish, make_rejects, read_table, require_columns, sanitize_key
+from cxrsynth.sources import SourceTable, derive_keys, finish, make_rejects, read_table, require_columns, unique_lookup
 
 METADATA_REQUIRED = ("dicom_id", "subject_id", "study_id", "ViewPosition")
 LABELS_REQUIRED = ("subject_id", "study_id", *labels.FINDINGS)
 SPLIT_REQUIRED = ("dicom_id", "split")
 PATIENTS_REQUIRED = ("subject_id", "gender", "anchor_age")
-SPLIT_NAMES = {"train": "train", "validate": "tune", "valid": "tune", "tune": "tune", "test": "test"}
 
 
 def _ids(column: pd.Series) -> pd.Series:
@@ -65,6 +67,7 @@ def read(
     lab = read_table(label_table, "MIMIC label table")
     require_columns(lab, LABELS_REQUIRED, f"MIMIC label table {label_table}")
     rows_in = len(meta)
+    normalized: dict[str, int] = {}
 
     subject, study, dicom = _ids(meta["subject_id"]), _ids(meta["study_id"]), meta["dicom_id"].str.strip()
     rel = image_relpath(subject, study, dicom)
@@ -72,7 +75,7 @@ def read(
     frame = pd.DataFrame(
         {
             "row": np.arange(rows_in, dtype=np.int64),
-            "key": sanitize_key(dicom),
+            "key": derive_keys(dicom),
             "patient_id": subject,
             "study_id": study,
             "source_path": rel,
@@ -86,10 +89,14 @@ def read(
     )
 
     lab = lab.assign(subject_id=_ids(lab["subject_id"]), study_id=_ids(lab["study_id"]))
-    lab = lab.drop_duplicates(["subject_id", "study_id"]).set_index(["subject_id", "study_id"])
+    lab, conflicts = unique_lookup(lab.loc[:, list(LABELS_REQUIRED)], ["subject_id", "study_id"], "label table")
     at = pd.MultiIndex.from_arrays([subject, study])
     has_labels = at.isin(lab.index)
-    rejects = [make_rejects(frame, ~has_labels, "no_labels", "study has no row in the label table")]
+    disputed = _index(conflicts, ["subject_id", "study_id"])
+    conflicting = at.isin(disputed)
+    rejects = [make_rejects(frame, ~has_labels & ~conflicting, "no_labels", "study has no row in the label table")]
+    detail = pd.Series(at.map(dict(zip(disputed, conflicts["detail"]))), index=frame.index, dtype="string")
+    rejects.append(make_rejects(frame, conflicting, "conflicting_labels", detail))
     frame = frame.loc[has_labels]
     found = lab.reindex(pd.MultiIndex.from_arrays([frame["patient_id"], frame["study_id"]]))
     raw = {name: pd.Series(found[name].to_numpy(), index=frame.index) for name in labels.FINDINGS}
@@ -97,17 +104,35 @@ def read(
     if split is not None:
         sp = read_table(split, "MIMIC split")
         require_columns(sp, SPLIT_REQUIRED, f"MIMIC split {split}")
-        sp = sp.drop_duplicates("dicom_id").set_index("dicom_id")["split"].str.strip().str.lower()
-        frame["split"] = meta.loc[frame.index, "dicom_id"].str.strip().map(sp.map(SPLIT_NAMES)).astype("string")
+        sp = sp.assign(dicom_id=sp["dicom_id"].str.strip(), split=sp["split"].str.strip())
+        sp, conflicts = unique_lookup(sp.loc[:, list(SPLIT_REQUIRED)], ["dicom_id"], "split file")
+        dicoms = meta.loc[frame.index, "dicom_id"].str.strip()
+        bad = dicoms.isin(conflicts["dicom_id"]).fillna(False).to_numpy(dtype=bool)
+        rejects.append(make_rejects(frame, bad, "conflicting_split", dicoms.map(conflicts.set_index("dicom_id")["detail"])))
+        frame, dicoms = frame.loc[~bad], dicoms.loc[~bad]
+        frame["split"] = dicoms.map(sp["split"]).astype("string")  # raw spellings: finish() maps and counts them
+        missing = frame["split"].isna().to_numpy(dtype=bool)
+        if missing.any():
+            normalized["split: not in the split file -> none"] = int(missing.sum())
     if patients is not None:
         pt = read_table(patients, "MIMIC patients")
         require_columns(pt, PATIENTS_REQUIRED, f"MIMIC patients {patients}")
-        pt = pt.assign(subject_id=_ids(pt["subject_id"])).drop_duplicates("subject_id").set_index("subject_id")
+        pt = pt.assign(subject_id=_ids(pt["subject_id"]))
+        pt, conflicts = unique_lookup(pt.loc[:, list(PATIENTS_REQUIRED)], ["subject_id"], "patients table")
+        bad = frame["patient_id"].isin(conflicts["subject_id"]).fillna(False).to_numpy(dtype=bool)
+        rejects.append(make_rejects(frame, bad, "conflicting_patients",
+                                    frame["patient_id"].map(conflicts.set_index("subject_id")["detail"])))
+        frame = frame.loc[~bad]
         frame["sex"] = frame["patient_id"].map(pt["gender"]).astype("string")
         frame["age"] = frame["patient_id"].map(pt["anchor_age"]).astype("string")
     if admissions is not None:
         frame["race"] = frame["patient_id"].map(subject_race(admissions)).astype("string")
-    return finish(frame, raw, rejects, rows_in)
+    raw = {name: column.loc[frame.index] for name, column in raw.items()}
+    return finish(frame, raw, rejects, rows_in, normalized=normalized, images_root=root)
+
+
+def _index(frame: pd.DataFrame, keys: list[str]) -> pd.MultiIndex:
+    return pd.MultiIndex.from_frame(frame.loc[:, keys]) if len(frame) else pd.MultiIndex.from_arrays([[]] * len(keys), names=keys)
 
 
 def subject_race(admissions: str | Path) -> pd.Series:
@@ -115,7 +140,7 @@ def subject_race(admissions: str | Path) -> pd.Series:
     adm = read_table(admissions, "MIMIC admissions")
     column = "race" if "race" in adm.columns else "ethnicity"
     require_columns(adm, ("subject_id", column), f"MIMIC admissions {admissions}")
-    known = pd.DataFrame({"subject_id": _ids(adm["subject_id"]), "race": labels.normalize_race(adm[column])}).dropna()
+    known = pd.DataFrame({"subject_id": _ids(adm["subject_id"]), "race": labels.normalize_race(adm[column]).values}).dropna()
     if known.empty:
         return pd.Series(dtype="string")
     order = {race: i for i, race in enumerate(labels.RACES)}

@@ -6,7 +6,13 @@
 finding (display name such as ``Pleural Effusion`` or column name ``pleural_effusion``).
 Findings whose column is named exactly like the finding need no mapping. Images may be
 PNG, JPEG or DICOM. Without a ``key`` mapping the key is the image path without its
-extension, made WebDataset-safe.
+extension, made WebDataset-safe (:func:`~cxrsynth.sources.derive_keys`: a short hash keeps
+paths distinct that differ only in characters a key cannot hold, or in their extension).
+Split values are ``train`` / ``tune`` / ``test`` or a counted spelling of them
+(``training``, ``validate``...; :func:`cxrsynth.labels.normalize_split`); any other value is
+rejected (``bad_split``). Images must lie under the images root (relative paths with
+``../`` and absolute paths elsewhere are rejected as ``outside_root`` unless the ingest
+allows them).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth import labels
-from cxrsynth.sources import SourceError, SourceTable, finish, read_table, require_columns, sanitize_key
+from cxrsynth.sources import SourceError, SourceTable, derive_keys, finish, read_table, require_columns
 
 FIELDS = ("path", "key", "patient_id", "study_id", "sex", "age", "race", "view", "split")
 _FINDING_BY_ANY = {**{f: f for f in labels.FINDINGS}, **{c: f for f, c in labels.COLUMN_OF.items()}}
@@ -84,17 +90,19 @@ def read(
     source = column("path").str.strip()
     absolute = source.str.startswith("/").fillna(False).astype(bool)
     image_path = source.where(absolute, str(root.resolve()) + "/" + source)
-    key = column("key") if "key" in fields else source.str.replace(r"\.[A-Za-z0-9]+$", "", regex=True)
-    split = column("split").str.strip().str.lower().map({"train": "train", "tune": "tune", "validate": "tune", "valid": "tune", "val": "tune", "test": "test"}).astype("string")
+    if "key" in fields:
+        key = derive_keys(column("key"))
+    else:
+        key = derive_keys(source.str.replace(r"\.[A-Za-z0-9]+$", "", regex=True), source)
     frame = pd.DataFrame(
         {
             "row": np.arange(rows_in, dtype=np.int64),
-            "key": sanitize_key(key),
+            "key": key,
             "patient_id": column("patient_id").str.strip(),
             "study_id": column("study_id").str.strip(),
             "source_path": source,
             "image_path": image_path,
-            "split": split,
+            "split": column("split"),
             "sex": column("sex"),
             "age": column("age"),
             "race": column("race"),
@@ -102,4 +110,4 @@ def read(
         }
     )
     raw = {finding: table[fields[finding]] for finding in labels.FINDINGS}
-    return finish(frame, raw, [], rows_in)
+    return finish(frame, raw, [], rows_in, images_root=root)
