@@ -134,3 +134,19 @@ def mimic_tree(tmp_path: Path) -> Path:
     write_gz_csv(root / "mimic-cxr-2.0.0-split.csv.gz", pd.DataFrame(split))
     write_gz_csv(root / "patients.csv.gz", pd.DataFrame(patients))
     return root
+
+
+def torchrun(*args, cwd: Path, timeout: int = 300) -> str:
+    """Run ``torchrun --standalone --nproc-per-node 2 -m cxrsynth.cli ARGS`` (one thread per rank); return its output."""
+    import os
+    import subprocess
+    import sys
+
+    launcher = Path(sys.executable).with_name("torchrun")
+    cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    cmd += ["--standalone", "--nproc-per-node", "2", "-m", "cxrsynth.cli", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    return output

@@ -9,14 +9,12 @@ two ranks must give exactly the bytes (shards, index, manifest) of a single proc
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import chexpert_rows, write_chexpert
+from conftest import chexpert_rows, torchrun, write_chexpert
 from typer.testing import CliRunner
 
 from cxrsynth import manifest
@@ -26,15 +24,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun + gloo
 
 
 def _torchrun(*args, cwd: Path, timeout: int = 240) -> str:
-    """Run ``torchrun --standalone --nproc-per-node 2 -m cxrsynth.cli ARGS``; return its output."""
-    launcher = Path(sys.executable).with_name("torchrun")
-    cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    cmd += ["--standalone", "--nproc-per-node", "2", "-m", "cxrsynth.cli", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    return output
+    return torchrun(*args, cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

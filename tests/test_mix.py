@@ -15,9 +15,8 @@ from cxrsynth.sources import chexpert
 from cxrsynth.verify import verify_dataset
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mix")
+def make_project(tmp, split: str, name: str, replicas: int):
+    """cxp (20 images, 32 px, split) and ``replicas`` micro-generator replicas of its ``split`` rows as ``name``."""
     rows = chexpert_rows(n_patients=10, studies=2, uncertain=False)
     root = tmp / "proj"
     ingest.ingest(chexpert.read(write_chexpert(tmp / "raw", rows)), root=root, name="cxp", kind="chexpert",
@@ -25,9 +24,14 @@ def project(tmp_path_factory):
     splits.split(root, "cxp", splits.SplitParams(tune=0.2, test=0.2, seed=0))
     torch.manual_seed(0)
     gen = save_generator(ConditionalUNet.build(get_preset("micro")), tmp / "gen")
-    generate.generate(root=root, generator_dir=gen, conditions="cxp", split="train", name="cxp_syn",
-                      config=generate.GenerateConfig(replicas=3, steps=1, shard_size=50), device="cpu")
+    generate.generate(root=root, generator_dir=gen, conditions="cxp", split=split, name=name,
+                      config=generate.GenerateConfig(replicas=replicas, steps=1, shard_size=50), device="cpu")
     return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("mix"), "train", "cxp_syn", replicas=3)
 
 
 def test_parse_percent():
@@ -86,15 +90,7 @@ def test_replica_counts_parse_as_x():
 
 def test_synthetic_tuning_set(tmp_path):
     """The CFG study's mixes: real or synthetic training rows, tuned on the synthetic twin of the tuning split."""
-    rows = chexpert_rows(n_patients=10, studies=2, uncertain=False)
-    root = tmp_path / "proj"
-    ingest.ingest(chexpert.read(write_chexpert(tmp_path / "raw", rows)), root=root, name="cxp", kind="chexpert",
-                  inputs={}, params=Preprocess(size=32), workers=1)
-    splits.split(root, "cxp", splits.SplitParams(tune=0.2, test=0.2, seed=0))
-    torch.manual_seed(0)
-    gen = save_generator(ConditionalUNet.build(get_preset("micro")), tmp_path / "gen")
-    generate.generate(root=root, generator_dir=gen, conditions="cxp", split="train,tune", name="twin",
-                      config=generate.GenerateConfig(replicas=1, steps=1, shard_size=50), device="cpu")
+    root = make_project(tmp_path, "train,tune", "twin", replicas=1)
     real = manifest.read(root, "cxp")
     twin = manifest.read(root, "twin")
     assert sorted(twin["split"].unique()) == ["train", "tune"]
