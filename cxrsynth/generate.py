@@ -163,6 +163,11 @@ def condition_rows(root: str | Path, conditions: str, split: str | None) -> pd.D
     frame = manifest.read(root, conditions)
     if split is not None:
         wanted = [s.strip() for s in split.split(",") if s.strip()]
+        present = set(frame["split"].dropna().astype(str))
+        missing = [s for s in wanted if s not in present]
+        if missing or not wanted:
+            raise CxrsynthError(f"{conditions} has no rows in split(s) {', '.join(missing) or repr(split)}; "
+                                f"its splits: {', '.join(sorted(present)) or 'none (run cxrsynth split)'}")
         frame = frame.loc[frame["split"].isin(wanted).fillna(False).to_numpy(dtype=bool)]
     return frame.loc[~labels.has_uncertain(frame)].sort_values("key", kind="stable")
 

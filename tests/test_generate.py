@@ -10,6 +10,7 @@ from conftest import chexpert_rows, write_chexpert
 
 from cxrsynth import generate, ingest, labels, manifest, shards, splits
 from cxrsynth.diffusion.model import ConditionalUNet, save_generator
+from cxrsynth.errors import CxrsynthError
 from cxrsynth.diffusion.presets import get_preset
 from cxrsynth.imaging import decode_png
 from cxrsynth.sources import chexpert
@@ -195,3 +196,9 @@ def test_rebalanced_replicas_raise_rare_findings(project):
     plain = run(root, gen, name="plain")  # a plain replica set records no rebalance field
     assert "rebalance" not in manifest.read_meta(root, "plain")
     assert plain["version"] == run(root, gen, name="plain")["version"]
+
+
+def test_a_split_the_conditions_lack_is_refused(project):
+    root, gen = project
+    with pytest.raises(CxrsynthError, match="no rows in split"):
+        generate.condition_rows(root, "cxp", "train,nope")

@@ -1,7 +1,14 @@
-"""`dvc repro` of the project's own dvc.yaml on tiny phantom sites, in a temporary clone."""
+"""`dvc repro` of the project's own dvc.yaml on a tiny parameter set, in a temporary clone.
 
+Every stage runs and the report is written with its figures; a second repro runs nothing;
+one more k runs only that cell (and what reads every cell); `dvc push` sends the synthetic
+replicas to the synthetic remote and nothing real; `dvc pull` brings them back, the same bytes.
+"""
+
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,48 +23,93 @@ REPO = Path(__file__).resolve().parents[1]
 def sh(*args, cwd):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
     return result
 
 
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def tiny_params(params: dict) -> dict:
+    params.update(image_size=32, shard_size=40)
+    params["phantom"] = {"cxp": 120, "mimic": 60, "emory": 40}
+    params["generator"].update(preset="micro", steps=4, batch=4, warmup=1)
+    params["generate"].update(steps=2, batch=16)
+    params["replicas"] = {"w1": {"guidance": 1.0, "replicas": 2}}
+    params["cfg"]["replicas"] = ["w1"]
+    params["supplement"]["k"] = [0, 1]
+    params["synthetic"]["k"] = [1]
+    params["external"]["k"] = [0, 1]
+    params["classifier"].update(image_size=16, epochs=1, exclude_uncertain=False)
+    params["evaluate"]["bootstrap"] = 20
+    return params
+
+
+def git_commit(clone: Path) -> None:
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=clone)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "step", cwd=clone)
+
+
 @pytest.mark.slow
-def test_dvc_repro_runs_the_pipeline_and_is_reproducible(tmp_path):
+def test_dvc_repro_runs_the_study_reruns_nothing_and_pushes_only_synthetic_data(tmp_path):
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
-    clone = tmp_path / "clone"
+    clone = tmp_path / "repo" / "clone"
     for name in files:
-        if (REPO / name).is_file() and not name.startswith(("tests/", "manifests/", "metrics/")):
+        if (REPO / name).is_file() and not name.startswith(("tests/", "manifests/", "metrics/")) and name != "dvc.lock":
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, clone / name)
     (clone / "manifests").mkdir(exist_ok=True)
     (clone / "metrics").mkdir(exist_ok=True)
-    params = yaml.safe_load((clone / "params.yaml").read_text())
-    params.update(image_size=32, shard_size=20)
-    params["phantom"] = {"cxp": 60, "mimic": 30, "emory": 30}
-    params["generator"].update(preset="micro", steps=4, batch=4, warmup=1)
-    params["generate"].update(steps=2, batch=8)
+    params = tiny_params(yaml.safe_load((clone / "params.yaml").read_text()))
     (clone / "params.yaml").write_text(yaml.safe_dump(params))
     sh("git", "init", "-q", cwd=clone)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=clone)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone", cwd=clone)
+    git_commit(clone)
 
-    sh("dvc", "repro", cwd=clone)
-    stats = {site: json.loads((clone / f"metrics/stats_{site}.json").read_text()) for site in ("cxp", "mimic", "emory", "cxp_syn")}
-    assert stats["cxp"]["images"] > 40 and stats["mimic"]["images"] == 30 and stats["emory"]["images"] == 30
-    assert 0 < stats["cxp_syn"]["images"] < stats["cxp"]["images"]  # one replica of the train split
-    mixed = json.loads((clone / "metrics/stats_cxp_mix_train.json").read_text())
-    assert mixed["images"] == stats["cxp_syn"]["images"] + int(sh("cxrsynth", "query", "SELECT count(*) FROM cxp WHERE split = 'train'",
-                                                                  "--format", "csv", cwd=clone).stdout.split()[-1])
-    assert (clone / "data/sheets/cxp_syn.png").is_file() and (clone / "data/generators/cxp_micro/generator.json").is_file()
-    lock = (clone / "dvc.lock").read_text()
-    assert "ingest_cxp" in lock and "stats@emory" in lock
-    status = sh("dvc", "status", cwd=clone).stdout
-    assert "up to date" in status.lower()
+    first = sh("dvc", "repro", cwd=clone).stdout
+    stages = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    expected = {"phantom@cxp", "ingest_cxp", "ingest_mimic", "ingest_emory", "generator_cxp", "replica@w1",
+                "replica_rebalanced", "cfg@w1-real", "cfg@w1-synthetic", "cfg_real@w1", "supplement@0", "supplement@1",
+                "synthetic@1", "external@0", "external@1", "rebalance", "compare@supplement", "compare@cfg",
+                "distance@w1", "cooccurrence", "stats@emory", "report"}
+    assert expected <= set(stages) and expected <= ran(first)
+    html = (clone / "report/index.html").read_text()
+    assert html.count("<img") >= 6 and html.count("<table") >= 4
+    cell = json.loads((clone / "metrics/study/supplement_k1.json").read_text())
+    assert set(cell["evaluations"]) == {"tune", "cxp:test", "mimic:test", "emory:test"}
+    assert cell["train"]["synthetic_images"] > 0 and cell["train"]["real_images"] > 0
+    assert json.loads((clone / "metrics/compare/supplement.json").read_text())["baseline"] == "supplement_k0"
+    git_commit(clone)
 
-    # the same inputs again give the same bytes: dvc repro --force, compare the lock's hashes
-    before = yaml.safe_load(lock)
-    sh("dvc", "repro", "--force", cwd=clone)
-    after = yaml.safe_load((clone / "dvc.lock").read_text())
-    changed = [(stage, out["path"]) for stage, body in after["stages"].items() for out in body.get("outs", [])
-               if out not in before["stages"][stage].get("outs", [])]
-    assert changed == [] and before == after
+    # nothing changed: nothing runs
+    again = sh("dvc", "repro", cwd=clone).stdout
+    assert ran(again) == set(), again
+
+    # one more k: only that cell trains (the comparisons and the report read every cell)
+    params["supplement"]["k"] = [0, 1, 2]
+    (clone / "params.yaml").write_text(yaml.safe_dump(params))
+    more = ran(sh("dvc", "repro", cwd=clone).stdout)
+    trained = {s for s in more if s.split("@")[0] in ("cfg", "cfg_real", "supplement", "synthetic", "external", "rebalance",
+                                                        "replica", "generator_cxp") or s.startswith("ingest")}
+    assert trained == {"supplement@2"} and "report" in more
+
+    # dvc push: the synthetic remote receives the replicas and nothing real
+    remote = tmp_path / "cxrsynth-remote-synthetic"  # .dvc/config: ../../cxrsynth-remote-synthetic
+    sh("dvc", "push", cwd=clone)
+    pushed = {p.name for p in remote.rglob("*") if p.is_file()}
+
+    def md5(path: Path) -> str:
+        return hashlib.md5(path.read_bytes()).hexdigest()
+
+    real_tars = list((clone / "data/shards/cxp").rglob("*.tar"))
+    syn_tars = list((clone / "data/shards/cxp_w1").rglob("*.tar"))
+    assert real_tars and syn_tars
+    assert all(md5(t)[2:] in pushed for t in syn_tars)
+    assert not any(md5(t)[2:] in pushed for t in real_tars + [clone / "manifests/cxp.parquet"])
+    # dvc pull brings the synthetic shards back, byte for byte
+    before = {t.relative_to(clone): t.read_bytes() for t in syn_tars}
+    shutil.rmtree(clone / "data/shards/cxp_w1")
+    shutil.rmtree(clone / ".dvc/cache")
+    sh("dvc", "pull", "replica@w1", cwd=clone)
+    assert {t.relative_to(clone): t.read_bytes() for t in (clone / "data/shards/cxp_w1").rglob("*.tar")} == before

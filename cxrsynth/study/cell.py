@@ -34,9 +34,9 @@ def classifier_config(params: dict[str, Any]):
     return preset, get_preset(preset, **settings)
 
 
-def evaluations(params: dict[str, Any], c: Cell) -> list[tuple[str, str, str]]:
-    """``(label, dataset, split)`` of what a cell is evaluated on: its tuning split, then the test sets."""
-    return [("tune", c.name, "tune")] + [(f"{name}:{split}", name, split) for name, split in tests(params)]
+def evaluations(params: dict[str, Any], c: Cell, tuned: bool = True) -> list[tuple[str, str, str]]:
+    """``(label, dataset, split)`` of what a cell is evaluated on: its tuning split (when it has one), then the test sets."""
+    return [("tune", c.name, "tune")] * tuned + [(f"{name}:{split}", name, split) for name, split in tests(params)]
 
 
 def run_cell(root: str | Path, params: dict[str, Any], family: str, tag: str, *, device: str | None = None,
@@ -51,10 +51,13 @@ def run_cell(root: str | Path, params: dict[str, Any], family: str, tag: str, *,
     c = cell(params, family, tag)
     counts = mix(root, c.name, c.mix)
     log(f"{c.name}: train {counts['train']:,} images ({counts['synthetic']:,} synthetic), tune {counts['tune']:,}")
+    tuned = counts["tune"] > 0
+    if not tuned:  # e.g. a small MIMIC export whose official split has no validate rows
+        log(f"{c.name}: no tuning rows; the last epoch is kept and no tuning-set AUROC is reported")
     preset, config = classifier_config(params)
     directory = c.directory(root)
-    facts = train(root, c.name, config, directory / "model", preset=preset, device=device,
-                  callback=_epoch_logger(c.name, log))
+    facts = train(root, c.name, config, directory / "model", tune_split="tune" if tuned else None, preset=preset,
+                  device=device, callback=_epoch_logger(c.name, log))
     settings = params.get("evaluate", {})
     summary: dict[str, Any] = {
         "cell": c.name, "family": c.family, "tag": c.tag, "k": c.k, "replica": c.replica, "guidance": c.guidance,
@@ -64,7 +67,7 @@ def run_cell(root: str | Path, params: dict[str, Any], family: str, tag: str, *,
         "classifier": {"preset": preset, "classifier_id": facts["classifier_id"], "best": facts["best"]},
         "evaluations": {},
     }
-    for label, dataset, split in evaluations(params, c):
+    for label, dataset, split in evaluations(params, c, tuned):
         stem = label.replace(":", "-")
         frame, meta = predict(directory / "model", root, dataset, split, device=device)
         pred_path = write(frame, meta, directory / "predictions" / f"{stem}.parquet")
