@@ -95,6 +95,7 @@ def _fmt(value) -> str:
 def _epoch_logger(name: str, log: Log):
     def on_event(event: dict) -> None:
         if event.get("event") == "epoch":
-            log(f"{name}: epoch {event.get('epoch')} train loss {event.get('train_loss', float('nan')):.4f} "
-                f"tune loss {event.get('tune_loss', float('nan')):.4f}")
+            losses = "  ".join(f"{what} loss {event[key]:.4f}" for what, key in (("train", "train_loss"), ("tune", "tune_loss"))
+                               if event.get(key) is not None)
+            log(f"{name}: epoch {event.get('epoch')}  {losses}")
     return on_event
