@@ -219,3 +219,54 @@ def test_bench_solvers_measures_few_step_error_against_a_reference(tmp_path) -> 
     assert dpmpp["mean_abs_grey"] <= dpmpp["rmse_grey"] and dpmpp["images_per_s"] > 0
     result = runner.invoke(app, [*args, "--runs", "dpmpp"])
     assert result.exit_code == 2 and "sampler:steps" in result.output
+
+
+def test_bench_phantom_reports_the_project_classifier_and_evaluation(tmp_path) -> None:
+    """`bench phantom`: imported phantoms, the `small` classifier, AUROCs that are `cxrsynth.evaluate`'s."""
+    import typer
+
+    from cxrsynth import loader, manifest
+    from cxrsynth.cli.bench import bench_phantom
+    from cxrsynth.evaluate import metrics
+    from cxrsynth.labels import FINDING_COLUMNS, FINDINGS
+
+    app = typer.Typer(cls=CleanErrors)
+    app.command("phantom")(bench_phantom)
+    app.command("unused")(lambda: None)
+    runner = CliRunner()
+    work, out = tmp_path / "work", tmp_path / "figures.json"
+    result = runner.invoke(app, ["phantom", "--train", "100", "--test", "30", "--external", "30", "--size", "32",
+                                 "--epochs", "1", "--uncertain", "exclude", "--threads", "1", "--work", str(work),
+                                 "--json", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    root = work / "project"
+    # The sites went through the importers and a patient-level split.
+    cxp, emory = manifest.read(root, "cxp"), manifest.read(root, "emory")
+    assert r["images"] == {"cxp_train": int((cxp["split"] == "train").sum()), "cxp_test": int((cxp["split"] == "test").sum()),
+                           "emory_test": len(emory)}
+    assert r["images"]["cxp_test"] > 0 and set(emory["split"]) == {"test"}
+    train_patients = set(cxp.loc[cxp["split"] == "train", "patient_id"])
+    assert train_patients and not train_patients & set(cxp.loc[cxp["split"] == "test", "patient_id"])
+    # The classifier is the small preset at the bench's size, trained by the real loop with the uncertain rule asked for.
+    model = json.loads((root / "classifier" / "classifier.json").read_text())
+    assert model["preset"] == "small" and model["config"]["image_size"] == 32 and model["config"]["exclude_uncertain"]
+    certain = loader.select(root, "cxp", "train", exclude_uncertain=True)
+    assert model["data"]["train_images"] == len(certain) < r["images"]["cxp_train"]
+    assert r["epochs"] == len(model["history"]) == 1
+    # Every figure is cxrsynth.evaluate's on the kept predictions.
+    for name in ("cxp", "emory"):
+        m = metrics.evaluate(root, root / "predictions" / f"{name}.parquet", metrics.EvaluateConfig(bootstrap=0)).metrics
+        assert list(r[name]) == list(FINDINGS)
+        assert [r[name][f] for f in FINDINGS] == [m["findings"][c]["auroc"] for c in FINDING_COLUMNS]
+        assert r[f"macro_{name}"] == m["macro"]["auroc"] and m["macro"]["auroc"] is not None
+        assert m["test"]["images"] == (r["images"]["cxp_test"] if name == "cxp" else r["images"]["emory_test"])
+    # The printed table and the render-speed line.
+    lines = result.output.splitlines()
+    for finding in FINDINGS:
+        assert any(finding in line for line in lines)
+    assert any("macro" in line and f"{r['macro_cxp']:.3f}" in line and f"{r['macro_emory']:.3f}" in line for line in lines)
+    assert f"render {r['render_images_per_second_per_core']:.1f} images/s per core" in result.output
+    assert r["render_images_per_second_per_core"] > 0 and r["passed"] in (True, False)
+    bad = runner.invoke(app, ["phantom", "--uncertain", "drop"])
+    assert bad.exit_code == 2 and "exclude or mask" in bad.output

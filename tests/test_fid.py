@@ -114,3 +114,54 @@ def test_classifier_frechet_distance_cli(tmp_path):
     bad = cli("generator", "fid", "--real", "a", "--synthetic", "b", "--classifier", "resnet34",
               "--checkpoint", tmp_path / "clf.pt", "--size", 32)
     assert bad.exit_code == 2 and "does not fit" in bad.output
+
+
+def test_classifier_frechet_distance_from_a_trained_classifier_directory(tmp_path, one_thread):
+    """`generator fid --classifier DIR`: a `classifier train` output; features are the net's pre-logits on [-1, 1] input."""
+    from conftest import chexpert_rows, write_chexpert
+    from typer.testing import CliRunner
+
+    from cxrsynth.classify.model import load_classifier
+    from cxrsynth.cli import app
+
+    csv = write_chexpert(tmp_path / "raw", chexpert_rows(n_patients=6, studies=2, uncertain=False))
+    root = tmp_path / "proj"
+    runner = CliRunner()
+
+    def cli(*args):
+        return runner.invoke(app, [str(a) for a in args] + ["--root", str(root)], catch_exceptions=False)
+
+    assert cli("ingest", "chexpert", csv, "--name", "a", "--size", 32, "--workers", 1).exit_code == 0
+    assert cli("ingest", "chexpert", csv, "--name", "b", "--size", 32, "--no-equalize", "--workers", 1).exit_code == 0
+    model_dir = tmp_path / "cls"
+    assert cli("split", "a", "--tune", 0, "--seed", 0).exit_code == 0  # every image in train
+    trained = cli("classifier", "train", "--data", "a", "--tune-split", "none", "--preset", "small",
+                  "--image-size", 24, "--epochs", 1, "--batch", 4, "--warmup", 1, "--out", model_dir)
+    assert trained.exit_code == 0, trained.output
+
+    # The extractor: the pooled features that the classifier's last linear layer maps to its logits.
+    extractor = fid.trained_classifier_extractor(model_dir)
+    model, meta = load_classifier(model_dir)
+    assert extractor.size == 24 == meta["config"]["image_size"] and extractor.classifier_id == meta["classifier_id"]
+    images = _images(2, 3, 60)[..., :24, :24].contiguous()  # (3, 1, 24, 24) uint8
+    feats = fid.features(extractor, [images])
+    assert feats.shape == (3, model.net.num_features) == (3, 256)  # the small preset's last stage width, not 14 logits
+    with torch.no_grad():
+        logits = model(images.float() / 255.0)  # the Classifier maps [0, 1] to [-1, 1] itself
+        head = model.net.get_classifier()(torch.from_numpy(feats).float())
+        direct = model.net.forward_head(model.net.forward_features(images.float() / 127.5 - 1.0), pre_logits=True)
+    np.testing.assert_allclose(head.numpy(), logits.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(feats, direct.double().numpy(), rtol=1e-4, atol=1e-5)
+    assert fid.trained_classifier_extractor(model_dir, size=32).size == 32
+
+    # The CLI: same data -> 0, other preprocessing -> > 0; the directory carries its weights and its size.
+    same = cli("generator", "fid", "--real", "a", "--synthetic", "a", "--classifier", model_dir, "--device", "cpu")
+    other = cli("generator", "fid", "--real", "a", "--synthetic", "b", "--classifier", model_dir, "--device", "cpu")
+    assert same.exit_code == 0 and other.exit_code == 0, same.output + other.output
+    assert meta["classifier_id"] in same.output and "24 px" in same.output
+    value = lambda r: float(r.output.strip().split()[-1])  # noqa: E731
+    assert abs(value(same)) < 1e-6 and value(other) > 1e-3
+    both = cli("generator", "fid", "--real", "a", "--synthetic", "b", "--classifier", model_dir, "--checkpoint", csv)
+    assert both.exit_code == 2 and "drop --checkpoint" in both.output
+    missing = cli("generator", "fid", "--real", "a", "--synthetic", "b", "--classifier", tmp_path / "nope")
+    assert missing.exit_code == 2 and "is not a cxrsynth classifier" in missing.output

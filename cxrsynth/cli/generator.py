@@ -45,7 +45,7 @@ def train(
     log_every: Annotated[Optional[int], typer.Option(
         "--log-every", min=1, help="Progress readout every N steps (default {TrainConfig.log_every}).")] = None,
     seed: Annotated[Optional[int], typer.Option(
-        "--seed", help="Seed of data order, noise and timesteps (default {TrainConfig.seed}).")] = None,
+        "--seed", min=0, help="Seed of data order, noise and timesteps (default {TrainConfig.seed}).")] = None,
     checkpoints: Annotated[Optional[Path], typer.Option(
         "--checkpoints", help="Checkpoint root (default: OUT/checkpoints); each run writes to ROOT/<run id>, the id "
                               "hashing the preset, data version, processes and every setting but --steps, "
@@ -154,9 +154,12 @@ def fid(
     inception: Annotated[Optional[Path], typer.Option(
         "--inception", help="torchvision inception_v3 state dict (local file): FID.")] = None,
     classifier: Annotated[Optional[str], typer.Option(
-        "--classifier", help="timm model name of a classifier trained on the real data.")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="That classifier's state dict (local file).")] = None,
-    size: Annotated[int, typer.Option("--size", min=8, help="Classifier input side.")] = 256,
+        "--classifier", help="A classifier trained on the real data: a `cxrsynth classifier train` output directory, "
+                             "or a timm model name with --checkpoint.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", help="The timm classifier's state dict (local file; not with a classifier directory).")] = None,
+    size: Annotated[Optional[int], typer.Option(
+        "--size", min=8, help="Classifier input side (default: a classifier directory's training side, else 256).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=2, help="At most this many images per side.")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")] = None,
     root: Root = Path("."),
@@ -169,14 +172,21 @@ def fid(
     from cxrsynth.diffusion import fid as fid_lib
 
     if (inception is None) == (classifier is None):
-        fail("give exactly one of --inception FILE or --classifier MODEL --checkpoint FILE")
-    if classifier is not None and checkpoint is None:
-        fail("--classifier needs --checkpoint FILE")
+        fail("give exactly one of --inception FILE, --classifier DIR or --classifier MODEL --checkpoint FILE")
+    directory = classifier is not None and (Path(classifier).is_dir() or "/" in classifier)
+    if directory and checkpoint is not None:
+        fail(f"--classifier {classifier} is a classifier directory (it holds its weights): drop --checkpoint")
+    if classifier is not None and not directory and checkpoint is None:
+        fail("--classifier MODEL needs --checkpoint FILE (or give a `cxrsynth classifier train` directory)")
     dev = runtime.device(device)
     if inception is not None:
         extractor, side, what = fid_lib.inception_extractor(inception), 299, "FID (Inception)"
+    elif directory:
+        extractor = fid_lib.trained_classifier_extractor(Path(classifier), size)
+        side, what = extractor.size, f"Frechet distance (classifier {extractor.classifier_id}, {extractor.size} px)"
     else:
-        extractor, side, what = fid_lib.classifier_extractor(classifier, checkpoint, size), size, f"Frechet distance ({classifier})"
+        extractor = fid_lib.classifier_extractor(classifier, checkpoint, **given(size=size))
+        side, what = extractor.size, f"Frechet distance ({classifier})"
     a = fid_lib.dataset_images(root, real, real_split, side, limit=limit)
     b = fid_lib.dataset_images(root, synthetic, None, side, limit=limit)
     value = fid_lib.fid_from_images(extractor, a, b, device=str(dev))

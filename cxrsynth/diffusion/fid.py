@@ -8,8 +8,10 @@
   downloaded. Note: torchvision's ImageNet Inception is not the TF-FID Inception
   (pytorch-fid's ``pt_inception-2015-12-05`` weights differ in a few layers), so
   values are comparable within cxrsynth, not with published FIDs (e.g. the paper's 6.4).
-* Classifier Fréchet distance: any feature extractor, e.g. a ConvNeXt trained on the
-  real data with its head removed (:func:`features`).
+* Classifier Fréchet distance: any feature extractor (:func:`features`), e.g. the pooled
+  pre-logits features of a classifier trained on the real data: a ``cxrsynth classifier
+  train`` output directory (:func:`trained_classifier_extractor`) or a timm state dict
+  (:func:`classifier_extractor`).
 """
 
 from __future__ import annotations
@@ -188,6 +190,42 @@ def classifier_extractor(model: str, checkpoint: Path, size: int = 256) -> torch
     if missing or unexpected:
         raise CxrsynthError(f"{checkpoint} does not fit timm model {model}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return _GrayClassifier(net, size).eval()
+
+
+class _TrainedClassifierPool(torch.nn.Module):
+    """uint8 (B, 1, H, W) → pooled pre-logits features of a trained :class:`cxrsynth.classify.model.Classifier`."""
+
+    def __init__(self, model: torch.nn.Module, size: int, classifier_id: str | None = None) -> None:
+        super().__init__()
+        self.model, self.size, self.classifier_id = model, size, classifier_id
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise CxrsynthError(f"expected (B, 1, H, W) grayscale images, got {tuple(images.shape)}")
+        x = images.float() / 255.0  # (B, 1, H, W) in [0, 1], as the classifier's loader gives it
+        if x.shape[-1] != self.size:
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        x = x * 2.0 - 1.0  # the Classifier's own input scaling, [0, 1] -> [-1, 1] (Classifier.forward)
+        net = self.model.net
+        return net.forward_head(net.forward_features(x), pre_logits=True)  # (B, D)
+
+
+def trained_classifier_extractor(directory: Path, size: int | None = None) -> torch.nn.Module:
+    """Pooled features of a ``cxrsynth classifier train`` output (``model.safetensors`` + ``classifier.json``).
+
+    The features are the timm network's ``forward_head(forward_features(x), pre_logits=True)``
+    (the input of its last linear layer) on the classifier's own input scaling.
+
+    Args:
+        directory: The classifier's output directory.
+        size: Input side (default: the side the classifier was trained at); the extractor's
+            ``size`` attribute holds the one used (and ``classifier_id`` the weights' id).
+    """
+    from cxrsynth.classify.model import load_classifier
+
+    model, meta = load_classifier(directory, "cpu")
+    side = int(meta["config"]["image_size"]) if size is None else int(size)
+    return _TrainedClassifierPool(model, side, meta.get("classifier_id")).eval()
 
 
 def dataset_images(root: Path, name: str, split: str | None, size: int, batch: int = 64, limit: int | None = None):
