@@ -95,9 +95,10 @@ def test_dvc_repro_runs_the_study_reruns_nothing_and_pushes_only_synthetic_data(
     assert trained == {"supplement@2"} and "report" in more
 
     # dvc push: the synthetic remote receives the replicas and nothing real
-    remote = tmp_path / "cxrsynth-remote-synthetic"  # .dvc/config: ../../cxrsynth-remote-synthetic
+    remote = clone.parent / "cxrsynth-remote-synthetic"  # .dvc/config: ../../cxrsynth-remote-synthetic (from .dvc/)
     sh("dvc", "push", cwd=clone)
     pushed = {p.name for p in remote.rglob("*") if p.is_file()}
+    assert pushed, f"nothing in {remote}"
 
     def md5(path: Path) -> str:
         return hashlib.md5(path.read_bytes()).hexdigest()
