@@ -355,7 +355,7 @@ def bench_load(
                         f"{', augmented' if augment else ''}")
     for col in ("what", "images", "seconds", "images/s", "first batch s", "steady images/s", "per worker / ceiling",
                 "vs 1 worker"):
-        table.add_column(col, justify="left" if col == "what" else "right")
+        table.add_column(col, justify="left" if col == "what" else "right", no_wrap=col == "what")
     table.add_row("PIL decode ceiling, 1 process", f"{c['images']:,}", f"{c['seconds']:.2f}", f"{c['images_per_s']:,.0f}",
                   "", f"{c['images_per_s']:,.0f}", "100%", "")
     for x in r["loader"]:
