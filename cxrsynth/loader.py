@@ -426,17 +426,28 @@ class _Rows:
     wanted: dict[str, set[str]]  # shard (relative path) -> keys selected in it
 
 
-def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float32 tensor; in a DataLoader worker, in shared memory.
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker, in shared memory.
 
     A worker's batch travels to the main process through shared memory; allocating it
     there from the start (as torch's own ``default_collate`` does) saves a copy per batch.
     """
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.float32)
-    base = torch.empty(0, dtype=torch.float32)
+        return torch.empty(shape, dtype=dtype)
+    base = torch.empty(0, dtype=dtype)
     storage = base._typed_storage()._new_shared(math.prod(shape), device="cpu")
     return base.new(storage).resize_(shape)
+
+
+def to_float(pixels: torch.Tensor, pin_memory: bool = False) -> torch.Tensor:
+    """uint8 pixels → float32 ``uint8 / 255`` (the same division, bit for bit, as a worker's own)."""
+    # numpy, one thread: torch's division would wake its thread pool, whose spinning threads
+    # take CPU from the workers; a fresh torch.empty would page-fault its 16 MB at 256 px.
+    if not pin_memory:
+        return torch.from_numpy(np.divide(pixels.numpy(), np.float32(255.0), dtype=np.float32))
+    out = torch.empty(pixels.shape, dtype=torch.float32, pin_memory=True)
+    np.divide(pixels.numpy(), np.float32(255.0), out=out.numpy(), dtype=np.float32)
+    return out
 
 
 def decode_batches(samples: Iterator[dict], sizes: tuple[int, ...], rows: _Rows, config: LoaderConfig,
@@ -444,9 +455,13 @@ def decode_batches(samples: Iterator[dict], sizes: tuple[int, ...], rows: _Rows,
     """Batch ``i`` of ``sizes[i]`` samples: PNGs decoded (and augmented when training) into one tensor.
 
     Pixels are ``uint8 / 255`` in float32 (the same division whichever path); labels and
-    masks come from the manifest rows.
+    masks come from the manifest rows. Unaugmented batches made in a DataLoader worker
+    keep their pixels uint8 (a quarter of the bytes through shared memory, whose fresh
+    pages cost a worker about a fifth of its decode rate in float32), and
+    :meth:`ShardLoader.batches` divides them in the main process.
     """
     augment = config.augment if config.train else None
+    raw = augment is None and torch.utils.data.get_worker_info() is not None  # ship uint8
     samples = iter(samples)
     for size in sizes:
         chunk = list(islice(samples, size))
@@ -457,12 +472,14 @@ def decode_batches(samples: Iterator[dict], sizes: tuple[int, ...], rows: _Rows,
         for i, sample in enumerate(chunk):
             pixels = decode_png(sample["png"], config.image_size)  # (S, S) uint8
             if images is None:
-                images = _batch_buffer((size, 1, *pixels.shape))  # (B, 1, S, S)
+                images = _batch_buffer((size, 1, *pixels.shape), torch.uint8 if raw else torch.float32)  # (B, 1, S, S)
                 view = images.numpy()
             elif pixels.shape != images.shape[2:]:
                 raise LoaderError(f"images of different sizes in one batch ({tuple(images.shape[2:])} and "
                                   f"{pixels.shape}, {keys[i]!r}); set image_size")
-            if augment is None:
+            if raw:
+                view[i, 0] = pixels
+            elif augment is None:
                 np.divide(pixels, np.float32(255.0), out=view[i, 0], dtype=np.float32)
             else:
                 gen = torch.Generator().manual_seed(derive_seed("augment", config.seed, epoch, keys[i]))
@@ -470,7 +487,7 @@ def decode_batches(samples: Iterator[dict], sizes: tuple[int, ...], rows: _Rows,
                 images[i] = augment_image(x, augment, gen)
         idx = np.fromiter((rows.row_of[k] for k in keys), dtype=np.int64, count=len(keys))
         yield {
-            "image": images,  # (B, 1, S, S) float32 in [0, 1]
+            "image": images,  # (B, 1, S, S) float32 in [0, 1] (uint8 when raw)
             "labels": torch.from_numpy(rows.labels[idx]),  # (B, 14)
             "mask": torch.from_numpy(rows.mask[idx]),  # (B, 14)
             "key": keys,
@@ -600,4 +617,7 @@ class ShardLoader:
             # key), so that starting an epoch leaves the global torch generator untouched.
             generator=torch.Generator().manual_seed(derive_seed("workers", self.config.seed, epoch)),
         )
-        yield from loader
+        for batch in loader:
+            if batch["image"].dtype == torch.uint8:  # a worker's unaugmented batch (see decode_batches)
+                batch["image"] = to_float(batch["image"], self.config.pin_memory)
+            yield batch

@@ -71,6 +71,12 @@ def test_same_batches_for_0_1_2_workers(project):
     assert image.dtype == torch.float32 and image.shape == (4, 1, 32, 32) and 0 <= image.min() and image.max() <= 1
     plain = run(project, rows, epoch=1, workers=0, augment=None, **config)
     assert flat_keys(plain) == flat_keys(runs[0]) and not torch.equal(plain[0]["image"], image)  # augmented
+    # Unaugmented batches leave a worker as uint8 and are divided in the main process: the same float32 bytes.
+    for w in (1, 2):
+        shipped = run(project, rows, epoch=1, workers=w, augment=None, **config)
+        assert_same(plain, shipped)
+        assert shipped[0]["image"].dtype == torch.float32
+    assert torch.equal(plain[0]["image"] * 255, (plain[0]["image"] * 255).round())  # uint8 / 255 exactly
 
 
 def test_two_ranks_two_workers_read_disjoint_shares_covering_every_row(project):

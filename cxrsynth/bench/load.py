@@ -9,12 +9,19 @@ over the epoch, the time to its first batch (worker start-up, shuffle buffer fil
 steady images/s after it, that rate per worker (per process for 0 workers) as a share
 of the ceiling, and the speed-up over one worker. Augmentation is off by default, so that the loader and the
 ceiling do the same decoding work; ``augment=True`` times the training pipeline whole.
+
+On a shared machine a core's speed drifts by 10-20% over seconds, more than the gap being
+measured. So the measurement runs in *rounds*: each round times the ceiling and then one
+epoch per worker count, back to back, and a worker count's share of the ceiling is the
+median over rounds of its rate divided by the same round's ceiling (a paired ratio);
+the rates shown are the best round's.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +42,7 @@ class LoadBenchConfig:
         limit: At most this many rows (the first by key); None: all.
         image_size: Resize to this side (None: the shards' size, as the ceiling decodes).
         augment: Time the training augmentations too.
-        repeats: Epochs per worker count (the best is reported).
+        repeats: Rounds (each times the ceiling and one epoch per worker count).
     """
 
     name: str
@@ -78,7 +85,8 @@ def bench_load(root: str | Path, config: LoadBenchConfig) -> dict:
     Returns:
         ``{"config", "images", "image_side", "cpu_count", "ceiling": {...}, "loader": [{"workers",
         "images", "seconds", "images_per_s", "first_batch_s", "steady_images_per_s",
-        "per_worker_of_ceiling", "speedup_vs_1"}, ...]}`` (the steady rate is the one compared).
+        "per_worker_of_ceiling" (median over rounds of the paired ratio), "rounds_of_ceiling",
+        "speedup_vs_1"}, ...]}`` (the steady rate is the one compared).
     """
     root = Path(root)
     rows = loader.select(root, config.name, config.split, exclude_uncertain=False)
@@ -88,20 +96,25 @@ def bench_load(root: str | Path, config: LoadBenchConfig) -> dict:
     timer = Timer()
     loader.decode_png(pngs[0], config.image_size)  # warm-up (PIL plugins)
     side = loader.decode_png(pngs[0], config.image_size).shape[0]
-    for _ in range(max(1, config.repeats)):
-        timer.run("PIL decode, 1 process", len(pngs), lambda: [loader.decode_png(p, config.image_size) for p in pngs])
-    ceiling_row = max(timer.rows, key=lambda r: r["per_second"])
-    results = []
     batch = min(config.batch_size, n_rows)
     streams = math.lcm(*[w for w in config.workers if w > 0] or [1])  # the same batches for every worker count
+    loaders = {w: loader.ShardLoader(root, rows, loader.LoaderConfig(
+        batch_size=batch, image_size=config.image_size, train=True, augment=loader.Augment() if config.augment else None,
+        workers=w, streams=streams)) for w in config.workers}
+    runs: dict[int, list[dict]] = {w: [] for w in config.workers}
+    for epoch in range(max(1, config.repeats)):
+        timer.run("PIL decode, 1 process", len(pngs), lambda: [loader.decode_png(p, config.image_size) for p in pngs])
+        ceiling = timer.rows[-1]
+        for w, data in loaders.items():
+            run = _time_epoch(data, epoch)
+            runs[w].append({**run, "of_ceiling": run["steady_images_per_s"] / max(1, w) / ceiling["per_second"]})
+    ceiling_row = max(timer.rows, key=lambda r: r["per_second"])
+    results = []
     for w in config.workers:
-        cfg = loader.LoaderConfig(batch_size=batch, image_size=config.image_size, train=True,
-                                  augment=loader.Augment() if config.augment else None, workers=w, streams=streams)
-        data = loader.ShardLoader(root, rows, cfg)
-        runs = [_time_epoch(data, epoch) for epoch in range(max(1, config.repeats))]
-        best = max(runs, key=lambda r: r["steady_images_per_s"])
-        results.append({"workers": w, **best,
-                        "per_worker_of_ceiling": best["steady_images_per_s"] / max(1, w) / ceiling_row["per_second"]})
+        best = max(runs[w], key=lambda r: r["steady_images_per_s"])
+        results.append({"workers": w, **{k: v for k, v in best.items() if k != "of_ceiling"},
+                        "per_worker_of_ceiling": statistics.median(r["of_ceiling"] for r in runs[w]),
+                        "rounds_of_ceiling": [r["of_ceiling"] for r in runs[w]]})
     one = next((r["steady_images_per_s"] for r in results if r["workers"] == 1), None)
     for r in results:
         r["speedup_vs_1"] = r["steady_images_per_s"] / one if one else None

@@ -326,7 +326,7 @@ def bench_load(
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most this many rows.")] = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", min=8, help="Resize to this side (default: the shards').")] = None,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Also run the training augmentations.")] = False,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Epochs per worker count (the best is kept).")] = 1,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Rounds: each times the ceiling, then one epoch per worker count (paired ratios, median shown).")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
     root: Root = Path("."),
 ) -> None:
@@ -353,7 +353,7 @@ def bench_load(
     c = r["ceiling"]
     table = Table(title=f"bench load {data}/{split}: {r['images']:,} images, {r['image_side']} px, {r['cpu_count']} cores"
                         f"{', augmented' if augment else ''}")
-    for col in ("what", "images", "seconds", "images/s", "first batch s", "steady images/s", "per worker / ceiling",
+    for col in ("what", "images", "seconds", "images/s", "first batch s", "steady images/s", "per worker / ceiling (median)",
                 "vs 1 worker"):
         table.add_column(col, justify="left" if col == "what" else "right", no_wrap=col == "what")
     table.add_row("PIL decode ceiling, 1 process", f"{c['images']:,}", f"{c['seconds']:.2f}", f"{c['images_per_s']:,.0f}",
