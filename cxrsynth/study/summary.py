@@ -25,19 +25,21 @@ def cell_summaries(root: str | Path, params: dict[str, Any]) -> list[dict]:
 
 def summary_table(root: str | Path, params: dict[str, Any]):
     """A rich table: cell, training images (real + synthetic), macro AUROC ± SD on the tuning split and each test set."""
+    from rich import box
     from rich.table import Table
 
     labels = ["tune"] + [f"{name}:{split}" for name, split in tests(params)]
-    table = Table(title="Study: macro AUROC (bootstrap SD)")
-    table.add_column("cell")
-    table.add_column("train real+syn", justify="right")
+    # Compact (no outer edge, one space between columns) so that a 4-test-set table fits 80 columns.
+    table = Table(title="Study: macro AUROC ±bootstrap SD", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("cell", no_wrap=True)
+    table.add_column("real+syn", justify="right", no_wrap=True)
     for label in labels:
-        table.add_column(label, justify="right")
+        table.add_column(label, justify="right", no_wrap=True)
     for s in cell_summaries(root, params):
         cells = []
         for label in labels:
             macro = s["evaluations"].get(label, {}).get("macro", {})
             auroc, sd = macro.get("auroc"), macro.get("sd")
-            cells.append("–" if auroc is None else f"{auroc:.3f} ({sd:.3f})" if sd is not None else f"{auroc:.3f}")
+            cells.append("–" if auroc is None else f"{auroc:.3f}±{sd:.3f}".replace("±0.", "±.") if sd is not None else f"{auroc:.3f}")
         table.add_row(s["cell"], f"{s['train']['real_images']}+{s['train']['synthetic_images']}", *cells)
     return table
