@@ -38,6 +38,8 @@ def tiny_params(params: dict) -> dict:
     params["generate"].update(steps=2, batch=16)
     params["replicas"] = {"w1": {"guidance": 1.0, "replicas": 2}}
     params["cfg"]["replicas"] = ["w1"]
+    for family in ("supplement", "synthetic", "external"):
+        params[family]["replica"] = "w1"
     params["supplement"]["k"] = [0, 1]
     params["synthetic"]["k"] = [1]
     params["external"]["k"] = [0, 1]
