@@ -82,6 +82,13 @@ def test_dvc_repro_runs_the_study_reruns_nothing_and_pushes_only_synthetic_data(
     assert set(cell["evaluations"]) == {"tune", "cxp:test", "mimic:test", "emory:test"}
     assert cell["train"]["synthetic_images"] > 0 and cell["train"]["real_images"] > 0
     assert json.loads((clone / "metrics/compare/supplement.json").read_text())["baseline"] == "supplement_k0"
+    # DVC reads the headline metrics (one macro AUROC per cell and evaluation, and the CAS) and the plots
+    shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=clone).stdout)
+    headline = next(iter(shown.values()))["data"]["report/metrics.json"]["data"]
+    assert headline["supplement_k1"]["cxp:test"] == round(cell["evaluations"]["cxp:test"]["macro"]["auroc"], 4)
+    assert set(headline["cas"]) == {"cxp:test", "mimic:test", "emory:test"}
+    sh("dvc", "plots", "show", "-o", str(tmp_path / "plots"), cwd=clone)
+    assert "supplement" in (tmp_path / "plots" / "index.html").read_text()
     git_commit(clone)
 
     # nothing changed: nothing runs

@@ -307,6 +307,20 @@ def test_figure3_and_4_panels_are_the_test_sets_and_the_plot_data_match_the_cell
     assert {p["family"] for p in json.loads(paths[1].read_text())} == {"external"}
 
 
+def test_headline_metrics_are_one_macro_auroc_per_cell_and_evaluation_and_the_cas(built):
+    from cxrsynth.study.summary import write_headline
+
+    root, _, _ = built
+    study = _study(root)
+    data = json.loads(write_headline(root, PARAMS, "out/metrics.json").read_text())
+    assert set(data) == set(study.cells) | {"cas"}
+    for name, cell in study.cells.items():
+        assert data[name] == {label: round(e["macro"]["auroc"], 4) for label, e in cell["evaluations"].items()}
+    # CAS: the purely synthetic cell with the fewest replicas (k = 1 here), test sets only
+    assert data["cas"] == {label: v for label, v in data["synthetic_k1"].items() if label != "tune"}
+    assert set(data["cas"]) == set(TESTS)
+
+
 def test_table2_grid_guidance_and_missing_cell(built):
     _, _, text = built
     rows = Page(text).table("table2")["rows"]

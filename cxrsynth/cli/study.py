@@ -79,12 +79,13 @@ def report(
     params: Params = Path("params.yaml"),
     root: Root = Path("."),
 ) -> None:
-    """Write the study report (a self-contained HTML page) and the DVC plot data; print the summary table."""
+    """Write the study report (a self-contained HTML page), the DVC plot data and headline metrics; print the summary table."""
     from cxrsynth.study.report import build_report, write_plot_data
-    from cxrsynth.study.summary import summary_table
+    from cxrsynth.study.summary import summary_table, write_headline
 
     p = _params(root, params)
     write_plot_data(root, p)
+    write_headline(root, p)
     path = build_report(root, p, root / out)
     console.print(summary_table(root, p))
     console.print(f"wrote {path}", highlight=False)

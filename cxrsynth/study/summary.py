@@ -43,3 +43,34 @@ def summary_table(root: str | Path, params: dict[str, Any]):
             cells.append("–" if auroc is None else f"{auroc:.3f}±{sd:.3f}".replace("±0.", "±.") if sd is not None else f"{auroc:.3f}")
         table.add_row(s["cell"], f"{s['train']['real_images']}+{s['train']['synthetic_images']}", *cells)
     return table
+
+
+#: The study's headline metrics (``dvc metrics show`` / ``diff`` / ``exp show``), written by the report stage.
+HEADLINE = Path("report/metrics.json")
+
+
+def headline(root: str | Path, params: dict[str, Any]) -> dict:
+    """``{cell: {evaluation: macro AUROC}}`` for every cell that ran, plus ``cas`` (the CAS on each test set).
+
+    One number per cell and evaluation (rounded to 4 places), so that ``dvc metrics show``,
+    ``dvc metrics diff`` and ``dvc exp show`` read as a table; the per-finding AUROCs, SDs and
+    CIs stay in each cell's ``metrics/study/<cell>.json``. ``cas`` is the macro AUROC of the
+    purely synthetic cell with the fewest replicas (the Classification Accuracy Score).
+    """
+    out: dict[str, Any] = {}
+    for s in cell_summaries(root, params):
+        out[s["cell"]] = {label: None if e["macro"].get("auroc") is None else round(e["macro"]["auroc"], 4)
+                          for label, e in s["evaluations"].items()}
+    ks = sorted(float(k) for k in params.get("synthetic", {}).get("k", []))
+    if ks:
+        name = f"synthetic_k{ks[0]:g}"
+        if name in out:
+            out["cas"] = {label: v for label, v in out[name].items() if label != "tune"}
+    return out
+
+
+def write_headline(root: str | Path, params: dict[str, Any], path: str | Path | None = None) -> Path:
+    path = Path(root) / (HEADLINE if path is None else path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(headline(root, params), indent=1, sort_keys=True) + "\n")
+    return path
