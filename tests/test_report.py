@@ -316,7 +316,7 @@ def test_headline_metrics_are_one_macro_auroc_per_cell_and_evaluation_and_the_ca
     assert set(data) == set(study.cells) | {"cas"}
     for name, cell in study.cells.items():
         assert data[name] == {label: round(e["macro"]["auroc"], 4) for label, e in cell["evaluations"].items()}
-    # CAS: the purely synthetic cell with the fewest replicas (k = 1 here), test sets only
+    # CAS: the synthetic_k1 cell (100% synthetic alone, as the report's CAS section), test sets only
     assert data["cas"] == {label: v for label, v in data["synthetic_k1"].items() if label != "tune"}
     assert set(data["cas"]) == set(TESTS)
 

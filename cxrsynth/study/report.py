@@ -48,6 +48,7 @@ import numpy as np
 from cxrsynth import labels
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.study import figures
+from cxrsynth.study.plan import CAS_CELL
 
 FAMILIES: tuple[str, ...] = ("supplement", "synthetic", "external", "cfg", "rebalance")
 STUDY_DIR = Path("metrics/study")
@@ -725,17 +726,17 @@ def table2(study: Study) -> str:
 
 
 def cas_rows(study: Study) -> dict | None:
-    """CAS per finding: ``synthetic_k1`` on the internal test set, beside the real-only baseline."""
+    """CAS per finding: ``synthetic_k1`` (``plan.CAS_CELL``) on the internal test set, beside the real-only baseline."""
     real = real_site(study.params)
     test = next((t for t in study.tests if t.split(":")[0] == real), study.tests[0] if study.tests else None)
-    if test is None or "synthetic_k1" not in study.cells or study.macro("synthetic_k1", test)[0] is None:
+    if test is None or CAS_CELL not in study.cells or study.macro(CAS_CELL, test)[0] is None:
         return None
     base = study.baseline("synthetic")
-    out = {"test": test, "macro": {"cas": study.macro("synthetic_k1", test)[0], "sd": study.macro("synthetic_k1", test)[1],
+    out = {"test": test, "macro": {"cas": study.macro(CAS_CELL, test)[0], "sd": study.macro(CAS_CELL, test)[1],
                                    "real": study.macro(base, test)[0]}, "findings": {}}
     for column in labels.FINDING_COLUMNS:
-        f = study.finding("synthetic_k1", test, column)
-        share, n_pos = prevalence(study, test, column, ["synthetic_k1", base])
+        f = study.finding(CAS_CELL, test, column)
+        share, n_pos = prevalence(study, test, column, [CAS_CELL, base])
         out["findings"][column] = {"cas": f.get("auroc"), "sd": f.get("sd"),
                                    "real": study.finding(base, test, column).get("auroc"),
                                    "prevalence": share, "n_pos": n_pos, "reason": f.get("reason")}

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cxrsynth.study.plan import FAMILIES, family_cells, tests
+from cxrsynth.study.plan import CAS_CELL, FAMILIES, family_cells, tests
 
 
 def cell_summaries(root: str | Path, params: dict[str, Any]) -> list[dict]:
@@ -54,18 +54,15 @@ def headline(root: str | Path, params: dict[str, Any]) -> dict:
 
     One number per cell and evaluation (rounded to 4 places), so that ``dvc metrics show``,
     ``dvc metrics diff`` and ``dvc exp show`` read as a table; the per-finding AUROCs, SDs and
-    CIs stay in each cell's ``metrics/study/<cell>.json``. ``cas`` is the macro AUROC of the
-    purely synthetic cell with the fewest replicas (the Classification Accuracy Score).
+    CIs stay in each cell's ``metrics/study/<cell>.json``. ``cas`` is the test-set macro AUROCs
+    of ``CAS_CELL`` (100% synthetic images alone: the Classification Accuracy Score, as the report's).
     """
     out: dict[str, Any] = {}
     for s in cell_summaries(root, params):
         out[s["cell"]] = {label: None if e["macro"].get("auroc") is None else round(e["macro"]["auroc"], 4)
                           for label, e in s["evaluations"].items()}
-    ks = sorted(float(k) for k in params.get("synthetic", {}).get("k", []))
-    if ks:
-        name = f"synthetic_k{ks[0]:g}"
-        if name in out:
-            out["cas"] = {label: v for label, v in out[name].items() if label != "tune"}
+    if CAS_CELL in out:
+        out["cas"] = {label: v for label, v in out[CAS_CELL].items() if label != "tune"}
     return out
 
 
