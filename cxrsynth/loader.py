@@ -440,28 +440,24 @@ def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) ->
 
 
 def to_float(pixels: torch.Tensor, pin_memory: bool = False) -> torch.Tensor:
-    """uint8 pixels → float32 ``uint8 / 255`` (the same division, bit for bit, as a worker's own)."""
+    """uint8 pixels → float32 ``uint8 / 255`` (the one place unaugmented pixels are divided)."""
     # numpy, one thread: torch's division would wake its thread pool, whose spinning threads
     # take CPU from the workers; a fresh torch.empty would page-fault its 16 MB at 256 px.
-    if not pin_memory:
-        return torch.from_numpy(np.divide(pixels.numpy(), np.float32(255.0), dtype=np.float32))
-    out = torch.empty(pixels.shape, dtype=torch.float32, pin_memory=True)
-    np.divide(pixels.numpy(), np.float32(255.0), out=out.numpy(), dtype=np.float32)
-    return out
+    out = torch.from_numpy(np.divide(pixels.numpy(), np.float32(255.0), dtype=np.float32))
+    return out.pin_memory() if pin_memory else out
 
 
 def decode_batches(samples: Iterator[dict], sizes: tuple[int, ...], rows: _Rows, config: LoaderConfig,
                    epoch: int) -> Iterator[dict]:
     """Batch ``i`` of ``sizes[i]`` samples: PNGs decoded (and augmented when training) into one tensor.
 
-    Pixels are ``uint8 / 255`` in float32 (the same division whichever path); labels and
-    masks come from the manifest rows. Unaugmented batches made in a DataLoader worker
-    keep their pixels uint8 (a quarter of the bytes through shared memory, whose fresh
-    pages cost a worker about a fifth of its decode rate in float32), and
-    :meth:`ShardLoader.batches` divides them in the main process.
+    Augmented pixels are float32 in [0, 1]. Unaugmented ones stay uint8 here and
+    :meth:`ShardLoader.batches` divides them by 255 (:func:`to_float`) in the main process:
+    a quarter of the bytes through a DataLoader worker's shared memory, whose fresh pages
+    cost a worker about a fifth of its decode rate in float32. Labels and masks come from
+    the manifest rows.
     """
     augment = config.augment if config.train else None
-    raw = augment is None and torch.utils.data.get_worker_info() is not None  # ship uint8
     samples = iter(samples)
     for size in sizes:
         chunk = list(islice(samples, size))
@@ -472,22 +468,20 @@ def decode_batches(samples: Iterator[dict], sizes: tuple[int, ...], rows: _Rows,
         for i, sample in enumerate(chunk):
             pixels = decode_png(sample["png"], config.image_size)  # (S, S) uint8
             if images is None:
-                images = _batch_buffer((size, 1, *pixels.shape), torch.uint8 if raw else torch.float32)  # (B, 1, S, S)
+                images = _batch_buffer((size, 1, *pixels.shape), torch.uint8 if augment is None else torch.float32)  # (B, 1, S, S)
                 view = images.numpy()
             elif pixels.shape != images.shape[2:]:
                 raise LoaderError(f"images of different sizes in one batch ({tuple(images.shape[2:])} and "
                                   f"{pixels.shape}, {keys[i]!r}); set image_size")
-            if raw:
+            if augment is None:
                 view[i, 0] = pixels
-            elif augment is None:
-                np.divide(pixels, np.float32(255.0), out=view[i, 0], dtype=np.float32)
             else:
                 gen = torch.Generator().manual_seed(derive_seed("augment", config.seed, epoch, keys[i]))
                 x = torch.from_numpy(pixels).float().div_(255.0)[None]  # (1, S, S)
                 images[i] = augment_image(x, augment, gen)
         idx = np.fromiter((rows.row_of[k] for k in keys), dtype=np.int64, count=len(keys))
         yield {
-            "image": images,  # (B, 1, S, S) float32 in [0, 1] (uint8 when raw)
+            "image": images,  # (B, 1, S, S) float32 in [0, 1]; uint8 when unaugmented
             "labels": torch.from_numpy(rows.labels[idx]),  # (B, 14)
             "mask": torch.from_numpy(rows.mask[idx]),  # (B, 14)
             "key": keys,
@@ -607,17 +601,16 @@ class ShardLoader:
         if not 0 <= start <= total:
             raise LoaderError(f"start batch {start} outside the epoch's {total} batches")
         dataset = RankEpoch(self.root, self.streams(epoch), self.rows, self.config, epoch, start, total)
-        if self.config.workers == 0:
-            yield from dataset
-            return
-        loader = torch.utils.data.DataLoader(
+        for batch in dataset if self.config.workers == 0 else self._workers(dataset, epoch):
+            if batch["image"].dtype == torch.uint8:  # unaugmented (see decode_batches)
+                batch["image"] = to_float(batch["image"], self.config.pin_memory)
+            yield batch
+
+    def _workers(self, dataset: RankEpoch, epoch: int) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.config.workers, pin_memory=self.config.pin_memory,
             prefetch_factor=self.config.prefetch, persistent_workers=False,
             # Its own generator for the workers' base seed (unused: every draw here is seeded by
             # key), so that starting an epoch leaves the global torch generator untouched.
             generator=torch.Generator().manual_seed(derive_seed("workers", self.config.seed, epoch)),
         )
-        for batch in loader:
-            if batch["image"].dtype == torch.uint8:  # a worker's unaugmented batch (see decode_batches)
-                batch["image"] = to_float(batch["image"], self.config.pin_memory)
-            yield batch
