@@ -29,7 +29,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 #: The published trees of a study run (DVC outputs), hashed file by file.
-PUBLISHED = ("data/shards", "manifests", "data/models", "metrics", "report/metrics.json", "report/plots")
+PUBLISHED = ("data", "manifests", "metrics", "report/metrics.json", "report/plots")
+#: Working state under data/ that is not published (resume checkpoints, digest caches, locks).
+UNPUBLISHED = ("data/checkpoints/", "data/.cxrsynth/")
 #: Files whose bytes legitimately carry the run's time or machine (left out of the comparison).
 VOLATILE = ("report/index.html",)
 
@@ -78,7 +80,8 @@ def run(tree: Path, work: Path) -> dict[str, str]:
         base = clone / top
         for path in sorted([base] if base.is_file() else base.rglob("*") if base.is_dir() else []):
             rel = path.relative_to(clone).as_posix()
-            if path.is_file() and rel not in VOLATILE and "/.progress/" not in f"/{rel}":
+            if (path.is_file() and rel not in VOLATILE and "/.progress/" not in f"/{rel}"
+                    and not rel.startswith(UNPUBLISHED)):
                 hashes[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return hashes
 
