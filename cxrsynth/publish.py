@@ -80,7 +80,8 @@ class Metadata:
         version: Version name (a content hash unless named).
         kind: ``real`` (ingested), ``synthetic`` (generated) or ``mix`` (drawn from others).
         made_by: What made the version, JSON-able and kind-specific: a real version's
-            inputs, preprocessing, shard size and adapter facts; a synthetic version's
+            inputs, preprocessing, shard size and adapter facts (and a split version's
+            ``split`` parameters and ``split_of``, the version it splits); a synthetic version's
             conditions, generator and sampling parameters; a mix's ``params`` and
             ``sources`` (dataset → version). Stored at the top level of the metadata.
         source: For ``real``: the adapter that read it (``chexpert``, ``mimic``, ``table``).
