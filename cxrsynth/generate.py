@@ -12,10 +12,20 @@ is another version (measured on CPU: at most one grey level apart, on under 1% o
 pixels). Under ``torchrun`` every rank runs with ``OMP_NUM_THREADS`` (1 unless set): a
 single process gives the same bytes with ``--threads`` equal to it.
 
+The version also hashes the conditions themselves (``conditions_sha256``: each conditioning
+row's key, split, demographics and findings) beside the conditions dataset's version, so
+other conditions (a re-split, labels changed under a hand-named version) are another
+replica set, never the old images under new rows.
+
 Rows are planned as fixed units of ``shard_size`` images, each written as one shard by
 the project's single shard writer (:mod:`cxrsynth.shards`): a killed run restarted with
 the same command skips finished shards and ends with byte-identical output; ``part``
-(``i/N``, job arrays) or ``torchrun`` ranks take units ``i::N``.
+(``i/N``, job arrays) or ``torchrun`` ranks take units ``i::N``. As in an ingest, each
+shard's receipt records a digest of what the unit was made from (:func:`unit_inputs`: its
+planned rows, with their source keys, conditioning values, seeds and replicas, and every
+parameter of the version: generator, sampler, steps, guidance, eta, formula, batch size,
+numerics, the conditions and their version); a shard is reused only when that digest is
+unchanged, and redone otherwise.
 
 Work is planned first (:func:`prepare`: conditions, generator, version, this process's
 units), so that every bad input fails before any image is sampled; :func:`run` samples
@@ -157,6 +167,22 @@ def plan(conditions: pd.DataFrame, name: str, config: GenerateConfig, gen_id: st
     return out
 
 
+#: The columns of a conditioning row that a replica set's version hashes (:func:`conditions_digest`).
+CONDITION_COLUMNS: tuple[str, ...] = ("key", "split", "sex", "age", "race", "view", *labels.FINDING_COLUMNS)
+
+
+def conditions_digest(conditions: pd.DataFrame) -> str:
+    """sha256 of the conditioning rows, in order: key, split, demographics and findings."""
+    rows = [{k: r[k] for k in CONDITION_COLUMNS} for r in shards.sample_records(conditions, extra=("split",))]
+    return hashlib.sha256(shards.json_bytes({"rows": rows})).hexdigest()
+
+
+def unit_inputs(rows: list[dict], params: dict) -> str:
+    """Digest of what one unit (shard) is made from: its planned rows (:func:`cxrsynth.shards.sample_records`:
+    keys, source keys, conditioning values, seeds, replicas, version) and the version's parameters."""
+    return hashlib.sha256(shards.json_bytes({"params": params, "rows": rows})).hexdigest()
+
+
 def condition_rows(root: str | Path, conditions: str, split: str | None) -> pd.DataFrame:
     """The rows a synthetic replica is conditioned on: ``split`` (one name, or several
     separated by commas, e.g. ``train,tune``), no uncertain finding, by key."""
@@ -197,6 +223,8 @@ class Job:
         params: What the version hashes and records (conditions, generator, config, numerics).
         rows: The planned manifest rows (without shards).
         units: ``(start, stop)`` row ranges, one per shard.
+        inputs: Each unit's :func:`unit_inputs` (recorded in its receipt; a unit is reused
+            only when they are unchanged).
         todo: This process's unfinished units, ``(unit, start, stop)``.
         rank: This process's part (job-array part or torchrun rank).
         world: Number of parts.
@@ -212,6 +240,7 @@ class Job:
     params: dict
     rows: pd.DataFrame
     units: list[tuple[int, int]]
+    inputs: list[str]
     todo: list[tuple[int, int, int]]
     rank: int
     world: int
@@ -258,8 +287,8 @@ def prepare(
     rows = plan(frame, name, config, gen_id)
     cond_version = manifest.read_meta(root, conditions).get("version")
     dev = runtime.device(device)
-    params = {"conditions": conditions, "conditions_version": cond_version, "split": split, "generator_id": gen_id,
-              **config.recorded(), "numerics": runtime.numerics(dev)}
+    params = {"conditions": conditions, "conditions_version": cond_version, "conditions_sha256": conditions_digest(frame),
+              "split": split, "generator_id": gen_id, **config.recorded(), "numerics": runtime.numerics(dev)}
     version = hashlib.sha256(shards.json_bytes(params)).hexdigest()[:10]
     rows["version"] = version
     directory = shards.shard_dir(root, name, version)
@@ -275,10 +304,13 @@ def prepare(
 
     model = load_generator(Path(generator_dir), device=str(dev))
     units = [(s, min(s + config.shard_size, len(rows))) for s in range(0, len(rows), config.shard_size)]
+    records = shards.sample_records(rows)
+    inputs = [unit_inputs(records[start:stop], params) for start, stop in units]
     todo = [(u, start, stop) for u, (start, stop) in enumerate(units)
-            if u % count == index and shards.finished(directory, name, u) is None]
+            if u % count == index and shards.finished(directory, name, u, inputs=inputs[u]) is None]
     return Job(root=root, name=name, version=version, generator_dir=generator_dir, config=config, params=params,
-               rows=rows, units=units, todo=todo, rank=index, world=count, model=model, device=dev, force=force)
+               rows=rows, units=units, inputs=inputs, todo=todo, rank=index, world=count, model=model, device=dev,
+               force=force)
 
 
 def run(job: Job, progress: Callable[[int], None] | None = None) -> dict:
@@ -317,11 +349,11 @@ def _run(job: Job, progress: Callable[[int], None] | None) -> dict:
                 batch_size=config.batch_size, dtype=dtype, forward=forward,
             )  # (n, 1, H, W) uint8
             _wait(pending, progress)
-            pending = writer.submit(_write_unit, directory, name, u, rows.iloc[start:stop], images)
+            pending = writer.submit(_write_unit, directory, name, u, rows.iloc[start:stop], images, job.inputs[u])
         _wait(pending, progress)
 
     with _exclusive(directory / shards.PROGRESS_DIR / "finalize.lock"):
-        results = [shards.finished(directory, name, u) for u in range(len(job.units))]
+        results = [shards.finished(directory, name, u, inputs=job.inputs[u]) for u in range(len(job.units))]
         complete = all(r is not None for r in results)
         if complete:  # idempotent: a second finisher rewrites the same bytes, after the first
             made_by = {"generator": str(job.generator_dir), **job.params}
@@ -384,9 +416,9 @@ def _exclusive(lock: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _write_unit(directory: Path, name: str, unit: int, rows: pd.DataFrame, images) -> int:
-    """Encode and write one generated shard; returns its image count."""
-    shards.write_shard(directory, name, unit, _samples(rows, images))
+def _write_unit(directory: Path, name: str, unit: int, rows: pd.DataFrame, images, inputs: str) -> int:
+    """Encode and write one generated shard, its receipt recording ``inputs``; returns its image count."""
+    shards.write_shard(directory, name, unit, _samples(rows, images), inputs)
     return len(rows)
 
 

@@ -2,7 +2,8 @@
 
 Ingest (real data), generate (synthetic replicas) and mix (a training set drawn from
 other datasets) each decide their rows, their version and what made them; then each calls
-:func:`publish`, which finishes the version the same way for all:
+:func:`publish`, which finishes the version the same way for all (``split``, which only
+changes the rows of a published version, finishes its new version with :func:`republish`):
 
 1. when the version has shards of its own, writes their ``index.json`` and points every
    row at its shard (the ``shard`` column: key → ``data/shards/<name>/<version>/<shard>``);
@@ -48,7 +49,7 @@ import os
 import socket
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,7 +80,8 @@ class Metadata:
         version: Version name (a content hash unless named).
         kind: ``real`` (ingested), ``synthetic`` (generated) or ``mix`` (drawn from others).
         made_by: What made the version, JSON-able and kind-specific: a real version's
-            inputs, preprocessing, shard size and adapter facts; a synthetic version's
+            inputs, preprocessing, shard size and adapter facts (and a split version's
+            ``split`` parameters and ``split_of``, the version it splits); a synthetic version's
             conditions, generator and sampling parameters; a mix's ``params`` and
             ``sources`` (dataset → version). Stored at the top level of the metadata.
         source: For ``real``: the adapter that read it (``chexpert``, ``mimic``, ``table``).
@@ -316,3 +318,28 @@ def _publish(root: Path, meta: Metadata, rows: pd.DataFrame, *, rows_in: int | N
     manifest_file = manifest.write(root, meta.dataset, rows, meta.to_dict(rows_in, kept, by_reason))
     rejects_file = manifest.write_rejects(root, meta.dataset, ledger_frame)
     return Published(manifest=manifest_file, rejects=rejects_file, rows_in=rows_in, kept=kept, rejected=by_reason)
+
+
+def republish(root: str | Path, name: str, rows: pd.DataFrame, version: str, made_by: dict[str, Any]) -> Published:
+    """Publish ``rows`` as version ``version`` of dataset ``name``, made from its published
+    version by a writer that changes only columns the shards do not hold (``split``).
+
+    The new version keeps the dataset's kind, what made it and its counts, with ``made_by``
+    added; its rows keep their shards (those of the version made from) and its rejects
+    ledger (the same input rows) is left as it is. Holds the dataset's writer lock.
+
+    Raises:
+        PublishError: another process writes the dataset.
+        AssertionError: ``rows`` are not the published version's rows (a bug in the writer).
+    """
+    with writer_lock(root, name):
+        stored = manifest.read_meta(root, name)
+        meta = Metadata.from_dict(stored)
+        meta = replace(meta, version=version, made_by={**meta.made_by, **made_by})
+        kept = int(stored.get("kept", len(rows)))
+        if len(rows) != kept:
+            raise AssertionError(f"{name}: {len(rows)} rows republished, {kept} published")
+        rows_in, rejected = int(stored.get("rows_in", kept)), dict(stored.get("rejected") or {})
+        path = manifest.write(root, name, rows.assign(version=version), meta.to_dict(rows_in, kept, rejected))
+        return Published(manifest=path, rejects=manifest.rejects_path(root, name), rows_in=rows_in, kept=kept,
+                         rejected=rejected)

@@ -1,8 +1,21 @@
-"""Patient-level train / tune / test splits, written into the manifest.
+"""Patient-level train / tune / test splits, published as a new version of the dataset.
 
 Patients are ordered by a seeded hash of their id and cut at exact patient counts, so a
 split is deterministic for a seed, independent of row order, and no patient is ever in
 two splits. ``view`` restricts which images take part (the others get a null split).
+
+A split is a writer like any other (:mod:`cxrsynth.publish`): it publishes a new version of
+the dataset, whose name is a short hash of the version it was made from, the split's
+parameters and the resulting assignment (:func:`split_version`). Everything keyed by a
+dataset's version (a classifier's or a generator's recorded training data, the leakage
+guard, a replica set's conditions, a mix's sources) therefore sees a re-split with other
+parameters as another dataset, while a rerun with the same parameters gives the same
+version and the same manifest bytes (``dvc repro`` sees nothing new). The version made from
+is the one the dataset had before any split (recorded as ``split_of``), so splitting again,
+with any parameters, starts from the same rows, and the version follows from the
+parameters alone, not from the splits made before. The shards are not rewritten: a sample
+holds no split (:data:`cxrsynth.shards.SAMPLE_FIELDS`), so the rows keep pointing at the
+shards of the version made from (``data/shards/<name>/<split_of>/``).
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrsynth import manifest
+from cxrsynth import manifest, shards
 from cxrsynth.errors import CxrsynthError
 
 SPLITS = ("train", "tune", "test")
@@ -58,17 +71,35 @@ def assign(frame: pd.DataFrame, params: SplitParams) -> pd.Series:
     return out
 
 
+def split_version(of: str, params: SplitParams, keys: pd.Series, assignment: pd.Series) -> str:
+    """Short hash of the version split (``of``), the parameters and each key's split."""
+    pairs = "\n".join(f"{k}\t{'' if pd.isna(s) else s}" for k, s in sorted(zip(keys.astype(str), assignment.astype(object))))
+    body = {"of": of, "split": asdict(params), "assignment": hashlib.sha256(pairs.encode()).hexdigest()}
+    return hashlib.sha256(shards.json_bytes(body)).hexdigest()[:10]
+
+
 def split(root: str | Path, name: str, params: SplitParams) -> dict[str, int]:
-    """Assign splits in manifest ``name`` and rewrite it (holding its writer lock); returns images per split."""
-    from cxrsynth.publish import writer_lock
+    """Assign splits in dataset ``name`` and publish them as its new version (holding its
+    writer lock); returns images per split.
+
+    Raises:
+        CxrsynthError: ``name`` has no readable manifest, is not a real dataset (a synthetic
+            set's rows have no patients; a mix's splits are the roles of its rows), or is
+            being written by another process.
+    """
+    from cxrsynth.publish import republish, stored_kind, writer_lock
 
     with writer_lock(root, name):
         frame = manifest.read(root, name)
         meta = manifest.read_meta(root, name)
+        kind = stored_kind(meta)
+        if kind != "real":
+            raise CxrsynthError(f"{name} is a {kind} dataset: split assigns the patients of a real dataset")
         frame["split"] = assign(frame, params)
         check_disjoint(frame)
-        meta["split"] = asdict(params)
-        manifest.write(root, name, frame, meta)
+        of = str(meta.get("split_of") or meta["version"])
+        version = split_version(of, params, frame["key"], frame["split"])
+        republish(root, name, frame, version, {"split": asdict(params), "split_of": of})
     return {s: int((frame["split"] == s).sum()) for s in SPLITS} | {"none": int(frame["split"].isna().sum())}
 
 

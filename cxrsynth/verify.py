@@ -57,8 +57,9 @@ def verify_dataset(root: str | Path, name: str, _path: tuple[str, ...] = ()) -> 
     folders: dict[Path, dict[str, int]] = {}
     for shard, count in with_shard["shard"].astype(str).value_counts().items():
         folders.setdefault(Path(shard).parent, {})[Path(shard).name] = int(count)
-    if not folders:  # no row has a shard: the version's own folder (every image rejected, or rows lost)
-        folders[shards.shard_dir(".", name, meta["version"])] = {}
+    if not folders:  # no row has a shard: the version's own folder (every image rejected, or rows lost);
+        # a split version's shards are those of the version it was split from
+        folders[shards.shard_dir(".", name, meta.get("split_of") or meta["version"])] = {}
     for folder, counts in sorted(folders.items()):
         directory = folder if folder.is_absolute() else root / folder
         problems += shards.verify(directory, counts)

@@ -13,6 +13,7 @@ from cxrsynth.diffusion.model import ConditionalUNet, save_generator
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.diffusion.presets import get_preset
 from cxrsynth.imaging import decode_png
+from cxrsynth.publish import RESERVED
 from cxrsynth.sources import chexpert
 from cxrsynth.verify import verify_dataset
 
@@ -202,3 +203,25 @@ def test_a_split_the_conditions_lack_is_refused(project):
     root, gen = project
     with pytest.raises(CxrsynthError, match="no rows in split"):
         generate.condition_rows(root, "cxp", "train,nope")
+
+
+def test_a_shard_whose_recorded_inputs_differ_is_redone(project):
+    """Each receipt records what its unit was made from; resume reuses a shard only when that is unchanged."""
+    root, gen = project
+    first = run(root, gen)
+    d = shards.shard_dir(root, "syn", first["version"])
+    reference = {p.name: p.read_bytes() for p in d.glob("*.tar")}
+    rows = manifest.read(root, "syn")
+    params = {k: v for k, v in manifest.read_meta(root, "syn").items() if k not in (*RESERVED, "generator")}
+    receipts = [json.loads((d / shards.PROGRESS_DIR / f"syn-{u:06d}.tar.json").read_text()) for u in range(3)]
+    for u, receipt in enumerate(receipts):
+        assert receipt["inputs"] == generate.unit_inputs(shards.sample_records(rows.iloc[3 * u : 3 * u + 3]), params)
+    assert len({r["inputs"] for r in receipts}) == 3
+    # a shard made from other inputs (another plan under this version): redone, not reused
+    path = d / shards.PROGRESS_DIR / "syn-000001.tar.json"
+    path.write_text(json.dumps({**receipts[1], "inputs": "0" * 64}))
+    again = run(root, gen)
+    assert again["version"] == first["version"] and again["written"] == 1 and again["complete"]
+    assert {p.name: p.read_bytes() for p in d.glob("*.tar")} == reference
+    assert json.loads(path.read_text())["inputs"] == receipts[1]["inputs"]
+    assert run(root, gen)["written"] == 0

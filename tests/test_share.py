@@ -74,13 +74,14 @@ def build_project(base: Path) -> Project:
         study = int(row["Path"].split("/study")[1].split("/")[0])
         save_jpeg(base / "raw" / row["Path"], patient_image(patient, study))
     root = base / "proj"
-    result = ingest.ingest(chexpert.read(csv), root=root, name="cxp", kind="chexpert", inputs={}, params=Preprocess(size=32),
-                           shard_size=10, workers=1)
+    ingest.ingest(chexpert.read(csv), root=root, name="cxp", kind="chexpert", inputs={}, params=Preprocess(size=32),
+                  shard_size=10, workers=1)
     splits.split(root, "cxp", splits.SplitParams(tune=0.3, seed=0))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = ConditionalUNet.build(get_preset("micro"))
-    gen = save_generator(net, base / "gen", data_version=f"cxp@{result.version}")
+    # trained on the split dataset, as `generator train` records it (a split is a version of its own)
+    gen = save_generator(net, base / "gen", data_version=f"cxp@{manifest.read_meta(root, 'cxp')['version']}")
     config = generate.GenerateConfig(replicas=1, sampler="ddim", steps=1, seed=5, shard_size=32, batch_size=32)  # one forward
     generate.generate(root=root, generator_dir=gen, conditions="cxp", split="train", name="syn", config=config, device="cpu")
     return Project(root, gen)

@@ -222,12 +222,14 @@ def split(
     view: Annotated[Optional[str], typer.Option("--view", help="Only images of this view (AP, PA); others get no split.")] = None,
     root: Root = Path("."),
 ) -> None:
-    """Split a dataset at the patient level (deterministic for a seed) into its manifest."""
+    """Split a dataset at the patient level (deterministic for a seed), published as its new version."""
+    from cxrsynth import manifest
     from cxrsynth.splits import SplitParams
     from cxrsynth.splits import split as split_lib
 
     counts = split_lib(root, name, SplitParams(view=view, seed=seed, **given(tune=tune, test=test)))
-    console.print(f"{name}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + " images")
+    version = manifest.read_meta(root, name).get("version")
+    console.print(f"{name} @ {version}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + " images")
 
 
 def query(
