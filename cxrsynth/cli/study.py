@@ -1,13 +1,20 @@
-"""``cxrsynth study``: the paper's experiments as cells driven by params.yaml (the DVC stages call these)."""
+"""``cxrsynth study``: the paper's experiments as cells driven by params.yaml (the DVC stages call these).
+
+Every command reads params.yaml through :meth:`cxrsynth.study.params.StudyParams.load` first,
+so a bad key, type or family fails in a second, naming the key, before anything runs.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from cxrsynth.cli.common import Root, console
+
+if TYPE_CHECKING:
+    from cxrsynth.study.params import StudyParams
 
 study_app = typer.Typer(no_args_is_help=True, help="The study: experiment cells, comparisons, distances, the report.")
 
@@ -15,15 +22,25 @@ Params = Annotated[Path, typer.Option("--params", help="The parameters file (rel
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")]
 
 
-def _params(root: Path, path: Path) -> dict:
-    import yaml
+def _params(root: Path, path: Path) -> StudyParams:
+    from cxrsynth.study.params import StudyParams
 
-    from cxrsynth.errors import CxrsynthError
+    return StudyParams.load(root, path)
 
-    full = root / path
-    if not full.is_file():
-        raise CxrsynthError(f"parameters file not found: {full}")
-    return yaml.safe_load(full.read_text()) or {}
+
+@study_app.command("check")
+def check(
+    params: Params = Path("params.yaml"),
+    root: Root = Path("."),
+) -> None:
+    """Check params.yaml (keys, types, ranges, families that fit together) and the test sets already ingested."""
+    p = _params(root, params)
+    console.print(f"{params}: ok", highlight=False)
+    from cxrsynth.study.plan import check_data
+
+    skipped = check_data(root, p, require=False)
+    if skipped:
+        console.print(f"not ingested yet, not checked: {', '.join(skipped)}", highlight=False)
 
 
 @study_app.command("cell")
@@ -36,9 +53,10 @@ def cell(
     root: Root = Path("."),
 ) -> None:
     """Build one cell's training mix, train its classifier, evaluate it on its tuning split and every test set."""
+    p = _params(root, params)
     from cxrsynth.study.cell import run_cell
 
-    run_cell(root, _params(root, params), family, tag, device=device, log=lambda line: console.print(line, highlight=False))
+    run_cell(root, p, family, tag, device=device, log=lambda line: console.print(line, highlight=False))
 
 
 @study_app.command("compare")
@@ -48,9 +66,10 @@ def compare(
     root: Root = Path("."),
 ) -> None:
     """Compare a family's cells with its baseline on every test set (Bonferroni across the family)."""
+    p = _params(root, params)
     from cxrsynth.study.compare import compare_family
 
-    result = compare_family(root, _params(root, params), family)
+    result = compare_family(root, p, family)
     for label, table in result["tests"].items():
         significant = [(c["cell"], r["finding"]) for c in table["comparisons"] for r in c["rows"] if r["significant_paired"]]
         console.print(f"{family} on {label}: {len(table['comparisons'])} cell(s) against {result['baseline']}; "
@@ -66,9 +85,10 @@ def distance(
     root: Root = Path("."),
 ) -> None:
     """Fréchet distance of a replica to the real training images, in the real-only classifier's features."""
+    p = _params(root, params)
     from cxrsynth.study.distance import replica_distance
 
-    r = replica_distance(root, _params(root, params), replica, device=device)
+    r = replica_distance(root, p, replica, device=device)
     console.print(f"{r['dataset']}: Fréchet distance {r['fid']:.3f} (two halves of the real set: {r['real_halves']:.3f}; "
                   f"{r['n_synthetic']} synthetic vs {r['n_real']} real images)", highlight=False)
 
@@ -80,10 +100,10 @@ def report(
     root: Root = Path("."),
 ) -> None:
     """Write the study report (a self-contained HTML page), the DVC plot data and headline metrics; print the summary table."""
+    p = _params(root, params)
     from cxrsynth.study.report import build_report, write_plot_data
     from cxrsynth.study.summary import summary_table, write_headline
 
-    p = _params(root, params)
     write_plot_data(root, p)
     write_headline(root, p)
     path = build_report(root, p, root / out)
@@ -97,6 +117,7 @@ def summary(
     root: Root = Path("."),
 ) -> None:
     """Print every cell's macro AUROC (bootstrap SD) on its tuning split and each test set."""
+    p = _params(root, params)
     from cxrsynth.study.summary import summary_table
 
-    console.print(summary_table(root, _params(root, params)))
+    console.print(summary_table(root, p))
