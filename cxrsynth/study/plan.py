@@ -36,7 +36,7 @@ from typing import Any
 
 from cxrsynth.errors import CxrsynthError, UnknownNameError
 from cxrsynth.mix import MixParams
-from cxrsynth.study.params import FAMILIES, ParamsError, StudyParams
+from cxrsynth.study.params import FAMILIES, StudyParams
 
 #: Where a cell's files go, relative to the project root.
 CELL_DIR = Path("data/study")
@@ -179,18 +179,18 @@ def check_data(root: str | Path, params: StudyParams | Mapping[str, Any], *, req
     from cxrsynth import manifest
 
     params = StudyParams.of(params)
-    needs = [(f"study.tests[{i}]", name, "test") for i, name in enumerate(params.study.tests)]
-    needs.append(("study.real", params.study.real, "train"))
+    needs = [(f"study.tests[{i}]", name, "test", "every cell is evaluated on it") for i, name in enumerate(params.study.tests)]
+    needs.append(("study.real", params.study.real, "train", "the cells train on it"))
     if params.external is not None:
-        needs.append(("external.real", params.external.real, "train"))
+        needs.append(("external.real", params.external.real, "train", "the external cells train on it"))
     skipped, counts = [], {}
-    for key, name, split in needs:
-        if not manifest.manifest_path(root, name).is_file() and not require:
+    for key, name, split, why in needs:
+        if not require and not manifest.manifest_path(root, name).is_file():
             skipped.append(name)
             continue
         if name not in counts:
             counts[name] = manifest.read(root, name)["split"].value_counts().to_dict()
         if not counts[name].get(split):
             have = ", ".join(f"{s} {n:,}" for s, n in sorted(counts[name].items())) or "no split assigned"
-            raise ParamsError(key, f"dataset {name!r} has no {split} rows ({have}); every cell needs them")
+            raise CxrsynthError(f"{key}: dataset {name!r} has no {split} rows ({have}); {why}")
     return list(dict.fromkeys(skipped))
