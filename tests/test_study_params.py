@@ -46,7 +46,8 @@ def test_the_project_parameter_files_parse_to_what_they_say():
     assert demo.sources.mimic.patients == "data/raw/mimic/patients.csv.gz" and demo.phantom == {"cxp": 2400, "mimic": 1200,
                                                                                                   "emory": 1200}
     assert paper.supplement.k == tuple(range(11)) and paper.phantom == {} and paper.classifier.preset == "paper"
-    assert StudyParams.load(REPO) == demo and demo.source == PARAMS  # load reads params.yaml; the mapping is kept as written
+    assert StudyParams.load(REPO) == demo and demo.mapping == PARAMS  # load reads params.yaml; the mapping is kept as written
+    assert StudyParams.load(REPO).file == "params.yaml" and StudyParams.of(demo) is demo
     with pytest.raises(dataclasses.FrozenInstanceError):
         demo.seed = 1
 

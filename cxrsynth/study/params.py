@@ -23,7 +23,8 @@ The parser is a small walker over the dataclasses' type hints (:func:`parse`): `
 ``float``, ``str``, ``bool``, ``X | None``, ``tuple[X, ...]`` (a YAML list),
 ``dict[str, X]`` (a YAML mapping of names), ``Any`` and nested dataclasses; a field's
 ``metadata`` adds ranges (:func:`setting`). A class may add checks across its fields in a
-``check(self, key)`` method, called once its fields are parsed.
+``check(self, key)`` method, called once its fields are parsed, or parse itself in a
+``from_mapping(data, key)`` class method (:class:`Classifier`).
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ class Classifier:
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, data: Any, key: str) -> "Classifier":
+    def from_mapping(cls, data: Any, key: str) -> "Classifier":
+        """Parse the section (the walker's hook for a class that is not field-for-key)."""
         from cxrsynth.classify.presets import ClassifierConfig
 
         data = dict(_mapping(data, key, "a mapping: a preset and overrides of its fields"))
@@ -206,14 +208,13 @@ class Classifier:
 
     def config(self, key: str = "classifier"):
         """The resolved :class:`~cxrsynth.classify.presets.ClassifierConfig`."""
-        from cxrsynth.classify.presets import PRESETS, get_preset
+        from cxrsynth.classify.presets import get_preset
         from cxrsynth.errors import UnknownNameError
 
         try:
             return get_preset(self.preset, **self.overrides)
-        except UnknownNameError:
-            raise ParamsError(f"{key}.preset", f"unknown classifier preset {self.preset!r}; known: "
-                                               f"{', '.join(sorted(PRESETS))}") from None
+        except UnknownNameError as exc:
+            raise ParamsError(f"{key}.preset", str(exc)) from None
         except CxrsynthError as exc:
             raise ParamsError(key, str(exc)) from None
 
@@ -322,7 +323,8 @@ class StudyParams:
         evaluate: Evaluation and comparison settings.
         cfg, supplement, synthetic, external, rebalance: The experiment families (``None``: not in the study).
         image_size, shard_size, phantom, sources, split, generator, generate: dvc.yaml's other stages.
-        source: The mapping this was parsed from (params.yaml as written; not a key of it).
+        mapping: The mapping this was parsed from (params.yaml as written; not a key of it).
+        file: The file it was read from, if any (not a key either).
     """
 
     study: Study
@@ -342,18 +344,20 @@ class StudyParams:
     split: Split | None = None
     generator: Generator | None = None
     generate: Generate | None = None
-    source: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata={"parsed": False})
+    mapping: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata={"parsed": False})
+    file: str | None = field(default=None, compare=False, repr=False, metadata={"parsed": False})
 
     # -------------------------------------------------------------- building
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> "StudyParams":
-        """Parse and check a params.yaml mapping; a :class:`ParamsError` names the first problem."""
+    def from_dict(cls, data: Mapping[str, Any], file: str | None = None) -> "StudyParams":
+        """Parse and check a params.yaml mapping (read from ``file``, which errors name); a
+        :class:`ParamsError` names the first problem."""
         try:
             params = parse(cls, data, "")
         except ParamsError as exc:
-            raise exc.within(source) if source else exc
-        return dataclasses.replace(params, source=data)
+            raise exc.within(file) if file else exc
+        return dataclasses.replace(params, mapping=data, file=file)
 
     @classmethod
     def load(cls, root: str | Path = ".", path: str | Path = PARAMS_FILE) -> "StudyParams":
@@ -388,7 +392,7 @@ class StudyParams:
             raise UnknownNameError("study family", name, FAMILIES)
         section = getattr(self, name)
         if section is None:
-            raise ParamsError(name, f"missing: the {name} family is not in these parameters")
+            raise ParamsError(name, f"missing: the {name} family is not in these parameters", self.file)
         return section
 
     def enabled(self, name: str) -> bool:
@@ -513,7 +517,7 @@ def parse(hint: Any, value: Any, key: str, meta: Mapping[str, Any] | None = None
 
 
 def _dataclass(cls: type, value: Any, key: str) -> Any:
-    custom = getattr(cls, "parse", None)
+    custom = getattr(cls, "from_mapping", None)
     if callable(custom):
         return custom(value, key)
     data = _mapping(value, key, _describe(cls))

@@ -515,7 +515,7 @@ def _yaml(params: StudyParams) -> str:
     """params.yaml as written (the mapping it was parsed from)."""
     import yaml
 
-    return yaml.safe_dump(dict(params.source), sort_keys=False, default_flow_style=None, width=110)
+    return yaml.safe_dump(dict(params.mapping), sort_keys=False, default_flow_style=None, width=110)
 
 
 def facts_section(study: Study) -> str:
