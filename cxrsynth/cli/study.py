@@ -7,14 +7,12 @@ so a bad key, type or family fails in a second, naming the key, before anything 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from cxrsynth.cli.common import Root, console
-
-if TYPE_CHECKING:
-    from cxrsynth.study.params import StudyParams
+from cxrsynth.study.params import FAMILIES, PARAMS_FILE, StudyParams
 
 study_app = typer.Typer(no_args_is_help=True, help="The study: experiment cells, comparisons, distances, the report.")
 
@@ -23,14 +21,12 @@ Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda
 
 
 def _params(root: Path, path: Path) -> StudyParams:
-    from cxrsynth.study.params import StudyParams
-
     return StudyParams.load(root, path)
 
 
 @study_app.command("check")
 def check(
-    params: Params = Path("params.yaml"),
+    params: Params = PARAMS_FILE,
     root: Root = Path("."),
 ) -> None:
     """Check params.yaml (keys, types, ranges, families that fit together) and the test sets already ingested."""
@@ -45,10 +41,10 @@ def check(
 
 @study_app.command("cell")
 def cell(
-    family: Annotated[str, typer.Argument(help="cfg | supplement | synthetic | external | rebalance.")],
+    family: Annotated[str, typer.Argument(help=" | ".join(FAMILIES) + ".")],
     tag: Annotated[str, typer.Argument(help="k<k> (supplement, synthetic, external), <replica>-real | <replica>-synthetic "
                                             "| real-<replica> (cfg), targeted (rebalance).")],
-    params: Params = Path("params.yaml"),
+    params: Params = PARAMS_FILE,
     device: Device = None,
     root: Root = Path("."),
 ) -> None:
@@ -61,8 +57,8 @@ def cell(
 
 @study_app.command("compare")
 def compare(
-    family: Annotated[str, typer.Argument(help="cfg | supplement | synthetic | external | rebalance.")],
-    params: Params = Path("params.yaml"),
+    family: Annotated[str, typer.Argument(help=" | ".join(FAMILIES) + ".")],
+    params: Params = PARAMS_FILE,
     root: Root = Path("."),
 ) -> None:
     """Compare a family's cells with its baseline on every test set (Bonferroni across the family)."""
@@ -80,7 +76,7 @@ def compare(
 @study_app.command("distance")
 def distance(
     replica: Annotated[str, typer.Argument(help="A replica of params.yaml's `replicas`.")],
-    params: Params = Path("params.yaml"),
+    params: Params = PARAMS_FILE,
     device: Device = None,
     root: Root = Path("."),
 ) -> None:
@@ -96,7 +92,7 @@ def distance(
 @study_app.command("report")
 def report(
     out: Annotated[Path, typer.Option("--out", help="Report folder (index.html).")] = Path("report"),
-    params: Params = Path("params.yaml"),
+    params: Params = PARAMS_FILE,
     root: Root = Path("."),
 ) -> None:
     """Write the study report (a self-contained HTML page), the DVC plot data and headline metrics; print the summary table."""
@@ -113,7 +109,7 @@ def report(
 
 @study_app.command("summary")
 def summary(
-    params: Params = Path("params.yaml"),
+    params: Params = PARAMS_FILE,
     root: Root = Path("."),
 ) -> None:
     """Print every cell's macro AUROC (bootstrap SD) on its tuning split and each test set."""
