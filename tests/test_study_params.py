@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -196,3 +197,36 @@ def test_a_test_set_without_test_rows_fails_before_a_cell_trains(tmp_path):
     assert not (root / "data").exists() and sorted(manifest.list_names(root)) == ["cxp", "mimic"]
     manifest_with(root, "emory", ["test"])
     assert plan.check_data(root, PARAMS) == []
+
+
+def test_a_cell_runs_on_the_typed_parameters(tmp_path):
+    """`cxrsynth study cell` on a tiny ingested site: the classifier and evaluation settings of
+    params.yaml reach the training and the metrics, and the summary, headline and report read them."""
+    from conftest import chexpert_rows, write_chexpert
+
+    from cxrsynth import ingest, splits
+    from cxrsynth.imaging import Preprocess
+    from cxrsynth.sources import chexpert
+    from cxrsynth.study.summary import headline
+
+    root = tmp_path / "proj"
+    csv = write_chexpert(tmp_path / "raw", chexpert_rows(n_patients=16, studies=2, uncertain=False))
+    ingest.ingest(chexpert.read(csv), root=root, name="cxp", kind="chexpert", inputs={}, params=Preprocess(size=32),
+                  shard_size=16, workers=1)
+    splits.split(root, "cxp", splits.SplitParams(tune=0.25, test=0.25, seed=0))
+    params = {"seed": 0, "study": {"real": "cxp", "tests": ["cxp"]}, "replicas": {"w1": {"guidance": 1.0, "replicas": 1}},
+              "classifier": {"preset": "small", "image_size": 16, "epochs": 1, "batch_size": 8, "exclude_uncertain": False},
+              "evaluate": {"bootstrap": 20}, "supplement": {"replica": "w1", "k": [0]}}
+    write_params(root, params)
+    result = CliRunner().invoke(app, ["study", "cell", "supplement", "k0", "--root", str(root), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    cell = json.loads((root / "metrics" / "study" / "supplement_k0.json").read_text())
+    assert set(cell["evaluations"]) == {"tune", "cxp:test"} and cell["train"]["synthetic_images"] == 0
+    model = json.loads((root / "data" / "study" / "supplement_k0" / "model" / "classifier.json").read_text())
+    assert model["config"]["epochs"] == 1 and model["config"]["image_size"] == 16
+    full = json.loads((root / cell["evaluations"]["cxp:test"]["path"]).read_text())
+    assert full["bootstrap"]["n"] == 20 and full["bootstrap"]["seed"] == 0  # evaluate.bootstrap; the seed's default
+    assert headline(root, params)["supplement_k0"]["cxp:test"] == round(cell["evaluations"]["cxp:test"]["macro"]["auroc"], 4)
+    result = CliRunner().invoke(app, ["study", "report", "--root", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "supplement_k0" in (root / "report" / "index.html").read_text()
