@@ -155,6 +155,9 @@ def test_check_says_ok_and_reads_bad_yaml_as_one_line(tmp_path):
     (root / "params.yaml").write_text("study: {real: cxp, tests: [cxp]\nseed: 0\n")
     result = CliRunner().invoke(app, ["study", "check", "--root", str(root)])
     assert result.exit_code == 2 and "error: params.yaml: not valid YAML (line" in result.output
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False) + "seed: 1\n")  # safe_load would keep the last
+    result = CliRunner().invoke(app, ["study", "check", "--root", str(root)])
+    assert result.exit_code == 2 and "key 'seed' is given twice in one mapping (first on line 1)" in " ".join(result.output.split())
     result = CliRunner().invoke(app, ["study", "check", "--root", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "parameters file not found" in result.output
 

@@ -6,7 +6,7 @@ a mapping) before anything else runs: every ``cxrsynth study`` command loads it 
 ``cxrsynth study check`` does only that. Every problem is one :class:`ParamsError` naming
 the full key (``supplement.k[1]``, ``replicas.w5.guidance``) and what was expected:
 
-* an unknown key at any level (``supplement.kk``), a missing one, a wrong type
+* a key given twice in the file, an unknown key at any level (``supplement.kk``), a missing one, a wrong type
   (``supplement.k: two``, ``classifier.epochs: 1.5``) or a value out of range;
 * families that do not fit together: a family naming a replica that ``replicas`` does not
   define, a k that needs more replicas than that replica has, a family without its
@@ -368,7 +368,7 @@ class StudyParams:
         if not full.is_file():
             raise CxrsynthError(f"parameters file not found: {full}")
         try:
-            data = yaml.safe_load(full.read_text())
+            data = yaml.load(full.read_text(), Loader=_strict_loader())
         except yaml.YAMLError as exc:
             where = getattr(exc, "problem_mark", None)
             at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
@@ -460,6 +460,25 @@ class StudyParams:
         if self.external is not None and 0 not in self.external.k:
             raise ParamsError("external.k", f"the external family's baseline is external_k0 ({self.external.real} "
                                             "real data alone); add 0")
+
+
+def _strict_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping (safe_load keeps the last silently)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, str) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice in one mapping (first on line {seen[key] + 1})",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
 
 
 # ------------------------------------------------------------------ the walker
