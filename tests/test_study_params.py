@@ -150,8 +150,9 @@ def test_every_study_command_checks_params_first(tmp_path, command):
 def test_check_says_ok_and_reads_bad_yaml_as_one_line(tmp_path):
     root = write_params(tmp_path / "proj", PARAMS)
     result = CliRunner().invoke(app, ["study", "check", "--root", str(root)])
-    assert result.exit_code == 0 and result.output.startswith("params.yaml: ok\n")
-    assert "not ingested yet, not checked: cxp, mimic, emory" in result.output
+    assert result.exit_code == 0 and result.output == "params.yaml: ok\n"
+    result = CliRunner().invoke(app, ["study", "check", "--data", "--root", str(root)])
+    assert result.exit_code == 0 and "data: ok (not ingested yet, not checked: cxp, mimic, emory)" in result.output
     (root / "params.yaml").write_text("study: {real: cxp, tests: [cxp]\nseed: 0\n")
     result = CliRunner().invoke(app, ["study", "check", "--root", str(root)])
     assert result.exit_code == 2 and "error: params.yaml: not valid YAML (line" in result.output
@@ -187,7 +188,8 @@ def test_a_test_set_without_test_rows_fails_before_a_cell_trains(tmp_path):
     root = write_params(tmp_path / "proj", PARAMS)
     manifest_with(root, "cxp", ["train", "tune", "test"])
     manifest_with(root, "mimic", ["train", "tune"])  # an official split without test rows
-    result = CliRunner().invoke(app, ["study", "check", "--root", str(root)])
+    assert CliRunner().invoke(app, ["study", "check", "--root", str(root)]).exit_code == 0  # the file alone is fine
+    result = CliRunner().invoke(app, ["study", "check", "--data", "--root", str(root)])
     assert result.exit_code == 2 and "params.yaml: ok" in result.output
     assert "error: study.tests[1]: dataset 'mimic' has no test rows (train 1, tune 1); every cell is evaluated on it" in \
         " ".join(result.output.split())
@@ -200,6 +202,7 @@ def test_a_test_set_without_test_rows_fails_before_a_cell_trains(tmp_path):
     assert not (root / "data").exists() and sorted(manifest.list_names(root)) == ["cxp", "mimic"]
     manifest_with(root, "emory", ["test"])
     assert plan.check_data(root, PARAMS) == []
+    assert CliRunner().invoke(app, ["study", "check", "--data", "--root", str(root)]).output.endswith("data: ok\n")
 
 
 def test_a_cell_runs_on_the_typed_parameters(tmp_path):
