@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from cxrsynth.errors import CxrsynthError
+from cxrsynth.errors import CxrsynthError, UnknownNameError
 
 #: The experiment families, in the order of the pipeline (cxrsynth.study.plan describes each).
 FAMILIES = ("cfg", "supplement", "synthetic", "external", "rebalance")
@@ -209,7 +209,6 @@ class Classifier:
     def config(self, key: str = "classifier"):
         """The resolved :class:`~cxrsynth.classify.presets.ClassifierConfig`."""
         from cxrsynth.classify.presets import get_preset
-        from cxrsynth.errors import UnknownNameError
 
         try:
             return get_preset(self.preset, **self.overrides)
@@ -386,8 +385,6 @@ class StudyParams:
 
     def family(self, name: str):
         """The section of experiment family ``name``; a :class:`ParamsError` if params.yaml has none."""
-        from cxrsynth.errors import UnknownNameError
-
         if name not in FAMILIES:
             raise UnknownNameError("study family", name, FAMILIES)
         section = getattr(self, name)
@@ -404,11 +401,14 @@ class StudyParams:
         """Guidance scale of a replica of ``replicas`` or of ``rebalanced`` (the rebalance family's)."""
         if replica == "rebalanced":
             return self.family("rebalance").guidance
+        if replica not in self.replicas:
+            raise UnknownNameError("replica", replica, self.replicas)
         return self.replicas[replica].guidance
 
     # -------------------------------------------------------------- the checks across sections
 
     def check(self, key: str) -> None:
+        """The checks across sections: replica names, the replicas each family names and needs, the baselines."""
         for name in self.replicas:
             if not REPLICA_NAME.match(name) or name in RESERVED_REPLICAS:
                 raise ParamsError(f"replicas.{name}", "a replica name is letters, digits and underscores, and not "
@@ -422,7 +422,7 @@ class StudyParams:
             if section is None:
                 continue
             count = self._replica(f"{name}.replica", section.replica)
-            for i, k in enumerate(section.k):
+            for i, k in enumerate(section.k):  # k = 2.5 needs 3 replicas, as cxrsynth.mix.select_replicas counts
                 if math.ceil(k - 1e-9) > count:
                     raise ParamsError(f"{name}.k[{i}]", f"k = {k:g} needs {math.ceil(k - 1e-9)} replicas of "
                                                         f"{section.replica}; replicas.{section.replica}.replicas is {count}")
