@@ -24,6 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: $(STAMP)
+	$(BIN)/cxrsynth study check
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 	$(BIN)/cxrsynth query "SELECT dataset, origin, split, count(*) AS images, count(DISTINCT patient_id) AS patients FROM images GROUP BY ALL ORDER BY ALL"
 	$(BIN)/cxrsynth study summary

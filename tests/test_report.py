@@ -473,7 +473,8 @@ def test_report_of_an_empty_or_damaged_study_says_what_is_missing(tmp_path):
     root = tmp_path / "empty"
     (root / "metrics" / "study").mkdir(parents=True)
     (root / "metrics" / "study" / "supplement_k1.json").write_text("{not json")
-    params = {"supplement": {"k": [0, 1], "replica": "w1"}, "external": {"k": [0, 1], "enabled": False}}
+    params = {"study": {"real": "cxp", "tests": ["cxp"]}, "replicas": {"w1": {"guidance": 1.0, "replicas": 1}},
+              "supplement": {"k": [0, 1], "replica": "w1"}, "external": {"real": "mimic", "replica": "w1", "k": [0, 1], "enabled": False}}
     path = report.build_report(root, params, tmp_path / "out")
     text = path.read_text()
     page = Page(text)

@@ -1,4 +1,8 @@
-"""``cxrsynth study``: the paper's experiments as cells driven by params.yaml (the DVC stages call these)."""
+"""``cxrsynth study``: the paper's experiments as cells driven by params.yaml (the DVC stages call these).
+
+Every command reads params.yaml through :meth:`cxrsynth.study.params.StudyParams.load` first,
+so a bad key, type or family fails in a second, naming the key, before anything runs.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from cxrsynth.cli.common import Root, console
+from cxrsynth.study.params import FAMILIES, PARAMS_FILE, StudyParams
 
 study_app = typer.Typer(no_args_is_help=True, help="The study: experiment cells, comparisons, distances, the report.")
 
@@ -15,42 +20,55 @@ Params = Annotated[Path, typer.Option("--params", help="The parameters file (rel
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")]
 
 
-def _params(root: Path, path: Path) -> dict:
-    import yaml
+def _params(root: Path, path: Path) -> StudyParams:
+    return StudyParams.load(root, path)
 
-    from cxrsynth.errors import CxrsynthError
 
-    full = root / path
-    if not full.is_file():
-        raise CxrsynthError(f"parameters file not found: {full}")
-    return yaml.safe_load(full.read_text()) or {}
+@study_app.command("check")
+def check(
+    data: Annotated[bool, typer.Option("--data", help="Also check the datasets already ingested: every test set has test "
+                                                      "rows, the training sites train rows (a cell checks this itself).")] = False,
+    params: Params = PARAMS_FILE,
+    root: Root = Path("."),
+) -> None:
+    """Check params.yaml: unknown keys, types, ranges and families that fit together (in a second, before any stage)."""
+    p = _params(root, params)
+    console.print(f"{params}: ok", highlight=False)
+    if data:
+        from cxrsynth.study.plan import check_data
+
+        skipped = check_data(root, p, require=False)
+        console.print("data: ok" + (f" (not ingested yet, not checked: {', '.join(skipped)})" if skipped else ""),
+                      highlight=False)
 
 
 @study_app.command("cell")
 def cell(
-    family: Annotated[str, typer.Argument(help="cfg | supplement | synthetic | external | rebalance.")],
+    family: Annotated[str, typer.Argument(help=" | ".join(FAMILIES) + ".")],
     tag: Annotated[str, typer.Argument(help="k<k> (supplement, synthetic, external), <replica>-real | <replica>-synthetic "
                                             "| real-<replica> (cfg), targeted (rebalance).")],
-    params: Params = Path("params.yaml"),
+    params: Params = PARAMS_FILE,
     device: Device = None,
     root: Root = Path("."),
 ) -> None:
     """Build one cell's training mix, train its classifier, evaluate it on its tuning split and every test set."""
+    p = _params(root, params)
     from cxrsynth.study.cell import run_cell
 
-    run_cell(root, _params(root, params), family, tag, device=device, log=lambda line: console.print(line, highlight=False))
+    run_cell(root, p, family, tag, device=device, log=lambda line: console.print(line, highlight=False))
 
 
 @study_app.command("compare")
 def compare(
-    family: Annotated[str, typer.Argument(help="cfg | supplement | synthetic | external | rebalance.")],
-    params: Params = Path("params.yaml"),
+    family: Annotated[str, typer.Argument(help=" | ".join(FAMILIES) + ".")],
+    params: Params = PARAMS_FILE,
     root: Root = Path("."),
 ) -> None:
     """Compare a family's cells with its baseline on every test set (Bonferroni across the family)."""
+    p = _params(root, params)
     from cxrsynth.study.compare import compare_family
 
-    result = compare_family(root, _params(root, params), family)
+    result = compare_family(root, p, family)
     for label, table in result["tests"].items():
         significant = [(c["cell"], r["finding"]) for c in table["comparisons"] for r in c["rows"] if r["significant_paired"]]
         console.print(f"{family} on {label}: {len(table['comparisons'])} cell(s) against {result['baseline']}; "
@@ -61,14 +79,15 @@ def compare(
 @study_app.command("distance")
 def distance(
     replica: Annotated[str, typer.Argument(help="A replica of params.yaml's `replicas`.")],
-    params: Params = Path("params.yaml"),
+    params: Params = PARAMS_FILE,
     device: Device = None,
     root: Root = Path("."),
 ) -> None:
     """Fréchet distance of a replica to the real training images, in the real-only classifier's features."""
+    p = _params(root, params)
     from cxrsynth.study.distance import replica_distance
 
-    r = replica_distance(root, _params(root, params), replica, device=device)
+    r = replica_distance(root, p, replica, device=device)
     console.print(f"{r['dataset']}: Fréchet distance {r['fid']:.3f} (two halves of the real set: {r['real_halves']:.3f}; "
                   f"{r['n_synthetic']} synthetic vs {r['n_real']} real images)", highlight=False)
 
@@ -76,14 +95,14 @@ def distance(
 @study_app.command("report")
 def report(
     out: Annotated[Path, typer.Option("--out", help="Report folder (index.html).")] = Path("report"),
-    params: Params = Path("params.yaml"),
+    params: Params = PARAMS_FILE,
     root: Root = Path("."),
 ) -> None:
     """Write the study report (a self-contained HTML page), the DVC plot data and headline metrics; print the summary table."""
+    p = _params(root, params)
     from cxrsynth.study.report import build_report, write_plot_data
     from cxrsynth.study.summary import summary_table, write_headline
 
-    p = _params(root, params)
     write_plot_data(root, p)
     write_headline(root, p)
     path = build_report(root, p, root / out)
@@ -93,10 +112,11 @@ def report(
 
 @study_app.command("summary")
 def summary(
-    params: Params = Path("params.yaml"),
+    params: Params = PARAMS_FILE,
     root: Root = Path("."),
 ) -> None:
     """Print every cell's macro AUROC (bootstrap SD) on its tuning split and each test set."""
+    p = _params(root, params)
     from cxrsynth.study.summary import summary_table
 
-    console.print(summary_table(root, _params(root, params)))
+    console.print(summary_table(root, p))

@@ -1,11 +1,13 @@
 """Run one cell of the study: its training mix, its classifier, its evaluations.
 
-``run_cell(root, params, family, tag)``:
+``run_cell(root, params, family, tag)`` (``params``: :class:`~cxrsynth.study.params.StudyParams`):
 
+0. checks that the test sets and the training sites have their rows
+   (:func:`cxrsynth.study.plan.check_data`), before anything is trained;
 1. builds the cell's training mix (:mod:`cxrsynth.mix`; a manifest named after the cell);
-2. trains a classifier on it (:mod:`cxrsynth.classify.train`; ``params["classifier"]`` is a
+2. trains a classifier on it (:mod:`cxrsynth.classify.train`; ``classifier`` is a
    preset plus overrides) into ``data/study/<cell>/model`` — resumable after a kill;
-3. predicts and evaluates (:mod:`cxrsynth.evaluate.metrics`, ``params["evaluate"]``: bootstrap
+3. predicts and evaluates (:mod:`cxrsynth.evaluate.metrics`, ``evaluate``: bootstrap
    replicates, seed) the cell's own tuning split (the paper's Table 2 measure; the tuning
    rows are the model's own, so the leak guard records the overlap instead of refusing)
    and every test set;
@@ -17,30 +19,29 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
-from cxrsynth.study.plan import Cell, cell, tests
+from cxrsynth.study.params import StudyParams
+from cxrsynth.study.plan import Cell, cell, check_data, tests
 
 Log = Callable[[str], None]
 
 
-def classifier_config(params: dict[str, Any]):
-    """The study's classifier configuration: ``params["classifier"]["preset"]`` + its overrides."""
-    from cxrsynth.classify.presets import get_preset
-
-    settings = dict(params.get("classifier", {}))
-    preset = settings.pop("preset", "small")
-    return preset, get_preset(preset, **settings)
+def classifier_config(params: StudyParams | Mapping[str, Any]):
+    """``(preset, config)``: the study's classifier, ``classifier.preset`` + its overrides."""
+    section = StudyParams.of(params).classifier
+    return section.preset, section.config()
 
 
-def evaluations(params: dict[str, Any], c: Cell, tuned: bool = True) -> list[tuple[str, str, str]]:
+def evaluations(params: StudyParams | Mapping[str, Any], c: Cell, tuned: bool = True) -> list[tuple[str, str, str]]:
     """``(label, dataset, split)`` of what a cell is evaluated on: its tuning split (when it has one), then the test sets."""
     return [("tune", c.name, "tune")] * tuned + [(f"{name}:{split}", name, split) for name, split in tests(params)]
 
 
-def run_cell(root: str | Path, params: dict[str, Any], family: str, tag: str, *, device: str | None = None,
-             log: Log = print) -> dict:
+def run_cell(root: str | Path, params: StudyParams | Mapping[str, Any], family: str, tag: str, *,
+             device: str | None = None, log: Log = print) -> dict:
     """Mix, train, predict and evaluate one cell; returns (and writes) its summary."""
     from cxrsynth.classify.predict import predict, write
     from cxrsynth.classify.train import train
@@ -48,7 +49,9 @@ def run_cell(root: str | Path, params: dict[str, Any], family: str, tag: str, *,
     from cxrsynth.mix import mix
 
     root = Path(root)
+    params = StudyParams.of(params)
     c = cell(params, family, tag)
+    check_data(root, params)
     counts = mix(root, c.name, c.mix)
     log(f"{c.name}: train {counts['train']:,} images ({counts['synthetic']:,} synthetic), tune {counts['tune']:,}")
     tuned = counts["tune"] > 0
@@ -58,7 +61,6 @@ def run_cell(root: str | Path, params: dict[str, Any], family: str, tag: str, *,
     directory = c.directory(root)
     facts = train(root, c.name, config, directory / "model", tune_split="tune" if tuned else None, preset=preset,
                   device=device, callback=_epoch_logger(c.name, log))
-    settings = params.get("evaluate", {})
     summary: dict[str, Any] = {
         "cell": c.name, "family": c.family, "tag": c.tag, "k": c.k, "replica": c.replica, "guidance": c.guidance,
         "tune": c.tune,
@@ -71,9 +73,7 @@ def run_cell(root: str | Path, params: dict[str, Any], family: str, tag: str, *,
         stem = label.replace(":", "-")
         frame, meta = predict(directory / "model", root, dataset, split, device=device)
         pred_path = write(frame, meta, directory / "predictions" / f"{stem}.parquet")
-        config_eval = metrics.EvaluateConfig(bootstrap=int(settings.get("bootstrap", 1000)),
-                                             seed=int(settings.get("seed", 0)), allow_leak=label == "tune")
-        result = metrics.evaluate(root, pred_path, config_eval)
+        result = metrics.evaluate(root, pred_path, params.evaluate.evaluate_config(allow_leak=label == "tune"))
         path, _ = metrics.write(result, directory / "metrics" / f"{stem}.json")
         m = result.metrics
         summary["evaluations"][label] = {

@@ -11,21 +11,23 @@ comparisons on that test set (every finding and the macro, of every cell). Write
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cxrsynth.study.params import StudyParams
 from cxrsynth.study.plan import COMPARE_DIR, baseline, family_cells, tests
 
 
-def compare_family(root: str | Path, params: dict[str, Any], family: str) -> dict:
+def compare_family(root: str | Path, params: StudyParams | Mapping[str, Any], family: str) -> dict:
     """Run the family's comparisons; returns (and writes) them."""
-    from cxrsynth.evaluate.compare import CompareConfig, compare
+    from cxrsynth.evaluate.compare import compare
 
     root = Path(root)
+    params = StudyParams.of(params)
     base = baseline(params, family)
     others = [c for c in family_cells(params, family) if c.name != base.name and c.metrics_path(root).is_file()]
-    settings = params.get("evaluate", {})
-    config = CompareConfig(alpha=float(settings.get("alpha", 0.05)))
+    config = params.evaluate.compare_config()
     out: dict[str, Any] = {"family": family, "baseline": base.name, "cells": [c.name for c in others], "tests": {}}
     base_summary = json.loads(base.metrics_path(root).read_text())
     for name, split in tests(params):

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrsynth.study.params import StudyParams
 from cxrsynth.study.plan import DISTANCE_DIR, baseline, replica_dataset
 
 
@@ -40,19 +41,20 @@ def pooled_features(model_dir: Path, root: Path, name: str, split: str, device: 
     return np.concatenate(out)
 
 
-def replica_distance(root: str | Path, params: dict[str, Any], replica: str, device: str | None = None) -> dict:
+def replica_distance(root: str | Path, params: StudyParams | dict[str, Any], replica: str, device: str | None = None) -> dict:
     """Fréchet distance of replica ``replica`` (training split) to the real training split; writes ``metrics/distance/<replica>.json``."""
     from cxrsynth.diffusion.fid import FeatureStats, frechet_distance
 
     root = Path(root)
+    params = StudyParams.of(params)
     model_dir = baseline(params, "supplement").directory(root) / "model"
-    real_name = params["study"]["real"]
+    real_name = params.study.real
     syn_name = replica_dataset(params, replica)
     real = pooled_features(model_dir, root, real_name, "train", device)
     syn = pooled_features(model_dir, root, syn_name, "train", device)
     half = len(real) // 2  # the distance between two halves of the real set: the floor a replica is read against
     result = {
-        "replica": replica, "dataset": syn_name, "guidance": float(params["replicas"][replica]["guidance"]),
+        "replica": replica, "dataset": syn_name, "guidance": params.guidance(replica),
         "feature": "classifier", "classifier": str(model_dir.relative_to(root)),
         "fid": frechet_distance(FeatureStats.from_features(real), FeatureStats.from_features(syn)),
         "real_halves": frechet_distance(FeatureStats.from_features(real[:half]), FeatureStats.from_features(real[half:])),

@@ -1,7 +1,7 @@
 """The paper's experiments as cells: one training set, one classifier, its evaluations.
 
 Every experiment of the study is a family of *cells*, each named ``<family>_<tag>`` and
-defined entirely by ``params.yaml`` (:func:`cell`):
+defined entirely by ``params.yaml`` (:class:`~cxrsynth.study.params.StudyParams`; :func:`cell`):
 
 * ``cfg`` — the guidance study (the paper's Table 2): tag ``<replica>-real`` trains on a
   synthetic replica of the training split and tunes on the real tuning split,
@@ -17,23 +17,27 @@ defined entirely by ``params.yaml`` (:func:`cell`):
   conditions raise rarer findings to a target prevalence (compare with ``supplement_k<k>``,
   plain replicas of the same size).
 
-Synthetic replicas are datasets named ``<real>_<replica>`` (``params["replicas"]``); the
-rebalanced one is ``<real>_rebalanced`` (``params["rebalance"]``: its guidance and target). Tuning and test sets are real unless a
-cfg cell says otherwise; every cell is evaluated on its own tuning split and on every test
-set of ``params["study"]["tests"]``.
+Synthetic replicas are datasets named ``<real>_<replica>`` (``replicas``); the rebalanced
+one is ``<real>_rebalanced`` (``rebalance``: its guidance and target). Tuning and test sets
+are real unless a cfg cell says otherwise; every cell is evaluated on its own tuning split
+and on every test set of ``study.tests`` (:func:`check_data` checks they have test rows).
+
+Every function takes a :class:`~cxrsynth.study.params.StudyParams`, or a params.yaml mapping
+that it parses (and checks) first.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cxrsynth.errors import CxrsynthError, UnknownNameError
 from cxrsynth.mix import MixParams
+from cxrsynth.study.params import FAMILIES, StudyParams
 
-FAMILIES = ("cfg", "supplement", "synthetic", "external", "rebalance")
 #: Where a cell's files go, relative to the project root.
 CELL_DIR = Path("data/study")
 METRICS_DIR = Path("metrics/study")
@@ -69,18 +73,12 @@ class Cell:
         return Path(root) / METRICS_DIR / f"{self.name}.json"
 
 
-def _study(params: dict[str, Any]) -> dict[str, Any]:
-    try:
-        return params["study"]
-    except KeyError:
-        raise CxrsynthError("params.yaml has no 'study' section") from None
-
-
-def replica_dataset(params: dict[str, Any], replica: str) -> str:
+def replica_dataset(params: StudyParams | Mapping[str, Any], replica: str) -> str:
     """The dataset name of a synthetic replica set (``rebalanced``: the rebalance family's)."""
-    if replica != "rebalanced" and replica not in params.get("replicas", {}):
-        raise UnknownNameError("replica", replica, params.get("replicas", {}))
-    return f"{_study(params)['real']}_{replica}"
+    params = StudyParams.of(params)
+    if replica != "rebalanced" and replica not in params.replicas:
+        raise UnknownNameError("replica", replica, params.replicas)
+    return f"{params.study.real}_{replica}"
 
 
 def _k(tag: str) -> float:
@@ -90,10 +88,10 @@ def _k(tag: str) -> float:
     return float(match.group(1))
 
 
-def cell(params: dict[str, Any], family: str, tag: str) -> Cell:
+def cell(params: StudyParams | Mapping[str, Any], family: str, tag: str) -> Cell:
     """The cell ``family``/``tag`` as ``params`` defines it."""
-    study = _study(params)
-    real, seed = study["real"], int(params.get("seed", 0))
+    params = StudyParams.of(params)
+    real, seed = params.study.real, params.seed
     if family == "cfg":
         train, _, tune = tag.partition("-")
         if not tune:
@@ -101,53 +99,55 @@ def cell(params: dict[str, Any], family: str, tag: str) -> Cell:
         if train == "real":
             syn = replica_dataset(params, tune)
             return Cell(family, tag, MixParams(real=real, synthetic_from=syn, synthetic_tune=True, seed=seed),
-                        replica=tune, guidance=float(params["replicas"][tune]["guidance"]), tune="synthetic")
+                        replica=tune, guidance=params.guidance(tune), tune="synthetic")
         if tune not in ("real", "synthetic"):
             raise CxrsynthError(f"a cfg cell tunes on 'real' or 'synthetic', got {tag!r}")
         syn = replica_dataset(params, train)
         return Cell(family, tag, MixParams(real=real, synthetic=1.0, synthetic_from=syn, only_synthetic=True,
                                            synthetic_tune=tune == "synthetic", seed=seed),
-                    k=1.0, replica=train, guidance=float(params["replicas"][train]["guidance"]), tune=tune)
+                    k=1.0, replica=train, guidance=params.guidance(train), tune=tune)
     if family in ("supplement", "synthetic"):
         k = _k(tag)
-        replica = params[family]["replica"]
+        replica = params.family(family).replica
         syn = replica_dataset(params, replica)
         if family == "synthetic" and k <= 0:
             raise CxrsynthError("a purely synthetic training set needs k > 0")
         mix = MixParams(real=real, synthetic=k, synthetic_from=syn if k > 0 else None,
                         only_synthetic=family == "synthetic", seed=seed)
-        return Cell(family, tag, mix, k=k, replica=replica, guidance=float(params["replicas"][replica]["guidance"]))
+        return Cell(family, tag, mix, k=k, replica=replica, guidance=params.guidance(replica))
     if family == "external":
         k = _k(tag)
-        replica = params["external"]["replica"]
-        syn = replica_dataset(params, replica)
-        mix = MixParams(real=params["external"]["real"], synthetic=k, synthetic_from=syn if k > 0 else None, seed=seed)
-        return Cell(family, tag, mix, k=k, replica=replica, guidance=float(params["replicas"][replica]["guidance"]))
+        section = params.family("external")
+        syn = replica_dataset(params, section.replica)
+        mix = MixParams(real=section.real, synthetic=k, synthetic_from=syn if k > 0 else None, seed=seed)
+        return Cell(family, tag, mix, k=k, replica=section.replica, guidance=params.guidance(section.replica))
     if family == "rebalance":
         if tag != "targeted":
             raise CxrsynthError(f"the rebalance family has one cell, 'targeted' (its plain twin is supplement_k<k>), got {tag!r}")
-        k = float(params["rebalance"]["k"])
+        k = float(params.family("rebalance").k)
         syn = replica_dataset(params, "rebalanced")
         return Cell(family, tag, MixParams(real=real, synthetic=k, synthetic_from=syn, seed=seed), k=k, replica="rebalanced",
-                    guidance=float(params["rebalance"]["guidance"]))
+                    guidance=params.guidance("rebalanced"))
     raise UnknownNameError("study family", family, FAMILIES)
 
 
-def family_cells(params: dict[str, Any], family: str) -> list[Cell]:
+def family_cells(params: StudyParams | Mapping[str, Any], family: str) -> list[Cell]:
     """Every cell of a family that ``params`` asks for, baseline first."""
+    params = StudyParams.of(params)
+    section = params.family(family)
     if family == "cfg":
-        replicas = params["cfg"]["replicas"]
-        tags = [f"{r}-{t}" for r in replicas for t in ("real", "synthetic")] + [f"real-{r}" for r in replicas]
+        tags = [f"{r}-{t}" for r in section.replicas for t in ("real", "synthetic")] + [f"real-{r}" for r in section.replicas]
         return [cell(params, "cfg", t) for t in tags]
     if family == "rebalance":
         return [cell(params, "rebalance", "targeted")]
-    return [cell(params, family, f"k{_tag_number(k)}") for k in params[family]["k"]]
+    return [cell(params, family, f"k{_tag_number(k)}") for k in section.k]
 
 
-def baseline(params: dict[str, Any], family: str) -> Cell:
+def baseline(params: StudyParams | Mapping[str, Any], family: str) -> Cell:
     """The cell each of a family's cells is compared with."""
+    params = StudyParams.of(params)
     if family in ("cfg", "supplement", "rebalance"):
-        k = params["rebalance"]["k"] if family == "rebalance" else 0
+        k = params.family("rebalance").k if family == "rebalance" else 0
         return cell(params, "supplement", f"k{_tag_number(k)}")
     if family == "synthetic":
         return cell(params, "supplement", "k0")  # what synthetic data alone is measured against: real data alone
@@ -160,6 +160,37 @@ def _tag_number(k: float) -> str:
     return f"{k:g}"
 
 
-def tests(params: dict[str, Any]) -> list[tuple[str, str]]:
+def tests(params: StudyParams | Mapping[str, Any]) -> list[tuple[str, str]]:
     """The test sets, ``(dataset, split)``: every name of ``study.tests`` at its ``test`` split."""
-    return [(name, "test") for name in _study(params)["tests"]]
+    return [(name, "test") for name in StudyParams.of(params).study.tests]
+
+
+def check_data(root: str | Path, params: StudyParams | Mapping[str, Any], *, require: bool = True) -> list[str]:
+    """Check that the data every cell needs is there: each test set has test rows, the real
+    site (and the external family's site) has training rows.
+
+    Run before a cell trains, so that a missing or empty test set fails in seconds rather
+    than after training. With ``require=False`` (``cxrsynth study check`` before the data
+    stages ran) a dataset not ingested yet is skipped; its name is returned.
+
+    Returns:
+        The datasets skipped (not ingested yet).
+    """
+    from cxrsynth import manifest
+
+    params = StudyParams.of(params)
+    needs = [(f"study.tests[{i}]", name, "test", "every cell is evaluated on it") for i, name in enumerate(params.study.tests)]
+    needs.append(("study.real", params.study.real, "train", "the cells train on it"))
+    if params.external is not None:
+        needs.append(("external.real", params.external.real, "train", "the external cells train on it"))
+    skipped, counts = [], {}
+    for key, name, split, why in needs:
+        if not require and not manifest.manifest_path(root, name).is_file():
+            skipped.append(name)
+            continue
+        if name not in counts:
+            counts[name] = manifest.read(root, name)["split"].value_counts().to_dict()
+        if not counts[name].get(split):
+            have = ", ".join(f"{s} {n:,}" for s, n in sorted(counts[name].items())) or "no split assigned"
+            raise CxrsynthError(f"{key}: dataset {name!r} has no {split} rows ({have}); {why}")
+    return list(dict.fromkeys(skipped))

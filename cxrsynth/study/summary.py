@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cxrsynth.study.params import StudyParams
 from cxrsynth.study.plan import CAS_CELL, FAMILIES, family_cells, tests
 
+Params = StudyParams | Mapping[str, Any]
 
-def cell_summaries(root: str | Path, params: dict[str, Any]) -> list[dict]:
-    """The summaries of the cells ``params`` asks for that have run, family by family (each cell once)."""
+
+def cell_summaries(root: str | Path, params: Params) -> list[dict]:
+    """The summaries of the cells of the families in the study (:meth:`StudyParams.enabled`)
+    that have run, family by family (each cell once)."""
+    params = StudyParams.of(params)
     seen, out = set(), []
     for family in FAMILIES:
-        if family not in params:
+        if not params.enabled(family):
             continue
         for c in family_cells(params, family):
             path = c.metrics_path(root)
@@ -23,11 +29,12 @@ def cell_summaries(root: str | Path, params: dict[str, Any]) -> list[dict]:
     return out
 
 
-def summary_table(root: str | Path, params: dict[str, Any]):
+def summary_table(root: str | Path, params: Params):
     """A rich table: cell, training images (real + synthetic), macro AUROC ± SD on the tuning split and each test set."""
     from rich import box
     from rich.table import Table
 
+    params = StudyParams.of(params)
     labels = ["tune"] + [f"{name}:{split}" for name, split in tests(params)]
     # Compact (no outer edge, one space between columns) so that a 4-test-set table fits 80 columns.
     table = Table(title="Study: macro AUROC ±bootstrap SD", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
@@ -49,7 +56,7 @@ def summary_table(root: str | Path, params: dict[str, Any]):
 HEADLINE = Path("report/metrics.json")
 
 
-def headline(root: str | Path, params: dict[str, Any]) -> dict:
+def headline(root: str | Path, params: Params) -> dict:
     """``{cell: {evaluation: macro AUROC}}`` for every cell that ran, plus ``cas`` (the CAS on each test set).
 
     One number per cell and evaluation (rounded to 4 places), so that ``dvc metrics show``,
@@ -57,6 +64,7 @@ def headline(root: str | Path, params: dict[str, Any]) -> dict:
     CIs stay in each cell's ``metrics/study/<cell>.json``. ``cas`` is the test-set macro AUROCs
     of ``CAS_CELL`` (100% synthetic images alone: the Classification Accuracy Score, as the report's).
     """
+    params = StudyParams.of(params)
     out: dict[str, Any] = {}
     for s in cell_summaries(root, params):
         out[s["cell"]] = {label: None if e["macro"].get("auroc") is None else round(e["macro"]["auroc"], 4)
@@ -66,7 +74,7 @@ def headline(root: str | Path, params: dict[str, Any]) -> dict:
     return out
 
 
-def write_headline(root: str | Path, params: dict[str, Any], path: str | Path | None = None) -> Path:
+def write_headline(root: str | Path, params: Params, path: str | Path | None = None) -> Path:
     path = Path(root) / (HEADLINE if path is None else path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(headline(root, params), indent=1, sort_keys=True) + "\n")

@@ -1,0 +1,615 @@
+"""The study's parameters (``params.yaml``), typed and checked once.
+
+:class:`StudyParams` is params.yaml as dataclasses, one per section. It is parsed and
+checked in one pass (:meth:`StudyParams.load` for a file, :meth:`StudyParams.from_dict` for
+a mapping) before anything else runs: every ``cxrsynth study`` command loads it first, and
+``cxrsynth study check`` does only that. Every problem is one :class:`ParamsError` naming
+the full key (``supplement.k[1]``, ``replicas.w5.guidance``) and what was expected:
+
+* a key given twice in the file, an unknown key at any level (``supplement.kk``), a missing one, a wrong type
+  (``supplement.k: two``, ``classifier.epochs: 1.5``) or a value out of range;
+* families that do not fit together: a family naming a replica that ``replicas`` does not
+  define, a k that needs more replicas than that replica has, a family without its
+  baseline cell (``supplement_k0``, ``external_k0``; the rebalance family's plain twin
+  ``supplement_k<rebalance.k>``), an empty list of test sets.
+
+Defaults live here, in the dataclasses, or are ``None`` where the library that uses the
+value owns its default (the evaluation's bootstrap, seed and alpha); nothing else reads
+params.yaml with ``.get``. Parsing imports nothing heavy (no pandas, no torch), so a bad
+file fails in well under a second. Whether the test sets have test rows is a property of
+the data, not of the file: :func:`cxrsynth.study.plan.check_data` checks it.
+
+The parser is a small walker over the dataclasses' type hints (:func:`parse`): ``int``,
+``float``, ``str``, ``bool``, ``X | None``, ``tuple[X, ...]`` (a YAML list),
+``dict[str, X]`` (a YAML mapping of names), ``Any`` and nested dataclasses; a field's
+``metadata`` adds ranges (:func:`setting`). A class may add checks across its fields in a
+``check(self, key)`` method, called once its fields are parsed, or parse itself in a
+``from_mapping(data, key)`` class method (:class:`Classifier`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import operator
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from cxrsynth.errors import CxrsynthError, UnknownNameError
+
+#: The experiment families, in the order of the pipeline (cxrsynth.study.plan describes each).
+FAMILIES = ("cfg", "supplement", "synthetic", "external", "rebalance")
+#: A replica's name becomes the suffix of a dataset name (``<study.real>_<name>``).
+REPLICA_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+#: Replica names that mean something else in a cell tag (``real-w5``) or a dataset name.
+RESERVED_REPLICAS = ("real", "rebalanced")
+#: The default parameters file, relative to the project root.
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(CxrsynthError):
+    """A parameter that is unknown, missing, of the wrong type, out of range or inconsistent.
+
+    Attributes:
+        key: Full key path of the problem (``supplement.k[1]``; ``""`` for the whole file).
+        problem: What is wrong and what was expected.
+        source: Where the parameters came from (``params.yaml``), if a file.
+    """
+
+    def __init__(self, key: str, problem: str, source: str | None = None):
+        self.key, self.problem, self.source = key, problem, source
+        super().__init__(": ".join(p for p in (source or "study parameters", key, problem) if p))
+
+    def within(self, source: str) -> "ParamsError":
+        """The same error, said of the file ``source``."""
+        return ParamsError(self.key, self.problem, source)
+
+
+def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, ge: float | None = None,
+            gt: float | None = None, le: float | None = None, lt: float | None = None, nonempty: bool = False,
+            unique: bool = False) -> Any:
+    """A dataclass field with ranges the parser checks.
+
+    Ranges apply to a number, or to each number of a list or of a mapping's values;
+    ``nonempty`` and ``unique`` apply to a list.
+    """
+    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, nonempty=nonempty, unique=unique).items()
+            if v is not None and v is not False}
+    return field(default=default, default_factory=factory, metadata=meta)
+
+
+# ------------------------------------------------------------------ the sections
+
+
+@dataclass(frozen=True)
+class ChexpertSource:
+    """A CheXpert-format site (``cxrsynth ingest chexpert``): image root, train.csv, demographics table."""
+
+    root: str
+    csv: str
+    demographics: str
+
+
+@dataclass(frozen=True)
+class MimicSource:
+    """MIMIC-CXR-JPG tables (``cxrsynth ingest mimic``) and MIMIC-IV's patients table."""
+
+    root: str
+    metadata: str
+    labels: str
+    split: str
+    patients: str
+
+
+@dataclass(frozen=True)
+class TableSource:
+    """An in-house site given as one table (``cxrsynth ingest table``)."""
+
+    root: str
+    table: str
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where each site's files are (dvc.yaml's three ingest stages)."""
+
+    cxp: ChexpertSource | None = None
+    mimic: MimicSource | None = None
+    emory: TableSource | None = None
+
+
+@dataclass(frozen=True)
+class Split:
+    """Patient-level fractions for the sites without an official split."""
+
+    tune: float = setting(ge=0, le=1)
+    test: float = setting(ge=0, le=1)
+
+    def check(self, key: str) -> None:
+        if self.tune + self.test > 1:
+            raise ParamsError(key, f"tune + test is {self.tune + self.test:g}; the fractions must add up to at most 1")
+
+
+@dataclass(frozen=True)
+class Generator:
+    """The conditional diffusion generator (``cxrsynth generator train``)."""
+
+    preset: str
+    image_size: int = setting(ge=1)
+    steps: int = setting(ge=1)
+    batch: int = setting(ge=1)
+    lr: float = setting(gt=0)
+    warmup: int = setting(ge=0)
+    ema: float = setting(ge=0, lt=1)
+
+
+@dataclass(frozen=True)
+class Generate:
+    """How every replica is sampled (``cxrsynth generate``)."""
+
+    sampler: str
+    steps: int = setting(ge=1)
+    batch: int = setting(ge=1)
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One synthetic replica set of the real site's training and tuning splits.
+
+    Attributes:
+        guidance: Guidance scale w, standard formula (the paper's CFG is w - 1).
+        replicas: How many replicas (copies of the training split) to generate.
+    """
+
+    guidance: float = setting(ge=0)
+    replicas: int = setting(ge=1)
+
+
+@dataclass(frozen=True)
+class Study:
+    """The site whose training split is replicated and the sites every classifier is tested on."""
+
+    real: str
+    tests: tuple[str, ...] = setting(nonempty=True, unique=True)
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """The study's classifier: a preset (:mod:`cxrsynth.classify.presets`) plus overrides of its fields.
+
+    In params.yaml the overrides sit beside ``preset`` (``{preset: small, epochs: 7}``); each
+    must be a field of :class:`~cxrsynth.classify.presets.ClassifierConfig` of its type.
+    """
+
+    preset: str = "small"
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, data: Any, key: str) -> "Classifier":
+        """Parse the section (the walker's hook for a class that is not field-for-key)."""
+        from cxrsynth.classify.presets import ClassifierConfig
+
+        data = dict(_mapping(data, key, "a mapping: a preset and overrides of its fields"))
+        preset = parse(str, data.pop("preset"), f"{key}.preset") if "preset" in data else cls.preset
+        hints = {name: hint for name, hint in typing.get_type_hints(ClassifierConfig).items() if name != "name"}
+        for name in data:
+            if name not in hints:
+                raise _unknown(key, name, ["preset", *hints])
+        overrides = {name: parse(hints[name], value, f"{key}.{name}") for name, value in data.items()}
+        out = cls(preset, overrides)
+        out.config(key)  # the preset exists and the overrides make a valid configuration
+        return out
+
+    def config(self, key: str = "classifier"):
+        """The resolved :class:`~cxrsynth.classify.presets.ClassifierConfig`."""
+        from cxrsynth.classify.presets import get_preset
+
+        try:
+            return get_preset(self.preset, **self.overrides)
+        except UnknownNameError as exc:
+            raise ParamsError(f"{key}.preset", str(exc)) from None
+        except CxrsynthError as exc:
+            raise ParamsError(key, str(exc)) from None
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    """Evaluation and comparison settings; ``None``: the library's default
+    (:class:`~cxrsynth.evaluate.metrics.EvaluateConfig`, :class:`~cxrsynth.evaluate.compare.CompareConfig`).
+
+    Attributes:
+        bootstrap: Bootstrap replicates of each evaluation.
+        seed: Seed of the bootstrap draws.
+        alpha: Significance level of the family comparisons (Bonferroni-corrected).
+    """
+
+    bootstrap: int | None = setting(None, ge=0)
+    seed: int | None = None
+    alpha: float | None = setting(None, gt=0, lt=1)
+
+    def evaluate_config(self, **given: Any):
+        """:class:`~cxrsynth.evaluate.metrics.EvaluateConfig` with this section's settings and ``given``."""
+        from cxrsynth.evaluate.metrics import EvaluateConfig
+
+        return EvaluateConfig(**_given(bootstrap=self.bootstrap, seed=self.seed, **given))
+
+    def compare_config(self):
+        """:class:`~cxrsynth.evaluate.compare.CompareConfig` with this section's alpha."""
+        from cxrsynth.evaluate.compare import CompareConfig
+
+        return CompareConfig(**_given(alpha=self.alpha))
+
+
+@dataclass(frozen=True)
+class Cfg:
+    """The guidance study (the paper's Table 2): one set of cells per replica.
+
+    Attributes:
+        replicas: Names of ``replicas``.
+        enabled: False leaves the family out of the summary and the report.
+    """
+
+    replicas: tuple[str, ...] = setting(nonempty=True, unique=True)
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of k x 100% replica cells (``supplement``: real + synthetic; ``synthetic``: synthetic alone).
+
+    Attributes:
+        replica: The replica (a name of ``replicas``) the synthetic images come from.
+        k: Replicas of the training split to add, one cell each (0: none, the real-only baseline).
+        enabled: False leaves the family out of the summary and the report.
+    """
+
+    replica: str
+    k: tuple[float, ...] = setting(nonempty=True, unique=True, ge=0)
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class External:
+    """Another site's real training split + k x 100% replicas of the real site.
+
+    Attributes:
+        real: The other site.
+        replica: The replica (a name of ``replicas``).
+        k: Replicas to add, one cell each (0: the other site alone, the family's baseline).
+        enabled: False leaves the family out of the summary and the report.
+    """
+
+    real: str
+    replica: str
+    k: tuple[float, ...] = setting(nonempty=True, unique=True, ge=0)
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Rebalance:
+    """Replicas whose conditions raise rare findings (``<study.real>_rebalanced``), one cell.
+
+    Attributes:
+        guidance: Guidance scale w of the rebalanced replicas.
+        target: Every finding rarer than this is drawn up to it.
+        k: Rebalanced replicas (the cell is compared with ``supplement_k<k>``, plain replicas of the same size).
+        enabled: False leaves the family out of the summary and the report.
+    """
+
+    guidance: float = setting(ge=0)
+    target: float = setting(gt=0, lt=1)
+    k: int = setting(ge=1)
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class StudyParams:
+    """params.yaml, typed. The study's own sections first; then the sections only dvc.yaml's
+    data and generator stages read (``None`` when absent: a parameter set for the study alone
+    needs none of them; when present, they are checked like the rest).
+
+    Attributes:
+        study: The real site and the test sets.
+        replicas: Synthetic replica sets by name (datasets ``<study.real>_<name>``).
+        seed: Seed of the mixes (and, in dvc.yaml, of every stage).
+        classifier: The classifier every cell trains.
+        evaluate: Evaluation and comparison settings.
+        cfg, supplement, synthetic, external, rebalance: The experiment families (``None``: not in the study).
+        image_size, shard_size, phantom, sources, split, generator, generate: dvc.yaml's other stages.
+        mapping: The mapping this was parsed from (params.yaml as written; not a key of it).
+        file: The file it was read from, if any (not a key either).
+    """
+
+    study: Study
+    replicas: dict[str, Replica] = field(default_factory=dict)
+    seed: int = 0
+    classifier: Classifier = field(default_factory=Classifier)
+    evaluate: Evaluate = field(default_factory=Evaluate)
+    cfg: Cfg | None = None
+    supplement: Family | None = None
+    synthetic: Family | None = None
+    external: External | None = None
+    rebalance: Rebalance | None = None
+    image_size: int | None = setting(None, ge=1)
+    shard_size: int | None = setting(None, ge=1)
+    phantom: dict[str, int] | None = setting(None, ge=1)
+    sources: Sources | None = None
+    split: Split | None = None
+    generator: Generator | None = None
+    generate: Generate | None = None
+    mapping: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata={"parsed": False})
+    file: str | None = field(default=None, compare=False, repr=False, metadata={"parsed": False})
+
+    # -------------------------------------------------------------- building
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], file: str | None = None) -> "StudyParams":
+        """Parse and check a params.yaml mapping (read from ``file``, which errors name); a
+        :class:`ParamsError` names the first problem."""
+        try:
+            params = parse(cls, data, "")
+        except ParamsError as exc:
+            raise exc.within(file) if file else exc
+        return dataclasses.replace(params, mapping=data, file=file)
+
+    @classmethod
+    def load(cls, root: str | Path = ".", path: str | Path = PARAMS_FILE) -> "StudyParams":
+        """Read and check ``root/path`` (default ``params.yaml``)."""
+        import yaml
+
+        full = Path(root) / path
+        if not full.is_file():
+            raise CxrsynthError(f"parameters file not found: {full}")
+        try:
+            data = yaml.load(full.read_text(), Loader=_strict_loader())
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            raise ParamsError("", f"not valid YAML{at}: {getattr(exc, 'problem', None) or exc}", str(path)) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CxrsynthError(f"cannot read {full}: {exc}") from None
+        return cls.from_dict({} if data is None else data, str(path))
+
+    @classmethod
+    def of(cls, params: "StudyParams | Mapping[str, Any]") -> "StudyParams":
+        """``params`` itself, or parsed from a mapping (for library callers holding a dict)."""
+        return params if isinstance(params, cls) else cls.from_dict(params)
+
+    # -------------------------------------------------------------- reading
+
+    def family(self, name: str):
+        """The section of experiment family ``name``; a :class:`ParamsError` if params.yaml has none."""
+        if name not in FAMILIES:
+            raise UnknownNameError("study family", name, FAMILIES)
+        section = getattr(self, name)
+        if section is None:
+            raise ParamsError(name, f"missing: the {name} family is not in these parameters", self.file)
+        return section
+
+    def enabled(self, name: str) -> bool:
+        """Whether family ``name`` is in the study (its section exists and is not ``enabled: false``)."""
+        section = getattr(self, name, None) if name in FAMILIES else None
+        return section is not None and section.enabled
+
+    def guidance(self, replica: str) -> float:
+        """Guidance scale of a replica of ``replicas`` or of ``rebalanced`` (the rebalance family's)."""
+        if replica == "rebalanced":
+            return self.family("rebalance").guidance
+        if replica not in self.replicas:
+            raise UnknownNameError("replica", replica, self.replicas)
+        return self.replicas[replica].guidance
+
+    # -------------------------------------------------------------- the checks across sections
+
+    def check(self, key: str) -> None:
+        """The checks across sections: replica names, the replicas each family names and needs, the baselines."""
+        for name in self.replicas:
+            if not REPLICA_NAME.match(name) or name in RESERVED_REPLICAS:
+                raise ParamsError(f"replicas.{name}", "a replica name is letters, digits and underscores, and not "
+                                                      f"{' or '.join(map(repr, RESERVED_REPLICAS))} (cell tags and "
+                                                      "dataset names are made of it)")
+        if self.cfg is not None:
+            for i, name in enumerate(self.cfg.replicas):
+                self._replica(f"cfg.replicas[{i}]", name)
+        for name in ("supplement", "synthetic", "external"):
+            section = getattr(self, name)
+            if section is None:
+                continue
+            count = self._replica(f"{name}.replica", section.replica)
+            for i, k in enumerate(section.k):  # k = 2.5 needs 3 replicas, as cxrsynth.mix.select_replicas counts
+                if math.ceil(k - 1e-9) > count:
+                    raise ParamsError(f"{name}.k[{i}]", f"k = {k:g} needs {math.ceil(k - 1e-9)} replicas of "
+                                                        f"{section.replica}; replicas.{section.replica}.replicas is {count}")
+        if self.synthetic is not None:
+            for i, k in enumerate(self.synthetic.k):
+                if k <= 0:
+                    raise ParamsError(f"synthetic.k[{i}]", "a purely synthetic training set needs k > 0")
+        self._baselines()
+
+    def _replica(self, key: str, name: str) -> int:
+        """The replica count of ``replicas.<name>``; a :class:`ParamsError` at ``key`` if there is none."""
+        if name not in self.replicas:
+            known = ", ".join(self.replicas) or "none"
+            raise ParamsError(key, f"{name!r} is not a replica of `replicas` (known: {known})")
+        return self.replicas[name].replicas
+
+    def _baselines(self) -> None:
+        """Every family's baseline cell is one the parameters ask for (cxrsynth.study.plan.baseline)."""
+        supplement = set(self.supplement.k) if self.supplement is not None else set()
+        need = []  # (key, baseline k of the supplement family, who needs it)
+        if self.supplement is not None:
+            need.append(("supplement.k", 0, "the supplement family's baseline is supplement_k0 (real data alone)"))
+        if self.synthetic is not None:
+            need.append(("synthetic", 0, "synthetic-only cells are compared with supplement_k0 (real data alone)"))
+        if self.cfg is not None:
+            need.append(("cfg", 0, "the CFG study's real/real cell is supplement_k0"))
+        if self.rebalance is not None:
+            need.append(("rebalance.k", self.rebalance.k, f"the rebalance cell is compared with supplement_k{self.rebalance.k:g} "
+                                                          "(plain replicas of the same size)"))
+        for key, k, why in need:
+            if k not in supplement:
+                have = "there is no supplement section" if self.supplement is None else \
+                    f"supplement.k is [{', '.join(f'{v:g}' for v in self.supplement.k)}]"
+                raise ParamsError(key, f"{why}, but {have}")
+        if self.external is not None and 0 not in self.external.k:
+            raise ParamsError("external.k", f"the external family's baseline is external_k0 ({self.external.real} "
+                                            "real data alone); add 0")
+
+
+def _strict_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping (safe_load keeps the last silently)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, str) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice in one mapping (first on line {seen[key] + 1})",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
+# ------------------------------------------------------------------ the walker
+
+
+def parse(hint: Any, value: Any, key: str, meta: Mapping[str, Any] | None = None) -> Any:
+    """``value`` (parsed YAML) checked against the type ``hint`` and converted; ``key`` names it in errors."""
+    meta = meta or {}
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return parse(inner, value, key, meta)
+    if dataclasses.is_dataclass(hint):
+        return _dataclass(hint, value, key)
+    if hint is Any:
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise _expected(key, hint, value)
+        items = tuple(parse(args[0], v, f"{key}[{i}]", meta) for i, v in enumerate(value))
+        if meta.get("nonempty") and not items:
+            raise ParamsError(key, f"expected {_describe(hint)}, got an empty list")
+        if meta.get("unique"):
+            for i, v in enumerate(items):
+                if v in items[:i]:
+                    raise ParamsError(f"{key}[{i}]", f"{_show(value[i])} is already in the list")
+        return items
+    if origin in (dict, Mapping):
+        data = _mapping(value, key, _describe(hint))
+        out = {}
+        for name, v in data.items():
+            if not isinstance(name, str):
+                raise ParamsError(key, f"{_show(name)} is not a name (expected {_describe(hint)})")
+            out[name] = parse(args[1], v, f"{key}.{name}", meta)
+        return out
+    if hint is bool:
+        if type(value) is not bool:
+            raise _expected(key, hint, value)
+        return value
+    if hint is int:
+        if type(value) is not int:
+            raise _expected(key, hint, value)
+        return _in_range(value, key, meta)
+    if hint is float:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise _expected(key, hint, value)
+        return _in_range(float(value), key, meta)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise _expected(key, hint, value)
+        return value
+    raise TypeError(f"{key}: the parameter parser has no rule for {hint!r}")
+
+
+def _dataclass(cls: type, value: Any, key: str) -> Any:
+    custom = getattr(cls, "from_mapping", None)
+    if callable(custom):
+        return custom(value, key)
+    data = _mapping(value, key, _describe(cls))
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("parsed", True)]
+    names = [f.name for f in fields]
+    for name in data:
+        if name not in names:
+            raise _unknown(key, name, names)
+    hints = typing.get_type_hints(cls)
+    given = {}
+    for f in fields:
+        path = f"{key}.{f.name}" if key else f.name
+        if f.name in data:
+            given[f.name] = parse(hints[f.name], data[f.name], path, f.metadata)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ParamsError(path, f"missing; expected {_describe(hints[f.name])}")
+    out = cls(**given)
+    check = getattr(out, "check", None)
+    if callable(check):
+        check(key)
+    return out
+
+
+def _mapping(value: Any, key: str, expected: str) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise ParamsError(key, f"expected {expected}, got {_show(value)}")
+    return value
+
+
+def _in_range(value: float, key: str, meta: Mapping[str, Any]) -> float:
+    for name, ok, words in (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<="),
+                            ("lt", operator.lt, "<")):
+        if name in meta and not ok(value, meta[name]):
+            raise ParamsError(key, f"expected a value {words} {meta[name]:g}, got {value:g}")
+    return value
+
+
+def _unknown(key: str, name: Any, known: list[str]) -> ParamsError:
+    path = f"{key}.{name}" if key else str(name)
+    close = difflib.get_close_matches(str(name), known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ParamsError(path, f"unknown key (known here: {', '.join(known)}){hint}")
+
+
+def _expected(key: str, hint: Any, value: Any) -> ParamsError:
+    return ParamsError(key, f"expected {_describe(hint)}, got {_show(value)}")
+
+
+def _describe(hint: Any) -> str:
+    """``hint`` in words: ``an integer``, ``a list of numbers``, ``a mapping with keys ...``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None)) + " or null"
+    if dataclasses.is_dataclass(hint):
+        names = [f.name for f in dataclasses.fields(hint) if f.metadata.get("parsed", True)]
+        return f"a mapping with keys {', '.join(names)}"
+    if origin is tuple:
+        return f"a list of {_plural(args[0])}"
+    if origin in (dict, Mapping):
+        return f"a mapping of names to {_plural(args[1])}"
+    return {int: "an integer", float: "a number", str: "a non-empty string", bool: "true or false"}.get(hint, str(hint))
+
+
+def _plural(hint: Any) -> str:
+    words = _describe(hint)
+    return {"an integer": "integers", "a number": "numbers", "a non-empty string": "names"}.get(words, words)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The values that are not ``None`` ("not given: the library's default")."""
+    return {k: v for k, v in values.items() if v is not None}
