@@ -43,8 +43,8 @@ How an epoch is laid out (a pure function of the rows, ``seed``, ``epoch``, ``ba
    other's samples undecoded).
 3. Each stream is a webdataset pipeline (``wds.DataPipeline``): its shard spans as
    samples (:func:`read_spans`, this loader's ``tarfile_to_samples``: only the selected
-   rows' PNGs are read, by :func:`cxrsynth.shards.members`), a seeded ``wds.shuffle`` buffer, decode + augment straight
-   into the batch tensor. Every batch comes from one stream.
+   rows' PNGs are read, by :func:`cxrsynth.shards.members`), a seeded ``wds.shuffle``
+   buffer, decode + augment straight into the batch tensor. Every batch comes from one stream.
 4. Batch ``j`` of a rank comes from stream ``j % streams``; a worker yields exactly the
    batches ``j`` with ``j % workers == its id``, and the DataLoader collects workers in
    turn, so the rank's batch sequence does not depend on the number of workers.

@@ -579,5 +579,6 @@ def images(root: str | Path, rows: pd.DataFrame, *, strict: bool = True) -> Iter
             yield key, data
         lost = wanted[shard] - found
         if strict and lost:
-            raise ShardError(f"{shard} holds no sample {sorted(lost)[0]!r}" + (f" (nor {len(lost) - 1} more)" if len(lost) > 1 else "")
-                             + " that the manifest places in it; `cxrsynth verify` checks a dataset's shards")
+            more = f" (nor {len(lost) - 1} more)" if len(lost) > 1 else ""
+            raise ShardError(f"{shard} holds no sample {sorted(lost)[0]!r}{more} that the manifest places in it; "
+                             "`cxrsynth verify` checks a dataset's shards")

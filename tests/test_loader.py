@@ -208,7 +208,8 @@ def test_tar_reader_matches_webdataset_and_falls_back_for_other_tars(project, tm
 
     shard = sorted((project / "data" / "shards" / "siteA").rglob("*.tar"))[0]
     with open(shard, "rb") as stream:
-        expected = [(m["fname"], m["data"]) for m in wds.tariterators.tar_file_expander([{"url": str(shard), "stream": stream}], eof_value=None)]
+        expanded = wds.tariterators.tar_file_expander([{"url": str(shard), "stream": stream}], eof_value=None)
+        expected = [(m["fname"], m["data"]) for m in expanded]
     assert list(shards.members(shard)) == expected == list(shards.members(shard, untrusted=True))
     assert [(m.name, m.size) for m in shards.headers(shard)] == [(n, len(d)) for n, d in expected]
     # A GNU tar with a long member name (an 'L' header): read by webdataset's expander, past what was yielded.
@@ -316,7 +317,8 @@ def test_generator_batches_are_the_old_stream_batches_byte_for_byte(project):
     inference = loader.LoaderConfig(batch_size=5, image_size=24, train=False, streams=1, cond=True, uint8=True)
     got = list(loader.ShardLoader(project, rows, inference).batches())
     assert _digest(got) == FID_IMAGES
-    assert all(torch.equal(a, b["image"]) for a, b in zip(fid.dataset_images(project, "both", None, 24, batch=5), got, strict=True))
+    fid_images = fid.dataset_images(project, "both", None, 24, batch=5)
+    assert all(torch.equal(a, b["image"]) for a, b in zip(fid_images, got, strict=True))
 
 
 @pytest.fixture
