@@ -626,6 +626,8 @@ class ShardLoader:
                 raise batch[_ERROR]
             if batch["image"].dtype == torch.uint8 and not self.config.uint8:  # unaugmented (see decode_batches)
                 batch["image"] = to_float(batch["image"], self.config.pin_memory)
+            elif self.config.uint8 and self.config.pin_memory and not batch["image"].is_pinned():
+                batch["image"] = batch["image"].pin_memory()
             yield batch
 
     def _workers(self, dataset: RankEpoch, epoch: int) -> torch.utils.data.DataLoader:

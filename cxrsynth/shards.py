@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path, PurePosixPath
@@ -353,7 +353,7 @@ def split_name(name: str) -> tuple[str, str]:
     return key, ext
 
 
-def pngs_of(keys: set[str]):
+def pngs_of(keys: set[str]) -> Callable[[str], bool]:
     """A member selector: the PNG members of ``keys``."""
     def select(name: str) -> bool:
         key, ext = split_name(name)
@@ -477,7 +477,7 @@ def refusal(member: Member) -> str | None:
     return None
 
 
-def _webdataset_members(f, path: str, select) -> Iterator[tuple[str, bytes]]:
+def _webdataset_members(f, path: str, select: Callable[[str], bool] | None) -> Iterator[tuple[str, bytes]]:
     """``(name, data)`` of a tar's selected regular members through webdataset's expander (any tar)."""
     import tarfile
 
@@ -491,7 +491,8 @@ def _webdataset_members(f, path: str, select) -> Iterator[tuple[str, bytes]]:
         raise ShardError(f"{path}: not a readable tar ({' '.join(str(exc).split())})") from None
 
 
-def members(path: str | Path, select=None, *, untrusted: bool = False) -> Iterator[tuple[str, bytes]]:
+def members(path: str | Path, select: Callable[[str], bool] | None = None, *,
+            untrusted: bool = False) -> Iterator[tuple[str, bytes]]:
     """``(name, data)`` of a tar's regular members, in tar order: the one tar reader.
 
     Args:
@@ -528,7 +529,7 @@ def members(path: str | Path, select=None, *, untrusted: bool = False) -> Iterat
         yield from islice(_webdataset_members(f, path, select), done, None)
 
 
-def _checked_members(f, path: str, select) -> Iterator[tuple[str, bytes]]:
+def _checked_members(f, path: str, select: Callable[[str], bool] | None) -> Iterator[tuple[str, bytes]]:
     try:
         listed = list(_ustar_headers(f, every_type=True))
     except _NotPlainTar:
