@@ -185,17 +185,14 @@ def unit_inputs(rows: list[dict], params: dict) -> str:
 
 def condition_rows(root: str | Path, conditions: str, split: str | None) -> pd.DataFrame:
     """The rows a synthetic replica is conditioned on: ``split`` (one name, or several
-    separated by commas, e.g. ``train,tune``), no uncertain finding, by key."""
-    frame = manifest.read(root, conditions)
-    if split is not None:
-        wanted = [s.strip() for s in split.split(",") if s.strip()]
-        present = set(frame["split"].dropna().astype(str))
-        missing = [s for s in wanted if s not in present]
-        if missing or not wanted:
-            raise CxrsynthError(f"{conditions} has no rows in split(s) {', '.join(missing) or repr(split)}; "
-                                f"its splits: {', '.join(sorted(present)) or 'none (run cxrsynth split)'}")
-        frame = frame.loc[frame["split"].isin(wanted).fillna(False).to_numpy(dtype=bool)]
-    return frame.loc[~labels.has_uncertain(frame)].sort_values("key", kind="stable")
+    separated by commas, e.g. ``train,tune``), no uncertain finding, by key.
+
+    :func:`cxrsynth.loader.select` with ``images=False``: a replica needs only the rows'
+    labels and demographics, so a labels-only manifest is a valid source of conditions.
+    """
+    from cxrsynth import loader
+
+    return loader.select(root, conditions, split, images=False).sort_values("key", kind="stable")
 
 
 def _parse_part(part: str | None) -> tuple[int, int]:

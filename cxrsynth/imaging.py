@@ -236,18 +236,38 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """Decode PNG bytes to ``(H, W) uint8``.
+def decode_png(data: bytes, size: int | None = None, *, key: str | None = None,
+               shard: str | None = None) -> np.ndarray:
+    """Decode PNG bytes to ``(H, W) uint8`` grayscale: the one decoder of stored images.
+
+    Every reader of shard pixels (the loader for the classifier and the generator, the
+    FID and audit embeddings, contact sheets) decodes here, so the same bytes give the
+    same pixels everywhere.
+
+    Args:
+        data: The PNG bytes (a shard member).
+        size: Side to resize to (bilinear, to ``(size, size)``) when the image's size
+            differs; None keeps the stored size.
+        key, shard: Named in the error message when given (the sample and its shard).
+
+    Returns:
+        A writable ``(H, W)`` (or ``(size, size)``) uint8 array.
 
     Raises:
-        ImageError: the bytes are not a decodable image (or a decompression bomb).
+        ImageError: the bytes are not a decodable image (or a decompression bomb); the
+            message names ``key`` and ``shard`` when given.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
         with im:
-            return np.asarray(im.convert("L"), dtype=np.uint8)
+            im = im.convert("L")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            return np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on a read-only view)
     except Exception as exc:  # PIL raises many types for corrupt data
-        detail = str(exc).replace(" <_io.BytesIO object", "").split(" at 0x")[0]
-        raise ImageError(f"corrupt PNG: {type(exc).__name__}: {detail}") from exc
+        detail = " ".join(str(exc).replace(" <_io.BytesIO object", "").split(" at 0x")[0].split())[:120]
+        where = "" if key is None else f"sample {key!r}" + (f" in {shard}" if shard else "") + ": "
+        advice = "; `cxrsynth verify` names every damaged shard" if key is not None else ""
+        raise ImageError(f"{where}corrupt PNG: {type(exc).__name__}: {detail}{advice}") from exc

@@ -1,4 +1,4 @@
-"""Stream a manifest's rows from WebDataset shards as classifier batches (training and inference).
+"""Stream a manifest's rows from WebDataset shards as batches: the one loader (classifier and generator).
 
 A manifest — a dataset split or a mix whose rows point into several datasets' shards —
 decides *which* images; the shards supply the pixels; labels come from the manifest rows
@@ -15,6 +15,21 @@ decides *which* images; the shards supply the pixels; labels come from the manif
             batch["mask"]     # float32 (B, 14): 0 where the finding is uncertain (-1), else 1
             batch["key"], batch["dataset"]   # lists of B strings
 
+The generator's batches are the same loader in the generator's order with conditioning
+vectors and uint8 pixels (what :func:`cxrsynth.diffusion.train.train_dataset` builds)::
+
+    LoaderConfig(batch_size=16, image_size=256, augment=None, seed=0, order="buffer", cond=True, uint8=True)
+    batch["cond"]     # float32 (B, 22): labels.conditioning_vectors of the rows
+    batch["image"]    # uint8 (B, 1, S, S)
+
+``order="buffer"`` is not the stream layout below but the order the generator has always
+trained on (:func:`buffer_samples`), kept so that a seed still trains a generator to the
+same bytes: that order (one shuffle buffer over all shards, samples dealt round-robin to
+ranks) cannot be cut into the streams that make the classifier's batches independent of
+the worker count, so it runs in one process per rank. Rows come from the one
+:func:`select`, pixels from the one tar reader (:func:`cxrsynth.shards.members`) and the
+one decoder (:func:`cxrsynth.imaging.decode_png`, whose error names the key and shard).
+
 How an epoch is laid out (a pure function of the rows, ``seed``, ``epoch``, ``batch_size``,
 ``world`` and ``streams``; see :func:`plan`):
 
@@ -28,9 +43,8 @@ How an epoch is laid out (a pure function of the rows, ``seed``, ``epoch``, ``ba
    other's samples undecoded).
 3. Each stream is a webdataset pipeline (``wds.DataPipeline``): its shard spans as
    samples (:func:`read_spans`, this loader's ``tarfile_to_samples``: only the selected
-   rows' PNGs are read, plain ustar shards by a fast header parser, any other tar by
-   webdataset's expander), a seeded ``wds.shuffle`` buffer, decode + augment straight
-   into the batch tensor. Every batch comes from one stream.
+   rows' PNGs are read, by :func:`cxrsynth.shards.members`), a seeded ``wds.shuffle``
+   buffer, decode + augment straight into the batch tensor. Every batch comes from one stream.
 4. Batch ``j`` of a rank comes from stream ``j % streams``; a worker yields exactly the
    batches ``j`` with ``j % workers == its id``, and the DataLoader collects workers in
    turn, so the rank's batch sequence does not depend on the number of workers.
@@ -55,8 +69,8 @@ on how many threads the process running it has.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import math
 import random
 from collections.abc import Iterator
@@ -70,8 +84,9 @@ import pandas as pd
 import torch
 import torch.utils.data
 
-from cxrsynth import labels, manifest
+from cxrsynth import labels, manifest, shards
 from cxrsynth.errors import CxrsynthError
+from cxrsynth.imaging import decode_png
 
 
 class LoaderError(CxrsynthError):
@@ -117,6 +132,13 @@ class LoaderConfig:
         shuffle_buffer: Samples in each stream's shuffle buffer (PNG bytes, before decoding).
         pin_memory: Pin batches in page-locked memory (for CUDA).
         prefetch: Batches each worker prepares ahead.
+        order: ``"streams"``: the layout above. ``"buffer"``: the generator's order (see
+            :func:`buffer_samples`: one seeded shard order and one shuffle buffer per epoch,
+            samples dealt round-robin to the ranks), in this process only (``workers`` 0).
+        cond: Add ``batch["cond"]``, the rows' 22-value conditioning vectors
+            (:func:`cxrsynth.labels.conditioning_vectors`), float32 (B, 22).
+        uint8: Keep unaugmented pixels as the stored uint8 (the generator scales them
+            itself) instead of float32 ``uint8 / 255``.
     """
 
     batch_size: int = 64
@@ -129,35 +151,49 @@ class LoaderConfig:
     shuffle_buffer: int = 1000
     pin_memory: bool = False
     prefetch: int = 2
+    order: str = "streams"
+    cond: bool = False
+    uint8: bool = False
 
 
 # 1. Which rows -------------------------------------------------------------------------
 
-def select(root: str | Path, name: str, split: str | None, *, exclude_uncertain: bool = True) -> pd.DataFrame:
-    """The rows of ``name`` (a dataset or a mix) in ``split`` that a loader streams.
+def select(root: str | Path, name: str, split: str | None, *, exclude_uncertain: bool = True,
+           images: bool = True) -> pd.DataFrame:
+    """The rows of ``name`` (a dataset or a mix) in ``split``: the one row selection.
+
+    The classifier, the generator and ``generate`` (the rows it conditions replicas on)
+    all select here; the rows keep the manifest's order.
 
     Args:
         root: Project root (manifests/ and the shards' relative paths).
         name: Manifest name.
-        split: Split to keep (``None``: every row).
+        split: Split to keep: one name, or several separated by commas (``train,tune``);
+            ``None``: every row.
         exclude_uncertain: Drop images with any uncertain finding (the training rule of the
             label contract); evaluation and prediction keep them.
+        images: The rows must have shards (a loader streams their pixels). False for a
+            caller that needs only labels and demographics (``generate``'s conditions may
+            come from a labels-only manifest).
 
     Raises:
-        LoaderError: No row in the split, or selected rows without a shard (a labels-only
-            manifest cannot be streamed; no row is dropped silently).
+        LoaderError: A named split without rows, or (``images``) selected rows without a
+            shard (a labels-only manifest cannot be streamed; no row is dropped silently).
     """
     frame = manifest.read(root, name)
     if split is not None:
-        keep = (frame["split"] == split).fillna(False).to_numpy(dtype=bool)
-        if not keep.any():
-            have = sorted(str(s) for s in frame["split"].dropna().unique())
-            raise LoaderError(f"{name}: no rows in split {split!r} (splits: {', '.join(have) or 'none'})")
-        frame = frame.loc[keep]
-    missing = frame["shard"].isna().to_numpy(dtype=bool)
-    if missing.any():
-        raise LoaderError(f"{name}/{split}: {int(missing.sum())} of {len(frame)} rows have no shard "
-                          f"(a labels-only manifest?), e.g. {frame.loc[missing, 'key'].iloc[0]!r}; the loader needs images")
+        wanted = [s.strip() for s in split.split(",") if s.strip()]
+        present = set(frame["split"].dropna().astype(str))
+        missing = [s for s in wanted if s not in present] or ([] if wanted else [split])
+        if missing:
+            raise LoaderError(f"{name}: no rows in split {', '.join(map(repr, missing))} "
+                              f"(splits: {', '.join(sorted(present)) or 'none; run cxrsynth split'})")
+        frame = frame.loc[frame["split"].isin(wanted).fillna(False).to_numpy(dtype=bool)]
+    if images:
+        missing_shard = frame["shard"].isna().to_numpy(dtype=bool)
+        if missing_shard.any():
+            raise LoaderError(f"{name}/{split}: {int(missing_shard.sum())} of {len(frame)} rows have no shard (a labels-only "
+                              f"manifest?), e.g. {frame.loc[missing_shard, 'key'].iloc[0]!r}; the loader needs images")
     if exclude_uncertain:
         frame = frame.loc[~labels.has_uncertain(frame)]
     return frame.reset_index(drop=True)
@@ -271,64 +307,13 @@ def split_by_worker(streams: list[Stream], worker: int, workers: int, start: int
 
 # 3. The stages of a stream ---------------------------------------------------------------
 
-class _NotPlainTar(Exception):
-    """A tar entry the fast reader does not handle (PAX or GNU long-name headers, links...)."""
-
-
-_ZERO_BLOCK = bytes(512)
-
-
-def plain_tar_members(stream, url: str, select) -> Iterator[tuple[str, bytes]]:
-    """``(name, bytes)`` of the selected regular files of an uncompressed ustar archive, in order.
-
-    A minimal reader for the plain ustar members cxrsynth's shards hold (webdataset's
-    ``TarWriter`` with short key names): a header is parsed from fixed offsets and its
-    checksum verified; an unselected member is seeked over unread. Python's ``tarfile``
-    (which webdataset's expander uses) parses every header into an object, several times
-    the cost of decoding a small PNG. Any other kind of entry raises :class:`_NotPlainTar`.
-    """
-    while True:
-        header = stream.read(512)
-        if len(header) < 512 or header == _ZERO_BLOCK:
-            return
-        checksum = sum(header) - sum(header[148:156]) + 8 * 32
-        try:
-            recorded = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        except ValueError:
-            raise _NotPlainTar(url) from None
-        if checksum != recorded or header[156:157] not in (b"0", b"\0"):
-            raise _NotPlainTar(url)
-        name = header[:100].split(b"\0", 1)[0].decode()
-        prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
-        if prefix:
-            name = f"{prefix.decode()}/{name}"
-        padded = (size + 511) & ~511
-        if select(name):
-            data = stream.read(size)
-            stream.seek(padded - size, 1)
-            yield name, data
-        else:
-            stream.seek(padded, 1)
-
-
-def _webdataset_members(stream, url: str, select) -> Iterator[tuple[str, bytes]]:
-    """The same as :func:`plain_tar_members` through webdataset's tar expander (any tar)."""
-    import webdataset as wds
-
-    for item in wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], select_files=select, eof_value=None):
-        yield item["fname"], item["data"]
-
-
 def read_spans(spans: list[tuple[str, Span]], wanted: dict[str, set[str]]) -> Iterator[dict]:
     """Samples ``{"__key__", "png", "__url__"}`` of a stream's shard spans, in order.
 
-    webdataset's ``tarfile_to_samples`` for this loader: a sample is the members sharing a
-    key (the file name up to its first dot); only the PNGs of the rows the manifest
-    selected are read (other splits or datasets sharing the shard, and the JSON copies of
-    the rows, are passed over unread), and a shard is closed as soon as its span is
-    complete. Plain ustar shards are read by :func:`plain_tar_members`; any other tar by
-    webdataset's expander (from the start of that shard, skipping what was yielded).
+    webdataset's ``tarfile_to_samples`` for this loader, over the one tar reader
+    (:func:`cxrsynth.shards.members`): only the PNGs of the rows the manifest selected are
+    read (other splits or datasets sharing the shard, and the JSON copies of the rows, are
+    passed over unread), and a shard is closed as soon as its span is complete.
 
     Args:
         spans: ``(path, span)`` per shard, in reading order.
@@ -338,31 +323,16 @@ def read_spans(spans: list[tuple[str, Span]], wanted: dict[str, set[str]]) -> It
         LoaderError: A shard ends before its span does (it lacks rows the manifest places in it).
     """
     for url, span in spans:
-        keys = wanted[url]
-
-        def select(name: str) -> bool:
-            key, _, ext = name.rsplit("/", 1)[-1].partition(".")
-            return ext == "png" and key in keys
-
-        yielded = 0
-        for reader in (plain_tar_members, _webdataset_members):
-            start, seen = span.skip + yielded, 0  # selected members to pass over in this reading
-            with open(url, "rb") as stream:
-                try:
-                    for name, data in reader(stream, url, select):
-                        seen += 1
-                        if seen <= start:
-                            continue
-                        yield {"__key__": name.rsplit("/", 1)[-1].partition(".")[0], "png": data, "__url__": url}
-                        yielded += 1
-                        if yielded == span.take:
-                            break
-                except _NotPlainTar:
-                    continue  # read this shard again with webdataset's expander, past what was yielded
-            break
-        if yielded < span.take:
-            raise LoaderError(f"shard {url} holds {seen} of the {span.skip + span.take} selected rows "
-                              "the manifest places in it")
+        seen, end = 0, span.skip + span.take
+        with contextlib.closing(shards.members(url, shards.pngs_of(wanted[url]))) as found:
+            for name, data in found:
+                seen += 1
+                if seen > span.skip:
+                    yield {"__key__": shards.split_name(name)[0], "png": data, "__url__": url}
+                if seen == end:
+                    break
+        if seen < end:
+            raise LoaderError(f"shard {url} holds {seen} of the {end} selected rows the manifest places in it")
 
 
 def skip_samples(samples: Iterator[dict], n: int) -> Iterator[dict]:
@@ -370,15 +340,37 @@ def skip_samples(samples: Iterator[dict], n: int) -> Iterator[dict]:
     return islice(samples, n, None)
 
 
-def decode_png(png: bytes, size: int | None) -> np.ndarray:
-    """PNG bytes → (S, S) uint8, bilinear-resized to ``size`` when given and different."""
-    from PIL import Image
+def buffer_samples(root: Path, rows: _Rows, config: LoaderConfig, epoch: int) -> Iterator[dict]:
+    """Every selected sample of an epoch in the generator's order (``order="buffer"``).
 
-    with Image.open(io.BytesIO(png)) as im:
-        im = im.convert("L")
-        if size is not None and im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.BILINEAR)
-        return np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on PIL's read-only view)
+    The order ``cxrsynth generator train`` has trained on since its first version, kept
+    so that a seed still trains a generator to the same bytes: the shards holding selected
+    rows, sorted and (training) shuffled by ``random.Random(f"{seed}:{epoch}")``, their
+    samples in tar order through :func:`buffer_shuffle` drawing from the same generator.
+    A rank takes every ``world``-th sample of this sequence (:func:`ShardLoader.batches`).
+    Unlike the stream layout, every rank reads every shard.
+    """
+    order = sorted(rows.wanted)
+    rng = random.Random(f"{config.seed}:{epoch}")
+    if config.train:
+        rng.shuffle(order)
+    spans = [(str(root / shard), Span(shard, 0, len(rows.wanted[shard]))) for shard in order]
+    samples = read_spans(spans, {str(root / shard): rows.wanted[shard] for shard in order})
+    return buffer_shuffle(samples, config.shuffle_buffer, rng) if config.train else samples
+
+
+def buffer_shuffle(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """The generator's shuffle buffer: once ``size`` samples are held, a random one swaps
+    with the newest and leaves; at the end the rest leave in a shuffled order."""
+    buffer: list[dict] = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) >= size:
+            j = rng.randrange(len(buffer))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 def augment_image(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.Tensor:
@@ -424,6 +416,7 @@ class _Rows:
     mask: np.ndarray  # (N, 14) float32
     dataset: np.ndarray  # (N,) object
     wanted: dict[str, set[str]]  # shard (relative path) -> keys selected in it
+    cond: np.ndarray | None = None  # (N, 22) float32, when the batches carry conditioning vectors
 
 
 def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -466,7 +459,7 @@ def decode_batches(samples: Iterator[dict], sizes: tuple[int, ...], rows: _Rows,
         keys = [sample["__key__"] for sample in chunk]
         images = None
         for i, sample in enumerate(chunk):
-            pixels = decode_png(sample["png"], config.image_size)  # (S, S) uint8
+            pixels = decode_png(sample["png"], config.image_size, key=keys[i], shard=sample["__url__"])  # (S, S) uint8
             if images is None:
                 images = _batch_buffer((size, 1, *pixels.shape), torch.uint8 if augment is None else torch.float32)  # (B, 1, S, S)
                 view = images.numpy()
@@ -480,13 +473,16 @@ def decode_batches(samples: Iterator[dict], sizes: tuple[int, ...], rows: _Rows,
                 x = torch.from_numpy(pixels).float().div_(255.0)[None]  # (1, S, S)
                 images[i] = augment_image(x, augment, gen)
         idx = np.fromiter((rows.row_of[k] for k in keys), dtype=np.int64, count=len(keys))
-        yield {
+        batch = {
             "image": images,  # (B, 1, S, S) float32 in [0, 1]; uint8 when unaugmented
             "labels": torch.from_numpy(rows.labels[idx]),  # (B, 14)
             "mask": torch.from_numpy(rows.mask[idx]),  # (B, 14)
             "key": keys,
             "dataset": rows.dataset[idx].tolist(),
         }
+        if rows.cond is not None:
+            batch["cond"] = torch.from_numpy(rows.cond[idx])  # (B, 22)
+        yield batch
 
 
 # 4. Streams, workers, ranks ---------------------------------------------------------------
@@ -509,6 +505,9 @@ def _stream_pipeline(root: Path, stream: Stream, rows: _Rows, config: LoaderConf
     return wds.DataPipeline(*stages)
 
 
+_ERROR = "__error__"  # a worker's CxrsynthError, in place of a batch
+
+
 def _worker_info() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -528,12 +527,19 @@ class RankEpoch(torch.utils.data.IterableDataset):
         count = len(self.streams)
         mine = {s.index: s for s in split_by_worker(self.streams, worker, workers, self.start)}
         pipes: dict[int, Iterator[dict]] = {}
-        for j in range(self.start + worker, self.total, workers):  # batch j comes from stream j % count
-            s = j % count
-            if s not in pipes:
-                skip = len(range(s, self.start, count))  # batches of stream s before `start`
-                pipes[s] = iter(_stream_pipeline(self.root, mine[s], self.rows, self.config, self.epoch, skip))
-            yield next(pipes[s])
+        try:
+            for j in range(self.start + worker, self.total, workers):  # batch j comes from stream j % count
+                s = j % count
+                if s not in pipes:
+                    skip = len(range(s, self.start, count))  # batches of stream s before `start`
+                    pipes[s] = iter(_stream_pipeline(self.root, mine[s], self.rows, self.config, self.epoch, skip))
+                yield next(pipes[s])
+        except CxrsynthError as exc:
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            # The DataLoader would re-raise it wrapped in the worker's traceback; sent as the
+            # worker's next batch, ShardLoader.batches raises it as it is (one clean line).
+            yield {_ERROR: exc}
 
 
 class ShardLoader:
@@ -558,6 +564,12 @@ class ShardLoader:
         if config.workers < 0 or (config.workers > 0 and config.streams % config.workers):
             raise LoaderError(f"workers ({config.workers}) must divide streams ({config.streams}): the batch order is "
                               "fixed by the streams, each of which one worker reads")
+        if config.order not in ("streams", "buffer"):
+            raise LoaderError(f"unknown loader order {config.order!r} (streams or buffer)")
+        if config.order == "buffer" and config.workers:
+            raise LoaderError("the buffer order reads in this process: workers must be 0")
+        if config.uint8 and config.train and config.augment is not None:
+            raise LoaderError("augmented pixels are float: uint8 needs augment=None")
         if len(rows) == 0:
             raise LoaderError("no rows to stream")
         if config.train and len(rows) < world * config.batch_size:
@@ -572,7 +584,8 @@ class ShardLoader:
             wanted.setdefault(s, set()).add(k)
         y, mask = label_arrays(rows)
         self.rows = _Rows(row_of={k: i for i, k in enumerate(keys)}, labels=y, mask=mask,
-                          dataset=rows["dataset"].astype(str).to_numpy(dtype=object), wanted=wanted)
+                          dataset=rows["dataset"].astype(str).to_numpy(dtype=object), wanted=wanted,
+                          cond=labels.conditioning_vectors(rows) if config.cond else None)
         self.counts = [(s, len(k)) for s, k in wanted.items()]
         self.n_rows = len(keys)
         self._epoch = 0
@@ -600,10 +613,21 @@ class ShardLoader:
         total = len(self)
         if not 0 <= start <= total:
             raise LoaderError(f"start batch {start} outside the epoch's {total} batches")
-        dataset = RankEpoch(self.root, self.streams(epoch), self.rows, self.config, epoch, start, total)
-        for batch in dataset if self.config.workers == 0 else self._workers(dataset, epoch):
-            if batch["image"].dtype == torch.uint8:  # unaugmented (see decode_batches)
+        if self.config.order == "buffer":
+            sizes = rank_batches(self.n_rows, self.config.batch_size, self.world, self.rank, self.config.train)
+            mine = islice(buffer_samples(self.root, self.rows, self.config, epoch), self.rank, None, self.world)
+            batches = decode_batches(skip_samples(mine, sum(sizes[:start])), tuple(sizes[start:]), self.rows,
+                                     self.config, epoch)
+        else:
+            dataset = RankEpoch(self.root, self.streams(epoch), self.rows, self.config, epoch, start, total)
+            batches = iter(dataset) if self.config.workers == 0 else iter(self._workers(dataset, epoch))
+        for batch in batches:
+            if _ERROR in batch:
+                raise batch[_ERROR]
+            if batch["image"].dtype == torch.uint8 and not self.config.uint8:  # unaugmented (see decode_batches)
                 batch["image"] = to_float(batch["image"], self.config.pin_memory)
+            elif self.config.uint8 and self.config.pin_memory and not batch["image"].is_pinned():
+                batch["image"] = batch["image"].pin_memory()
             yield batch
 
     def _workers(self, dataset: RankEpoch, epoch: int) -> torch.utils.data.DataLoader:

@@ -1,4 +1,4 @@
-"""WebDataset tar shards: the sample encoder, deterministic atomic writing, an index, verification.
+"""WebDataset tar shards: the sample encoder, deterministic atomic writing, an index, verification, reading.
 
 Layout: ``data/shards/<dataset>/<version>/<dataset>-%06d.tar`` with ``index.json``
 beside the shards. A sample is ``<key>.png`` (8-bit grayscale) and ``<key>.json`` (its
@@ -20,6 +20,12 @@ of writing one ``.partial`` file at once. A unit's input rows that
 cannot become samples (an unreadable image) come to the writer as :class:`Reject` items
 in the sample stream; :func:`write_shard` returns them with the shard, so rows in = samples
 written + rows rejected holds per shard.
+
+Reading has one path too: :func:`members` is the one tar iterator (a fast ustar header
+parser for cxrsynth's own shards, webdataset's expander for any other tar, and with
+``untrusted=True`` the checks a partner's package needs: no link, device, folder, path
+outside, oversize or duplicate member), and :func:`images` gives the PNG bytes of
+manifest rows from their shards. Pixels are decoded by :func:`cxrsynth.imaging.decode_png`.
 """
 
 from __future__ import annotations
@@ -28,14 +34,17 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from itertools import islice
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 
 from cxrsynth import manifest
+from cxrsynth.errors import CheckFailed, CxrsynthError
 from cxrsynth.imaging import encode_png
 
 #: Record fields copied into each sample's JSON (the manifest row minus mutable columns).
@@ -290,3 +299,287 @@ def verify(directory: Path, expected_counts: dict[str, int] | None = None) -> li
             if listed.get(name) != count:
                 problems.append(f"count mismatch: {name}: manifest has {count} rows, index says {listed.get(name)}")
     return problems
+
+
+# Reading ---------------------------------------------------------------------------------
+#
+# The one tar reader: :func:`members` iterates a tar's members (trusted shards through a
+# fast ustar header parser, any other tar through webdataset's expander; untrusted tars,
+# a partner's package, only after every header passed :func:`refusal`), and :func:`images`
+# gives the PNG bytes of manifest rows from their shards.
+
+#: Extensions a sample may carry (the project's sample layout).
+SAMPLE_EXTENSIONS = ("png", "json")
+#: A sample key: WebDataset splits a member name at its first dot, so no dot (and no folder).
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+#: The largest member an untrusted tar may hold (a 256 px PNG is ~33 KiB; 1024 px ~0.6 MiB).
+MAX_MEMBER_BYTES = 64 << 20
+
+_REGULAR = (b"0", b"\0")  # tar type flags of a regular file (ustar and pre-POSIX)
+_PLAIN = frozenset(b"01234567\0"[i : i + 1] for i in range(9))  # types a ustar header describes alone
+_ZERO_BLOCK = bytes(512)
+
+
+class ShardError(CxrsynthError):
+    """A shard that cannot be read as asked: missing, not a tar, or without a sample its rows place in it."""
+
+
+class ShardNotFound(ShardError, FileNotFoundError):
+    """A shard file that does not exist (also a ``FileNotFoundError``)."""
+
+
+class UnsafeTar(CheckFailed):
+    """A member an untrusted tar must not hold: a link, a device, a path outside, an oversize member..."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """A tar member's header: its name, tar type flag, data size, data offset in the file, link target."""
+
+    name: str
+    type: bytes
+    size: int
+    offset: int
+    linkname: str = ""
+
+
+class _NotPlainTar(Exception):
+    """An entry the fast parser does not read (PAX or GNU long-name headers, a bad checksum...)."""
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``(key, ext)`` of a member name: its file name split at the first dot (WebDataset's rule)."""
+    key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+    return key, ext
+
+
+def pngs_of(keys: set[str]) -> Callable[[str], bool]:
+    """A member selector: the PNG members of ``keys``."""
+    def select(name: str) -> bool:
+        key, ext = split_name(name)
+        return ext == "png" and key in keys
+    return select
+
+
+def _ustar_headers(f, every_type: bool = False) -> Iterator[Member]:
+    """Member headers of an uncompressed ustar archive, parsed from fixed offsets, in order.
+
+    A minimal parser for the plain members cxrsynth's shards hold (webdataset's writer
+    with short key names): each header's checksum is verified and the data is seeked
+    over, never read. Python's ``tarfile`` parses every header into an object, several
+    times the cost of decoding a small PNG. Regular files only, unless ``every_type``
+    (links, devices, folders and fifos are then listed, for :func:`refusal`); any entry
+    a ustar header does not describe alone (PAX, GNU long names) raises :class:`_NotPlainTar`.
+    """
+    position = 0
+    while True:
+        f.seek(position)
+        header = f.read(512)
+        if not header or header == _ZERO_BLOCK:
+            return
+        if len(header) < 512:
+            raise _NotPlainTar  # a cut header, or not a tar at all
+        checksum = sum(header) - sum(header[148:156]) + 8 * 32
+        try:
+            recorded = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            kind = header[156:157]
+            if checksum != recorded or kind not in (_PLAIN if every_type else _REGULAR):
+                raise _NotPlainTar
+            name = header[:100].split(b"\0", 1)[0].decode()
+            prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\0" else b""
+            linkname = header[157:257].split(b"\0", 1)[0].decode()
+        except (ValueError, UnicodeDecodeError):
+            raise _NotPlainTar from None
+        if prefix:
+            name = f"{prefix.decode(errors='surrogateescape')}/{name}"
+        yield Member(name, kind, size, position + 512, linkname)
+        position += 512 + ((size + 511) & ~511)
+
+
+def _tarfile_headers(f, path: str, error: type[CxrsynthError]) -> list[Member]:
+    """Every member header of an uncompressed tar of any format, through ``tarfile``."""
+    import tarfile
+
+    f.seek(0)
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            return [Member(i.name, i.type, i.size, i.offset_data, i.linkname) for i in tar.getmembers()]
+    except tarfile.TarError as exc:
+        raise error(f"{path}: not an uncompressed tar ({exc})") from None
+
+
+def headers(path: str | Path) -> list[Member]:
+    """The regular members' headers of a (trusted) tar, in order, no data read.
+
+    For a reader that reads members later, out of order (``share export`` gathers each
+    package shard's images from many source shards): :func:`read_member` reads one.
+    """
+    path = str(path)
+    with _open(path) as f:
+        try:
+            return list(_ustar_headers(f))
+        except _NotPlainTar:
+            import tarfile
+
+            return [m for m in _tarfile_headers(f, path, ShardError) if m.type in (*_REGULAR, tarfile.CONTTYPE)]
+
+
+def read_member(f, member: Member, path: str = "") -> bytes:
+    """The data of ``member`` (from :func:`headers`) in the open tar file ``f``."""
+    f.seek(member.offset)
+    data = f.read(member.size)
+    if len(data) != member.size:
+        raise ShardError(f"{path or f.name}: member {member.name!r} is cut short ({len(data)} of its {member.size} bytes)")
+    return data
+
+
+def _open(path: str):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise ShardNotFound(f"missing shard: {path}") from None
+    except OSError as exc:
+        raise ShardError(f"unreadable shard: {path}: {exc.strerror or exc}") from None
+
+
+def refusal(member: Member) -> str | None:
+    """Why a member may not be read from an untrusted tar, or None.
+
+    Only flat regular files named ``<key>.<ext>`` (:data:`KEY_PATTERN`,
+    :data:`SAMPLE_EXTENSIONS`) of at most :data:`MAX_MEMBER_BYTES` pass: no absolute
+    path, no ``..``, no folder, link, device or fifo.
+    """
+    import tarfile
+
+    name, kind = member.name, member.type
+    if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+        return f"a {'symbolic' if kind == tarfile.SYMTYPE else 'hard'} link (to {member.linkname!r})"
+    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        return "a device file"
+    if kind == tarfile.FIFOTYPE:
+        return "a fifo"
+    if kind == tarfile.DIRTYPE:
+        return "a folder"
+    if kind not in _REGULAR:
+        return f"not a regular file (tar type {kind!r})"
+    if name.startswith("/") or PurePosixPath(name).is_absolute():
+        return "an absolute path"
+    if ".." in name.split("/"):
+        return "a path with '..'"
+    if "/" in name or "\\" in name:
+        return "a path with folders (members are flat <key>.<ext>)"
+    key, dot, ext = name.partition(".")
+    if not dot or not KEY_PATTERN.match(key) or ext not in SAMPLE_EXTENSIONS:
+        return f"not named <key>.<ext> (key of [A-Za-z0-9_-], ext one of {', '.join(SAMPLE_EXTENSIONS)})"
+    if member.size > MAX_MEMBER_BYTES:
+        return f"{member.size} bytes, more than the {MAX_MEMBER_BYTES} a sample member may hold"
+    return None
+
+
+def _webdataset_members(f, path: str, select: Callable[[str], bool] | None) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of a tar's selected regular members through webdataset's expander (any tar)."""
+    import tarfile
+
+    import webdataset as wds
+
+    f.seek(0)
+    try:
+        for item in wds.tariterators.tar_file_expander([{"url": path, "stream": f}], select_files=select, eof_value=None):
+            yield item["fname"], item["data"]
+    except tarfile.TarError as exc:
+        raise ShardError(f"{path}: not a readable tar ({' '.join(str(exc).split())})") from None
+
+
+def members(path: str | Path, select: Callable[[str], bool] | None = None, *,
+            untrusted: bool = False) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of a tar's regular members, in tar order: the one tar reader.
+
+    Args:
+        path: The tar file.
+        select: ``name -> bool``; only the members it accepts are read (the others are
+            seeked over). None reads every member.
+        untrusted: The tar comes from elsewhere (a partner's package): every header is
+            checked by :func:`refusal`, and for duplicate names, before any data is read;
+            compressed tars are refused (which also rules out decompression bombs).
+
+    A plain ustar shard (what cxrsynth writes) is read by a fast header parser; any other
+    tar by webdataset's expander (trusted), from its start, past what was yielded, or by
+    ``tarfile`` (untrusted: links and devices must be seen to be refused).
+
+    Raises:
+        ShardNotFound: No such file.
+        ShardError: Not a readable tar, or a member shorter than its header says.
+        UnsafeTar: (untrusted) A refused member, naming the tar, the member and why.
+    """
+    path = str(path)
+    with _open(path) as f:
+        if untrusted:
+            yield from _checked_members(f, path, select)
+            return
+        done = 0
+        try:
+            for member in _ustar_headers(f):
+                if select is None or select(member.name):
+                    yield member.name, read_member(f, member, path)
+                    done += 1
+            return
+        except _NotPlainTar:
+            pass
+        yield from islice(_webdataset_members(f, path, select), done, None)
+
+
+def _checked_members(f, path: str, select: Callable[[str], bool] | None) -> Iterator[tuple[str, bytes]]:
+    try:
+        listed = list(_ustar_headers(f, every_type=True))
+    except _NotPlainTar:
+        listed = _tarfile_headers(f, path, UnsafeTar)
+    seen: set[str] = set()
+    for member in listed:
+        why = refusal(member)
+        if why is None and member.name in seen:
+            why = "a duplicate member name"
+        if why is not None:
+            raise UnsafeTar(f"{Path(path).name}: member {member.name!r} refused: {why}")
+        seen.add(member.name)
+    for member in listed:
+        if select is None or select(member.name):
+            yield member.name, read_member(f, member, path)
+
+
+def images(root: str | Path, rows: pd.DataFrame, *, strict: bool = True) -> Iterator[tuple[str, bytes]]:
+    """``(key, PNG bytes)`` of manifest ``rows`` from their shards: images for these rows.
+
+    Each shard is read once, in sorted order, and its selected samples come in tar order
+    (only the rows' PNG members are read). ``dict(images(root, rows))`` maps key to PNG.
+
+    Args:
+        root: Project root (the ``shard`` paths are relative to it, or absolute).
+        rows: Manifest rows with ``key`` and ``shard``.
+        strict: Raise when a row's sample is not in its shard (False: leave it out, for
+            a caller that shows the gap).
+
+    Raises:
+        ShardError: A row without a shard (a labels-only manifest), or (strict) a row
+            whose shard holds no sample of its key.
+    """
+    root = Path(root)
+    keys, where = rows["key"].astype(str).to_numpy(), rows["shard"]
+    missing = where.isna().to_numpy(dtype=bool)
+    if missing.any():
+        raise ShardError(f"{int(missing.sum())} of {len(rows)} rows have no shard (a labels-only manifest?), "
+                         f"e.g. {keys[missing][0]!r}; their images cannot be read")
+    wanted: dict[str, set[str]] = {}
+    for key, shard in zip(keys, where.astype(str)):
+        wanted.setdefault(shard, set()).add(key)
+    for shard in sorted(wanted):
+        found = set()
+        for name, data in members(root / shard, pngs_of(wanted[shard])):
+            key = split_name(name)[0]
+            found.add(key)
+            yield key, data
+        lost = wanted[shard] - found
+        if strict and lost:
+            more = f" (nor {len(lost) - 1} more)" if len(lost) > 1 else ""
+            raise ShardError(f"{shard} holds no sample {sorted(lost)[0]!r}{more} that the manifest places in it; "
+                             "`cxrsynth verify` checks a dataset's shards")

@@ -112,21 +112,14 @@ def dataset_sheet(root: str | Path, name: str, out: str | Path, *, n: int = 24, 
         n: Images on the sheet.
         where: Optional SQL condition on the manifest, e.g. ``"pleural_effusion = 1"``.
     """
-    from cxrsynth import labels, manifest, stream
-    from cxrsynth.imaging import ImageError, decode_png
+    from cxrsynth import labels, manifest, shards
+    from cxrsynth.imaging import decode_png
 
     condition = f"WHERE shard IS NOT NULL AND ({where})" if where else "WHERE shard IS NOT NULL"
     frame = manifest.query(root, f'SELECT * FROM "{manifest.check_name(name)}" {condition} ORDER BY key LIMIT {int(n)}')
     if frame.empty:
         raise manifest.ManifestError(f"{name}: no images with shards match {where or 'the dataset'}")
-    pngs = dict(stream.samples(root, frame, train=False, seed=0))
+    pngs = dict(shards.images(root, frame))  # raises naming a row whose shard lacks its sample
     rows = frame.to_dict("records")
-    images = []
-    for r in rows:
-        if r["key"] not in pngs:
-            raise manifest.ManifestError(f"{name}: key {r['key']} is in the manifest but not in its shard {r['shard']}")
-        try:
-            images.append(decode_png(pngs[r["key"]]))
-        except ImageError as exc:
-            raise ImageError(f"{name}: key {r['key']} in shard {r['shard']}: {exc}") from None
+    images = [decode_png(pngs[r["key"]], key=r["key"], shard=r["shard"]) for r in rows]
     return write_sheet(Path(out), images, labels.findings_matrix(frame), [header(r) for r in rows])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import tarfile
 from pathlib import Path
 
 import pandas as pd
@@ -92,7 +91,7 @@ def check_rows(root: str | Path, frame: pd.DataFrame) -> list[str]:
             members = _json_members(path)
         except FileNotFoundError:
             continue  # reported by the index check (missing shard)
-        except (OSError, tarfile.TarError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # shards.ShardError is a ValueError
             problems.append(f"unreadable shard: {path}: {type(exc).__name__}: {exc}")
             continue
         for record in shards.sample_records(rows):
@@ -111,14 +110,11 @@ def check_rows(root: str | Path, frame: pd.DataFrame) -> list[str]:
 def _json_members(path: Path) -> dict[str, dict]:
     """Key → parsed ``<key>.json`` member of a shard."""
     out = {}
-    with tarfile.open(path, mode="r:") as tar:
-        for info in tar:
-            if info.isreg() and info.name.endswith(".json"):
-                data = tar.extractfile(info).read()
-                try:
-                    out[info.name[: -len(".json")]] = json.loads(data)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    out[info.name[: -len(".json")]] = {}
+    for name, data in shards.members(path, lambda name: name.endswith(".json")):
+        try:
+            out[name[: -len(".json")]] = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            out[name[: -len(".json")]] = {}
     return out
 
 

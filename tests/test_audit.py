@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_share import Project, build_project
 
-from cxrsynth import manifest, shards, stream
+from cxrsynth import manifest, shards
 from cxrsynth.imaging import decode_png, encode_png
 from cxrsynth.share import audit as audit_lib
 from cxrsynth.share import embed
@@ -28,7 +28,7 @@ def plant_copy(root: Path, synthetic: str = "syn", training: str = "cxp") -> tup
     """Replace one synthetic image by a training image with +-1 grey level of noise; returns (synthetic key, training key)."""
     real = manifest.read(root, training)
     source = real.loc[real["split"] == "train"].sort_values("key").iloc[[3]]
-    (train_key, png), = stream.samples(root, source, train=False, seed=0)
+    (train_key, png), = shards.images(root, source)
     noise = np.random.default_rng(0).integers(-1, 2, size=decode_png(png).shape)
     near_copy = encode_png(np.clip(decode_png(png).astype(int) + noise, 0, 255).astype(np.uint8))
     syn = manifest.read(root, synthetic)
@@ -57,8 +57,8 @@ def planted(built, tmp_path_factory) -> tuple[Project, str, str]:
 
 def pixel_vectors(root: Path, frame: pd.DataFrame, size: int = 32) -> np.ndarray:
     """The pixels embedding recomputed by hand (numpy): standardised, unit length, in frame order."""
-    pngs = dict(stream.samples(root, frame, train=False, seed=0))
-    x = np.stack([stream.decode(pngs[k], size).astype(np.float64).ravel() for k in frame["key"]])
+    pngs = dict(shards.images(root, frame))
+    x = np.stack([decode_png(pngs[k], size).astype(np.float64).ravel() for k in frame["key"]])
     x = (x - x.mean(1, keepdims=True)) / x.std(1, ddof=1, keepdims=True)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 

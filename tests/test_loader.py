@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from itertools import islice
 
 import numpy as np
 import pandas as pd
@@ -13,10 +14,10 @@ import torch
 from conftest import chexpert_rows, write_chexpert
 from typer.testing import CliRunner
 
-from cxrsynth import ingest, labels, loader, manifest, splits
+from cxrsynth import ingest, labels, loader, manifest, shards, sheet, splits
 from cxrsynth.cli import app
 from cxrsynth.errors import CxrsynthError
-from cxrsynth.imaging import Preprocess
+from cxrsynth.imaging import ImageError, Preprocess, decode_png
 from cxrsynth.sources import chexpert
 
 
@@ -135,7 +136,7 @@ def test_inference_reads_every_row_once_unaugmented_and_skips_other_splits(proje
             pngs.update({m.name[:-4]: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png")})
     for b in batches:
         for key, image in zip(b["key"], b["image"]):
-            want = torch.from_numpy(loader.decode_png(pngs[key], None)).float() / 255
+            want = torch.from_numpy(decode_png(pngs[key])).float() / 255
             assert torch.equal(image[0], want)
     resized = run(project, tune, train=False, batch_size=3, image_size=16)
     assert resized[0]["image"].shape[1:] == (1, 16, 16)
@@ -203,10 +204,14 @@ def test_bench_load_reports_ceiling_and_each_worker_count(project):
 
 
 def test_tar_reader_matches_webdataset_and_falls_back_for_other_tars(project, tmp_path):
+    import webdataset as wds
+
     shard = sorted((project / "data" / "shards" / "siteA").rglob("*.tar"))[0]
-    every = lambda name: True  # noqa: E731
-    with open(shard, "rb") as a, open(shard, "rb") as b:
-        assert list(loader.plain_tar_members(a, str(shard), every)) == list(loader._webdataset_members(b, str(shard), every))
+    with open(shard, "rb") as stream:
+        expanded = wds.tariterators.tar_file_expander([{"url": str(shard), "stream": stream}], eof_value=None)
+        expected = [(m["fname"], m["data"]) for m in expanded]
+    assert list(shards.members(shard)) == expected == list(shards.members(shard, untrusted=True))
+    assert [(m.name, m.size) for m in shards.headers(shard)] == [(n, len(d)) for n, d in expected]
     # A GNU tar with a long member name (an 'L' header): read by webdataset's expander, past what was yielded.
     long_key = "k" * 120
     members = [("a.png", b"A"), ("a.json", b"{}"), (f"{long_key}.png", b"L"), ("b.png", b"B"), ("c.png", b"C")]
@@ -216,9 +221,137 @@ def test_tar_reader_matches_webdataset_and_falls_back_for_other_tars(project, tm
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    assert list(shards.members(path)) == members
+    assert [m.name for m in shards.headers(path)] == [n for n, _ in members]
     for skip, want in ((0, ["a", long_key, "b"]), (1, [long_key, "b", "c"])):  # "a" comes before the 'L' header
         span = loader.Span("gnu.tar", skip=skip, take=3)
         got = list(loader.read_spans([(str(path), span)], {str(path): {"a", long_key, "b", "c"}}))
         assert [s["__key__"] for s in got] == want and got[-1]["png"] == {"b": b"B", "c": b"C"}[want[-1]]
     with pytest.raises(loader.LoaderError, match="holds 4 of the 5 selected rows"):
         list(loader.read_spans([(str(path), loader.Span("gnu.tar", skip=0, take=5))], {str(path): {"a", long_key, "b", "c"}}))
+    with pytest.raises(shards.ShardNotFound, match="missing shard"):
+        list(shards.members(tmp_path / "nope.tar"))
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 64)
+    with pytest.raises(shards.ShardError, match="not a readable tar"):
+        list(shards.members(tmp_path / "junk.tar"))
+
+
+def test_images_for_rows_by_key_and_refuses_rows_without_their_sample(project):
+    rows = loader.select(project, "both", None, exclude_uncertain=False)
+    pngs = dict(shards.images(project, rows))
+    assert set(pngs) == set(rows["key"])
+    for shard in rows["shard"].unique()[:2]:
+        with tarfile.open(project / shard) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".png"):
+                    assert pngs[m.name[:-4]] == tar.extractfile(m).read()
+    moved = rows.head(3).assign(shard=rows.loc[rows["dataset"] == "siteB", "shard"].iloc[0])  # siteA keys, a siteB shard
+    with pytest.raises(shards.ShardError, match="holds no sample"):
+        list(shards.images(project, moved))
+    assert list(shards.images(project, moved, strict=False)) == []
+    with pytest.raises(shards.ShardError, match="have no shard"):
+        list(shards.images(project, rows.assign(shard=pd.NA)))
+
+
+def test_one_select_for_loaders_and_conditions(project):
+    labels_only = manifest.read(project, "siteA").assign(shard=pd.NA)
+    manifest.write(project, "siteA_labels", labels_only, {"version": "y"})
+    with pytest.raises(loader.LoaderError, match="rows have no shard"):
+        loader.select(project, "siteA_labels", "train")  # a loader never drops a row silently
+    conditions = loader.select(project, "siteA_labels", "train,tune", images=False)  # generate's conditions: labels only
+    assert len(conditions) == int((~labels.has_uncertain(labels_only)).sum())
+    with pytest.raises(loader.LoaderError, match="no rows in split 'nope'"):
+        loader.select(project, "siteA", "train,nope")
+
+
+# Recorded from cxrsynth.stream.batches (the generator's batches before stream.py folded into this
+# loader) on the `project` fixture: (name, split, batch_size, image_size, train, seed, epoch, rank,
+# world) -> (batches, sha256 of every batch's keys, uint8 pixels, conditioning vectors and shape).
+STREAM_BATCHES = [
+    (("both", None, 4, 32, True, 1, 0, 0, 1), (9, "ae8e21c8e127d219")),
+    (("both", None, 4, 32, True, 1, 1, 0, 1), (9, "aedd6be1129b56a2")),
+    (("both", None, 3, 16, True, 2, 0, 0, 2), (6, "ca9282fbe9a984f6")),
+    (("both", None, 3, 16, True, 2, 0, 1, 2), (6, "83ffba4449e9815b")),
+    (("siteA", "train", 2, 32, True, 0, 0, 0, 1), (8, "105a234fe68263a2")),
+    (("siteA", "train", 5, 32, False, 0, 0, 0, 1), (4, "8d58bf20570a875a")),
+]
+# stream.samples(frame by key, train=True, seed=3, epoch=2, stream=s, streams=2, shuffle_buffer=5): the
+# shuffle buffer's eviction path, which the 1000-sample default never reaches on 36 rows.
+STREAM_BUFFER5 = [(18, "7f76908c9ec349ea"), (18, "3422757cd3b3ace6")]
+# diffusion.fid.dataset_images(root, "both", None, 24, batch=5) through stream.batches.
+FID_IMAGES = (8, "32bca0b6441b0b47")
+
+
+def _digest(batches, cond=True):
+    import hashlib
+
+    h, n = hashlib.sha256(), 0
+    for b in batches:
+        h.update(" ".join(b["key"]).encode())
+        h.update(b["image"].numpy().tobytes())
+        if cond:
+            h.update(b["cond"].numpy().tobytes())
+        h.update(str(tuple(b["image"].shape)).encode())
+        n += 1
+    return n, h.hexdigest()[:16]
+
+
+def test_generator_batches_are_the_old_stream_batches_byte_for_byte(project):
+    import hashlib
+
+    from cxrsynth.diffusion import fid
+
+    for (name, split, batch_size, size, train, seed, epoch, rank, world), want in STREAM_BATCHES:
+        rows = loader.select(project, name, split, exclude_uncertain=False)
+        config = loader.LoaderConfig(batch_size=batch_size, image_size=size, train=train, augment=None, seed=seed,
+                                     order="buffer", cond=True, uint8=True)
+        got = list(loader.ShardLoader(project, rows, config, rank=rank, world=world).batches(epoch))
+        assert all(b["image"].dtype == torch.uint8 for b in got)
+        assert _digest(got) == want, (name, split, rank, world)
+    rows = loader.select(project, "both", None, exclude_uncertain=False).sort_values("key")
+    data = loader.ShardLoader(project, rows, loader.LoaderConfig(batch_size=1, seed=3, shuffle_buffer=5, order="buffer",
+                                                                  augment=None))
+    for s, want in enumerate(STREAM_BUFFER5):
+        got = [x["__key__"] for x in islice(loader.buffer_samples(project, data.rows, data.config, 2), s, None, 2)]
+        assert (len(got), hashlib.sha256(" ".join(got).encode()).hexdigest()[:16]) == want
+    inference = loader.LoaderConfig(batch_size=5, image_size=24, train=False, streams=1, cond=True, uint8=True)
+    got = list(loader.ShardLoader(project, rows, inference).batches())
+    assert _digest(got) == FID_IMAGES
+    fid_images = fid.dataset_images(project, "both", None, 24, batch=5)
+    assert all(torch.equal(a, b["image"]) for a, b in zip(fid_images, got, strict=True))
+
+
+@pytest.fixture
+def corrupt(project, tmp_path):
+    """A copy of the project whose first siteA shard holds a PNG overwritten with zeros (the tar stays valid)."""
+    import shutil
+
+    root = tmp_path / "proj"
+    shutil.copytree(project, root)
+    shard = sorted((root / "data" / "shards" / "siteA").rglob("*.tar"))[0]
+    member = next(m for m in shards.headers(shard) if m.name.endswith(".png"))
+    data = bytearray(shard.read_bytes())
+    data[member.offset : member.offset + member.size] = bytes(member.size)
+    shard.chmod(0o644)
+    shard.write_bytes(bytes(data))
+    return root, member.name[: -len(".png")], shard.name
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_png_is_a_clean_error_naming_key_and_shard(corrupt, workers, tmp_path):
+    root, key, shard = corrupt
+    rows = loader.select(root, "siteA", None, exclude_uncertain=False)
+    classifier = loader.LoaderConfig(batch_size=4, train=False, workers=workers, streams=2)
+    with pytest.raises(ImageError, match="corrupt PNG") as caught:
+        list(loader.ShardLoader(root, rows, classifier).batches())
+    assert key in str(caught.value) and shard in str(caught.value)
+    assert str(caught.value).startswith(f"sample {key!r} in ") and "Traceback" not in str(caught.value)  # one clean line
+    if workers:
+        return
+    generator = loader.LoaderConfig(batch_size=4, image_size=16, augment=None, order="buffer", cond=True, uint8=True)
+    with pytest.raises(ImageError, match="corrupt PNG") as caught:
+        list(loader.ShardLoader(root, rows, generator).batches())
+    assert key in str(caught.value) and shard in str(caught.value)
+    with pytest.raises(ImageError, match="corrupt PNG") as caught:
+        sheet.dataset_sheet(root, "siteA", tmp_path / "sheet.png", n=40)
+    assert key in str(caught.value) and shard in str(caught.value)

@@ -5,7 +5,7 @@ import torch
 from conftest import chexpert_rows, write_chexpert
 from typer.testing import CliRunner
 
-from cxrsynth import generate, ingest, labels, manifest, splits, stream
+from cxrsynth import generate, ingest, labels, loader, manifest, splits
 from cxrsynth.cli import app
 from cxrsynth.diffusion.model import ConditionalUNet, save_generator
 from cxrsynth.diffusion.presets import get_preset
@@ -54,7 +54,8 @@ def test_supplementation_adds_whole_replicas_and_keeps_tune_test_real(project):
     train_keys = set(real.loc[real["split"] == "train", "key"])
     assert set(syn["source_key"]) == train_keys
     # the mix streams like any dataset, from the source datasets' shards
-    keys = [k for b in stream.batches(project, "sup200", "train", 4, 16, train=True, seed=0) for k in b["key"]]
+    generator = loader.LoaderConfig(batch_size=4, image_size=16, augment=None, order="buffer", cond=True, uint8=True)
+    keys = [k for b in loader.ShardLoader(project, loader.select(project, "sup200", "train"), generator) for k in b["key"]]
     assert len(keys) == len(frame.loc[(frame["split"] == "train") & ~labels.has_uncertain(frame)]) // 4 * 4
     assert verify_dataset(project, "sup200")[0] == []
 

@@ -23,7 +23,7 @@ import pytest
 from conftest import chexpert_rows, save_jpeg, write_chexpert
 from typer.testing import CliRunner
 
-from cxrsynth import manifest, shards, stream
+from cxrsynth import loader, manifest, shards
 from cxrsynth.cli import app
 from cxrsynth.errors import CheckFailed
 from cxrsynth.share import export as export_lib
@@ -180,7 +180,7 @@ def test_export_keeps_the_images_and_refuses_real_rows(built, exported, tmp_path
     fixed = export_lib.ExportConfig(secret_file=secret, audit_out=tmp_path / "a")
     export_lib.export(built.root, "syn", again, replace(fixed, keymap=keymap))
     mapping = pd.read_parquet(keymap).set_index("exported_key")["original_key"]
-    original = dict(stream.samples(built.root, manifest.read(built.root, "syn"), train=False, seed=0))
+    original = dict(shards.images(built.root, manifest.read(built.root, "syn")))
     for path in sorted((again / "shards").glob("*.tar")):
         for sample in package.samples(path):
             assert sample["png"] == original[mapping[sample["__key__"]]]  # pixels untouched
@@ -280,6 +280,33 @@ def test_import_refuses_unsafe_tar_members(exported, tmp_path, member, why):
     assert member.name in out and "refused" in out
 
 
+def test_read_tar_refuses_before_reading_any_data(tmp_path):
+    """The hardened reader: an oversize member (its header only: the file is sparse), a compressed tar, and a
+    link in a tar the fast parser hands to ``tarfile`` (a PAX header) are refused, naming the member."""
+    big = tarfile.TarInfo("big-key.png")
+    big.size = shards.MAX_MEMBER_BYTES + 1
+    path = tmp_path / "big.tar"
+    ok = tarfile.TarInfo("ok-key.png")
+    ok.size = 4
+    with open(path, "wb") as f:
+        f.write(ok.tobuf(tarfile.USTAR_FORMAT) + b"fine".ljust(512, b"\0") + big.tobuf(tarfile.USTAR_FORMAT))
+        f.truncate(3 * 512 + ((big.size + 511) & ~511) + 1024)
+    assert list(shards.members(path, lambda name: name.startswith("ok")))[0] == ("ok-key.png", b"fine")  # trusted: read
+    with pytest.raises(package.UnsafePackage, match=f"member 'big-key.png' refused: {big.size} bytes, more than"):
+        next(package.read_tar(path))  # nothing yielded, not even the member before it
+    gz = tmp_path / "packed.tar.gz"
+    with tarfile.open(gz, "w:gz") as tar:
+        tar.addfile(ok, io.BytesIO(b"fine"))
+    with pytest.raises(package.UnsafePackage, match="not an uncompressed tar"):
+        next(package.read_tar(gz))
+    pax = tmp_path / "pax.tar"
+    with tarfile.open(pax, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(ok, io.BytesIO(b"fine"))
+        tar.addfile(_member("ok-key.json", tarfile.SYMTYPE, "/" + "x" * 150))  # a long link target: a PAX header
+    with pytest.raises(package.UnsafePackage, match="member 'ok-key.json' refused: a symbolic link"):
+        next(package.read_tar(pax))
+
+
 @pytest.mark.parametrize("shard, message", [
     ("../../outside.tar", "points at '../../outside.tar'"),
     ("/etc/passwd", "points at '/etc/passwd'"),
@@ -339,15 +366,15 @@ def test_import_then_mix_round_trip(built, exported, tmp_path, copy):
         assert "shard(s) match" in receiver.cli("verify", "remote_syn")
     else:
         assert rows["shard"].str.startswith("incoming/syn_pkg/shards/").all()
-    pngs = dict(stream.samples(receiver.root, rows, train=False, seed=0))
+    pngs = dict(shards.images(receiver.root, rows))
     assert len(pngs) == len(rows) == len(pd.read_parquet(exported / "manifest.parquet"))
     receiver.cli("mix", "--real", "cxp", "--synthetic", "100%", "--synthetic-from", "remote_syn", "--seed", 0,
                  "--name", "cxp_mix")
     mixed = manifest.read(receiver.root, "cxp_mix")
     train = mixed.loc[mixed["split"] == "train"]
     assert int((train["dataset"] == "remote_syn").sum()) == len(rows)
-    batch = next(stream.batches(receiver.root, "cxp_mix", "train", 64, 32, train=False, seed=0,
-                                frame=train.reset_index(drop=True)))
+    batch = next(loader.ShardLoader(receiver.root, train.reset_index(drop=True), loader.LoaderConfig(
+        batch_size=64, image_size=32, train=False, streams=1, cond=True, uint8=True)).batches())
     assert batch["image"].shape[0] == len(train)
     with pytest.raises(package.ShareError, match="exists already"):
         importer.import_package(receiver.root, pkg, "remote_syn")

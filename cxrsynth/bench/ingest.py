@@ -17,7 +17,7 @@ from cxrsynth.bench import Timer
 
 def bench_ingest(n: int = 1000, size: int = 256, workers: int | None = None, chexpert_csv: Path | None = None, seed: int = 0) -> list[dict]:
     """Run the data-layer timings; returns rows ``{"what", "items", "seconds", "per_second"}``."""
-    from cxrsynth import ingest, splits, stream
+    from cxrsynth import ingest, loader, splits
     from cxrsynth.errors import CxrsynthError
 
     if chexpert_csv is not None and not Path(chexpert_csv).is_file():
@@ -44,8 +44,11 @@ def bench_ingest(n: int = 1000, size: int = 256, workers: int | None = None, che
         timed(f"ingest images, {workers} workers", count, lambda: ingest.ingest(
             source, root=tmp / "many", name="cxp", kind="chexpert", inputs={}, params=params, shard_size=max(count // 8, 1), workers=workers))
         splits.split(tmp / "one", "cxp", splits.SplitParams(tune=0.0, seed=0))
+        rows = loader.select(tmp / "one", "cxp", "train", exclude_uncertain=False)
+        generator_batches = loader.LoaderConfig(batch_size=min(64, len(rows)), image_size=size, augment=None, order="buffer",
+                                                cond=True, uint8=True)  # the generator's batches
         timed("stream + decode batches (1 process)", count, lambda: sum(
-            len(b["key"]) for b in stream.batches(tmp / "one", "cxp", "train", 64, size, train=True, seed=0, exclude_uncertain=False)))
+            len(b["key"]) for b in loader.ShardLoader(tmp / "one", rows, generator_batches).batches()))
         if chexpert_csv is not None:
             full = chexpert.read(chexpert_csv)
             timed("labels-only ingest, CheXpert train.csv", full.rows_in, lambda: ingest.ingest(

@@ -26,8 +26,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxrsynth import loader
+from cxrsynth import loader, shards
 from cxrsynth.bench import Timer
+from cxrsynth.imaging import decode_png
 
 
 @dataclass(frozen=True)
@@ -57,14 +58,7 @@ class LoadBenchConfig:
 
 def _png_bytes(root: Path, rows) -> list[bytes]:
     """The PNG bytes of ``rows``, read from their shards (in-process, once)."""
-    cfg = loader.LoaderConfig(batch_size=1, train=False, augment=None)
-    data = loader.ShardLoader(root, rows, cfg)
-    out: list[bytes] = []
-    for stream in data.streams(0):
-        spans = [(str(root / s.shard), s) for s in stream.spans]
-        wanted = {str(root / s.shard): data.rows.wanted[s.shard] for s in stream.spans}
-        out += [sample["png"] for sample in loader.read_spans(spans, wanted)]
-    return out
+    return [png for _, png in shards.images(root, rows)]
 
 
 def _time_epoch(data: loader.ShardLoader, epoch: int) -> dict:
@@ -94,8 +88,8 @@ def bench_load(root: str | Path, config: LoadBenchConfig) -> dict:
     n_rows = len(rows)
     pngs = _png_bytes(root, rows)
     timer = Timer()
-    loader.decode_png(pngs[0], config.image_size)  # warm-up (PIL plugins)
-    side = loader.decode_png(pngs[0], config.image_size).shape[0]
+    decode_png(pngs[0], config.image_size)  # warm-up (PIL plugins)
+    side = decode_png(pngs[0], config.image_size).shape[0]
     batch = min(config.batch_size, n_rows)
     streams = math.lcm(*[w for w in config.workers if w > 0] or [1])  # the same batches for every worker count
     loaders = {w: loader.ShardLoader(root, rows, loader.LoaderConfig(
@@ -103,7 +97,7 @@ def bench_load(root: str | Path, config: LoadBenchConfig) -> dict:
         workers=w, streams=streams)) for w in config.workers}
     runs: dict[int, list[dict]] = {w: [] for w in config.workers}
     for epoch in range(max(1, config.repeats)):
-        timer.run("PIL decode, 1 process", len(pngs), lambda: [loader.decode_png(p, config.image_size) for p in pngs])
+        timer.run("PIL decode, 1 process", len(pngs), lambda: [decode_png(p, config.image_size) for p in pngs])
         ceiling = timer.rows[-1]
         for w, data in loaders.items():
             run = _time_epoch(data, epoch)

@@ -7,7 +7,6 @@ override :class:`~cxrsynth.diffusion.train.TrainConfig` are ``None`` unless give
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -63,45 +62,27 @@ def train(
 
     Single process, or DDP under ``torchrun --nproc-per-node N -m cxrsynth.cli ...``.
     """
-    from cxrsynth import runtime, stream
+    from cxrsynth import runtime
     from cxrsynth.diffusion.presets import get_preset
-    from cxrsynth.diffusion.train import CHECKPOINTS, TrainConfig, latest_checkpoint, run_checkpoints
-    from cxrsynth.diffusion.train import train as train_lib
+    from cxrsynth.diffusion.train import TrainConfig, train_dataset
 
     set_threads(threads)
 
     config = get_preset(preset, **given(image_size=image_size))
     tc = TrainConfig(**given(steps=steps, batch_size=batch, lr=lr, warmup_steps=warmup, ema_decay=ema, grad_clip=grad_clip,
                              save_every=save_every, log_every=log_every, seed=seed))
+
+    def started(event: dict) -> None:
+        others = event["other_runs"]
+        err_console.print(f"checkpoints: {event['checkpoints']} ({'resuming' if event['resuming'] else 'new run'})"
+                          + (f"; other runs there: {', '.join(others)}" if others else ""), highlight=False, soft_wrap=True)
+
     dist_info = runtime.distributed()
-    frame = stream.select(root, data, split, exclude_uncertain=True)
-    global_batch = tc.batch_size * dist_info.world
-    if len(frame) < global_batch:
-        fail(f"{data}/{split}: {len(frame)} trainable images, fewer than one global batch ({global_batch})")
-
-    # Samples are dealt round-robin, so ranks may differ by one image; every rank stops at
-    # the shortest share's batch count so that each step has one batch on every rank.
-    per_rank = len(frame) // dist_info.world // tc.batch_size
-
-    def batches(epoch: int):
-        return itertools.islice(stream.batches(
-            root, data, split, tc.batch_size, config.image_size, train=True, seed=tc.seed, rank=dist_info.rank,
-            world=dist_info.world, exclude_uncertain=True, epoch=epoch, frame=frame,
-        ), per_rank)
-
-    data_version = f"{data}@{stream.dataset_version(root, data)}"
-    ck_root = checkpoints if checkpoints is not None else out / CHECKPOINTS
-    ck = run_checkpoints(ck_root, config, tc, data_version, dist_info.world)
-    if dist_info.is_main:
-        others = sorted(p.name for p in ck_root.iterdir() if p.is_dir() and p != ck) if ck_root.is_dir() else []
-        what = "resuming" if resume and latest_checkpoint(ck) else "new run"
-        err_console.print(f"checkpoints: {ck} ({what})" + (f"; other runs there: {', '.join(others)}" if others else ""),
-                          highlight=False, soft_wrap=True)
-    train_lib(config, tc, batches, out, checkpoints=ck, resume=resume, device=device, data_version=data_version)
+    train_dataset(root, data, config, tc, out, split=split, checkpoints=checkpoints, resume=resume, device=device,
+                  callback=started)
     if dist_info.world > 1:
         import torch.distributed as dist
 
-        dist.barrier()  # rank 0 has written the generator when any rank returns
         dist.destroy_process_group()
     if dist_info.is_main:
         console.print(f"generator written to [bold]{out}[/bold] ({tc.steps} steps, preset {preset})")

@@ -229,11 +229,12 @@ def trained_classifier_extractor(directory: Path, size: int | None = None) -> to
 
 
 def dataset_images(root: Path, name: str, split: str | None, size: int, batch: int = 64, limit: int | None = None):
-    """uint8 image batches (B, 1, size, size) of a dataset's shards, in key order."""
-    from cxrsynth import stream
+    """uint8 image batches (B, 1, size, size) of a dataset's shards (the first ``limit`` keys), in shard order."""
+    from cxrsynth import loader
 
-    frame = stream.select(root, name, split, exclude_uncertain=False).sort_values("key")
+    frame = loader.select(root, name, split, exclude_uncertain=False).sort_values("key")
     if limit is not None:
         frame = frame.iloc[:limit]
-    for b in stream.batches(root, name, split, batch, size, train=False, seed=0, exclude_uncertain=False, frame=frame):
+    config = loader.LoaderConfig(batch_size=batch, image_size=size, train=False, streams=1, uint8=True)
+    for b in loader.ShardLoader(root, frame, config).batches():  # one stream: shards sorted, tar order
         yield b["image"]

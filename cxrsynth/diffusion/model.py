@@ -156,7 +156,8 @@ def save_generator(
     Args:
         model: The network to save (usually the EMA copy).
         out: Directory; created if missing.
-        data_version: Version of the training data (``stream.dataset_version``).
+        data_version: Version of the training data (``name@version``, as
+            :func:`~cxrsynth.diffusion.train.train_dataset` records it).
         extra: More JSON-ready facts to record (training steps, source checkpoint...).
 
     Returns:

@@ -1,7 +1,8 @@
 """The generator's training loop: CFG dropout, EMA, AdamW, exact resume, DDP.
 
 The loop consumes batches ``{"image": uint8 (B, 1, S, S), "cond": float32 (B, 22)}``
-from ``data(epoch)`` (``cxrsynth.stream.batches`` in the CLI, lists in tests). Every
+from ``data(epoch)`` (a :class:`cxrsynth.loader.ShardLoader` in :func:`train_dataset`,
+the library function behind the CLI; lists in tests). Every
 random draw (timesteps, noise, condition dropout) comes from one ``torch.Generator``
 seeded with ``seed + rank``, whose state is checkpointed together with the model, the
 EMA, the optimizer, the LR schedule, the step and the position in the epoch; resuming
@@ -27,8 +28,8 @@ DDP (``torchrun``, joined through :func:`cxrsynth.runtime.distributed`; gloo on 
 nccl on CUDA): every rank builds the same initial
 weights, draws its noise from ``seed + rank`` and reads its own share of the data
 (``data(epoch)`` must already be sharded by rank and yield the same number of batches
-on every rank, else the gradient all-reduce of the longer rank would wait forever; the
-CLI trims every rank to the shortest share). When batches carry their ``key`` list,
+on every rank, else the gradient all-reduce of the longer rank would wait forever;
+:func:`train_dataset`'s loader gives every rank ``rows // (world * batch)`` batches). When batches carry their ``key`` list,
 the run records which images each rank consumed (``data_seen`` in ``generator.json``:
 images and distinct keys per rank, distinct keys over all ranks; checkpointed, so a
 resumed run reports the whole run), so a user can check
@@ -403,6 +404,78 @@ def train(
             extra["data_seen"] = data_seen
         save_generator(final, out, data_version=data_version, extra=extra)
     return final
+
+
+def train_dataset(
+    root: str | Path,
+    name: str,
+    config: GeneratorConfig,
+    train_config: TrainConfig,
+    out: str | Path,
+    *,
+    split: str | None = "train",
+    checkpoints: str | Path | None = None,
+    resume: bool = True,
+    device: str | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> ConditionalUNet:
+    """Train (or resume) a generator on dataset ``name``'s ``split``: ``cxrsynth generator train``.
+
+    The dataset side of :func:`train`, as :func:`cxrsynth.classify.train.train` is the
+    classifier's: the rows without an uncertain finding (the paper's training rule;
+    :func:`cxrsynth.loader.select`), streamed by a :class:`cxrsynth.loader.ShardLoader` in
+    the generator's order (``order="buffer"``: a seed trains the same bytes as ever),
+    this process's share under DDP (``torchrun``); every rank yields the same number of
+    batches per epoch, so no gradient all-reduce waits. Checkpoints go to
+    ``checkpoints/<run id>`` (:func:`run_checkpoints`; ``checkpoints`` defaults to
+    ``out/checkpoints``).
+
+    Args:
+        root: Project root.
+        name: Dataset to train on (its manifest and shards).
+        config: Network and diffusion configuration (a preset with overrides).
+        train_config: Optimisation settings (its seed also orders the data).
+        out: Generator directory (EMA weights, generator.json, train.json).
+        split: Split to train on (``None``: every row).
+        checkpoints: Checkpoint root; each run writes to ``checkpoints/<run id>``.
+        resume: Continue this run from its ``latest.pt`` when present.
+        device: ``cpu``, ``cuda``, ``cuda:1``; default CUDA when available.
+        callback: Called on rank 0 before training with ``{"event": "start",
+            "checkpoints": Path, "resuming": bool, "other_runs": [names under the root]}``.
+
+    Returns:
+        The EMA network (eval mode); rank 0 has written it to ``out`` when any rank returns.
+    """
+    from cxrsynth import loader, manifest
+
+    root, out, tc = Path(root), Path(out), train_config
+    dist_info = runtime.distributed()
+
+    # 1. Data: this rank's share, the same number of batches on every rank.
+    rows = loader.select(root, name, split, exclude_uncertain=True)
+    if len(rows) < tc.batch_size * dist_info.world:
+        raise CxrsynthError(f"{name}/{split}: {len(rows)} trainable images, fewer than one global batch "
+                            f"({tc.batch_size * dist_info.world})")
+    data = loader.ShardLoader(root, rows, loader.LoaderConfig(
+        batch_size=tc.batch_size, image_size=config.image_size, train=True, augment=None, seed=tc.seed,
+        order="buffer", cond=True, uint8=True), rank=dist_info.rank, world=dist_info.world)
+    data_version = f"{name}@{manifest.read_meta(root, name)['version']}"
+
+    # 2. This run's checkpoint directory under the root.
+    ck_root = Path(checkpoints) if checkpoints is not None else out / CHECKPOINTS
+    ck = run_checkpoints(ck_root, config, tc, data_version, dist_info.world)
+    if dist_info.is_main and callback is not None:
+        others = sorted(p.name for p in ck_root.iterdir() if p.is_dir() and p != ck) if ck_root.is_dir() else []
+        callback({"event": "start", "checkpoints": ck, "resuming": bool(resume and latest_checkpoint(ck)),
+                  "other_runs": others})
+
+    # 3. The loop.
+    model = train(config, tc, data.batches, out, checkpoints=ck, resume=resume, device=device, data_version=data_version)
+    if dist_info.world > 1:
+        import torch.distributed
+
+        torch.distributed.barrier()  # rank 0 has written the generator when any rank returns
+    return model
 
 
 def _data_seen(images: int, keys: set[str], dist_info: runtime.Distributed) -> dict[str, Any] | None:

@@ -344,14 +344,14 @@ def plot_pairs(root: Path, path: Path, syn: pd.DataFrame, train: pd.DataFrame, p
     """The pairs side by side (synthetic left, its nearest training image right), ``columns`` pairs a row, captioned."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from cxrsynth import stream
+    from cxrsynth import shards
     from cxrsynth.imaging import decode_png
 
     tile, gap, caption, head = 128, 4, 38, 20
     cell = 2 * tile + gap + 12
     syn_rows = syn.loc[syn["key"].astype(str).isin([p[0] for p in pairs])]
     train_rows = train.loc[train["key"].astype(str).isin([p[1] for p in pairs])]
-    pngs = dict(stream.samples(root, syn_rows, train=False, seed=0)) | dict(stream.samples(root, train_rows, train=False, seed=0))
+    pngs = dict(shards.images(root, syn_rows)) | dict(shards.images(root, train_rows))
     font = ImageFont.load_default()
     n_rows = max(1, -(-len(pairs) // columns))
     sheet = Image.new("L", (columns * cell, head + n_rows * (tile + caption)), color=255)
@@ -361,7 +361,7 @@ def plot_pairs(root: Path, path: Path, syn: pd.DataFrame, train: pd.DataFrame, p
         r, c = divmod(i, columns)
         x, y = c * cell, head + r * (tile + caption)
         for j, key in enumerate((s_key, t_key)):
-            image = Image.fromarray(decode_png(pngs[key])).resize((tile, tile), Image.Resampling.BILINEAR)
+            image = Image.fromarray(decode_png(pngs[key], key=key)).resize((tile, tile), Image.Resampling.BILINEAR)
             sheet.paste(image, (x + j * (tile + gap), y))
         draw.text((x + 2, y + tile + 1), f"d = {distance:.4f}", fill=0, font=font)
         draw.text((x + 2, y + tile + 12), f"syn {s_key}"[:44], fill=0, font=font)

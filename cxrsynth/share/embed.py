@@ -117,13 +117,15 @@ def build(spec: str, *, device: "torch.device", train: Callable[[], Any] | None 
 
 def iter_images(root: str | Path, frame: pd.DataFrame, size: int, batch: int) -> Iterator[tuple[list[str], np.ndarray]]:
     """``(keys, (B, size, size) uint8)`` of the rows of ``frame``, in shard order, ``batch`` at a time."""
-    from cxrsynth import stream
+    from cxrsynth import shards
+    from cxrsynth.imaging import decode_png
 
     keys: list[str] = []
     images: list[np.ndarray] = []
-    for key, png in stream.samples(root, frame, train=False, seed=0):
+    shard_of = dict(zip(frame["key"].astype(str), frame["shard"].astype(str)))
+    for key, png in shards.images(root, frame):
         keys.append(key)
-        images.append(stream.decode(png, size))
+        images.append(decode_png(png, size, key=key, shard=shard_of[key]))
         if len(keys) == batch:
             yield keys, np.stack(images)
             keys, images = [], []

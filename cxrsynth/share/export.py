@@ -157,32 +157,27 @@ def scrub(frame: pd.DataFrame, name: str, version: str, secret: bytes) -> pd.Dat
     return out.sort_values("key", kind="stable").reset_index(drop=True)
 
 
-def _locate(root: Path, shard_paths: pd.Series) -> dict[str, tuple[str, int, int]]:
-    """Original key → (shard path, data offset, size) of its PNG member, from the tar headers."""
-    import tarfile
-
-    where: dict[str, tuple[str, int, int]] = {}
+def _locate(root: Path, shard_paths: pd.Series) -> dict[str, tuple[str, shards.Member]]:
+    """Original key → (shard path, header) of its PNG member, from the tar headers."""
+    where: dict[str, tuple[str, shards.Member]] = {}
     for shard in sorted(shard_paths.astype(str).unique()):
         path = root / shard
-        with tarfile.open(path, mode="r:") as tar:
-            for info in tar.getmembers():
-                key, _, ext = info.name.partition(".")
-                if ext == "png" and info.isreg():
-                    where[key] = (str(path), info.offset_data, info.size)
+        for member in shards.headers(path):
+            key, _, ext = member.name.partition(".")
+            if ext == "png":
+                where[key] = (str(path), member)
     return where
 
 
-def _samples(rows: pd.DataFrame, where: dict[str, tuple[str, int, int]], handles: dict) -> list[dict]:
+def _samples(rows: pd.DataFrame, where: dict[str, tuple[str, shards.Member]], handles: dict) -> list[dict]:
     out = []
     for record, original in zip(shards.sample_records(rows), rows["original_key"]):
         if original not in where:
             raise ShareError(f"image of {original} not found in its shard")
-        path, offset, size = where[original]
+        path, member = where[original]
         if path not in handles:
             handles[path] = open(path, "rb")
-        handle = handles[path]
-        handle.seek(offset)
-        png = package.strip_png(handle.read(size))
+        png = package.strip_png(shards.read_member(handles[path], member, path))
         meta = {k: record[k] for k in shards.SAMPLE_FIELDS}
         out.append({"__key__": record["key"], "png": png, "json": shards.json_bytes(meta)})
     return out
@@ -331,9 +326,7 @@ def export(
 
 
 def _png_side_of(root: Path, frame: pd.DataFrame) -> int | None:
-    from cxrsynth import stream
-
-    for _, png in stream.samples(root, frame.head(1), train=False, seed=0):
+    for _, png in shards.images(root, frame.head(1), strict=False):
         return _png_side(png)
     return None
 

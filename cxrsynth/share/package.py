@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+from cxrsynth import shards
 from cxrsynth.errors import CheckFailed, CxrsynthError
 
 FORMAT = "cxrsynth-share/1"
@@ -32,11 +31,8 @@ INDEX = "index.json"
 MANIFEST = "manifest.parquet"
 DATASHEET = "DATASHEET.md"
 SHARDS = "shards"
-KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
-#: Extensions a sample may carry (the project's sample layout).
-EXTENSIONS = ("png", "json")
-#: The largest tar member read into memory (a 256 px PNG is ~33 KiB; 1024 px ~0.6 MiB).
-MAX_MEMBER_BYTES = 64 << 20
+KEY_PATTERN = shards.KEY_PATTERN
+EXTENSIONS = shards.SAMPLE_EXTENSIONS
 
 
 class ShareError(CxrsynthError):
@@ -163,61 +159,21 @@ def check(directory: str | Path) -> dict:
     return read_index(Path(directory))
 
 
-def _refusal(info: tarfile.TarInfo) -> str | None:
-    """Why a tar member may not be read from an untrusted package, or None."""
-    name = info.name
-    if info.issym() or info.islnk():
-        return f"a {'symbolic' if info.issym() else 'hard'} link (to {info.linkname!r})"
-    if info.ischr() or info.isblk():
-        return "a device file"
-    if info.isfifo():
-        return "a fifo"
-    if info.isdir():
-        return "a folder"
-    if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
-        return f"not a regular file (tar type {info.type!r})"
-    if name.startswith("/") or PurePosixPath(name).is_absolute():
-        return "an absolute path"
-    if ".." in name.split("/"):
-        return "a path with '..'"
-    if "/" in name or "\\" in name:
-        return "a path with folders (members are flat <key>.<ext>)"
-    key, dot, ext = name.partition(".")
-    if not dot or not KEY_PATTERN.match(key) or ext not in EXTENSIONS:
-        return f"not named <key>.<ext> (key of [A-Za-z0-9_-], ext one of {', '.join(EXTENSIONS)})"
-    if info.size > MAX_MEMBER_BYTES:
-        return f"{info.size} bytes, more than the {MAX_MEMBER_BYTES} a sample member may hold"
-    return None
-
-
 def read_tar(path: str | Path) -> Iterator[tuple[str, str, bytes]]:
     """Yield ``(key, ext, data)`` of an untrusted tar's members, in order, after checking each.
 
-    Every member header is checked before any data is read: a refused member raises
-    :class:`UnsafePackage` naming the tar, the member and why. Compressed tars are refused
-    (``r:``), which also rules out decompression bombs; duplicate names are refused (a later
-    member would silently replace an earlier one).
+    :func:`cxrsynth.shards.members` with ``untrusted=True``: every member header is checked
+    before any data is read, and a refused member raises :class:`UnsafePackage` naming the
+    tar, the member and why. Compressed tars are refused, which also rules out
+    decompression bombs; duplicate names are refused (a later member would silently
+    replace an earlier one).
     """
-    path = Path(path)
     try:
-        tar = tarfile.open(path, mode="r:")
-    except tarfile.ReadError as exc:
-        raise UnsafePackage(f"{path}: not an uncompressed tar ({exc})") from None
-    with tar:
-        members = tar.getmembers()
-        seen: set[str] = set()
-        for info in members:
-            why = _refusal(info)
-            if why is None and info.name in seen:
-                why = "a duplicate member name"
-            if why is not None:
-                raise UnsafePackage(f"{path.name}: member {info.name!r} refused: {why}")
-            seen.add(info.name)
-        for info in members:
-            handle = tar.extractfile(info)
-            data = handle.read() if handle is not None else b""
-            key, _, ext = info.name.partition(".")
+        for name, data in shards.members(path, untrusted=True):
+            key, _, ext = name.partition(".")
             yield key, ext, data
+    except shards.UnsafeTar as exc:
+        raise UnsafePackage(str(exc)) from None
 
 
 def samples(path: str | Path) -> Iterator[dict]:

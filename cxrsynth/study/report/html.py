@@ -12,7 +12,6 @@ import base64
 import html
 import io
 import re
-import tarfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -427,7 +426,7 @@ def _pick(frame, n: int):
 
 def image_grid(study: Study, n: int = 8) -> str:
     """Synthetic images of the supplementation replica beside the real images whose conditions they copy."""
-    from cxrsynth import manifest, stream
+    from cxrsynth import manifest, shards
 
     supplement = study.params.supplement
     replica = supplement.replica if supplement is not None else (study.replicas()[:1] or [None])[0]
@@ -447,9 +446,9 @@ def image_grid(study: Study, n: int = 8) -> str:
         real = manifest.read(study.root, source).set_index("key", drop=False)
         real_rows = real.loc[real.index.intersection(picked["source_key"].astype(str))]
         real_rows = real_rows.loc[real_rows["shard"].notna().to_numpy(dtype=bool)]
-        syn_png = dict(stream.samples(study.root, picked, train=False, seed=0))
-        real_png = dict(stream.samples(study.root, real_rows, train=False, seed=0)) if len(real_rows) else {}
-    except (CxrsynthError, OSError, tarfile.TarError, KeyError) as exc:
+        syn_png = dict(shards.images(study.root, picked, strict=False))
+        real_png = dict(shards.images(study.root, real_rows, strict=False)) if len(real_rows) else {}
+    except (CxrsynthError, OSError, KeyError) as exc:
         return f'<p class="missing">No image grid: {esc(exc)}</p>'
     pairs = []
     for row in picked.to_dict("records"):
