@@ -169,7 +169,9 @@ def fid(
     Weights always come from local files; nothing is downloaded.
     """
     from cxrsynth import runtime
-    from cxrsynth.diffusion import fid as fid_lib
+    from cxrsynth.classify.model import trained_classifier_extractor
+    from cxrsynth.diffusion.fid import dataset_images
+    from cxrsynth.evaluate import frechet
 
     if (inception is None) == (classifier is None):
         fail("give exactly one of --inception FILE, --classifier DIR or --classifier MODEL --checkpoint FILE")
@@ -180,14 +182,14 @@ def fid(
         fail("--classifier MODEL needs --checkpoint FILE (or give a `cxrsynth classifier train` directory)")
     dev = runtime.device(device)
     if inception is not None:
-        extractor, side, what = fid_lib.inception_extractor(inception), 299, "FID (Inception)"
+        extractor, side, what = frechet.inception_extractor(inception), 299, "FID (Inception)"
     elif directory:
-        extractor = fid_lib.trained_classifier_extractor(Path(classifier), size)
+        extractor = trained_classifier_extractor(Path(classifier), size)
         side, what = extractor.size, f"Frechet distance (classifier {extractor.classifier_id}, {extractor.size} px)"
     else:
-        extractor = fid_lib.classifier_extractor(classifier, checkpoint, **given(size=size))
+        extractor = frechet.classifier_extractor(classifier, checkpoint, **given(size=size))
         side, what = extractor.size, f"Frechet distance ({classifier})"
-    a = fid_lib.dataset_images(root, real, real_split, side, limit=limit)
-    b = fid_lib.dataset_images(root, synthetic, None, side, limit=limit)
-    value = fid_lib.fid_from_images(extractor, a, b, device=str(dev))
+    a = dataset_images(root, real, real_split, side, limit=limit)
+    b = dataset_images(root, synthetic, None, side, limit=limit)
+    value = frechet.fid_from_images(extractor, a, b, device=str(dev))
     console.print(f"{what} {real}{'/' + real_split if real_split else ''} vs {synthetic}: {value:.4f}")

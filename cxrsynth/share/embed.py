@@ -81,11 +81,9 @@ def classifier(directory: str | Path, device: "torch.device") -> Embedding:
         raise EmbeddingError("classifier embeddings need cxrsynth.classify, which this install lacks") from None
     model, meta = classify_model.load_classifier(directory, device=device)
     size = int(meta["config"]["image_size"])
-    net = model.net
 
     def fn(images: "torch.Tensor") -> "torch.Tensor":
-        x = images[:, None].float() / 127.5 - 1.0  # (B, 1, S, S) in [-1, 1], as Classifier.forward
-        return net.forward_head(net.forward_features(x), pre_logits=True)  # (B, D)
+        return model.features(images[:, None].float() / 255.0)  # (B, S, S) uint8 → [0, 1] (B, 1, S, S) → (B, D)
 
     info = {"kind": "classifier", "directory": str(directory), "model": meta["config"].get("model"), "size": size,
             "classifier_id": meta.get("classifier_id")}
