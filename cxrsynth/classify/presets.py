@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cxrsynth.errors import CxrsynthError, UnknownNameError
+from cxrsynth.registry import Registry
 
 #: Optimizers a config may name (timm.optim.create_optimizer_v2 names).
 OPTIMIZERS = ("lion", "adamw", "sgd")
@@ -130,15 +131,12 @@ class ClassifierConfig:
         return dataclasses.replace(self, **changes)
 
 
-PRESETS: dict[str, ClassifierConfig] = {}
+PRESETS: Registry[ClassifierConfig] = Registry("classifier preset")
 
 
 def register_preset(config: ClassifierConfig) -> ClassifierConfig:
     """Register ``config`` under ``config.name``; names are unique."""
-    if config.name in PRESETS:
-        raise CxrsynthError(f"classifier preset {config.name!r} is already registered")
-    PRESETS[config.name] = config
-    return config
+    return PRESETS.register(config.name, config)
 
 
 def get_preset(name: str, **overrides: Any) -> ClassifierConfig:
@@ -147,8 +145,6 @@ def get_preset(name: str, **overrides: Any) -> ClassifierConfig:
     Another ``model`` than the preset's drops the preset's ``model_kwargs`` (its widths
     belong to its own model) unless ``model_kwargs`` is given too.
     """
-    if name not in PRESETS:
-        raise UnknownNameError("classifier preset", name, PRESETS)
     preset = PRESETS[name]
     if overrides.get("model") not in (None, preset.model) and overrides.get("model_kwargs") is None:
         overrides = {**overrides, "model_kwargs": {}}

@@ -367,7 +367,7 @@ def bench_load(
 
 
 def bench_classifier(
-    preset: Annotated[str, typer.Option("--preset", help="Classifier preset: paper | small.")] = "small",
+    preset: Annotated[str, typer.Option("--preset", help="Classifier preset: {classifier_presets}.")] = "small",
     batch: Annotated[Optional[int], typer.Option("--batch", min=1, help="Images per step (preset's by default).")] = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", min=8, help="Input side (preset's by default).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="timm model (preset's by default).")] = None,

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cxrsynth.cli.common import Root, console, err_console, progress_bar, set_threads
+from cxrsynth.cli.options import LazyHelp
 
 classifier_app = typer.Typer(no_args_is_help=True, help="Train 14-finding classifiers (any timm model) and predict with them.")
 
@@ -54,11 +55,11 @@ class _TrainBar:
             self.progress.stop()
 
 
-@classifier_app.command("train")
+@classifier_app.command("train", cls=LazyHelp)
 def train(
     data: Annotated[str, typer.Option("--data", help="Dataset or mix to train on (its manifest and shards).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory: model.safetensors, classifier.json, checkpoints/.")],
-    preset: Annotated[str, typer.Option("--preset", help="Classifier preset: paper | small.")] = "small",
+    preset: Annotated[str, typer.Option("--preset", help="Classifier preset: {classifier_presets}.")] = "small",
     split: Annotated[str, typer.Option("--split", help="Training split.")] = "train",
     tune_split: Annotated[Optional[str], typer.Option(
         "--tune-split", help="Tuning split: its loss picks the best epoch ('none': keep the last epoch).")] = "tune",

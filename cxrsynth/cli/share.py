@@ -13,10 +13,11 @@ from typing import Annotated, Optional
 import typer
 
 from cxrsynth.cli.common import Root, console, err_console
+from cxrsynth.cli.options import LazyHelp
 
 share_app = typer.Typer(no_args_is_help=True, help="Share synthetic data with other sites: export, verify, import, audit.")
 
-Embedding = Annotated[Optional[str], typer.Option("--embedding", help="pixels (the default) | classifier:DIR | reid | reid:DIR.")]
+Embedding = Annotated[Optional[str], typer.Option("--embedding", help="{embeddings} (default: pixels).")]
 K = Annotated[Optional[int], typer.Option("--k", min=1, help="Nearest training images kept per synthetic image.")]
 Quantile = Annotated[Optional[float], typer.Option("--quantile", min=0.0, max=1.0,
                                                    help="Flag below this quantile of held-out real → train distances.")]
@@ -43,7 +44,7 @@ def _say(message: str) -> None:
     err_console.print(message, highlight=False, soft_wrap=True)
 
 
-@share_app.command("audit")
+@share_app.command("audit", cls=LazyHelp)
 def audit(
     name: Annotated[str, typer.Argument(help="Synthetic dataset to audit.")],
     against: Annotated[str, typer.Option("--against", help="Real dataset the generator learnt from.")],
@@ -78,7 +79,7 @@ def audit(
         highlight=False, soft_wrap=True)
 
 
-@share_app.command("export")
+@share_app.command("export", cls=LazyHelp)
 def export(
     name: Annotated[str, typer.Argument(help="Synthetic dataset to export.")],
     out: Annotated[Path, typer.Option("--out", help="Package folder to create (must not exist; relative to --root).")],

@@ -19,8 +19,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from cxrsynth.errors import CxrsynthError, UnknownNameError, lookup
+from cxrsynth.errors import CxrsynthError, UnknownNameError
 from cxrsynth.labels import CONDITION_SIZE
+from cxrsynth.registry import Registry
 
 #: What the network predicts (diffusers' ``prediction_type``).
 PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
@@ -122,26 +123,23 @@ class GeneratorConfig:
         return dataclasses.replace(self, **changes)
 
 
-_PRESETS: dict[str, GeneratorConfig] = {}
+PRESETS: Registry[GeneratorConfig] = Registry("generator preset")
 
 
 def register_preset(config: GeneratorConfig) -> GeneratorConfig:
     """Register ``config`` under ``config.name``; names are unique."""
-    if config.name in _PRESETS:
-        raise CxrsynthError(f"preset {config.name!r} is already registered")
-    _PRESETS[config.name] = config
-    return config
+    return PRESETS.register(config.name, config)
 
 
 def get_preset(name: str, **overrides: Any) -> GeneratorConfig:
     """The preset called ``name``, optionally with some fields overridden."""
-    config = lookup(_PRESETS, "generator preset", name)
+    config = PRESETS[name]
     return config.replace(**overrides) if overrides else config
 
 
 def list_presets() -> list[str]:
     """Registered preset names."""
-    return sorted(_PRESETS)
+    return PRESETS.names()
 
 
 # The paper's generator (Mediffusion 0.6.0 default.yaml + Table E1; ~125M parameters).

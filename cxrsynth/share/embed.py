@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth.errors import CxrsynthError, UnknownNameError
+from cxrsynth.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -90,8 +91,24 @@ def classifier(directory: str | Path, device: "torch.device") -> Embedding:
     return Embedding(f"classifier:{directory}", size, fn, info)
 
 
+def _reid(arg: str, device: "torch.device", train: Callable[[], Any] | None, pixel_size: int) -> Embedding:
+    if arg:
+        return load_reid(arg, device)
+    if train is None:
+        raise EmbeddingError("the reid embedding is trained on the training set's patients; no training data given")
+    return train()
+
+
+#: ``kind`` of ``kind[:ARG]`` → ``builder(arg, device, train, pixel_size)``; the label says which take an argument.
+EMBEDDINGS: Registry[Callable[[str, "torch.device", Callable[[], Any] | None, int], Embedding]] = Registry("embedding")
+EMBEDDINGS.register("pixels", lambda arg, device, train, pixel_size: pixels(pixel_size))
+EMBEDDINGS.register("classifier", lambda arg, device, train, pixel_size: classifier(arg, device), label="classifier:DIR")
+EMBEDDINGS.register("reid", _reid, label="reid[:DIR]")
+_NEEDS_ARG, _NO_ARG = {"classifier"}, {"pixels"}
+
+
 def build(spec: str, *, device: "torch.device", train: Callable[[], Any] | None = None, pixel_size: int = 32) -> Embedding:
-    """The embedding named by ``spec``: ``pixels``, ``classifier:DIR``, ``reid`` or ``reid:DIR``.
+    """The embedding named by ``spec``: ``pixels``, ``classifier:DIR``, ``reid`` or ``reid:DIR`` (:data:`EMBEDDINGS`).
 
     Args:
         spec: The name (and directory) of the embedding.
@@ -100,17 +117,9 @@ def build(spec: str, *, device: "torch.device", train: Callable[[], Any] | None 
         pixel_size: Side of the ``pixels`` embedding.
     """
     kind, _, arg = spec.partition(":")
-    if kind == "pixels" and not arg:
-        return pixels(pixel_size)
-    if kind == "classifier" and arg:
-        return classifier(arg, device)
-    if kind == "reid":
-        if arg:
-            return load_reid(arg, device)
-        if train is None:
-            raise EmbeddingError("the reid embedding is trained on the training set's patients; no training data given")
-        return train()
-    raise UnknownNameError("embedding", spec, ["pixels", "classifier:DIR", "reid", "reid:DIR"])
+    if kind not in EMBEDDINGS or (kind in _NEEDS_ARG and not arg) or (kind in _NO_ARG and arg):
+        raise UnknownNameError(EMBEDDINGS.kind, spec, EMBEDDINGS.labels())
+    return EMBEDDINGS[kind](arg, device, train, pixel_size)
 
 
 def iter_images(root: str | Path, frame: pd.DataFrame, size: int, batch: int) -> Iterator[tuple[list[str], np.ndarray]]:
