@@ -49,13 +49,16 @@ from typing import Any
 import pandas as pd
 
 from cxrsynth import labels, manifest, runtime, shards
+from cxrsynth.config import Config
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.publish import Metadata, check_target, publish, writer_lock
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
+class GenerateConfig(Config):
     """Sampling and layout parameters of a replica set (recorded in the manifest)."""
+
+    kind = "generate config"  # how errors name these settings (a class attribute, not a field)
 
     replicas: int = 1
     guidance: float = 1.0  # standard formula: 1 = conditional model alone (the paper's "CFG 0")

@@ -58,3 +58,59 @@ def test_help_text_reads_the_registries():
     assert "Classifier preset: paper | small." in help_of("bench", "classifier")
     assert "classifier:DIR | pixels | reid[:DIR]" in help_of("share", "audit")
     assert "Generator preset: micro | paper | tiny." in help_of("generator", "train")
+
+
+def test_config_mixin_round_trips_refuses_unknown_keys_and_override_drops_none():
+    import json
+    from dataclasses import dataclass
+
+    from cxrsynth.config import Config, given
+
+    @dataclass(frozen=True)
+    class Knobs(Config):
+        kind = "knob config"
+
+        size: int = 8
+        widths: tuple[int, ...] = (1, 2)
+        name: str | None = None
+
+    knobs = Knobs(size=4)
+    stored = json.loads(json.dumps(knobs.to_dict()))  # tuples become lists on disk
+    assert stored == {"size": 4, "widths": [1, 2], "name": None}
+    assert Knobs.from_dict(stored) == knobs  # lists come back as tuples
+    with pytest.raises(CxrsynthError, match=r"unknown knob config keys: bogus, extra \(known: name, size, widths\)"):
+        Knobs.from_dict({**stored, "extra": 1, "bogus": 2})
+    assert knobs.override(size=None, name="a") == Knobs(size=4, name="a")  # None keeps the value
+    assert knobs.override() == knobs and knobs.replace(name=None) == Knobs(size=4)  # replace keeps None
+    with pytest.raises(CxrsynthError, match="unknown knob config settings: sizes"):
+        knobs.override(sizes=3)
+    assert given(a=None, b=0, c=False) == {"b": 0, "c": False}
+
+
+def test_stage_configs_share_the_mixin_and_keep_their_json():
+    import json
+
+    from cxrsynth.classify.presets import ClassifierConfig, get_preset as classifier_preset
+    from cxrsynth.config import Config
+    from cxrsynth.diffusion.presets import GeneratorConfig, get_preset
+    from cxrsynth.diffusion.train import TrainConfig
+    from cxrsynth.evaluate.compare import CompareConfig
+    from cxrsynth.evaluate.metrics import EvaluateConfig
+    from cxrsynth.generate import GenerateConfig
+    from cxrsynth.mix import MixParams
+    from cxrsynth.share.audit import AuditConfig
+    from cxrsynth.share.export import ExportConfig
+    from cxrsynth.splits import SplitParams
+
+    for cls in (GeneratorConfig, ClassifierConfig, TrainConfig, GenerateConfig, AuditConfig, ExportConfig, EvaluateConfig,
+                CompareConfig, MixParams, SplitParams):
+        assert issubclass(cls, Config), cls
+    paper = get_preset("paper")
+    assert GeneratorConfig.from_dict(json.loads(json.dumps(paper.to_dict()))) == paper
+    with pytest.raises(CxrsynthError, match="unknown generator config keys: colour"):
+        GeneratorConfig.from_dict({**paper.to_dict(), "colour": 1})
+    with pytest.raises(CxrsynthError, match="unknown classifier config keys: colour"):
+        ClassifierConfig.from_dict({**classifier_preset("small").to_dict(), "colour": 1})
+    assert classifier_preset("small", lr=None, epochs=2) == classifier_preset("small").replace(epochs=2)
+    audit = AuditConfig().override(k=None, quantile=0.5)
+    assert audit.k == AuditConfig.k and audit.quantile == 0.5

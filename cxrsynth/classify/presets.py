@@ -21,10 +21,10 @@ config in ``classifier.json``; any field can be overridden (``--epochs``, ``--lr
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from cxrsynth.config import Config
 from cxrsynth.errors import CxrsynthError, UnknownNameError
 from cxrsynth.registry import Registry
 
@@ -34,7 +34,7 @@ SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
-class ClassifierConfig:
+class ClassifierConfig(Config):
     """Everything that defines a classifier's network and its training.
 
     Attributes:
@@ -68,6 +68,8 @@ class ClassifierConfig:
         checkpoint_every: Also checkpoint every N steps inside an epoch (0: at epoch ends only).
         log_every: Progress readout every N steps (a GPU sync).
     """
+
+    kind = "classifier config"  # a class attribute (no annotation): how errors name these settings
 
     name: str = "custom"
     model: str = "convnext_base"
@@ -108,28 +110,6 @@ class ClassifierConfig:
         if self.workers < 0 or (self.workers and self.streams % self.workers):
             raise CxrsynthError(f"classifier config: workers ({self.workers}) must divide streams ({self.streams})")
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ClassifierConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise CxrsynthError(f"unknown classifier config keys: {', '.join(unknown)}")
-        return cls(**data)
-
-    def replace(self, **changes: Any) -> "ClassifierConfig":
-        """A copy with some fields changed; ``None`` values mean "keep" (CLI options not given)."""
-        changes = {k: v for k, v in changes.items() if v is not None}
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise CxrsynthError(f"unknown classifier settings: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-        return dataclasses.replace(self, **changes)
-
 
 PRESETS: Registry[ClassifierConfig] = Registry("classifier preset")
 
@@ -148,7 +128,7 @@ def get_preset(name: str, **overrides: Any) -> ClassifierConfig:
     preset = PRESETS[name]
     if overrides.get("model") not in (None, preset.model) and overrides.get("model_kwargs") is None:
         overrides = {**overrides, "model_kwargs": {}}
-    return preset.replace(**overrides)
+    return preset.override(**overrides)
 
 
 register_preset(ClassifierConfig(name="paper", patience=5))

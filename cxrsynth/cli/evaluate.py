@@ -43,7 +43,7 @@ def evaluate(
 
     given = {"bootstrap": bootstrap, "seed": seed, "cluster": cluster, "allow_leak": allow_leak or None,
              "by": tuple(c.strip() for c in by.split(",") if c.strip()) if by is not None else None}
-    config = lib.EvaluateConfig(**{k: v for k, v in given.items() if v is not None})
+    config = lib.EvaluateConfig().override(**given)
     result = lib.evaluate(root, predictions, config, threads=threads)
     path, npz = lib.write(result, out)
     m = result.metrics
@@ -91,7 +91,7 @@ def compare(
     from cxrsynth.evaluate.metrics import dumps
 
     given = {"alpha": alpha, "bootstrap": bootstrap, "seed": seed}
-    result = lib.compare(root, baseline, list(others), lib.CompareConfig(**{k: v for k, v in given.items() if v is not None}),
+    result = lib.compare(root, baseline, list(others), lib.CompareConfig().override(**given),
                          threads=threads)
     for comparison in result["comparisons"]:
         table = Table(title=f"{Path(comparison['other']).name} vs {Path(result['baseline']).name} "

@@ -1,8 +1,9 @@
 """Option plumbing shared by the commands: "not given" options, and help filled in lazily.
 
-* :func:`given` drops the options a user did not give (``None``), so the library's default
-  applies and lives in one place, its config dataclass or function (timm's
-  ``create_model`` does the same).
+* :func:`given` (:func:`cxrsynth.config.given`, the one "``None`` means not given" rule)
+  drops the options a user did not give, so the library's default applies and lives in
+  one place, its config dataclass (:meth:`cxrsynth.config.Config.override`) or function
+  (timm's ``create_model`` does the same).
 * :class:`LazyHelp`: the registries (samplers, generator and classifier presets, phantom sites, embeddings, guidance
   formulas, compile modes) and the configs' defaults live in modules that import torch,
   diffusers or pandas. Reading them when the CLI loads would make every command, and
@@ -19,16 +20,13 @@ import importlib
 import inspect
 import re
 from collections.abc import Callable
-from typing import Any
 
 from typer.core import TyperCommand
 
+from cxrsynth.config import given
 from cxrsynth.registry import Registry
 
-
-def given(**options: Any) -> dict[str, Any]:
-    """The options that were given (not ``None``), to pass on as keyword arguments."""
-    return {k: v for k, v in options.items() if v is not None}
+__all__ = ["LazyHelp", "default", "fill", "given", "names"]
 
 
 def _names(module: str, attribute: str) -> Callable[[], list[str]]:
@@ -58,6 +56,7 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "SplitParams": ("cxrsynth.splits", "SplitParams"),
     "MixParams": ("cxrsynth.mix", "MixParams"),
     "ingest": ("cxrsynth.ingest", "ingest"),
+    "AuditConfig": ("cxrsynth.share.audit", "AuditConfig"),
 }
 
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(REGISTRIES) + r")\}|\{(" + "|".join(DEFAULTS) + r")\.(\w+)\}")

@@ -17,7 +17,7 @@ from cxrsynth.cli.options import LazyHelp
 
 share_app = typer.Typer(no_args_is_help=True, help="Share synthetic data with other sites: export, verify, import, audit.")
 
-Embedding = Annotated[Optional[str], typer.Option("--embedding", help="{embeddings} (default: pixels).")]
+Embedding = Annotated[Optional[str], typer.Option("--embedding", help="{embeddings} (default {AuditConfig.embedding}).")]
 K = Annotated[Optional[int], typer.Option("--k", min=1, help="Nearest training images kept per synthetic image.")]
 Quantile = Annotated[Optional[float], typer.Option("--quantile", min=0.0, max=1.0,
                                                    help="Flag below this quantile of held-out real → train distances.")]
@@ -31,13 +31,11 @@ Device = Annotated[Optional[str], typer.Option("--device", help="Torch device (d
 
 
 def _audit_config(**options):
-    from dataclasses import replace
-
-    from cxrsynth.share.audit import AuditConfig, with_overrides
+    from cxrsynth.share.audit import AuditConfig
 
     reid_steps = options.pop("reid_steps", None)
-    config = with_overrides(AuditConfig(), **options)
-    return replace(config, reid=replace(config.reid, steps=reid_steps)) if reid_steps else config
+    config = AuditConfig().override(**options)
+    return config.override(reid=config.reid.override(steps=reid_steps))
 
 
 def _say(message: str) -> None:
@@ -103,14 +101,13 @@ def export(
     root: Root = Path("."),
 ) -> None:
     """Package a synthetic dataset for another site: shards, a manifest without real identifiers, sha256 index, DATASHEET.md."""
-    from cxrsynth.share.audit import with_overrides
     from cxrsynth.share.export import ExportConfig
     from cxrsynth.share.export import export as export_lib
 
     audit_config = _audit_config(embedding=embedding, quantile=quantile, reid_steps=reid_steps, device=device)
-    config = with_overrides(ExportConfig(), audit_against=audit_against, max_flagged=max_flagged, force=force or None,
-                            secret_file=key_secret, keymap=keymap, audit_out=root / audit_out if audit_out else None,
-                            audit_split=split, audit=audit_config)
+    config = ExportConfig().override(audit_against=audit_against, max_flagged=max_flagged, force=force or None,
+                                     secret_file=key_secret, keymap=keymap, audit_out=root / audit_out if audit_out else None,
+                                     audit_split=split, audit=audit_config)
     result = export_lib(root, name, root / out, config, progress=_say)
     console.print(f"{result['out']}: {result['images']:,} images in {result['shards']} shard(s), version {result['version']}; "
                   f"{result['decision']}" + (f" Audit files: {result['audit_dir']}" if result["audit_dir"] else ""),

@@ -15,10 +15,10 @@ at 64 px; ``micro`` is for tests (32 px, a few thousand parameters per block).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from cxrsynth.config import Config
 from cxrsynth.errors import CxrsynthError, UnknownNameError
 from cxrsynth.labels import CONDITION_SIZE
 from cxrsynth.registry import Registry
@@ -28,7 +28,7 @@ PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
 
 
 @dataclass(frozen=True)
-class GeneratorConfig:
+class GeneratorConfig(Config):
     """Everything that defines a generator's network and diffusion process.
 
     Attributes:
@@ -60,6 +60,8 @@ class GeneratorConfig:
             scalar before the MLP (Mediffusion's ``missing_class_value``). cxrsynth's
             own vectors code unknowns as zeros (labels.conditioning_vectors), so None.
     """
+
+    kind = "generator config"  # a class attribute (no annotation): how errors name these settings
 
     name: str = "custom"
     image_size: int = 256
@@ -103,24 +105,6 @@ class GeneratorConfig:
     def attention_levels(self) -> tuple[bool, ...]:
         """Per level, whether its blocks have self-attention (level i is at ds 2**i)."""
         return tuple(2**i in self.attention_ds for i in range(len(self.channel_mult)))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GeneratorConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise CxrsynthError(f"unknown generator config keys: {sorted(unknown)}")
-        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**data)
-
-    def replace(self, **changes: Any) -> "GeneratorConfig":
-        """A copy with some fields changed (e.g. ``image_size``)."""
-        return dataclasses.replace(self, **changes)
 
 
 PRESETS: Registry[GeneratorConfig] = Registry("generator preset")

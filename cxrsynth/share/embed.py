@@ -20,7 +20,7 @@ the embeddings' device (a GPU when there is one): memory is ``chunk x bank`` sim
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth.errors import CxrsynthError, UnknownNameError
+from cxrsynth.config import Config
 from cxrsynth.registry import Registry
 
 if TYPE_CHECKING:
@@ -186,7 +187,7 @@ def nearest(queries: "torch.Tensor", bank: "torch.Tensor", k: int, chunk: int = 
 
 
 @dataclass(frozen=True)
-class ReidConfig:
+class ReidConfig(Config):
     """A small siamese re-identification network and its training (recorded in ``reid.json``).
 
     Attributes:
@@ -200,6 +201,8 @@ class ReidConfig:
         shift: Largest random translation (px) of the augmentation.
         seed: Seeds the initial weights, the batches and the augmentation.
     """
+
+    kind = "reid config"  # how errors name these settings (a class attribute, not a field)
 
     size: int = 64
     width: int = 16
@@ -309,7 +312,7 @@ def train_reid(images: np.ndarray, patient_ids: pd.Series, config: ReidConfig, d
         if progress:
             progress(1)
     net.eval()
-    info = {"kind": "reid", "size": config.size, "dim": config.dim, "config": asdict(config),
+    info = {"kind": "reid", "size": config.size, "dim": config.dim, "config": config.to_dict(),
             "patients": int(len(pool)), "images": int(len(images)), "final_loss": float(loss.detach())}
     if out is not None:
         save_reid(net, info, Path(out))
@@ -339,7 +342,7 @@ def load_reid(directory: str | Path, device: "torch.device") -> Embedding:
     if not (directory / "reid.json").is_file() or not (directory / "reid.safetensors").is_file():
         raise EmbeddingError(f"{directory}: no reid.json + reid.safetensors (save one with `share audit --embedding reid`)")
     info = json.loads((directory / "reid.json").read_text())
-    config = ReidConfig(**info["config"])
+    config = ReidConfig.from_dict(info["config"])
     net = reid_network(config)
     net.load_state_dict(load_file(str(directory / "reid.safetensors")))
     net = net.to(device).eval()
