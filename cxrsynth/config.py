@@ -12,7 +12,8 @@ A stage's settings are a dataclass (frozen or not) that inherits :class:`Config`
   the CLI passes options it did not receive, so each default lives once, in the dataclass
   (timm's ``create_model`` drops ``None`` keyword arguments the same way).
 
-:func:`given` is that one "drop ``None``" rule, also for keyword arguments of functions.
+:func:`given` is that one "drop ``None``" rule, also for keyword arguments of functions;
+:data:`SHARD_SIZE` and :data:`SHUFFLE_BUFFER` are the defaults several modules share.
 """
 
 from __future__ import annotations
@@ -24,13 +25,25 @@ from cxrsynth.errors import CxrsynthError
 
 C = TypeVar("C", bound="Config")
 
+#: Defaults that settings of several modules share, each written once (imported where used).
+SHARD_SIZE = 1000  # samples per tar shard: ingest, generate, share export
+SHUFFLE_BUFFER = 1000  # samples in each loader stream's shuffle buffer: the loader, the classifier, the generator's batches
+
 
 def given(**options: Any) -> dict[str, Any]:
     """The options that were given (not ``None``), to pass on as keyword arguments."""
     return {k: v for k, v in options.items() if v is not None}
 
 
-class Config:
+class Record:
+    """Mixin for a dataclass written as JSON (a benchmark's result): :meth:`to_dict`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (nested dataclasses become dicts, tuples stay tuples until JSON makes them lists)."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+class Config(Record):
     """Mixin for a settings dataclass (see the module docstring).
 
     Attributes:
@@ -38,10 +51,6 @@ class Config:
     """
 
     kind: ClassVar[str] = "config"
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (nested dataclasses become dicts, tuples stay tuples until JSON makes them lists)."""
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     @classmethod
     def _check_names(cls, names: Any, what: str) -> None:

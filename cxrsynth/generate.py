@@ -49,7 +49,7 @@ from typing import Any
 import pandas as pd
 
 from cxrsynth import labels, manifest, runtime, shards
-from cxrsynth.config import Config
+from cxrsynth.config import SHARD_SIZE, Config
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.publish import Metadata, check_target, publish, writer_lock
 
@@ -68,7 +68,7 @@ class GenerateConfig(Config):
     cfg_formula: str = "standard"
     seed: int = 0
     batch_size: int = 16
-    shard_size: int = 1000
+    shard_size: int = SHARD_SIZE
     compile: bool = False  # torch.compile the network (GPU throughput; may round differently from eager)
     rebalance: float | None = None  # draw conditions so rarer findings reach this prevalence (cxrsynth.rebalance)
 

@@ -71,6 +71,7 @@ import torch
 import torch.utils.data
 
 from cxrsynth import labels, manifest
+from cxrsynth.config import SHUFFLE_BUFFER
 from cxrsynth.errors import CxrsynthError
 
 
@@ -126,7 +127,7 @@ class LoaderConfig:
     seed: int = 0
     workers: int = 0
     streams: int = 8
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = SHUFFLE_BUFFER
     pin_memory: bool = False
     prefetch: int = 2
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth import labels, manifest
+from cxrsynth.config import SHUFFLE_BUFFER
 from cxrsynth.errors import CxrsynthError
 
 
@@ -54,7 +55,7 @@ def samples(
     epoch: int = 0,
     stream: int = 0,
     streams: int = 1,
-    shuffle_buffer: int = 1000,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
 ) -> Iterator[tuple[str, bytes]]:
     """Yield ``(key, png_bytes)`` of the rows in ``frame`` for one of ``streams`` streams."""
     root = Path(root)

@@ -114,3 +114,32 @@ def test_stage_configs_share_the_mixin_and_keep_their_json():
     assert classifier_preset("small", lr=None, epochs=2) == classifier_preset("small").replace(epochs=2)
     audit = AuditConfig().override(k=None, quantile=0.5)
     assert audit.k == AuditConfig.k and audit.quantile == 0.5
+
+
+def test_shared_defaults_are_one_constant_and_help_reads_them():
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from cxrsynth import ingest, loader
+    from cxrsynth.classify.presets import ClassifierConfig
+    from cxrsynth.cli import app
+    from cxrsynth.config import SHARD_SIZE, SHUFFLE_BUFFER
+    from cxrsynth.evaluate.metrics import EvaluateConfig
+    from cxrsynth.generate import GenerateConfig
+    from cxrsynth.share.export import ExportConfig
+
+    assert inspect.signature(ingest.ingest).parameters["shard_size"].default == SHARD_SIZE
+    assert GenerateConfig.shard_size == ExportConfig.shard_size == SHARD_SIZE
+    assert loader.LoaderConfig.shuffle_buffer == ClassifierConfig.shuffle_buffer == SHUFFLE_BUFFER
+
+    def help_of(*command):
+        return " ".join(CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "300"}).output.split())
+
+    assert f"Bootstrap replicates (default {EvaluateConfig.bootstrap})." in help_of("evaluate")
+    assert f"(default {EvaluateConfig.bootstrap}, as `evaluate`)" in help_of("bench", "evaluate")
+    assert "Significance level (default 0.05)." in help_of("compare")
+    device = "cpu, cuda, cuda:1 (default: cuda if available, else cpu)."
+    for command in (("generate",), ("generator", "train"), ("generator", "fid"), ("classifier", "train"),
+                    ("classifier", "predict"), ("share", "audit"), ("bench", "classifier")):
+        assert device in help_of(*command), command

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cxrsynth.config import Config
+from cxrsynth.config import SHUFFLE_BUFFER, Config
 from cxrsynth.errors import CxrsynthError, UnknownNameError
 from cxrsynth.registry import Registry
 
@@ -89,7 +89,7 @@ class ClassifierConfig(Config):
     exclude_uncertain: bool = True
     augment: bool = True
     seed: int = 0
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = SHUFFLE_BUFFER
     streams: int = 8
     workers: int = 0
     checkpoint_every: int = 0

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import Root, console, err_console, fail, set_threads
+from cxrsynth.cli.common import Device, Root, Threads, console, err_console, fail, set_threads
 from cxrsynth.cli.options import LazyHelp, given
 
 generator_app = typer.Typer(no_args_is_help=True, help="Train, import and inspect conditional diffusion generators.")
@@ -54,9 +54,8 @@ def train(
     resume: Annotated[bool, typer.Option(
         "--resume/--no-resume", help="Continue this run from ROOT/<run id>/latest.pt if present (a changed setting "
                                      "is another run and starts fresh; more --steps extends a run).")] = True,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads); default: torch's. "
-                                                  "On a shared 2-core machine 1 is several times faster than 2.")] = None,
+    device: Device = None,
+    threads: Threads = None,
     root: Root = Path("."),
 ) -> None:
     """Train a conditional generator on a dataset's shards (no uncertain findings, as the paper).
@@ -161,7 +160,7 @@ def fid(
     size: Annotated[Optional[int], typer.Option(
         "--size", min=8, help="Classifier input side (default: a classifier directory's training side, else 256).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=2, help="At most this many images per side.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")] = None,
+    device: Device = None,
     root: Root = Path("."),
 ) -> None:
     """Fréchet distance between real and synthetic images: FID (Inception) or in a classifier's feature space.

@@ -57,6 +57,8 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MixParams": ("cxrsynth.mix", "MixParams"),
     "ingest": ("cxrsynth.ingest", "ingest"),
     "AuditConfig": ("cxrsynth.share.audit", "AuditConfig"),
+    "EvaluateConfig": ("cxrsynth.evaluate.metrics", "EvaluateConfig"),
+    "CompareConfig": ("cxrsynth.evaluate.compare", "CompareConfig"),
 }
 
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(REGISTRIES) + r")\}|\{(" + "|".join(DEFAULTS) + r")\.(\w+)\}")

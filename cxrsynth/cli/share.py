@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import Root, console, err_console
+from cxrsynth.cli.common import Device, Root, console, err_console
 from cxrsynth.cli.options import LazyHelp
 
 share_app = typer.Typer(no_args_is_help=True, help="Share synthetic data with other sites: export, verify, import, audit.")
@@ -27,7 +27,6 @@ ExportSplit = Annotated[Optional[str], typer.Option("--split", help="Training sp
 Heldout = Annotated[Optional[str], typer.Option("--heldout-split", help="Split calibrating the threshold (default: every image "
                                                                        "whose patient is outside the training split).")]
 ReidSteps = Annotated[Optional[int], typer.Option("--reid-steps", min=1, help="Training steps of the reid network.")]
-Device = Annotated[Optional[str], typer.Option("--device", help="Torch device (default: cuda when available, else cpu).")]
 
 
 def _audit_config(**options):

@@ -7,12 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import Root, console
+from cxrsynth.cli.common import Device, Root, console
 
 study_app = typer.Typer(no_args_is_help=True, help="The study: experiment cells, comparisons, distances, the report.")
 
 Params = Annotated[Path, typer.Option("--params", help="The parameters file (relative to --root).")]
-Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")]
 
 
 def _params(root: Path, path: Path) -> dict:

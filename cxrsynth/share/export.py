@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth import __version__, manifest, shards
-from cxrsynth.config import Config
+from cxrsynth.config import SHARD_SIZE, Config
 from cxrsynth.errors import CheckFailed
 from cxrsynth.share import audit as audit_lib
 from cxrsynth.share import datasheet, package
@@ -82,7 +82,7 @@ class ExportConfig(Config):
     max_flagged: int = 0
     force: bool = False
     secret_file: Path | None = None
-    shard_size: int = 1000
+    shard_size: int = SHARD_SIZE
     audit: audit_lib.AuditConfig = field(default_factory=audit_lib.AuditConfig)
     audit_split: str | None = None
     audit_out: Path | None = None

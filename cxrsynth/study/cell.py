@@ -71,7 +71,7 @@ def run_cell(root: str | Path, params: dict[str, Any], family: str, tag: str, *,
         stem = label.replace(":", "-")
         frame, meta = predict(directory / "model", root, dataset, split, device=device)
         pred_path = write(frame, meta, directory / "predictions" / f"{stem}.parquet")
-        config_eval = metrics.EvaluateConfig(bootstrap=int(settings.get("bootstrap", 1000)),
+        config_eval = metrics.EvaluateConfig(bootstrap=int(settings.get("bootstrap", metrics.EvaluateConfig.bootstrap)),
                                              seed=int(settings.get("seed", 0)), allow_leak=label == "tune")
         result = metrics.evaluate(root, pred_path, config_eval)
         path, _ = metrics.write(result, directory / "metrics" / f"{stem}.json")
