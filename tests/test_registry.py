@@ -90,7 +90,8 @@ def test_config_mixin_round_trips_refuses_unknown_keys_and_override_drops_none()
 def test_stage_configs_share_the_mixin_and_keep_their_json():
     import json
 
-    from cxrsynth.classify.presets import ClassifierConfig, get_preset as classifier_preset
+    from cxrsynth.classify.presets import ClassifierConfig
+    from cxrsynth.classify.presets import get_preset as classifier_preset
     from cxrsynth.config import Config
     from cxrsynth.diffusion.presets import GeneratorConfig, get_preset
     from cxrsynth.diffusion.train import TrainConfig

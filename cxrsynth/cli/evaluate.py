@@ -10,7 +10,6 @@ import typer
 from cxrsynth.cli.common import BootstrapThreads, Root, console, err_console
 
 
-
 def _fmt(value, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 

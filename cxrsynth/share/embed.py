@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import pandas as pd
 
-from cxrsynth.errors import CxrsynthError, UnknownNameError
 from cxrsynth.config import Config
+from cxrsynth.errors import CxrsynthError, UnknownNameError
 from cxrsynth.registry import Registry
 
 if TYPE_CHECKING:
