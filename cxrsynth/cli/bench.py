@@ -297,16 +297,17 @@ def bench_evaluate(
     images: Annotated[int, typer.Option("--images", min=2, help="Test images (the paper's CheXpert test set: 56,448).")] = 56_000,
     replicates: Annotated[Optional[int], typer.Option(
         "--replicates", min=1, help="Bootstrap replicates (default {EvaluateConfig.bootstrap}, as `evaluate`).")] = None,
-    cluster: Annotated[str, typer.Option("--cluster", help="image | patient (2-4 images per patient).")] = "image",
+    cluster: Annotated[str, typer.Option("--cluster", help="{clusters} (2-4 images per patient).")] = "image",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random data and the draws.")] = 0,
     threads: BootstrapThreads = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
 ) -> None:
     """Bootstrap AUROC speed: REPLICATES x IMAGES x 14 findings on random data (what `evaluate` runs)."""
     from cxrsynth.bench.evaluate import bench_bootstrap
+    from cxrsynth.evaluate.metrics import CLUSTERS
 
-    if cluster not in ("image", "patient"):
-        fail(f"--cluster must be image or patient, got {cluster!r}")
+    if cluster not in CLUSTERS:
+        fail(f"--cluster must be one of {', '.join(CLUSTERS)}, got {cluster!r}")
     r = bench_bootstrap(images=images, seed=seed, cluster=cluster, threads=threads, **given(replicates=replicates))
     if as_json:
         print(json.dumps(r.to_dict()))

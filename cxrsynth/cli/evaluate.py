@@ -27,7 +27,7 @@ def evaluate(
     by: Annotated[Optional[str], typer.Option("--by", help="Subgroup columns, comma-separated: view, sex, age_band "
                                                            "(decades), race or any manifest column.")] = None,
     cluster: Annotated[Optional[str], typer.Option(
-        "--cluster", help="Resample images, or whole patients (image | patient) (default {EvaluateConfig.cluster}).")] = None,
+        "--cluster", help="Resample images, or whole patients ({clusters}; default {EvaluateConfig.cluster}).")] = None,
     allow_leak: Annotated[bool, typer.Option("--allow-leak", help="Evaluate a test set sharing patients with the "
                                                                    "training data anyway, recording the overlap.")] = False,
     threads: BootstrapThreads = None,

@@ -46,6 +46,9 @@ REGISTRIES: dict[str, Callable[[], list[str]]] = {
     "embeddings": _names("cxrsynth.share.embed", "EMBEDDINGS"),
     "cfg_formulas": _names("cxrsynth.diffusion.sample", "CFG_FORMULAS"),
     "compile_modes": _names("cxrsynth.diffusion.sample", "COMPILE_MODES"),
+    "optimizers": _names("cxrsynth.classify.presets", "OPTIMIZERS"),
+    "schedules": _names("cxrsynth.classify.presets", "SCHEDULES"),
+    "clusters": _names("cxrsynth.evaluate.metrics", "CLUSTERS"),
 }
 
 #: Placeholder prefix → where the defaults live (a dataclass, or a function's keyword defaults).
