@@ -43,11 +43,3 @@ class CheckFailed(CxrsynthError):
 class CxrsynthWarning(UserWarning):
     """Something a user should know that does not stop the command (e.g. a manifest skipped
     because it cannot be read). The CLI prints each as one line ``warning: ...``."""
-
-
-def lookup(registry: dict, kind: str, name: str):
-    """``registry[name]``, or an :class:`UnknownNameError` listing the known names."""
-    try:
-        return registry[name]
-    except (KeyError, TypeError):
-        raise UnknownNameError(kind, name, registry) from None

@@ -59,13 +59,16 @@ from typing import Any
 import pandas as pd
 
 from cxrsynth import labels, manifest, runtime, shards
+from cxrsynth.config import SHARD_SIZE, Config
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.publish import Metadata, check_target, publish, writer_lock
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
+class GenerateConfig(Config):
     """Sampling and layout parameters of a replica set (recorded in the manifest)."""
+
+    kind = "generate config"  # how errors name these settings (a class attribute, not a field)
 
     replicas: int = 1
     guidance: float = 1.0  # standard formula: 1 = conditional model alone (the paper's "CFG 0")
@@ -75,7 +78,7 @@ class GenerateConfig:
     cfg_formula: str = "standard"
     seed: int = 0
     batch_size: int = 16
-    shard_size: int = 1000
+    shard_size: int = SHARD_SIZE
     compile: bool = False  # torch.compile the network (GPU throughput; may round differently from eager)
     rebalance: float | None = None  # draw conditions so rarer findings reach this prevalence (cxrsynth.rebalance)
 

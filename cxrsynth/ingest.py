@@ -47,6 +47,7 @@ import pandas as pd
 
 from cxrsynth import digests as digests_lib
 from cxrsynth import manifest, shards
+from cxrsynth.config import SHARD_SIZE
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.imaging import ImageError, Preprocess, preprocess, read_image
 from cxrsynth.publish import Metadata, check_target, publish, writer_lock
@@ -182,7 +183,7 @@ def ingest(
     inputs: dict,
     labels_only: bool = False,
     params: Preprocess = Preprocess(),
-    shard_size: int = 1000,
+    shard_size: int = SHARD_SIZE,
     workers: int | None = None,
     version: str | None = None,
     progress=None,

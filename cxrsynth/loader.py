@@ -85,6 +85,7 @@ import torch
 import torch.utils.data
 
 from cxrsynth import labels, manifest, shards
+from cxrsynth.config import SHUFFLE_BUFFER
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.imaging import decode_png
 
@@ -148,7 +149,7 @@ class LoaderConfig:
     seed: int = 0
     workers: int = 0
     streams: int = 8
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = SHUFFLE_BUFFER
     pin_memory: bool = False
     prefetch: int = 2
     order: str = "streams"

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from cxrsynth import manifest, shards
+from cxrsynth.config import Config
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.publish import Metadata, check_target, publish
 
@@ -46,8 +47,10 @@ def parse_percent(text: str | float) -> float:
 
 
 @dataclass(frozen=True)
-class MixParams:
+class MixParams(Config):
     """What a mix is made of (recorded in its metadata)."""
+
+    kind = "mix"  # how errors name these settings (a class attribute, not a field)
 
     real: str
     synthetic: float = 0.0  # replicas, e.g. 5.0 for 500%
@@ -60,7 +63,7 @@ class MixParams:
     def recorded(self) -> dict:
         """What the version hashes and records (``synthetic_tune`` only when set, so other
         mixes keep the versions they always had)."""
-        out = asdict(self)
+        out = self.to_dict()
         if not out["synthetic_tune"]:
             del out["synthetic_tune"]
         return out

@@ -28,14 +28,17 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth import manifest, shards
+from cxrsynth.config import Config
 from cxrsynth.errors import CxrsynthError
 
 SPLITS = ("train", "tune", "test")
 
 
 @dataclass(frozen=True)
-class SplitParams:
+class SplitParams(Config):
     """Fractions are of patients. ``view`` keeps only images of that view (e.g. AP)."""
+
+    kind = "split"  # how errors name these settings (a class attribute, not a field)
 
     tune: float = 0.1
     test: float = 0.0

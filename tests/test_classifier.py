@@ -145,6 +145,36 @@ def test_predict_writes_every_test_row_with_the_model_facts(project, trained):
     assert np.allclose(other[list(labels.FINDING_COLUMNS)].to_numpy(), probs, atol=1e-5)
 
 
+def test_features_are_the_heads_input_and_every_user_reads_them(project, trained):
+    """Classifier.features: the pooled features the head maps to the logits, on the classifier's own input
+    scaling; the study's replica distance and the audit's classifier embedding give exactly those numbers."""
+    from cxrsynth.classify.model import load_classifier
+    from cxrsynth.share import embed
+    from cxrsynth.study.distance import pooled_features
+
+    _, root = project
+    model, meta = load_classifier(trained)
+    images = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        feats = model.features(images.float() / 255.0)
+        assert feats.shape == (3, model.net.num_features)
+        np.testing.assert_allclose(model.net.get_classifier()(feats).numpy(), model(images.float() / 255.0).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        # the formula each caller wrote before it called Classifier.features, bit for bit
+        by_hand = model.net.forward_head(model.net.forward_features(images.float() / 127.5 - 1.0), pre_logits=True)
+        assert torch.equal(feats, by_hand)
+        audit = embed.classifier(trained, torch.device("cpu"))
+        assert torch.equal(audit(images[:, 0]), torch.nn.functional.normalize(by_hand, dim=1))
+
+    rows = loader.select(root, "cxp", "train", exclude_uncertain=False)
+    data = loader.ShardLoader(root, rows, loader.LoaderConfig(batch_size=64, image_size=32, train=False, augment=None))
+    with torch.no_grad():
+        expected = np.concatenate([
+            model.net.forward_head(model.net.forward_features(b["image"] * 2.0 - 1.0), pre_logits=True).numpy()
+            for b in data.batches(0)])
+    np.testing.assert_array_equal(pooled_features(trained, root, "cxp", "train", "cpu"), expected)
+
+
 def test_local_pretrained_weights_adapt_the_stem_and_drop_the_head(project, tmp_path):
     config = get_preset("small")
     rgb = timm.create_model(config.model, pretrained=False, num_classes=1000, in_chans=3, **config.model_kwargs)

@@ -11,12 +11,12 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from cxrsynth.diffusion.fid import FeatureStats, frechet_distance
 from cxrsynth.diffusion.model import ConditionalUNet, generator_info, load_generator, save_generator
 from cxrsynth.diffusion.presets import get_preset, list_presets
 from cxrsynth.diffusion.sample import MEDIFFUSION_COMPAT, combine_guidance, guided_output, sample, sample_batch
 from cxrsynth.diffusion.schedule import get_sampler, list_samplers
 from cxrsynth.diffusion.train import TrainConfig, train
+from cxrsynth.evaluate.frechet import FeatureStats, frechet_distance
 from cxrsynth.labels import CONDITION_SIZE
 
 MICRO = get_preset("micro")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cxrsynth.diffusion import fid
+from cxrsynth.classify.model import trained_classifier_extractor
+from cxrsynth.evaluate import frechet as fid
 
 
 @pytest.fixture
@@ -140,7 +141,7 @@ def test_classifier_frechet_distance_from_a_trained_classifier_directory(tmp_pat
     assert trained.exit_code == 0, trained.output
 
     # The extractor: the pooled features that the classifier's last linear layer maps to its logits.
-    extractor = fid.trained_classifier_extractor(model_dir)
+    extractor = trained_classifier_extractor(model_dir)
     model, meta = load_classifier(model_dir)
     assert extractor.size == 24 == meta["config"]["image_size"] and extractor.classifier_id == meta["classifier_id"]
     images = _images(2, 3, 60)[..., :24, :24].contiguous()  # (3, 1, 24, 24) uint8
@@ -152,7 +153,7 @@ def test_classifier_frechet_distance_from_a_trained_classifier_directory(tmp_pat
         direct = model.net.forward_head(model.net.forward_features(images.float() / 127.5 - 1.0), pre_logits=True)
     np.testing.assert_allclose(head.numpy(), logits.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(feats, direct.double().numpy(), rtol=1e-4, atol=1e-5)
-    assert fid.trained_classifier_extractor(model_dir, size=32).size == 32
+    assert trained_classifier_extractor(model_dir, size=32).size == 32
 
     # The CLI: same data -> 0, other preprocessing -> > 0; the directory carries its weights and its size.
     same = cli("generator", "fid", "--real", "a", "--synthetic", "a", "--classifier", model_dir, "--device", "cpu")

@@ -9,16 +9,17 @@ The ``pixels`` embedding of decoded images is timed too (images/s), the other pa
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from cxrsynth.bench import Timer
+from cxrsynth.config import Record
 
 #: The paper's scale: 10 replicas of CheXpert's 72,053 training images, against those images.
 PAPER_PAIRS = 720_530 * 72_053
 
 
 @dataclass(frozen=True)
-class AuditBench:
+class AuditBench(Record):
     """What one audit timing measured."""
 
     device: str
@@ -32,9 +33,6 @@ class AuditBench:
     seconds_per_million_pairs: float
     paper_scale_hours: float
     embed_images_per_s: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def bench_audit(queries: int = 4096, bank: int = 16384, dim: int = 1024, k: int = 5, chunk: int = 4096,

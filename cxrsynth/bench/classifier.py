@@ -12,7 +12,7 @@ included (``cxrsynth bench load`` measures it). Peak memory: CUDA's
 from __future__ import annotations
 
 import resource
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,11 +21,12 @@ from cxrsynth import runtime
 from cxrsynth.bench import Timer
 from cxrsynth.classify.presets import get_preset
 from cxrsynth.classify.train import Trainer, autocast, to_device
+from cxrsynth.config import Record
 from cxrsynth.labels import FINDINGS
 
 
 @dataclass
-class ClassifierBench:
+class ClassifierBench(Record):
     """One ``bench classifier`` result."""
 
     preset: str
@@ -41,9 +42,6 @@ class ClassifierBench:
     train_peak_memory_gib: float | None  # CUDA only
     infer_peak_memory_gib: float | None  # CUDA only
     peak_rss_gib: float  # the process's peak resident set (CPU memory)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _random_batch(batch: int, size: int, gen: torch.Generator, pin: bool) -> dict[str, Any]:

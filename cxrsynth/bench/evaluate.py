@@ -8,15 +8,17 @@ Random scores (float32, as predictions store them) and labels with prevalences s
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 from cxrsynth import labels
+from cxrsynth.config import Record
+from cxrsynth.evaluate.metrics import EvaluateConfig
 
 
 @dataclass(frozen=True)
-class BootstrapBench:
+class BootstrapBench(Record):
     """What one bootstrap timing measured."""
 
     images: int
@@ -29,11 +31,8 @@ class BootstrapBench:
     replicates_per_s: float
     mean_auroc: float
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-
-def bench_bootstrap(images: int = 56_000, replicates: int = 1000, seed: int = 0, cluster: str = "image",
+def bench_bootstrap(images: int = 56_000, replicates: int = EvaluateConfig.bootstrap, seed: int = 0, cluster: str = "image",
                     threads: int | None = None) -> BootstrapBench:
     """Time the bootstrap on random data; ``cluster="patient"`` groups images 2-4 per patient."""
     from cxrsynth.evaluate.auroc import available_cpus, bootstrap_aurocs

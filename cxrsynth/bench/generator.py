@@ -24,12 +24,13 @@ one timed sampler step (``torch.profiler``), to see where the time goes.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from cxrsynth import runtime
+from cxrsynth.config import Record
 from cxrsynth.diffusion.model import ConditionalUNet
 from cxrsynth.diffusion.presets import get_preset
 from cxrsynth.diffusion.sample import fast_paths, guidance_branches, sample_batch
@@ -40,7 +41,7 @@ PEAK_TFLOPS: dict[str, float] = {"H100": 790.0, "H200": 790.0, "A100": 312.0, "L
 
 
 @dataclass
-class BenchResult:
+class BenchResult(Record):
     """One benchmark measurement."""
 
     preset: str
@@ -66,9 +67,6 @@ class BenchResult:
     roofline_mfu_eager: float | None = None
     roofline_mfu_fused: float | None = None
     top_kernels: list[dict[str, Any]] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def peak_tflops_for(device: torch.device) -> float | None:
@@ -198,7 +196,7 @@ def _top_kernels(step: Any, device: torch.device, n: int) -> list[dict[str, Any]
 
 
 @dataclass
-class TrainBenchResult:
+class TrainBenchResult(Record):
     """One training-throughput measurement (``cxrsynth bench train``)."""
 
     preset: str
@@ -213,9 +211,6 @@ class TrainBenchResult:
     peak_tflops: float | None
     mfu: float | None
     peak_memory_gib: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def bench_train(

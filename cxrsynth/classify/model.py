@@ -1,8 +1,11 @@
 """The classifier network: any timm model with 14 outputs and one input channel.
 
 :class:`Classifier` wraps the timm network and maps the loader's [0, 1] pixels to
-[-1, 1] (as the paper's code and :mod:`cxrsynth.diffusion.fid`'s classifier features
-do) before it; it returns one logit per finding of :data:`cxrsynth.labels.FINDINGS`.
+[-1, 1] (as the paper's code does) before it; it returns one logit per finding of
+:data:`cxrsynth.labels.FINDINGS`, and :meth:`Classifier.features` the pooled features
+its last linear layer reads (the one definition of a classifier's image features: the
+Fréchet distances of :mod:`cxrsynth.evaluate.frechet`, the study's replica distance and
+the audit's ``classifier:DIR`` embedding all use it).
 The saved weights (``model.safetensors``) are the timm network's plain state dict, so
 ``timm.create_model(name, num_classes=14, in_chans=1)`` loads them directly.
 
@@ -37,8 +40,55 @@ class Classifier(torch.nn.Module):
         super().__init__()
         self.net = net
 
+    @staticmethod
+    def scale(images: torch.Tensor) -> torch.Tensor:
+        """The classifier's input scaling: pixels in [0, 1] → [-1, 1]."""
+        return images * 2.0 - 1.0
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images * 2.0 - 1.0)  # (B, 14)
+        return self.net(self.scale(images))  # (B, 14)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, S, S)`` pixels in [0, 1] → ``(B, D)`` pooled pre-head features.
+
+        timm's ``forward_head(forward_features(x), pre_logits=True)``: what the last linear
+        layer maps to the 14 logits, on the same input scaling as :meth:`forward`.
+        """
+        return self.net.forward_head(self.net.forward_features(self.scale(images)), pre_logits=True)  # (B, D)
+
+
+class ImageFeatures(torch.nn.Module):
+    """uint8 ``(B, 1, H, W)`` → :meth:`Classifier.features` at the classifier's side ``size``.
+
+    The feature extractor of a trained classifier for :mod:`cxrsynth.evaluate.frechet`:
+    pixels are divided by 255 (as the loader gives them) and resized bilinearly when
+    their side is not ``size``.
+    """
+
+    def __init__(self, model: Classifier, size: int, classifier_id: str | None = None) -> None:
+        super().__init__()
+        self.model, self.size, self.classifier_id = model, size, classifier_id
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise CxrsynthError(f"expected (B, 1, H, W) grayscale images, got {tuple(images.shape)}")
+        x = images.float() / 255.0  # (B, 1, H, W) in [0, 1], as the classifier's loader gives it
+        if x.shape[-1] != self.size:
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.model.features(x)  # (B, D)
+
+
+def trained_classifier_extractor(directory: str | Path, size: int | None = None) -> ImageFeatures:
+    """Pooled features of a ``cxrsynth classifier train`` output (``model.safetensors`` + ``classifier.json``).
+
+    Args:
+        directory: The classifier's output directory.
+        size: Input side (default: the side the classifier was trained at); the extractor's
+            ``size`` attribute holds the one used (and ``classifier_id`` the weights' id).
+    """
+    model, meta = load_classifier(directory, "cpu")
+    side = int(meta["config"]["image_size"]) if size is None else int(size)
+    return ImageFeatures(model, side, meta.get("classifier_id")).eval()
 
 
 def build(config: ClassifierConfig) -> Classifier:

@@ -21,11 +21,12 @@ config in ``classifier.json``; any field can be overridden (``--epochs``, ``--lr
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from cxrsynth.config import SHUFFLE_BUFFER, Config
 from cxrsynth.errors import CxrsynthError, UnknownNameError
+from cxrsynth.registry import Registry
 
 #: Optimizers a config may name (timm.optim.create_optimizer_v2 names).
 OPTIMIZERS = ("lion", "adamw", "sgd")
@@ -33,7 +34,7 @@ SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
-class ClassifierConfig:
+class ClassifierConfig(Config):
     """Everything that defines a classifier's network and its training.
 
     Attributes:
@@ -68,6 +69,8 @@ class ClassifierConfig:
         log_every: Progress readout every N steps (a GPU sync).
     """
 
+    kind = "classifier config"  # a class attribute (no annotation): how errors name these settings
+
     name: str = "custom"
     model: str = "convnext_base"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -86,7 +89,7 @@ class ClassifierConfig:
     exclude_uncertain: bool = True
     augment: bool = True
     seed: int = 0
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = SHUFFLE_BUFFER
     streams: int = 8
     workers: int = 0
     checkpoint_every: int = 0
@@ -107,38 +110,13 @@ class ClassifierConfig:
         if self.workers < 0 or (self.workers and self.streams % self.workers):
             raise CxrsynthError(f"classifier config: workers ({self.workers}) must divide streams ({self.streams})")
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ClassifierConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise CxrsynthError(f"unknown classifier config keys: {', '.join(unknown)}")
-        return cls(**data)
-
-    def replace(self, **changes: Any) -> "ClassifierConfig":
-        """A copy with some fields changed; ``None`` values mean "keep" (CLI options not given)."""
-        changes = {k: v for k, v in changes.items() if v is not None}
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise CxrsynthError(f"unknown classifier settings: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-        return dataclasses.replace(self, **changes)
-
-
-PRESETS: dict[str, ClassifierConfig] = {}
+PRESETS: Registry[ClassifierConfig] = Registry("classifier preset")
 
 
 def register_preset(config: ClassifierConfig) -> ClassifierConfig:
     """Register ``config`` under ``config.name``; names are unique."""
-    if config.name in PRESETS:
-        raise CxrsynthError(f"classifier preset {config.name!r} is already registered")
-    PRESETS[config.name] = config
-    return config
+    return PRESETS.register(config.name, config)
 
 
 def get_preset(name: str, **overrides: Any) -> ClassifierConfig:
@@ -147,12 +125,10 @@ def get_preset(name: str, **overrides: Any) -> ClassifierConfig:
     Another ``model`` than the preset's drops the preset's ``model_kwargs`` (its widths
     belong to its own model) unless ``model_kwargs`` is given too.
     """
-    if name not in PRESETS:
-        raise UnknownNameError("classifier preset", name, PRESETS)
     preset = PRESETS[name]
     if overrides.get("model") not in (None, preset.model) and overrides.get("model_kwargs") is None:
         overrides = {**overrides, "model_kwargs": {}}
-    return preset.replace(**overrides)
+    return preset.override(**overrides)
 
 
 register_preset(ClassifierConfig(name="paper", patience=5))

@@ -50,13 +50,15 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from cxrsynth import __version__, loader, manifest, runtime
+from cxrsynth import __version__, checkpoints, loader, manifest, runtime
 from cxrsynth.classify.model import META, WEIGHTS, Classifier, build, classifier_id, load_pretrained, save_weights
 from cxrsynth.classify.presets import ClassifierConfig
 from cxrsynth.errors import CxrsynthError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.pt"
+#: What every training checkpoint holds (written by ``save_checkpoint`` in :func:`train`).
+CHECKPOINT_KEYS = ("run", "trainer", "epoch", "position", "history", "best", "rng", "partial", "data_seen")
 #: Config fields a resumed run may change: they do not alter the trajectory.
 RESUMABLE_CHANGES = ("workers", "checkpoint_every", "log_every", "patience")
 
@@ -214,31 +216,12 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
     return out
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _gather(obj: Any, world: int) -> list[Any]:
@@ -362,15 +345,15 @@ def train(
     run = run_fingerprint(config, {k: data[k] for k in ("name", "version", "split", "tune_split")}, dist.world, weights_sha)
     ck = out / CHECKPOINTS
     ck_path = ck / LATEST
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    with checkpoints.forked_rng(dev):  # the RNG policy of cxrsynth.checkpoints
         trainer = Trainer(config, dev, config.epochs * per_epoch, world=dist.world, weights=weights)
-        torch.manual_seed(loader.derive_seed("train", config.seed, dist.rank))  # dropout / drop-path draws
+        checkpoints.seed_run(config.seed, dist.rank)  # dropout / drop-path draws
         epoch, position, history = 0, 0, []
         best: dict[str, Any] = {"epoch": None, "tune_loss": None, "file": None}
         partial = (0.0, 0)  # loss sum and batches of an epoch checkpointed midway
         seen_images, seen_keys = 0, set()
         if resume and ck_path.is_file():
-            state = torch.load(ck_path, map_location=dev, weights_only=True)
+            state = checkpoints.load(ck_path, CHECKPOINT_KEYS, dev)
             diffs = _diff(state["run"], run)
             if diffs:
                 raise CxrsynthError(f"{ck_path} belongs to another run ({'; '.join(diffs)}); "
@@ -378,7 +361,7 @@ def train(
             if state["best"]["file"] and not (ck / state["best"]["file"]).is_file():
                 raise CxrsynthError(f"{ck_path} refers to {state['best']['file']}, which is missing")
             trainer.load_state_dict(state["trainer"])
-            _set_rng_state(state["rng"][dist.rank], dev)
+            checkpoints.set_rng_state(state["rng"][dist.rank], dev)
             epoch, position, history, best = state["epoch"], state["position"], state["history"], state["best"]
             partial = tuple(state["partial"][dist.rank])
             seen_images, keys = state["data_seen"][dist.rank]
@@ -388,12 +371,11 @@ def train(
                resumed=trainer.step_count > 0, world=dist.world)
 
         def save_checkpoint(loss_sum: float, batches: int) -> None:
-            mine = (_rng_state(dev), (loss_sum, batches), (seen_images, sorted(seen_keys)))
+            mine = (checkpoints.rng_state(dev), (loss_sum, batches), (seen_images, sorted(seen_keys)))
             ranks = _gather(mine, dist.world)
             if not dist.is_main:
                 return
-            ck.mkdir(parents=True, exist_ok=True)
-            _atomic_save({
+            checkpoints.save({
                 "run": run, "trainer": trainer.state_dict(), "epoch": epoch, "position": position,
                 "history": history, "best": best, "rng": [r[0] for r in ranks], "partial": [r[1] for r in ranks],
                 "data_seen": [r[2] for r in ranks], "cxrsynth": __version__,

@@ -13,7 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import Root, console, fail, set_threads
+from cxrsynth.cli.common import BootstrapThreads, Device, Root, Threads, console, fail, set_threads
+from cxrsynth.cli.options import given
 
 
 def bench_generate(
@@ -30,9 +31,8 @@ def bench_generate(
     deterministic: Annotated[bool, typer.Option("--deterministic/--autotune", help="cuDNN deterministic algorithms as "
                                                 "`generate` uses (repeatable bytes), or autotuned (fastest).")] = False,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the preset's size.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="Default: cuda if available, else cpu.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads); default: torch's. "
-                                                  "On a shared 2-core machine 1 is several times faster than 2.")] = None,
+    device: Device = None,
+    threads: Threads = None,
     peak: Annotated[Optional[float], typer.Option("--peak-tflops", help="Peak TFLOP/s for MFU (default: table).")] = None,
     profile: Annotated[int, typer.Option("--profile", min=0, help="Also print the top N kernels of one sampler step.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
@@ -136,8 +136,8 @@ def bench_train(
     steps: Annotated[int, typer.Option("--steps", help="Timed steps (rounded up to a multiple of --warmup).")] = 20,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps first; also the readout interval.")] = 5,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the preset's size.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="Default: cuda if available, else cpu.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads).")] = None,
+    device: Device = None,
+    threads: Threads = None,
     peak: Annotated[Optional[float], typer.Option("--peak-tflops", help="Peak TFLOP/s for MFU (default: table).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
 ) -> None:
@@ -174,8 +174,8 @@ def bench_solvers(
     reference: Annotated[str, typer.Option("--reference", help="The converged run, sampler:steps.")] = "dpmpp:200",
     guidance: Annotated[float, typer.Option("--guidance", help="Standard CFG scale (1: conditional model).")] = 1.0,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images per network call.")] = 16,
-    device: Annotated[Optional[str], typer.Option("--device", help="Default: cuda if available, else cpu.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads).")] = None,
+    device: Device = None,
+    threads: Threads = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON (one line).")] = False,
     root: Root = Path("."),
 ) -> None:
@@ -254,8 +254,8 @@ def bench_phantom(
                             "(the paper: drop images with any uncertain finding).")] = None,
     bootstrap: Annotated[Optional[int], typer.Option("--bootstrap", min=0, help="Bootstrap replicates (0: none).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of phantoms, split, classifier and bootstrap.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads).")] = None,
+    device: Device = None,
+    threads: Threads = None,
     work: Annotated[Optional[Path], typer.Option(
         "--work", file_okay=False, help="Keep the phantoms and the project here (default: a temporary folder).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON here.")] = None,
@@ -264,7 +264,6 @@ def bench_phantom(
     from rich.table import Table
 
     from cxrsynth.bench.phantom import UNCERTAIN, BenchConfig, run_bench
-    from cxrsynth.cli.options import given
 
     if uncertain is not None and uncertain not in UNCERTAIN:
         raise typer.BadParameter(f"expected {' or '.join(UNCERTAIN)}", param_hint="--uncertain")
@@ -296,18 +295,20 @@ def bench_phantom(
 
 def bench_evaluate(
     images: Annotated[int, typer.Option("--images", min=2, help="Test images (the paper's CheXpert test set: 56,448).")] = 56_000,
-    replicates: Annotated[int, typer.Option("--replicates", min=1, help="Bootstrap replicates.")] = 1000,
-    cluster: Annotated[str, typer.Option("--cluster", help="image | patient (2-4 images per patient).")] = "image",
+    replicates: Annotated[Optional[int], typer.Option(
+        "--replicates", min=1, help="Bootstrap replicates (default {EvaluateConfig.bootstrap}, as `evaluate`).")] = None,
+    cluster: Annotated[str, typer.Option("--cluster", help="{clusters} (2-4 images per patient).")] = "image",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random data and the draws.")] = 0,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Threads (default: the CPUs available).")] = None,
+    threads: BootstrapThreads = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
 ) -> None:
     """Bootstrap AUROC speed: REPLICATES x IMAGES x 14 findings on random data (what `evaluate` runs)."""
     from cxrsynth.bench.evaluate import bench_bootstrap
+    from cxrsynth.evaluate.metrics import CLUSTERS
 
-    if cluster not in ("image", "patient"):
-        fail(f"--cluster must be image or patient, got {cluster!r}")
-    r = bench_bootstrap(images=images, replicates=replicates, seed=seed, cluster=cluster, threads=threads)
+    if cluster not in CLUSTERS:
+        fail(f"--cluster must be one of {', '.join(CLUSTERS)}, got {cluster!r}")
+    r = bench_bootstrap(images=images, seed=seed, cluster=cluster, threads=threads, **given(replicates=replicates))
     if as_json:
         print(json.dumps(r.to_dict()))
         return
@@ -367,14 +368,14 @@ def bench_load(
 
 
 def bench_classifier(
-    preset: Annotated[str, typer.Option("--preset", help="Classifier preset: paper | small.")] = "small",
+    preset: Annotated[str, typer.Option("--preset", help="Classifier preset: {classifier_presets}.")] = "small",
     batch: Annotated[Optional[int], typer.Option("--batch", min=1, help="Images per step (preset's by default).")] = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", min=8, help="Input side (preset's by default).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="timm model (preset's by default).")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per phase.")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps first.")] = 3,
-    device: Annotated[Optional[str], typer.Option("--device", help="Default: cuda if available, else cpu.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads).")] = None,
+    device: Device = None,
+    threads: Threads = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
 ) -> None:
     """Classifier training and inference images/s and peak memory on random images (the real training step)."""
@@ -398,8 +399,8 @@ def bench_audit(
     dim: Annotated[int, typer.Option("--dim", min=1, help="Embedding size (1024 = the 32 px pixels embedding).")] = 1024,
     k: Annotated[int, typer.Option("--k", min=1, help="Neighbours kept per query.")] = 5,
     chunk: Annotated[int, typer.Option("--chunk", min=1, help="Queries per similarity block.")] = 4096,
-    device: Annotated[Optional[str], typer.Option("--device", help="Default: cuda if available, else cpu.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads).")] = None,
+    device: Device = None,
+    threads: Threads = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
 ) -> None:
     """Memorization-audit search speed: seconds per million (synthetic, training) pairs, and the paper's 720K x 72K."""

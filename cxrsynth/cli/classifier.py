@@ -10,7 +10,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cxrsynth.cli.common import Root, console, err_console, progress_bar, set_threads
+from cxrsynth.cli.common import Device, Root, Threads, console, err_console, progress_bar, set_threads
+from cxrsynth.cli.options import LazyHelp
 
 classifier_app = typer.Typer(no_args_is_help=True, help="Train 14-finding classifiers (any timm model) and predict with them.")
 
@@ -54,11 +55,11 @@ class _TrainBar:
             self.progress.stop()
 
 
-@classifier_app.command("train")
+@classifier_app.command("train", cls=LazyHelp)
 def train(
     data: Annotated[str, typer.Option("--data", help="Dataset or mix to train on (its manifest and shards).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory: model.safetensors, classifier.json, checkpoints/.")],
-    preset: Annotated[str, typer.Option("--preset", help="Classifier preset: paper | small.")] = "small",
+    preset: Annotated[str, typer.Option("--preset", help="Classifier preset: {classifier_presets}.")] = "small",
     split: Annotated[str, typer.Option("--split", help="Training split.")] = "train",
     tune_split: Annotated[Optional[str], typer.Option(
         "--tune-split", help="Tuning split: its loss picks the best epoch ('none': keep the last epoch).")] = "tune",
@@ -66,13 +67,13 @@ def train(
         "--model", help="timm model name (replaces the preset's model and its model_kwargs).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Epochs at most (preset's by default).")] = None,
     patience: Annotated[Optional[int], typer.Option(
-        "--patience", min=0, help="Stop after N epochs without a lower tuning loss (0: never; paper preset 5).")] = None,
+        "--patience", min=0, help="Stop after N epochs without a lower tuning loss (0: never; preset's by default).")] = None,
     batch: Annotated[Optional[int], typer.Option("--batch", min=1, help="Images per step per process.")] = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", min=8, help="Input side in pixels.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Peak learning rate.")] = None,
-    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="lion | adamw | sgd.")] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="{optimizers} (preset's by default).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", min=0.0, help="Weight decay.")] = None,
-    schedule: Annotated[Optional[str], typer.Option("--schedule", help="constant | cosine.")] = None,
+    schedule: Annotated[Optional[str], typer.Option("--schedule", help="{schedules} (preset's by default).")] = None,
     warmup: Annotated[Optional[int], typer.Option("--warmup", min=0, help="Linear LR warm-up steps.")] = None,
     ema: Annotated[Optional[float], typer.Option("--ema", min=0.0, max=0.999999, help="EMA decay (0: no EMA).")] = None,
     grad_clip: Annotated[Optional[float], typer.Option("--grad-clip", min=0.0, help="Max gradient norm (0: off).")] = None,
@@ -82,8 +83,8 @@ def train(
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Training augmentations.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of weights, data order and augmentation.")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="Loader worker processes per process "
-                                                  "(must divide the loader's streams, 8 for paper, 4 for small; "
-                                                  "does not change the result).")] = None,
+                                                  "(must divide the preset's loader streams; does not change the "
+                                                  "result).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(
         "--checkpoint-every", min=0, help="Also checkpoint every N steps inside an epoch.")] = None,
     weights: Annotated[Optional[Path], typer.Option(
@@ -91,8 +92,8 @@ def train(
                                                        "never downloaded.")] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from OUT/checkpoints/latest.pt "
                                                                      "(same run only).")] = True,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads).")] = None,
+    device: Device = None,
+    threads: Threads = None,
     root: Root = Path("."),
 ) -> None:
     """Train a 14-finding classifier; the epoch with the lowest tuning loss is the model.
@@ -141,8 +142,8 @@ def predict(
     split: Annotated[Optional[str], typer.Option("--split", help="Split to predict ('all': every row).")] = "test",
     batch: Annotated[Optional[int], typer.Option("--batch", min=1, help="Images per forward (default: training batch).")] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Loader worker processes.")] = 0,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads).")] = None,
+    device: Device = None,
+    threads: Threads = None,
     root: Root = Path("."),
 ) -> None:
     """Write one row per image: key, dataset and a sigmoid probability per finding (uncertain rows included)."""

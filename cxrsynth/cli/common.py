@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -23,6 +23,19 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 Root = Annotated[Path, typer.Option("--root", help="Project root holding manifests/ and data/.")]
+
+
+def threads_option(help: str = "CPU threads (torch.set_num_threads); default: torch's. On a shared 2-core machine "
+                               "1 is several times faster than 2.") -> Any:
+    """The ``--threads`` option (the one declaration); ``help`` where a command's threads mean more or other."""
+    return Annotated[Optional[int], typer.Option("--threads", min=1, help=help)]
+
+
+#: ``--device`` and ``--threads`` of every command that runs torch (``threads_option`` for another help).
+Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu).")]
+Threads = threads_option()
+#: ``--threads`` of the bootstrap (``evaluate``, ``compare``, ``bench evaluate``): a thread pool, not torch's.
+BootstrapThreads = threads_option("Bootstrap threads (default: the CPUs available).")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -7,9 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import Root, console, err_console
-
-Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="Bootstrap threads (default: the CPUs available).")]
+from cxrsynth.cli.common import BootstrapThreads, Root, console, err_console
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -23,15 +21,16 @@ def _fmt_p(value) -> str:
 def evaluate(
     predictions: Annotated[Path, typer.Argument(help="Predictions parquet (`cxrsynth classifier predict`).")],
     out: Annotated[Path, typer.Option("--out", help="Metrics JSON to write (replicates beside it: *.replicates.npz).")],
-    bootstrap: Annotated[Optional[int], typer.Option("--bootstrap", min=0, help="Bootstrap replicates [default: 1000].")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Bootstrap seed [default: 0].")] = None,
+    bootstrap: Annotated[Optional[int], typer.Option(
+        "--bootstrap", min=0, help="Bootstrap replicates (default {EvaluateConfig.bootstrap}).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Bootstrap seed (default {EvaluateConfig.seed}).")] = None,
     by: Annotated[Optional[str], typer.Option("--by", help="Subgroup columns, comma-separated: view, sex, age_band "
                                                            "(decades), race or any manifest column.")] = None,
-    cluster: Annotated[Optional[str], typer.Option("--cluster", help="Resample images, or whole patients "
-                                                                     "(image | patient) [default: image].")] = None,
+    cluster: Annotated[Optional[str], typer.Option(
+        "--cluster", help="Resample images, or whole patients ({clusters}; default {EvaluateConfig.cluster}).")] = None,
     allow_leak: Annotated[bool, typer.Option("--allow-leak", help="Evaluate a test set sharing patients with the "
                                                                    "training data anyway, recording the overlap.")] = False,
-    threads: Threads = None,
+    threads: BootstrapThreads = None,
     root: Root = Path("."),
 ) -> None:
     """AUROC per finding and macro, bootstrap SD and 95% CI, subgroups, with the leakage guard."""
@@ -43,7 +42,7 @@ def evaluate(
 
     given = {"bootstrap": bootstrap, "seed": seed, "cluster": cluster, "allow_leak": allow_leak or None,
              "by": tuple(c.strip() for c in by.split(",") if c.strip()) if by is not None else None}
-    config = lib.EvaluateConfig(**{k: v for k, v in given.items() if v is not None})
+    config = lib.EvaluateConfig().override(**given)
     result = lib.evaluate(root, predictions, config, threads=threads)
     path, npz = lib.write(result, out)
     m = result.metrics
@@ -76,11 +75,11 @@ def compare(
     others: Annotated[list[Path], typer.Argument(help="Metrics JSON(s) of the models to compare with it.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the table as JSON.")] = None,
     alpha: Annotated[Optional[float], typer.Option("--alpha", min=0.0, max=1.0, help="Significance level "
-                                                                                     "[default: 0.05].")] = None,
-    bootstrap: Annotated[Optional[int], typer.Option("--bootstrap", min=1, help="Paired replicates [default: the "
-                                                                                "baseline's].")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Paired bootstrap seed [default: the baseline's].")] = None,
-    threads: Threads = None,
+                                                                                     "(default {CompareConfig.alpha}).")] = None,
+    bootstrap: Annotated[Optional[int], typer.Option("--bootstrap", min=1, help="Paired replicates (default: the "
+                                                                                "baseline's).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Paired bootstrap seed (default: the baseline's).")] = None,
+    threads: BootstrapThreads = None,
     root: Root = Path("."),
 ) -> None:
     """Per finding and macro: deltas, the paper's t-test and a paired bootstrap, Bonferroni-corrected."""
@@ -91,7 +90,7 @@ def compare(
     from cxrsynth.evaluate.metrics import dumps
 
     given = {"alpha": alpha, "bootstrap": bootstrap, "seed": seed}
-    result = lib.compare(root, baseline, list(others), lib.CompareConfig(**{k: v for k, v in given.items() if v is not None}),
+    result = lib.compare(root, baseline, list(others), lib.CompareConfig().override(**given),
                          threads=threads)
     for comparison in result["comparisons"]:
         table = Table(title=f"{Path(comparison['other']).name} vs {Path(result['baseline']).name} "

@@ -11,8 +11,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import Root, console, progress_bar, set_threads
+from cxrsynth.cli.common import Device, Root, console, progress_bar, set_threads, threads_option
 from cxrsynth.cli.options import given
+
+GenerateThreads = threads_option("CPU threads (torch.set_num_threads); default: torch's. Part of the version on CPU (kernels "
+                                 "round by thread count); under torchrun each rank has OMP_NUM_THREADS.")
 
 
 def generate(
@@ -50,10 +53,8 @@ def generate(
         "--rebalance", min=0.0, max=1.0, help="Draw each replica's conditions so that every rarer finding reaches this "
                                               "prevalence (e.g. 0.2); default: every source row once.")] = None,
     part: Annotated[Optional[str], typer.Option("--part", help="i/N: this job's share of the shards (job arrays).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if present).")] = None,
-    threads: Annotated[Optional[int], typer.Option(
-        "--threads", min=1, help="CPU threads (torch.set_num_threads); default: torch's. Part of the version on CPU (kernels "
-                                 "round by thread count); under torchrun each rank has OMP_NUM_THREADS.")] = None,
+    device: Device = None,
+    threads: GenerateThreads = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Write over an existing dataset of another kind (never over --conditions).")] = False,
     root: Root = Path("."),

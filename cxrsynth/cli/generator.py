@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import Root, console, err_console, fail, set_threads
+from cxrsynth.cli.common import Device, Root, Threads, console, err_console, fail, set_threads
 from cxrsynth.cli.options import LazyHelp, given
 
 generator_app = typer.Typer(no_args_is_help=True, help="Train, import and inspect conditional diffusion generators.")
@@ -53,9 +53,8 @@ def train(
     resume: Annotated[bool, typer.Option(
         "--resume/--no-resume", help="Continue this run from ROOT/<run id>/latest.pt if present (a changed setting "
                                      "is another run and starts fresh; more --steps extends a run).")] = True,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads); default: torch's. "
-                                                  "On a shared 2-core machine 1 is several times faster than 2.")] = None,
+    device: Device = None,
+    threads: Threads = None,
     root: Root = Path("."),
 ) -> None:
     """Train a conditional generator on a dataset's shards (no uncertain findings, as the paper).
@@ -142,7 +141,7 @@ def fid(
     size: Annotated[Optional[int], typer.Option(
         "--size", min=8, help="Classifier input side (default: a classifier directory's training side, else 256).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=2, help="At most this many images per side.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")] = None,
+    device: Device = None,
     root: Root = Path("."),
 ) -> None:
     """Fréchet distance between real and synthetic images: FID (Inception) or in a classifier's feature space.
@@ -150,7 +149,9 @@ def fid(
     Weights always come from local files; nothing is downloaded.
     """
     from cxrsynth import runtime
-    from cxrsynth.diffusion import fid as fid_lib
+    from cxrsynth.classify.model import trained_classifier_extractor
+    from cxrsynth.diffusion.fid import dataset_images
+    from cxrsynth.evaluate import frechet
 
     if (inception is None) == (classifier is None):
         fail("give exactly one of --inception FILE, --classifier DIR or --classifier MODEL --checkpoint FILE")
@@ -161,14 +162,14 @@ def fid(
         fail("--classifier MODEL needs --checkpoint FILE (or give a `cxrsynth classifier train` directory)")
     dev = runtime.device(device)
     if inception is not None:
-        extractor, side, what = fid_lib.inception_extractor(inception), 299, "FID (Inception)"
+        extractor, side, what = frechet.inception_extractor(inception), 299, "FID (Inception)"
     elif directory:
-        extractor = fid_lib.trained_classifier_extractor(Path(classifier), size)
+        extractor = trained_classifier_extractor(Path(classifier), size)
         side, what = extractor.size, f"Frechet distance (classifier {extractor.classifier_id}, {extractor.size} px)"
     else:
-        extractor = fid_lib.classifier_extractor(classifier, checkpoint, **given(size=size))
+        extractor = frechet.classifier_extractor(classifier, checkpoint, **given(size=size))
         side, what = extractor.size, f"Frechet distance ({classifier})"
-    a = fid_lib.dataset_images(root, real, real_split, side, limit=limit)
-    b = fid_lib.dataset_images(root, synthetic, None, side, limit=limit)
-    value = fid_lib.fid_from_images(extractor, a, b, device=str(dev))
+    a = dataset_images(root, real, real_split, side, limit=limit)
+    b = dataset_images(root, synthetic, None, side, limit=limit)
+    value = frechet.fid_from_images(extractor, a, b, device=str(dev))
     console.print(f"{what} {real}{'/' + real_split if real_split else ''} vs {synthetic}: {value:.4f}")

@@ -1,9 +1,10 @@
 """Option plumbing shared by the commands: "not given" options, and help filled in lazily.
 
-* :func:`given` drops the options a user did not give (``None``), so the library's default
-  applies and lives in one place, its config dataclass or function (timm's
-  ``create_model`` does the same).
-* :class:`LazyHelp`: the registries (samplers, generator presets, phantom sites, guidance
+* :func:`given` (:func:`cxrsynth.config.given`, the one "``None`` means not given" rule)
+  drops the options a user did not give, so the library's default applies and lives in
+  one place, its config dataclass (:meth:`cxrsynth.config.Config.override`) or function
+  (timm's ``create_model`` does the same).
+* :class:`LazyHelp`: the registries (samplers, generator and classifier presets, phantom sites, embeddings, guidance
   formulas, compile modes) and the configs' defaults live in modules that import torch,
   diffusers or pandas. Reading them when the CLI loads would make every command, and
   ``--help``, wait for those imports; copying them into the CLI would keep a second copy to
@@ -19,31 +20,35 @@ import importlib
 import inspect
 import re
 from collections.abc import Callable
-from typing import Any
 
 from typer.core import TyperCommand
 
+from cxrsynth.config import given
+from cxrsynth.registry import Registry
 
-def given(**options: Any) -> dict[str, Any]:
-    """The options that were given (not ``None``), to pass on as keyword arguments."""
-    return {k: v for k, v in options.items() if v is not None}
+__all__ = ["LazyHelp", "default", "fill", "given", "names"]
 
 
 def _names(module: str, attribute: str) -> Callable[[], list[str]]:
     def load() -> list[str]:
         value = getattr(importlib.import_module(module), attribute)
-        return sorted(value()) if callable(value) else sorted(value) if isinstance(value, dict) else list(value)
+        return value.labels() if isinstance(value, Registry) else list(value)
 
     return load
 
 
-#: Placeholder → the names registered there.
+#: Placeholder → the names registered there (a :class:`cxrsynth.registry.Registry`, or a tuple of choices).
 REGISTRIES: dict[str, Callable[[], list[str]]] = {
-    "samplers": _names("cxrsynth.diffusion.schedule", "list_samplers"),
-    "presets": _names("cxrsynth.diffusion.presets", "list_presets"),
+    "samplers": _names("cxrsynth.diffusion.schedule", "SAMPLERS"),
+    "presets": _names("cxrsynth.diffusion.presets", "PRESETS"),
+    "classifier_presets": _names("cxrsynth.classify.presets", "PRESETS"),
     "sites": _names("cxrsynth.phantom.sites", "SITES"),
+    "embeddings": _names("cxrsynth.share.embed", "EMBEDDINGS"),
     "cfg_formulas": _names("cxrsynth.diffusion.sample", "CFG_FORMULAS"),
     "compile_modes": _names("cxrsynth.diffusion.sample", "COMPILE_MODES"),
+    "optimizers": _names("cxrsynth.classify.presets", "OPTIMIZERS"),
+    "schedules": _names("cxrsynth.classify.presets", "SCHEDULES"),
+    "clusters": _names("cxrsynth.evaluate.metrics", "CLUSTERS"),
 }
 
 #: Placeholder prefix → where the defaults live (a dataclass, or a function's keyword defaults).
@@ -54,6 +59,9 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "SplitParams": ("cxrsynth.splits", "SplitParams"),
     "MixParams": ("cxrsynth.mix", "MixParams"),
     "ingest": ("cxrsynth.ingest", "ingest"),
+    "AuditConfig": ("cxrsynth.share.audit", "AuditConfig"),
+    "EvaluateConfig": ("cxrsynth.evaluate.metrics", "EvaluateConfig"),
+    "CompareConfig": ("cxrsynth.evaluate.compare", "CompareConfig"),
 }
 
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(REGISTRIES) + r")\}|\{(" + "|".join(DEFAULTS) + r")\.(\w+)\}")

@@ -12,11 +12,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import Root, console, err_console
+from cxrsynth.cli.common import Device, Root, console, err_console
+from cxrsynth.cli.options import LazyHelp
 
 share_app = typer.Typer(no_args_is_help=True, help="Share synthetic data with other sites: export, verify, import, audit.")
 
-Embedding = Annotated[Optional[str], typer.Option("--embedding", help="pixels (the default) | classifier:DIR | reid | reid:DIR.")]
+Embedding = Annotated[Optional[str], typer.Option("--embedding", help="{embeddings} (default {AuditConfig.embedding}).")]
 K = Annotated[Optional[int], typer.Option("--k", min=1, help="Nearest training images kept per synthetic image.")]
 Quantile = Annotated[Optional[float], typer.Option("--quantile", min=0.0, max=1.0,
                                                    help="Flag below this quantile of held-out real → train distances.")]
@@ -26,24 +27,21 @@ ExportSplit = Annotated[Optional[str], typer.Option("--split", help="Training sp
 Heldout = Annotated[Optional[str], typer.Option("--heldout-split", help="Split calibrating the threshold (default: every image "
                                                                        "whose patient is outside the training split).")]
 ReidSteps = Annotated[Optional[int], typer.Option("--reid-steps", min=1, help="Training steps of the reid network.")]
-Device = Annotated[Optional[str], typer.Option("--device", help="Torch device (default: cuda when available, else cpu).")]
 
 
 def _audit_config(**options):
-    from dataclasses import replace
-
-    from cxrsynth.share.audit import AuditConfig, with_overrides
+    from cxrsynth.share.audit import AuditConfig
 
     reid_steps = options.pop("reid_steps", None)
-    config = with_overrides(AuditConfig(), **options)
-    return replace(config, reid=replace(config.reid, steps=reid_steps)) if reid_steps else config
+    config = AuditConfig().override(**options)
+    return config.override(reid=config.reid.override(steps=reid_steps))
 
 
 def _say(message: str) -> None:
     err_console.print(message, highlight=False, soft_wrap=True)
 
 
-@share_app.command("audit")
+@share_app.command("audit", cls=LazyHelp)
 def audit(
     name: Annotated[str, typer.Argument(help="Synthetic dataset to audit.")],
     against: Annotated[str, typer.Option("--against", help="Real dataset the generator learnt from.")],
@@ -78,7 +76,7 @@ def audit(
         highlight=False, soft_wrap=True)
 
 
-@share_app.command("export")
+@share_app.command("export", cls=LazyHelp)
 def export(
     name: Annotated[str, typer.Argument(help="Synthetic dataset to export.")],
     out: Annotated[Path, typer.Option("--out", help="Package folder to create (must not exist; relative to --root).")],
@@ -102,14 +100,13 @@ def export(
     root: Root = Path("."),
 ) -> None:
     """Package a synthetic dataset for another site: shards, a manifest without real identifiers, sha256 index, DATASHEET.md."""
-    from cxrsynth.share.audit import with_overrides
     from cxrsynth.share.export import ExportConfig
     from cxrsynth.share.export import export as export_lib
 
     audit_config = _audit_config(embedding=embedding, quantile=quantile, reid_steps=reid_steps, device=device)
-    config = with_overrides(ExportConfig(), audit_against=audit_against, max_flagged=max_flagged, force=force or None,
-                            secret_file=key_secret, keymap=keymap, audit_out=root / audit_out if audit_out else None,
-                            audit_split=split, audit=audit_config)
+    config = ExportConfig().override(audit_against=audit_against, max_flagged=max_flagged, force=force or None,
+                                     secret_file=key_secret, keymap=keymap, audit_out=root / audit_out if audit_out else None,
+                                     audit_split=split, audit=audit_config)
     result = export_lib(root, name, root / out, config, progress=_say)
     console.print(f"{result['out']}: {result['images']:,} images in {result['shards']} shard(s), version {result['version']}; "
                   f"{result['decision']}" + (f" Audit files: {result['audit_dir']}" if result["audit_dir"] else ""),

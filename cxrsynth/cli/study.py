@@ -7,17 +7,16 @@ so a bad key, type or family fails in a second, naming the key, before anything 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from cxrsynth.cli.common import Root, console
+from cxrsynth.cli.common import Device, Root, console
 from cxrsynth.study.params import FAMILIES, PARAMS_FILE, StudyParams
 
 study_app = typer.Typer(no_args_is_help=True, help="The study: experiment cells, comparisons, distances, the report.")
 
 Params = Annotated[Path, typer.Option("--params", help="The parameters file (relative to --root).")]
-Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")]
 
 
 def _params(root: Path, path: Path) -> StudyParams:

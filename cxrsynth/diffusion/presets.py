@@ -15,19 +15,20 @@ at 64 px; ``micro`` is for tests (32 px, a few thousand parameters per block).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from cxrsynth.errors import CxrsynthError, UnknownNameError, lookup
+from cxrsynth.config import Config
+from cxrsynth.errors import CxrsynthError, UnknownNameError
 from cxrsynth.labels import CONDITION_SIZE
+from cxrsynth.registry import Registry
 
 #: What the network predicts (diffusers' ``prediction_type``).
 PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
 
 
 @dataclass(frozen=True)
-class GeneratorConfig:
+class GeneratorConfig(Config):
     """Everything that defines a generator's network and diffusion process.
 
     Attributes:
@@ -59,6 +60,8 @@ class GeneratorConfig:
             scalar before the MLP (Mediffusion's ``missing_class_value``). cxrsynth's
             own vectors code unknowns as zeros (labels.conditioning_vectors), so None.
     """
+
+    kind = "generator config"  # a class attribute (no annotation): how errors name these settings
 
     name: str = "custom"
     image_size: int = 256
@@ -103,45 +106,24 @@ class GeneratorConfig:
         """Per level, whether its blocks have self-attention (level i is at ds 2**i)."""
         return tuple(2**i in self.attention_ds for i in range(len(self.channel_mult)))
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GeneratorConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise CxrsynthError(f"unknown generator config keys: {sorted(unknown)}")
-        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**data)
-
-    def replace(self, **changes: Any) -> "GeneratorConfig":
-        """A copy with some fields changed (e.g. ``image_size``)."""
-        return dataclasses.replace(self, **changes)
-
-
-_PRESETS: dict[str, GeneratorConfig] = {}
+PRESETS: Registry[GeneratorConfig] = Registry("generator preset")
 
 
 def register_preset(config: GeneratorConfig) -> GeneratorConfig:
     """Register ``config`` under ``config.name``; names are unique."""
-    if config.name in _PRESETS:
-        raise CxrsynthError(f"preset {config.name!r} is already registered")
-    _PRESETS[config.name] = config
-    return config
+    return PRESETS.register(config.name, config)
 
 
 def get_preset(name: str, **overrides: Any) -> GeneratorConfig:
     """The preset called ``name``, optionally with some fields overridden."""
-    config = lookup(_PRESETS, "generator preset", name)
+    config = PRESETS[name]
     return config.replace(**overrides) if overrides else config
 
 
 def list_presets() -> list[str]:
     """Registered preset names."""
-    return sorted(_PRESETS)
+    return PRESETS.names()
 
 
 # The paper's generator (Mediffusion 0.6.0 default.yaml + Table E1; ~125M parameters).

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from cxrsynth.diffusion.presets import GeneratorConfig
-from cxrsynth.errors import CxrsynthError, lookup
+from cxrsynth.registry import Registry
 
 
 def _common(config: GeneratorConfig) -> dict[str, Any]:
@@ -50,25 +50,22 @@ class Sampler:
     stochastic: bool
 
 
-_SAMPLERS: dict[str, Sampler] = {}
+SAMPLERS: Registry[Sampler] = Registry("sampler")
 
 
 def register_sampler(sampler: Sampler) -> Sampler:
     """Add a sampler to the registry (unique names)."""
-    if sampler.name in _SAMPLERS:
-        raise CxrsynthError(f"sampler {sampler.name!r} is already registered")
-    _SAMPLERS[sampler.name] = sampler
-    return sampler
+    return SAMPLERS.register(sampler.name, sampler)
 
 
 def get_sampler(name: str) -> Sampler:
     """The sampler called ``name``."""
-    return lookup(_SAMPLERS, "sampler", name)
+    return SAMPLERS[name]
 
 
 def list_samplers() -> list[str]:
     """Registered sampler names."""
-    return sorted(_SAMPLERS)
+    return SAMPLERS.names()
 
 
 register_sampler(

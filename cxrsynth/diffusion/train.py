@@ -2,13 +2,15 @@
 
 The loop consumes batches ``{"image": uint8 (B, 1, S, S), "cond": float32 (B, 22)}``
 from ``data(epoch)`` (a :class:`cxrsynth.loader.ShardLoader` in :func:`train_dataset`,
-the library function behind the CLI; lists in tests). Every
-random draw (timesteps, noise, condition dropout) comes from one ``torch.Generator``
-seeded with ``seed + rank``, whose state is checkpointed together with the model, the
-EMA, the optimizer, the LR schedule, the step and the position in the epoch; resuming
-skips the batches already seen in that epoch, so a resumed run on CPU continues
-bit-identically (tested). On GPU, cuDNN/atomics make runs reproducible only up to
-floating-point nondeterminism.
+the library function behind the CLI; lists in tests). Every random draw of the loop
+(timesteps, noise, condition dropout) comes from one ``torch.Generator`` seeded with
+``seed + rank``; the network's own layers draw from the global generators, forked and
+seeded per rank for the run (the RNG policy of :mod:`cxrsynth.checkpoints`, shared with
+the classifier's trainer). All of them are checkpointed together with the model, the EMA,
+the optimizer, the LR schedule, the step and the position in the epoch; resuming skips
+the batches already seen in that epoch, so a resumed run on CPU continues bit-identically
+(tested). On GPU, cuDNN/atomics make runs reproducible only up to floating-point
+nondeterminism.
 
 Checkpoints go to ``out/checkpoints/`` unless ``checkpoints=`` names another directory;
 a pipeline keeps them outside its DVC output, so that DVC neither caches optimizer state
@@ -42,17 +44,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from timm.utils import ModelEmaV3
 
+from cxrsynth import checkpoints as checkpoints_lib
 from cxrsynth import runtime
+from cxrsynth.config import Config
 from cxrsynth.diffusion.losses import ScheduleTensors, diffusion_loss
 from cxrsynth.diffusion.model import ConditionalUNet, save_generator
 from cxrsynth.diffusion.presets import GeneratorConfig
@@ -66,7 +69,7 @@ RESUMABLE_CHANGES = ("steps", "save_every", "log_every", "keep_checkpoints")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Training hyper-parameters (written to ``train.json`` beside the output).
 
     Attributes:
@@ -82,6 +85,8 @@ class TrainConfig:
         seed: Seed of the training generator (timesteps, noise, dropout).
         keep_checkpoints: Number of step checkpoints kept (besides ``latest.pt``).
     """
+
+    kind = "generator training config"  # how errors name these settings (a class attribute, not a field)
 
     steps: int = 1000
     batch_size: int = 16
@@ -114,26 +119,6 @@ def _fast_paths(device: torch.device) -> dict[str, Any]:
     }
 
 
-def _rng_state(gen: torch.Generator) -> dict[str, Any]:
-    """Only the run's own generator: every random draw of training comes from it.
-
-    The global torch generators are left out on purpose: torch seeds them randomly per
-    process, so saving them would make identical runs write different checkpoints
-    (and DVC cache them twice) while restoring them would change nothing.
-    """
-    return {"gen": gen.get_state()}
-
-
-def _set_rng_state(gen: torch.Generator, state: dict[str, Any]) -> None:
-    gen.set_state(state["gen"])
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def latest_checkpoint(checkpoints: Path) -> Path | None:
     """``checkpoints/latest.pt`` (a checkpoint directory) if a run left one."""
     p = Path(checkpoints) / LATEST
@@ -146,7 +131,7 @@ def run_fingerprint(train_config: TrainConfig, data_version: str | None, world: 
     Every :class:`TrainConfig` field except :data:`RESUMABLE_CHANGES`, the data version
     and the number of processes (each rank has its own generator and data share).
     """
-    fp = {k: v for k, v in asdict(train_config).items() if k not in RESUMABLE_CHANGES}
+    fp = {k: v for k, v in train_config.to_dict().items() if k not in RESUMABLE_CHANGES}
     return {**fp, "data_version": data_version, "world": world}
 
 
@@ -172,24 +157,8 @@ CHECKPOINT_KEYS = ("config", "step", "epoch", "batch_in_epoch", "model", "ema", 
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """A training checkpoint, loaded without running code in it (``weights_only=True``).
-
-    A checkpoint directory may come from another machine or another person, so it is
-    loaded like any untrusted torch file (:func:`cxrsynth.safeload.load_torch`): tensors,
-    optimizer and scheduler states, generator states and plain data only.
-
-    Raises:
-        CxrsynthError: the file is unreadable, needs code to load, or lacks what a
-            training checkpoint holds.
-    """
-    from cxrsynth.errors import CxrsynthError
-    from cxrsynth.safeload import load_torch
-
-    state = load_torch(path, "training checkpoint", map_location=device)
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CxrsynthError(f"{path} is not a cxrsynth training checkpoint (lacks {', '.join(missing)})")
-    return state
+    """A generator training checkpoint, loaded safely (:func:`cxrsynth.checkpoints.load`)."""
+    return checkpoints_lib.load(path, CHECKPOINT_KEYS, device)
 
 
 def _check_resumable(ckpt_path: Path, state: dict[str, Any], config: GeneratorConfig, run: dict[str, Any]) -> None:
@@ -209,6 +178,7 @@ def _check_resumable(ckpt_path: Path, state: dict[str, Any], config: GeneratorCo
         raise CxrsynthError(f"{ckpt_path} belongs to another run ({'; '.join(diffs)}); {advice}")
 
 
+@checkpoints_lib.isolated_rng
 def train(
     config: GeneratorConfig,
     train_config: TrainConfig,
@@ -256,6 +226,7 @@ def train(
 
     # 1. Model, EMA, optimiser, LR schedule; every random draw from `gen`.
     gen = torch.Generator(device="cpu").manual_seed(tc.seed)
+    checkpoints_lib.seed_run(tc.seed, dist_info.rank)  # the network's own draws (dropout); forked by @isolated_rng
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tc.seed)  # initial weights: same on every rank, no global side effect
         model = ConditionalUNet.build(config)
@@ -281,7 +252,7 @@ def train(
         ema.module.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["lr_schedule"])
-        _set_rng_state(gen, state["rng"][min(dist_info.rank, len(state["rng"]) - 1)])
+        checkpoints_lib.set_rng_state(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)], device, gen)
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         if "data_seen" in state:  # same world (fingerprint): this rank's share so far
             seen_images, keys = state["data_seen"][dist_info.rank]
@@ -301,11 +272,11 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     if is_main:
         (out / "train.json").write_text(json.dumps(
-            {"generator": config.to_dict(), "train": asdict(tc), "world": dist_info.world,
+            {"generator": config.to_dict(), "train": tc.to_dict(), "world": dist_info.world,
              "data_version": data_version}, indent=2) + "\n")
 
     def save_checkpoint() -> None:
-        mine = (_rng_state(gen), (seen_images, sorted(seen_keys)))
+        mine = (checkpoints_lib.rng_state(device, gen), (seen_images, sorted(seen_keys)))
         ranks: list[Any] = [mine]
         if dist_info.world > 1:
             import torch.distributed as dist
@@ -316,16 +287,16 @@ def train(
             return
         ck.mkdir(parents=True, exist_ok=True)
         state = {
-            "config": config.to_dict(), "train": asdict(tc), "run": run, "step": step, "epoch": epoch,
+            "config": config.to_dict(), "train": tc.to_dict(), "run": run, "step": step, "epoch": epoch,
             "batch_in_epoch": batch_in_epoch, "model": model.state_dict(),
             "ema": ema.module.state_dict(), "optimizer": opt.state_dict(),
             "lr_schedule": sched.state_dict(), "rng": [r for r, _ in ranks],
             "data_seen": [s for _, s in ranks],
         }
-        _atomic_save(state, ck / LATEST)
+        checkpoints_lib.save(state, ck / LATEST)
         if tc.keep_checkpoints > 0:
             this = f"step-{step:08d}.pt"
-            _atomic_save(state, ck / this)
+            checkpoints_lib.save(state, ck / this)
             # Step files past this step come from a run this one replaced (--no-resume, or a
             # resume from an earlier file); left in place they would outrank the new ones.
             files = sorted(ck.glob("step-*.pt"))

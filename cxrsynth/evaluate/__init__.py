@@ -8,5 +8,7 @@
   synthetic training data learnt from;
 * :mod:`.compare` — ``cxrsynth compare``: the paper's t-test on bootstrap replicates and a
   paired bootstrap of AUROC differences, Bonferroni-corrected;
-* :mod:`.cooccurrence` — label co-occurrence matrices and their Pearson correlation.
+* :mod:`.cooccurrence` — label co-occurrence matrices and their Pearson correlation;
+* :mod:`.frechet` — Fréchet distances between image sets: FID (a local Inception file) and
+  the distance in a classifier's pooled features.
 """

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrsynth import labels
+from cxrsynth.config import Config
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.evaluate.auroc import bootstrap_aurocs
 from cxrsynth.evaluate.metrics import clusters, join, macro_of, predictions_of, read_metrics, read_predictions
@@ -34,8 +35,10 @@ _SAME = ("name", "version", "split", "images", "keys_sha256", "datasets")
 
 
 @dataclass(frozen=True)
-class CompareConfig:
+class CompareConfig(Config):
     """Settings of :func:`compare`: significance level and the paired bootstrap (defaults: the baseline's)."""
+
+    kind = "compare config"  # how errors name these settings (a class attribute, not a field)
 
     alpha: float = 0.05
     bootstrap: int | None = None

@@ -27,13 +27,14 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from cxrsynth import __version__, labels, manifest
+from cxrsynth.config import Config
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.evaluate import leakage
 from cxrsynth.evaluate.auroc import auroc, bootstrap_aurocs, summarize
@@ -50,7 +51,7 @@ REPLICATES_SUFFIX = ".replicates.npz"
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(Config):
     """How :func:`evaluate` runs (recorded in the metrics).
 
     Attributes:
@@ -60,6 +61,8 @@ class EvaluateConfig:
         cluster: ``image`` or ``patient`` (resample whole patients).
         allow_leak: Record patient overlap with the training data instead of refusing.
     """
+
+    kind = "evaluate config"  # how errors name these settings (a class attribute, not a field)
 
     bootstrap: int = 1000
     seed: int = 0
@@ -329,7 +332,7 @@ def evaluate(root: str | Path, predictions_path: str | Path, config: EvaluateCon
         "test": describe_test(test),
         "model": model_facts(predictions.meta),
         "leak": leak,
-        "config": asdict(config) | {"by": list(config.by)},
+        "config": config.to_dict() | {"by": list(config.by)},
         "predictions": str(predictions.path),
         "cxrsynth": __version__,
     }

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cxrsynth.errors import CxrsynthError, lookup
+from cxrsynth.errors import CxrsynthError
 from cxrsynth.labels import FINDINGS
+from cxrsynth.registry import Registry
 
 # Table 1 (percent of images). Order: FINDINGS. (positive, uncertain).
 _CXP_RATES = {
@@ -157,22 +158,19 @@ class SiteSpec:
         return self.rates[FINDINGS.index(finding)]
 
 
-SITES: dict[str, SiteSpec] = {}
+SITES: Registry[SiteSpec] = Registry("phantom site")
 
 
 def register(spec: SiteSpec) -> SiteSpec:
     """Add a site to :data:`SITES` (names are unique)."""
-    if spec.name in SITES:
-        raise CxrsynthError(f"site {spec.name!r} is already registered")
     if len(spec.rates) != len(FINDINGS):
         raise CxrsynthError(f"site {spec.name!r}: need {len(FINDINGS)} rates, got {len(spec.rates)}")
-    SITES[spec.name] = spec
-    return spec
+    return SITES.register(spec.name, spec)
 
 
 def get_site(name: str) -> SiteSpec:
     """The registered site called ``name``; a loud error lists the known ones."""
-    return lookup(SITES, "phantom site", name)
+    return SITES[name]
 
 
 register(

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth import manifest
+from cxrsynth.config import Config
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.share import embed
 
@@ -46,7 +47,7 @@ class AuditError(CxrsynthError):
 
 
 @dataclass(frozen=True)
-class AuditConfig:
+class AuditConfig(Config):
     """What an audit compares and how (recorded in ``audit.json``).
 
     Attributes:
@@ -65,6 +66,8 @@ class AuditConfig:
         show: Most pairs drawn in ``pairs.png``.
         device: Torch device (default: cuda when available).
     """
+
+    kind = "audit config"  # how errors name these settings (a class attribute, not a field)
 
     split: str = "train"
     heldout_split: str | None = None
@@ -288,7 +291,7 @@ def audit(
         "counts": {"synthetic": len(syn), "flagged": int(len(flagged_rows)),
                    "expected_by_chance": round(config.quantile * len(syn), 2)},
         "flagged": [pair(int(r)) for r in flagged_rows],
-        "config": asdict(config),
+        "config": config.to_dict(),
         "device": str(device),
     }
     _write_neighbours(out / "neighbours.parquet", syn_keys, dist, index, train_keys)
@@ -390,8 +393,3 @@ def public_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "counts": summary["counts"],
         "distances": summary["distances"],
     }
-
-
-def with_overrides(config: AuditConfig, **changes: Any) -> AuditConfig:
-    """A copy with the given settings changed; None means "keep the default" (options not given)."""
-    return replace(config, **{k: v for k, v in changes.items() if v is not None})

@@ -20,14 +20,16 @@ the embeddings' device (a GPU when there is one): memory is ``chunk x bank`` sim
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pandas as pd
 
+from cxrsynth.config import Config
 from cxrsynth.errors import CxrsynthError, UnknownNameError
+from cxrsynth.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -81,19 +83,33 @@ def classifier(directory: str | Path, device: "torch.device") -> Embedding:
         raise EmbeddingError("classifier embeddings need cxrsynth.classify, which this install lacks") from None
     model, meta = classify_model.load_classifier(directory, device=device)
     size = int(meta["config"]["image_size"])
-    net = model.net
 
     def fn(images: "torch.Tensor") -> "torch.Tensor":
-        x = images[:, None].float() / 127.5 - 1.0  # (B, 1, S, S) in [-1, 1], as Classifier.forward
-        return net.forward_head(net.forward_features(x), pre_logits=True)  # (B, D)
+        return model.features(images[:, None].float() / 255.0)  # (B, S, S) uint8 → [0, 1] (B, 1, S, S) → (B, D)
 
     info = {"kind": "classifier", "directory": str(directory), "model": meta["config"].get("model"), "size": size,
             "classifier_id": meta.get("classifier_id")}
     return Embedding(f"classifier:{directory}", size, fn, info)
 
 
+def _reid(arg: str, device: "torch.device", train: Callable[[], Any] | None, pixel_size: int) -> Embedding:
+    if arg:
+        return load_reid(arg, device)
+    if train is None:
+        raise EmbeddingError("the reid embedding is trained on the training set's patients; no training data given")
+    return train()
+
+
+#: ``kind`` of ``kind[:ARG]`` → ``builder(arg, device, train, pixel_size)``; the label says which take an argument.
+EMBEDDINGS: Registry[Callable[[str, "torch.device", Callable[[], Any] | None, int], Embedding]] = Registry("embedding")
+EMBEDDINGS.register("pixels", lambda arg, device, train, pixel_size: pixels(pixel_size))
+EMBEDDINGS.register("classifier", lambda arg, device, train, pixel_size: classifier(arg, device), label="classifier:DIR")
+EMBEDDINGS.register("reid", _reid, label="reid[:DIR]")
+_NEEDS_ARG, _NO_ARG = {"classifier"}, {"pixels"}
+
+
 def build(spec: str, *, device: "torch.device", train: Callable[[], Any] | None = None, pixel_size: int = 32) -> Embedding:
-    """The embedding named by ``spec``: ``pixels``, ``classifier:DIR``, ``reid`` or ``reid:DIR``.
+    """The embedding named by ``spec``: ``pixels``, ``classifier:DIR``, ``reid`` or ``reid:DIR`` (:data:`EMBEDDINGS`).
 
     Args:
         spec: The name (and directory) of the embedding.
@@ -102,17 +118,9 @@ def build(spec: str, *, device: "torch.device", train: Callable[[], Any] | None 
         pixel_size: Side of the ``pixels`` embedding.
     """
     kind, _, arg = spec.partition(":")
-    if kind == "pixels" and not arg:
-        return pixels(pixel_size)
-    if kind == "classifier" and arg:
-        return classifier(arg, device)
-    if kind == "reid":
-        if arg:
-            return load_reid(arg, device)
-        if train is None:
-            raise EmbeddingError("the reid embedding is trained on the training set's patients; no training data given")
-        return train()
-    raise UnknownNameError("embedding", spec, ["pixels", "classifier:DIR", "reid", "reid:DIR"])
+    if kind not in EMBEDDINGS or (kind in _NEEDS_ARG and not arg) or (kind in _NO_ARG and arg):
+        raise UnknownNameError(EMBEDDINGS.kind, spec, EMBEDDINGS.labels())
+    return EMBEDDINGS[kind](arg, device, train, pixel_size)
 
 
 def iter_images(root: str | Path, frame: pd.DataFrame, size: int, batch: int) -> Iterator[tuple[list[str], np.ndarray]]:
@@ -181,7 +189,7 @@ def nearest(queries: "torch.Tensor", bank: "torch.Tensor", k: int, chunk: int = 
 
 
 @dataclass(frozen=True)
-class ReidConfig:
+class ReidConfig(Config):
     """A small siamese re-identification network and its training (recorded in ``reid.json``).
 
     Attributes:
@@ -195,6 +203,8 @@ class ReidConfig:
         shift: Largest random translation (px) of the augmentation.
         seed: Seeds the initial weights, the batches and the augmentation.
     """
+
+    kind = "reid config"  # how errors name these settings (a class attribute, not a field)
 
     size: int = 64
     width: int = 16
@@ -304,7 +314,7 @@ def train_reid(images: np.ndarray, patient_ids: pd.Series, config: ReidConfig, d
         if progress:
             progress(1)
     net.eval()
-    info = {"kind": "reid", "size": config.size, "dim": config.dim, "config": asdict(config),
+    info = {"kind": "reid", "size": config.size, "dim": config.dim, "config": config.to_dict(),
             "patients": int(len(pool)), "images": int(len(images)), "final_loss": float(loss.detach())}
     if out is not None:
         save_reid(net, info, Path(out))
@@ -334,7 +344,7 @@ def load_reid(directory: str | Path, device: "torch.device") -> Embedding:
     if not (directory / "reid.json").is_file() or not (directory / "reid.safetensors").is_file():
         raise EmbeddingError(f"{directory}: no reid.json + reid.safetensors (save one with `share audit --embedding reid`)")
     info = json.loads((directory / "reid.json").read_text())
-    config = ReidConfig(**info["config"])
+    config = ReidConfig.from_dict(info["config"])
     net = reid_network(config)
     net.load_state_dict(load_file(str(directory / "reid.safetensors")))
     net = net.to(device).eval()

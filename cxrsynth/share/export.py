@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth import __version__, manifest, shards
+from cxrsynth.config import SHARD_SIZE, Config
 from cxrsynth.errors import CheckFailed
 from cxrsynth.share import audit as audit_lib
 from cxrsynth.share import datasheet, package
@@ -59,7 +60,7 @@ class MemorizationError(CheckFailed):
 
 
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(Config):
     """How an export is made (its public part is recorded in the package metadata).
 
     Attributes:
@@ -75,11 +76,13 @@ class ExportConfig:
         keymap: Optional parquet file to write (exported key → original key), kept locally.
     """
 
+    kind = "export config"  # how errors name these settings (a class attribute, not a field)
+
     audit_against: str | None = None
     max_flagged: int = 0
     force: bool = False
     secret_file: Path | None = None
-    shard_size: int = 1000
+    shard_size: int = SHARD_SIZE
     audit: audit_lib.AuditConfig = field(default_factory=audit_lib.AuditConfig)
     audit_split: str | None = None
     audit_out: Path | None = None
@@ -280,7 +283,7 @@ def export(
     else:
         audit_dir = Path(config.audit_out) if config.audit_out else root / AUDIT_ROOT / name
         say(f"auditing {name} against {against} split {split} ({how})")
-        audit_config = audit_lib.with_overrides(config.audit, split=split)
+        audit_config = config.audit.override(split=split)
         summary = audit_lib.audit(root, name, against, audit_dir, audit_config, progress=say)
         public = audit_lib.public_summary(summary)
         public["target"] = how

@@ -4,7 +4,7 @@ No Inception weights ship with the demo (nothing is downloaded), so the study me
 each replica where it matters for the experiment: in the pooled features of the study's
 own real-only classifier (the ``supplement_k0`` cell, trained on the real training split).
 It compares the replica's training-split images with the real training images they were
-conditioned on, with the exact Fréchet distance of :func:`cxrsynth.diffusion.fid.frechet_distance`.
+conditioned on, with the exact Fréchet distance of :func:`cxrsynth.evaluate.frechet.frechet_distance`.
 Given a local Inception file, ``cxrsynth generator fid`` gives the usual FID as well.
 """
 
@@ -32,18 +32,16 @@ def pooled_features(model_dir: Path, root: Path, name: str, split: str, device: 
     rows = loader.select(root, name, split, exclude_uncertain=False)
     data = loader.ShardLoader(root, rows, loader.LoaderConfig(
         batch_size=64, image_size=int(meta["config"]["image_size"]), train=False, augment=None))
-    net = model.net
     out = []
     with torch.no_grad():
         for batch in data.batches(0):
-            x = batch["image"].to(dev) * 2.0 - 1.0  # the Classifier's own input scaling
-            out.append(net.forward_head(net.forward_features(x), pre_logits=True).float().cpu().numpy())
+            out.append(model.features(batch["image"].to(dev)).float().cpu().numpy())
     return np.concatenate(out)
 
 
 def replica_distance(root: str | Path, params: StudyParams | dict[str, Any], replica: str, device: str | None = None) -> dict:
     """Fréchet distance of replica ``replica`` (training split) to the real training split; writes ``metrics/distance/<replica>.json``."""
-    from cxrsynth.diffusion.fid import FeatureStats, frechet_distance
+    from cxrsynth.evaluate.frechet import feature_distance
 
     root = Path(root)
     params = StudyParams.of(params)
@@ -56,8 +54,8 @@ def replica_distance(root: str | Path, params: StudyParams | dict[str, Any], rep
     result = {
         "replica": replica, "dataset": syn_name, "guidance": params.guidance(replica),
         "feature": "classifier", "classifier": str(model_dir.relative_to(root)),
-        "fid": frechet_distance(FeatureStats.from_features(real), FeatureStats.from_features(syn)),
-        "real_halves": frechet_distance(FeatureStats.from_features(real[:half]), FeatureStats.from_features(real[half:])),
+        "fid": feature_distance(real, syn),
+        "real_halves": feature_distance(real[:half], real[half:]),
         "n_real": int(len(real)), "n_synthetic": int(len(syn)),
     }
     path = root / DISTANCE_DIR / f"{replica}.json"
