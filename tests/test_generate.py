@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import chexpert_rows, write_chexpert
 
-from cxrsynth import generate, ingest, labels, manifest, shards, splits
+from cxrsynth import ingest, labels, manifest, shards, splits
+from cxrsynth.diffusion import replicas as generate
 from cxrsynth.diffusion.model import ConditionalUNet, save_generator
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.diffusion.presets import get_preset

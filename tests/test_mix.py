@@ -5,7 +5,8 @@ import torch
 from conftest import chexpert_rows, write_chexpert
 from typer.testing import CliRunner
 
-from cxrsynth import generate, ingest, labels, loader, manifest, splits
+from cxrsynth import ingest, labels, loader, manifest, splits
+from cxrsynth.diffusion import replicas as generate
 from cxrsynth.cli import app
 from cxrsynth.diffusion.model import ConditionalUNet, save_generator
 from cxrsynth.diffusion.presets import get_preset

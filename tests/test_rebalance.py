@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cxrsynth import rebalance
+from cxrsynth.diffusion import rebalance
 from cxrsynth.errors import CxrsynthError
 
 

@@ -97,7 +97,7 @@ def test_stage_configs_share_the_mixin_and_keep_their_json():
     from cxrsynth.diffusion.train import TrainConfig
     from cxrsynth.evaluate.compare import CompareConfig
     from cxrsynth.evaluate.metrics import EvaluateConfig
-    from cxrsynth.generate import GenerateConfig
+    from cxrsynth.diffusion.replicas import GenerateConfig
     from cxrsynth.mix import MixParams
     from cxrsynth.share.audit import AuditConfig
     from cxrsynth.share.export import ExportConfig
@@ -127,7 +127,7 @@ def test_shared_defaults_are_one_constant_and_help_reads_them():
     from cxrsynth.cli import app
     from cxrsynth.config import SHARD_SIZE, SHUFFLE_BUFFER
     from cxrsynth.evaluate.metrics import EvaluateConfig
-    from cxrsynth.generate import GenerateConfig
+    from cxrsynth.diffusion.replicas import GenerateConfig
     from cxrsynth.share.export import ExportConfig
 
     assert inspect.signature(ingest.ingest).parameters["shard_size"].default == SHARD_SIZE

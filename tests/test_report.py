@@ -28,7 +28,8 @@ from conftest import chexpert_rows, write_chexpert
 from PIL import Image
 from test_evaluate import make_rows, model_dict, patients, write_dataset, write_predictions
 
-from cxrsynth import generate, ingest, labels, manifest, splits
+from cxrsynth import ingest, labels, manifest, splits
+from cxrsynth.diffusion import replicas as generate
 from cxrsynth.diffusion.model import ConditionalUNet, save_generator
 from cxrsynth.diffusion.presets import get_preset
 from cxrsynth.evaluate import metrics

@@ -61,7 +61,8 @@ class Project:
 def build_project(base: Path) -> Project:
     import torch
 
-    from cxrsynth import generate, ingest, splits
+    from cxrsynth import ingest, splits
+    from cxrsynth.diffusion import replicas as generate
     from cxrsynth.diffusion.model import ConditionalUNet, save_generator
     from cxrsynth.diffusion.presets import get_preset
     from cxrsynth.imaging import Preprocess

@@ -188,7 +188,7 @@ def bench_solvers(
     from cxrsynth import labels, runtime
     from cxrsynth.bench.generator import bench_solvers as bench_lib
     from cxrsynth.diffusion.model import load_generator
-    from cxrsynth.generate import condition_rows
+    from cxrsynth.diffusion.replicas import condition_rows
 
     set_threads(threads)
 

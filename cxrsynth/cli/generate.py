@@ -1,6 +1,6 @@
 """``cxrsynth generate``: synthetic replicas of a dataset as a new shard version.
 
-Options that only override :class:`~cxrsynth.generate.GenerateConfig` are ``None`` unless
+Options that only override :class:`~cxrsynth.diffusion.replicas.GenerateConfig` are ``None`` unless
 given; their help shows the config's defaults and the registered names when asked.
 """
 
@@ -63,7 +63,7 @@ def generate(
 
     Resumable: the same command after a kill skips finished shards and ends byte-identical.
     """
-    from cxrsynth.generate import GenerateConfig, prepare, run
+    from cxrsynth.diffusion.replicas import GenerateConfig, prepare, run
 
     set_threads(threads)
 

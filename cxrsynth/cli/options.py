@@ -53,7 +53,7 @@ REGISTRIES: dict[str, Callable[[], list[str]]] = {
 
 #: Placeholder prefix → where the defaults live (a dataclass, or a function's keyword defaults).
 DEFAULTS: dict[str, tuple[str, str]] = {
-    "GenerateConfig": ("cxrsynth.generate", "GenerateConfig"),
+    "GenerateConfig": ("cxrsynth.diffusion.replicas", "GenerateConfig"),
     "TrainConfig": ("cxrsynth.diffusion.train", "TrainConfig"),
     "Preprocess": ("cxrsynth.imaging", "Preprocess"),
     "SplitParams": ("cxrsynth.splits", "SplitParams"),

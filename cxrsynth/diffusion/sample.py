@@ -208,7 +208,7 @@ def sample(
         seeds: N seeds, one per image.
         sampler: Registered sampler name (:func:`~cxrsynth.diffusion.schedule.list_samplers`).
         steps: Denoising steps (no default here: a replica set's is
-            :class:`cxrsynth.generate.GenerateConfig`'s; the paper used DDIM 200).
+            :class:`cxrsynth.diffusion.replicas.GenerateConfig`'s; the paper used DDIM 200).
         guidance: Guidance scale w (meaning depends on ``cfg_formula``).
         eta: DDIM stochasticity (0 deterministic, 1 DDPM-like; Mediffusion used 1).
         cfg_formula: ``standard`` or ``mediffusion`` (see the module docstring).

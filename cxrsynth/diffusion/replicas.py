@@ -80,7 +80,7 @@ class GenerateConfig(Config):
     batch_size: int = 16
     shard_size: int = SHARD_SIZE
     compile: bool = False  # torch.compile the network (GPU throughput; may round differently from eager)
-    rebalance: float | None = None  # draw conditions so rarer findings reach this prevalence (cxrsynth.rebalance)
+    rebalance: float | None = None  # draw conditions so rarer findings reach this prevalence (cxrsynth.diffusion.rebalance)
 
     def __post_init__(self) -> None:
         for what in ("replicas", "steps", "batch_size", "shard_size"):
@@ -135,21 +135,21 @@ def plan(conditions: pd.DataFrame, name: str, config: GenerateConfig, gen_id: st
     """The synthetic manifest rows (without shards): replica-major, source order within.
 
     Each replica conditions on every source row once; with ``config.rebalance`` a replica
-    is as many rows drawn from the source by :func:`cxrsynth.rebalance.rebalance_weights`
+    is as many rows drawn from the source by :func:`cxrsynth.diffusion.rebalance.rebalance_weights`
     (rarer findings raised to that prevalence), a seeded draw of its own per replica.
     """
     keep = ["split", "sex", "age", "race", "view", *labels.FINDING_COLUMNS]
     base = conditions.reset_index(drop=True)
     weights = None
     if config.rebalance is not None and len(base):
-        from cxrsynth.rebalance import rebalance_weights
+        from cxrsynth.diffusion.rebalance import rebalance_weights
 
         weights = rebalance_weights(labels.findings_matrix(base), config.rebalance)
     parts = []
     for r in range(config.replicas):
         source = base
         if weights is not None:
-            from cxrsynth.rebalance import systematic_draw
+            from cxrsynth.diffusion.rebalance import systematic_draw
 
             source = base.iloc[systematic_draw(weights, len(base), seed=draw_seed(config.seed, r))].reset_index(drop=True)
         part = source.loc[:, keep].copy()
