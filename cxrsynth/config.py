@@ -14,12 +14,30 @@ A stage's settings are a dataclass (frozen or not) that inherits :class:`Config`
 
 :func:`given` is that one "drop ``None``" rule, also for keyword arguments of functions;
 :data:`SHARD_SIZE` and :data:`SHUFFLE_BUFFER` are the defaults several modules share.
+
+The typed walker (:func:`parse`) is the one parser of settings from data, for
+:meth:`Config.from_dict` and for the study's ``params.yaml``
+(:class:`cxrsynth.study.params.StudyParams`): it checks a value against a type hint —
+``int``, ``float``, ``str``, ``bool``, ``X | None``, ``Literal[...]``, ``Path``,
+``tuple[X, ...]`` (a list), ``dict[str, X]`` (a mapping of names), ``Any`` and nested
+dataclasses — and a field's ranges (:func:`setting`), and every problem is one
+:class:`ConfigError` naming the full key (``supplement.k[1]``, ``replicas.w5.guidance``)
+and what was expected. A dataclass may add checks across its fields in a
+``check(self, key)`` method, called once its fields are parsed, or parse itself in a
+``from_mapping(data, key)`` class method. It imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, TypeVar
+import difflib
+import math
+import operator
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar, Union
 
 from cxrsynth.errors import CxrsynthError
 
@@ -61,10 +79,16 @@ class Config(Record):
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
-        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
+        """Inverse of :meth:`to_dict`, through the typed walker (:func:`parse`): unknown keys are an
+        error naming them, and so is a value of the wrong type (``generator config: image_size:
+        expected an integer, got 'x'``); lists become tuples for tuple fields."""
+        if not isinstance(data, Mapping):
+            raise ConfigError("", f"expected a mapping, got {_show(data)}", cls.kind)
         cls._check_names(data, "keys")
-        tuples = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, tuple)}  # type: ignore[arg-type]
-        return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in data.items()})
+        try:
+            return parse(cls, data, "")
+        except ConfigError as exc:
+            raise exc.within(cls.kind) from None
 
     def replace(self: C, **changes: Any) -> C:
         """A copy with some fields changed; unknown names are an error naming them."""
@@ -74,3 +98,184 @@ class Config(Record):
     def override(self: C, **options: Any) -> C:
         """:meth:`replace` with the options that were given: ``None`` keeps the current value."""
         return self.replace(**given(**options))
+
+
+# ------------------------------------------------------------------ the typed walker
+
+
+class ConfigError(CxrsynthError):
+    """A setting that is unknown, missing, of the wrong type, out of range or inconsistent.
+
+    Attributes:
+        key: Full key path of the problem (``supplement.k[1]``; ``""`` for the whole mapping).
+        problem: What is wrong and what was expected.
+        source: What the settings are or where they came from (``generator config``, ``params.yaml``).
+    """
+
+    #: How a message names settings whose source is not known.
+    default_source: ClassVar[str] = "settings"
+
+    def __init__(self, key: str, problem: str, source: str | None = None):
+        self.key, self.problem, self.source = key, problem, source
+        super().__init__(": ".join(p for p in (source or self.default_source, key, problem) if p))
+
+    def within(self, source: str) -> "ConfigError":
+        """The same error (of the same class), said of ``source``."""
+        return type(self)(self.key, self.problem, source)
+
+
+def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, ge: float | None = None,
+            gt: float | None = None, le: float | None = None, lt: float | None = None, nonempty: bool = False,
+            unique: bool = False) -> Any:
+    """A dataclass field with ranges the walker checks.
+
+    Ranges apply to a number, or to each number of a list or of a mapping's values;
+    ``nonempty`` and ``unique`` apply to a list.
+    """
+    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, nonempty=nonempty, unique=unique).items()
+            if v is not None and v is not False}
+    return dataclasses.field(default=default, default_factory=factory, metadata=meta)
+
+
+def parse(hint: Any, value: Any, key: str, meta: Mapping[str, Any] | None = None) -> Any:
+    """``value`` (parsed JSON or YAML) checked against the type ``hint`` and converted; ``key`` names it in errors.
+
+    Raises:
+        ConfigError: naming ``key`` (or the key inside it) and what was expected.
+    """
+    meta = meta or {}
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return parse(inner, value, key, meta)
+    if dataclasses.is_dataclass(hint):
+        return _dataclass(hint, value, key)  # type: ignore[arg-type]
+    if hint is Any:
+        return value
+    if origin is Literal:
+        if value not in args or type(value) is not type(next(a for a in args if a == value)):
+            raise expected(key, hint, value)
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise expected(key, hint, value)
+        items = tuple(parse(args[0], v, f"{key}[{i}]", meta) for i, v in enumerate(value))
+        if meta.get("nonempty") and not items:
+            raise ConfigError(key, f"expected {describe(hint)}, got an empty list")
+        if meta.get("unique"):
+            for i, v in enumerate(items):
+                if v in items[:i]:
+                    raise ConfigError(f"{key}[{i}]", f"{_show(value[i])} is already in the list")
+        return items
+    if origin in (dict, Mapping):
+        data = mapping(value, key, describe(hint))
+        out = {}
+        for name, v in data.items():
+            if not isinstance(name, str):
+                raise ConfigError(key, f"{_show(name)} is not a name (expected {describe(hint)})")
+            out[name] = parse(args[1], v, f"{key}.{name}", meta)
+        return out
+    if hint is bool:
+        if type(value) is not bool:
+            raise expected(key, hint, value)
+        return value
+    if hint is int:
+        if type(value) is not int:
+            raise expected(key, hint, value)
+        return _in_range(value, key, meta)
+    if hint is float:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise expected(key, hint, value)
+        return _in_range(float(value), key, meta)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise expected(key, hint, value)
+        return value
+    if hint is Path:
+        if not isinstance(value, (str, Path)) or not str(value):
+            raise expected(key, hint, value)
+        return Path(value)
+    raise TypeError(f"{key}: the settings walker has no rule for {hint!r}")
+
+
+def _dataclass(cls: type, value: Any, key: str) -> Any:
+    custom = getattr(cls, "from_mapping", None)
+    if callable(custom):
+        return custom(value, key)
+    data = mapping(value, key, describe(cls))
+    fields = [f for f in dataclasses.fields(cls) if f.init and f.metadata.get("parsed", True)]
+    names = [f.name for f in fields]
+    for name in data:
+        if name not in names:
+            raise unknown(key, name, names)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields:
+        path = f"{key}.{f.name}" if key else f.name
+        if f.name in data:
+            values[f.name] = parse(hints[f.name], data[f.name], path, f.metadata)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(path, f"missing; expected {describe(hints[f.name])}")
+    out = cls(**values)
+    check = getattr(out, "check", None)
+    if callable(check):
+        check(key)
+    return out
+
+
+def mapping(value: Any, key: str, what: str) -> Mapping:
+    """``value`` if it is a mapping; else a :class:`ConfigError` at ``key`` expecting ``what``."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"expected {what}, got {_show(value)}")
+    return value
+
+
+def _in_range(value: float, key: str, meta: Mapping[str, Any]) -> float:
+    for name, ok, words in (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<="),
+                            ("lt", operator.lt, "<")):
+        if name in meta and not ok(value, meta[name]):
+            raise ConfigError(key, f"expected a value {words} {meta[name]:g}, got {value:g}")
+    return value
+
+
+def unknown(key: str, name: Any, known: list[str]) -> ConfigError:
+    """The error of an unknown key ``name`` inside ``key``, naming the known ones and the closest."""
+    path = f"{key}.{name}" if key else str(name)
+    close = difflib.get_close_matches(str(name), known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(path, f"unknown key (known here: {', '.join(known)}){hint}")
+
+
+def expected(key: str, hint: Any, value: Any) -> ConfigError:
+    """The error of a value of the wrong type at ``key``."""
+    return ConfigError(key, f"expected {describe(hint)}, got {_show(value)}")
+
+
+def describe(hint: Any) -> str:
+    """``hint`` in words: ``an integer``, ``a list of numbers``, ``a mapping with keys ...``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(describe(a) for a in args if a is not type(None)) + " or null"
+    if dataclasses.is_dataclass(hint):
+        names = [f.name for f in dataclasses.fields(hint) if f.init and f.metadata.get("parsed", True)]
+        return f"a mapping with keys {', '.join(names)}"
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin is tuple:
+        return f"a list of {_plural(args[0])}"
+    if origin in (dict, Mapping):
+        return f"a mapping of names to {_plural(args[1])}"
+    return {int: "an integer", float: "a number", str: "a non-empty string", bool: "true or false",
+            Path: "a path"}.get(hint, str(hint))
+
+
+def _plural(hint: Any) -> str:
+    words = describe(hint)
+    return {"an integer": "integers", "a number": "numbers", "a non-empty string": "names"}.get(words, words)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

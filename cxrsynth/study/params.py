@@ -19,28 +19,25 @@ params.yaml with ``.get``. Parsing imports nothing heavy (no pandas, no torch), 
 file fails in well under a second. Whether the test sets have test rows is a property of
 the data, not of the file: :func:`cxrsynth.study.plan.check_data` checks it.
 
-The parser is a small walker over the dataclasses' type hints (:func:`parse`): ``int``,
-``float``, ``str``, ``bool``, ``X | None``, ``tuple[X, ...]`` (a YAML list),
-``dict[str, X]`` (a YAML mapping of names), ``Any`` and nested dataclasses; a field's
-``metadata`` adds ranges (:func:`setting`). A class may add checks across its fields in a
-``check(self, key)`` method, called once its fields are parsed, or parse itself in a
-``from_mapping(data, key)`` class method (:class:`Classifier`).
+The parser is the project's one typed walker over the dataclasses' type hints
+(:func:`cxrsynth.config.parse`, which :meth:`cxrsynth.config.Config.from_dict` uses too); a
+field's ``metadata`` adds ranges (:func:`cxrsynth.config.setting`). A class here may add
+checks across its fields in a ``check(self, key)`` method, called once its fields are
+parsed, or parse itself in a ``from_mapping(data, key)`` class method (:class:`Classifier`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import operator
 import re
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
+from cxrsynth.config import ConfigError, given, mapping, parse, setting, unknown
 from cxrsynth.errors import CxrsynthError, UnknownNameError
 
 #: The experiment families, in the order of the pipeline (cxrsynth.study.plan describes each).
@@ -53,7 +50,7 @@ RESERVED_REPLICAS = ("real", "rebalanced")
 PARAMS_FILE = Path("params.yaml")
 
 
-class ParamsError(CxrsynthError):
+class ParamsError(ConfigError):
     """A parameter that is unknown, missing, of the wrong type, out of range or inconsistent.
 
     Attributes:
@@ -62,26 +59,7 @@ class ParamsError(CxrsynthError):
         source: Where the parameters came from (``params.yaml``), if a file.
     """
 
-    def __init__(self, key: str, problem: str, source: str | None = None):
-        self.key, self.problem, self.source = key, problem, source
-        super().__init__(": ".join(p for p in (source or "study parameters", key, problem) if p))
-
-    def within(self, source: str) -> "ParamsError":
-        """The same error, said of the file ``source``."""
-        return ParamsError(self.key, self.problem, source)
-
-
-def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, ge: float | None = None,
-            gt: float | None = None, le: float | None = None, lt: float | None = None, nonempty: bool = False,
-            unique: bool = False) -> Any:
-    """A dataclass field with ranges the parser checks.
-
-    Ranges apply to a number, or to each number of a list or of a mapping's values;
-    ``nonempty`` and ``unique`` apply to a list.
-    """
-    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, nonempty=nonempty, unique=unique).items()
-            if v is not None and v is not False}
-    return field(default=default, default_factory=factory, metadata=meta)
+    default_source = "study parameters"
 
 
 # ------------------------------------------------------------------ the sections
@@ -195,12 +173,12 @@ class Classifier:
         """Parse the section (the walker's hook for a class that is not field-for-key)."""
         from cxrsynth.classify.presets import ClassifierConfig
 
-        data = dict(_mapping(data, key, "a mapping: a preset and overrides of its fields"))
+        data = dict(mapping(data, key, "a mapping: a preset and overrides of its fields"))
         preset = parse(str, data.pop("preset"), f"{key}.preset") if "preset" in data else cls.preset
         hints = {name: hint for name, hint in typing.get_type_hints(ClassifierConfig).items() if name != "name"}
         for name in data:
             if name not in hints:
-                raise _unknown(key, name, ["preset", *hints])
+                raise unknown(key, name, ["preset", *hints])
         overrides = {name: parse(hints[name], value, f"{key}.{name}") for name, value in data.items()}
         out = cls(preset, overrides)
         out.config(key)  # the preset exists and the overrides make a valid configuration
@@ -233,17 +211,17 @@ class Evaluate:
     seed: int | None = None
     alpha: float | None = setting(None, gt=0, lt=1)
 
-    def evaluate_config(self, **given: Any):
-        """:class:`~cxrsynth.evaluate.metrics.EvaluateConfig` with this section's settings and ``given``."""
+    def evaluate_config(self, **more: Any):
+        """:class:`~cxrsynth.evaluate.metrics.EvaluateConfig` with this section's settings and ``more``."""
         from cxrsynth.evaluate.metrics import EvaluateConfig
 
-        return EvaluateConfig(**_given(bootstrap=self.bootstrap, seed=self.seed, **given))
+        return EvaluateConfig(**given(bootstrap=self.bootstrap, seed=self.seed, **more))
 
     def compare_config(self):
         """:class:`~cxrsynth.evaluate.compare.CompareConfig` with this section's alpha."""
         from cxrsynth.evaluate.compare import CompareConfig
 
-        return CompareConfig(**_given(alpha=self.alpha))
+        return CompareConfig(**given(alpha=self.alpha))
 
 
 @dataclass(frozen=True)
@@ -354,8 +332,8 @@ class StudyParams:
         :class:`ParamsError` names the first problem."""
         try:
             params = parse(cls, data, "")
-        except ParamsError as exc:
-            raise exc.within(file) if file else exc
+        except ConfigError as exc:  # the walker's errors, said of the study's parameters
+            raise ParamsError(exc.key, exc.problem, file) from None
         return dataclasses.replace(params, mapping=data, file=file)
 
     @classmethod
@@ -479,137 +457,3 @@ def _strict_loader():
             return super().construct_mapping(node, deep=deep)
 
     return StrictLoader
-
-
-# ------------------------------------------------------------------ the walker
-
-
-def parse(hint: Any, value: Any, key: str, meta: Mapping[str, Any] | None = None) -> Any:
-    """``value`` (parsed YAML) checked against the type ``hint`` and converted; ``key`` names it in errors."""
-    meta = meta or {}
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return parse(inner, value, key, meta)
-    if dataclasses.is_dataclass(hint):
-        return _dataclass(hint, value, key)
-    if hint is Any:
-        return value
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise _expected(key, hint, value)
-        items = tuple(parse(args[0], v, f"{key}[{i}]", meta) for i, v in enumerate(value))
-        if meta.get("nonempty") and not items:
-            raise ParamsError(key, f"expected {_describe(hint)}, got an empty list")
-        if meta.get("unique"):
-            for i, v in enumerate(items):
-                if v in items[:i]:
-                    raise ParamsError(f"{key}[{i}]", f"{_show(value[i])} is already in the list")
-        return items
-    if origin in (dict, Mapping):
-        data = _mapping(value, key, _describe(hint))
-        out = {}
-        for name, v in data.items():
-            if not isinstance(name, str):
-                raise ParamsError(key, f"{_show(name)} is not a name (expected {_describe(hint)})")
-            out[name] = parse(args[1], v, f"{key}.{name}", meta)
-        return out
-    if hint is bool:
-        if type(value) is not bool:
-            raise _expected(key, hint, value)
-        return value
-    if hint is int:
-        if type(value) is not int:
-            raise _expected(key, hint, value)
-        return _in_range(value, key, meta)
-    if hint is float:
-        if type(value) not in (int, float) or not math.isfinite(value):
-            raise _expected(key, hint, value)
-        return _in_range(float(value), key, meta)
-    if hint is str:
-        if not isinstance(value, str) or not value:
-            raise _expected(key, hint, value)
-        return value
-    raise TypeError(f"{key}: the parameter parser has no rule for {hint!r}")
-
-
-def _dataclass(cls: type, value: Any, key: str) -> Any:
-    custom = getattr(cls, "from_mapping", None)
-    if callable(custom):
-        return custom(value, key)
-    data = _mapping(value, key, _describe(cls))
-    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("parsed", True)]
-    names = [f.name for f in fields]
-    for name in data:
-        if name not in names:
-            raise _unknown(key, name, names)
-    hints = typing.get_type_hints(cls)
-    given = {}
-    for f in fields:
-        path = f"{key}.{f.name}" if key else f.name
-        if f.name in data:
-            given[f.name] = parse(hints[f.name], data[f.name], path, f.metadata)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ParamsError(path, f"missing; expected {_describe(hints[f.name])}")
-    out = cls(**given)
-    check = getattr(out, "check", None)
-    if callable(check):
-        check(key)
-    return out
-
-
-def _mapping(value: Any, key: str, expected: str) -> Mapping:
-    if not isinstance(value, Mapping):
-        raise ParamsError(key, f"expected {expected}, got {_show(value)}")
-    return value
-
-
-def _in_range(value: float, key: str, meta: Mapping[str, Any]) -> float:
-    for name, ok, words in (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<="),
-                            ("lt", operator.lt, "<")):
-        if name in meta and not ok(value, meta[name]):
-            raise ParamsError(key, f"expected a value {words} {meta[name]:g}, got {value:g}")
-    return value
-
-
-def _unknown(key: str, name: Any, known: list[str]) -> ParamsError:
-    path = f"{key}.{name}" if key else str(name)
-    close = difflib.get_close_matches(str(name), known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ParamsError(path, f"unknown key (known here: {', '.join(known)}){hint}")
-
-
-def _expected(key: str, hint: Any, value: Any) -> ParamsError:
-    return ParamsError(key, f"expected {_describe(hint)}, got {_show(value)}")
-
-
-def _describe(hint: Any) -> str:
-    """``hint`` in words: ``an integer``, ``a list of numbers``, ``a mapping with keys ...``."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args if a is not type(None)) + " or null"
-    if dataclasses.is_dataclass(hint):
-        names = [f.name for f in dataclasses.fields(hint) if f.metadata.get("parsed", True)]
-        return f"a mapping with keys {', '.join(names)}"
-    if origin is tuple:
-        return f"a list of {_plural(args[0])}"
-    if origin in (dict, Mapping):
-        return f"a mapping of names to {_plural(args[1])}"
-    return {int: "an integer", float: "a number", str: "a non-empty string", bool: "true or false"}.get(hint, str(hint))
-
-
-def _plural(hint: Any) -> str:
-    words = _describe(hint)
-    return {"an integer": "integers", "a number": "numbers", "a non-empty string": "names"}.get(words, words)
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _given(**values: Any) -> dict[str, Any]:
-    """The values that are not ``None`` ("not given: the library's default")."""
-    return {k: v for k, v in values.items() if v is not None}
