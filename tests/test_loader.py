@@ -278,7 +278,7 @@ STREAM_BATCHES = [
 # stream.samples(frame by key, train=True, seed=3, epoch=2, stream=s, streams=2, shuffle_buffer=5): the
 # shuffle buffer's eviction path, which the 1000-sample default never reaches on 36 rows.
 STREAM_BUFFER5 = [(18, "7f76908c9ec349ea"), (18, "3422757cd3b3ace6")]
-# diffusion.fid.dataset_images(root, "both", None, 24, batch=5) through stream.batches.
+# evaluate.frechet.dataset_images(root, "both", None, 24, batch=5) through stream.batches.
 FID_IMAGES = (8, "32bca0b6441b0b47")
 
 
@@ -299,7 +299,7 @@ def _digest(batches, cond=True):
 def test_generator_batches_are_the_old_stream_batches_byte_for_byte(project):
     import hashlib
 
-    from cxrsynth.diffusion import fid
+    from cxrsynth.evaluate import frechet as fid
 
     for (name, split, batch_size, size, train, seed, epoch, rank, world), want in STREAM_BATCHES:
         rows = loader.select(project, name, split, exclude_uncertain=False)

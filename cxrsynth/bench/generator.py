@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -312,3 +313,34 @@ def bench_solvers(
                     "rmse_grey": float(diff.pow(2).mean().sqrt()), "mean_abs_grey": float(diff.mean()),
                     "p99_abs_grey": float(diff.flatten().kthvalue(max(1, int(0.99 * diff.numel()))).values)})
     return out
+
+
+def bench_solvers_on(
+    root: str | Path,
+    generator_dir: str | Path,
+    conditions: str,
+    split: str | None,
+    n: int,
+    runs: list[tuple[str, int]],
+    *,
+    reference: tuple[str, int] = ("dpmpp", 200),
+    guidance: float = 1.0,
+    batch_size: int = 16,
+    device: str | None = None,
+) -> tuple[int, list[dict[str, Any]]]:
+    """:func:`bench_solvers` on a trained generator, conditioned on the first ``n`` rows of
+    ``conditions`` (its ``split``, as :func:`cxrsynth.diffusion.replicas.condition_rows`
+    orders them), image ``i`` seeded ``i``.
+
+    Returns:
+        The number of images per run, and :func:`bench_solvers`' results.
+    """
+    from cxrsynth import labels
+    from cxrsynth.diffusion.model import load_generator
+    from cxrsynth.diffusion.replicas import condition_rows
+
+    rows = condition_rows(root, conditions, split).head(n)
+    model = load_generator(Path(generator_dir), device=runtime.device(device))
+    results = bench_solvers(model, torch.from_numpy(labels.conditioning_vectors(rows)), list(range(len(rows))),
+                            runs, reference=reference, guidance=guidance, batch_size=batch_size)
+    return len(rows), results

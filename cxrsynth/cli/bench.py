@@ -16,6 +16,9 @@ import typer
 from cxrsynth.cli.common import BootstrapThreads, Device, Root, Threads, console, fail, set_threads
 from cxrsynth.cli.options import given
 
+#: ``--json`` of every benchmark: its result as one JSON line instead of a table.
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")]
+
 
 def bench_generate(
     preset: Annotated[str, typer.Option("--preset", help="Generator preset: {presets}.")] = "paper",
@@ -35,7 +38,7 @@ def bench_generate(
     threads: Threads = None,
     peak: Annotated[Optional[float], typer.Option("--peak-tflops", help="Peak TFLOP/s for MFU (default: table).")] = None,
     profile: Annotated[int, typer.Option("--profile", min=0, help="Also print the top N kernels of one sampler step.")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Sampling throughput on random weights: images/s, TFLOP/s, MFU, peak memory.
 
@@ -80,7 +83,7 @@ def bench_roofline(
     bandwidth: Annotated[float, typer.Option("--bandwidth-tbs", help="Memory bandwidth TB/s (default: H100 measured here).")] = 3.0,
     steps: Annotated[str, typer.Option("--steps", help="Sampler step counts for the images/s ceilings, comma-separated.")] = "200,25",
     top_ops: Annotated[int, typer.Option("--ops", min=0, help="Also list the N aten ops with the most roofline time.")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """FLOPs and bytes of one forward, per category of op, and the MFU ceilings they imply.
 
@@ -139,7 +142,7 @@ def bench_train(
     device: Device = None,
     threads: Threads = None,
     peak: Annotated[Optional[float], typer.Option("--peak-tflops", help="Peak TFLOP/s for MFU (default: table).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Training throughput of the real loop on random images: images/s, TFLOP/s (3x forward), MFU."""
     from cxrsynth.bench.generator import bench_train as bench_lib
@@ -176,19 +179,14 @@ def bench_solvers(
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images per network call.")] = 16,
     device: Device = None,
     threads: Threads = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON (one line).")] = False,
+    as_json: AsJson = False,
     root: Root = Path("."),
 ) -> None:
     """Few-step solver error: each run's distance from a many-step reference, same seeds and conditions.
 
     Tells how many steps a trained generator needs: a run within a grey level or two of the reference adds no visible error.
     """
-    import torch
-
-    from cxrsynth import labels, runtime
-    from cxrsynth.bench.generator import bench_solvers as bench_lib
-    from cxrsynth.diffusion.model import load_generator
-    from cxrsynth.diffusion.replicas import condition_rows
+    from cxrsynth.bench.generator import bench_solvers_on
 
     set_threads(threads)
 
@@ -200,16 +198,14 @@ def bench_solvers(
 
     plan = [parse(s) for s in runs.split(",") if s.strip()]
     ref = parse(reference)
-    rows = condition_rows(root, conditions, split).head(n)
-    model = load_generator(generator, device=runtime.device(device))
-    results = bench_lib(model, torch.from_numpy(labels.conditioning_vectors(rows)), list(range(len(rows))),
-                        plan, reference=ref, guidance=guidance, batch_size=batch)
+    images, results = bench_solvers_on(root, generator, conditions, split, n, plan, reference=ref, guidance=guidance,
+                                       batch_size=batch, device=device)
     if as_json:
         print(json.dumps(results))
         return
     from rich.table import Table
 
-    table = Table(title=f"{generator}: {len(rows)} images of {conditions}/{split}, distance from {reference} (grey levels)")
+    table = Table(title=f"{generator}: {images} images of {conditions}/{split}, distance from {reference} (grey levels)")
     for col in ("sampler", "steps", "images/s", "RMSE", "mean |d|", "p99 |d|"):
         table.add_column(col, justify="left" if col == "sampler" else "right")
     for r in results:
@@ -300,7 +296,7 @@ def bench_evaluate(
     cluster: Annotated[str, typer.Option("--cluster", help="{clusters} (2-4 images per patient).")] = "image",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random data and the draws.")] = 0,
     threads: BootstrapThreads = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Bootstrap AUROC speed: REPLICATES x IMAGES x 14 findings on random data (what `evaluate` runs)."""
     from cxrsynth.bench.evaluate import bench_bootstrap
@@ -328,7 +324,7 @@ def bench_load(
     image_size: Annotated[Optional[int], typer.Option("--image-size", min=8, help="Resize to this side (default: the shards').")] = None,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Also run the training augmentations.")] = False,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Rounds: each times the ceiling, then one epoch per worker count (paired ratios, median shown).")] = 1,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
+    as_json: AsJson = False,
     root: Root = Path("."),
 ) -> None:
     """Loader images/s per worker count next to the PNG-decode ceiling (PIL, one process) of the same images.
@@ -376,7 +372,7 @@ def bench_classifier(
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps first.")] = 3,
     device: Device = None,
     threads: Threads = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Classifier training and inference images/s and peak memory on random images (the real training step)."""
     from cxrsynth.bench.classifier import bench_classifier as bench_lib
@@ -401,7 +397,7 @@ def bench_audit(
     chunk: Annotated[int, typer.Option("--chunk", min=1, help="Queries per similarity block.")] = 4096,
     device: Device = None,
     threads: Threads = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (one line).")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Memorization-audit search speed: seconds per million (synthetic, training) pairs, and the paper's 720K x 72K."""
     from cxrsynth.bench.audit import bench_audit as bench_lib

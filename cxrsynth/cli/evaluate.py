@@ -87,7 +87,6 @@ def compare(
     from rich.table import Table
 
     from cxrsynth.evaluate import compare as lib
-    from cxrsynth.evaluate.metrics import dumps
 
     given = {"alpha": alpha, "bootstrap": bootstrap, "seed": seed}
     result = lib.compare(root, baseline, list(others), lib.CompareConfig().override(**given),
@@ -111,9 +110,7 @@ def compare(
     for warning in result["warnings"]:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(dumps(result))
-        console.print(f"wrote {out}", highlight=False)
+        console.print(f"wrote {lib.write(result, out)}", highlight=False)
 
 
 def cooccurrence(

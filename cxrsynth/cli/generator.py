@@ -150,7 +150,6 @@ def fid(
     """
     from cxrsynth import runtime
     from cxrsynth.classify.model import trained_classifier_extractor
-    from cxrsynth.diffusion.fid import dataset_images
     from cxrsynth.evaluate import frechet
 
     if (inception is None) == (classifier is None):
@@ -169,7 +168,6 @@ def fid(
     else:
         extractor = frechet.classifier_extractor(classifier, checkpoint, **given(size=size))
         side, what = extractor.size, f"Frechet distance ({classifier})"
-    a = dataset_images(root, real, real_split, side, limit=limit)
-    b = dataset_images(root, synthetic, None, side, limit=limit)
-    value = frechet.fid_from_images(extractor, a, b, device=str(dev))
+    value = frechet.dataset_fid(extractor, root, real, synthetic, size=side, real_split=real_split, limit=limit,
+                                device=str(dev))
     console.print(f"{what} {real}{'/' + real_split if real_split else ''} vs {synthetic}: {value:.4f}")

@@ -99,12 +99,10 @@ def report(
 ) -> None:
     """Write the study report (a self-contained HTML page), the DVC plot data and headline metrics; print the summary table."""
     p = _params(root, params)
-    from cxrsynth.study.report import build_report, write_plot_data
-    from cxrsynth.study.summary import summary_table, write_headline
+    from cxrsynth.study.report import write_report
+    from cxrsynth.study.summary import summary_table
 
-    write_plot_data(root, p)
-    write_headline(root, p)
-    path = build_report(root, p, root / out)
+    path = write_report(root, p, root / out)
     console.print(summary_table(root, p))
     console.print(f"wrote {path}", highlight=False)
 

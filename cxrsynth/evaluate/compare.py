@@ -28,7 +28,7 @@ from cxrsynth import labels
 from cxrsynth.config import Config
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.evaluate.auroc import bootstrap_aurocs
-from cxrsynth.evaluate.metrics import clusters, join, macro_of, predictions_of, read_metrics, read_predictions
+from cxrsynth.evaluate.metrics import clusters, dumps, join, macro_of, predictions_of, read_metrics, read_predictions
 
 #: Test-set facts two metrics files must share.
 _SAME = ("name", "version", "split", "images", "keys_sha256", "datasets")
@@ -165,3 +165,11 @@ def compare(root: str | Path, baseline: str | Path, others: list[str | Path], co
         "comparisons": comparisons,
         "warnings": warnings,
     }
+
+
+def write(result: dict, out: str | Path) -> Path:
+    """Write a :func:`compare` result as JSON to ``out`` (its folder created)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(dumps(result))
+    return out

@@ -13,8 +13,10 @@
   train`` output directory (:func:`cxrsynth.classify.model.trained_classifier_extractor`,
   built on ``Classifier.features``) or a timm state dict (:func:`classifier_extractor`).
 
-Extractors map uint8 grayscale batches ``(B, 1, H, W)`` to ``(B, D)`` features; this module
-reads no images and imports no stage package: callers bring the batches and the extractor.
+Extractors map uint8 grayscale batches ``(B, 1, H, W)`` to ``(B, D)`` features; callers
+bring the extractor (this module imports no stage package) and either the batches
+(:func:`fid_from_images`) or two datasets, read by the loader (:func:`dataset_fid`,
+:func:`dataset_images`).
 """
 
 from __future__ import annotations
@@ -136,6 +138,29 @@ def fid_from_images(
 ) -> float:
     """Fréchet distance between the features of two image streams."""
     return feature_distance(features(extractor, real, device), features(extractor, fake, device))
+
+
+def dataset_images(root: Path, name: str, split: str | None, size: int, batch: int = 64, limit: int | None = None):
+    """uint8 image batches (B, 1, size, size) of a dataset's shards (the first ``limit`` keys), in shard order."""
+    from cxrsynth import loader
+
+    frame = loader.select(root, name, split, exclude_uncertain=False).sort_values("key")
+    if limit is not None:
+        frame = frame.iloc[:limit]
+    config = loader.LoaderConfig(batch_size=batch, image_size=size, train=False, streams=1, uint8=True)
+    for b in loader.ShardLoader(root, frame, config).batches():  # one stream: shards sorted, tar order
+        yield b["image"]
+
+
+def dataset_fid(
+    extractor: torch.nn.Module, root: Path, real: str, synthetic: str, *, size: int, real_split: str | None = None,
+    limit: int | None = None, device: str = "cpu",
+) -> float:
+    """Fréchet distance, in ``extractor``'s features, between dataset ``real`` (its ``real_split``)
+    and every image of ``synthetic``, each read at ``size`` px (at most ``limit`` images a side)."""
+    a = dataset_images(root, real, real_split, size, limit=limit)
+    b = dataset_images(root, synthetic, None, size, limit=limit)
+    return fid_from_images(extractor, a, b, device=device)
 
 
 def feature_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -40,11 +40,25 @@ parsed and checked first). The package reads in four modules, each using the one
 * :mod:`~cxrsynth.study.report.html` — tables, CSS, figures and image grids: the page.
 """
 
+from pathlib import Path
+
 from cxrsynth import labels
+from cxrsynth.study.params import StudyParams
 from cxrsynth.study.report.html import FINDING_NAME, build_report, cell_label, esc, render
 from cxrsynth.study.report.load import Study, load
 from cxrsynth.study.report.plots import curve_panels, plot_points, write_plot_data
 from cxrsynth.study.report.prose import summary
 
 __all__ = ["FINDING_NAME", "Study", "build_report", "cell_label", "curve_panels", "esc", "labels", "load", "plot_points",
-           "render", "summary", "write_plot_data"]
+           "render", "summary", "write_plot_data", "write_report"]
+
+
+def write_report(root: str | Path, params: StudyParams, out: str | Path) -> Path:
+    """Everything ``cxrsynth study report`` writes: the ``dvc plots`` data (:func:`write_plot_data`),
+    the headline metrics (:func:`cxrsynth.study.summary.write_headline`) and ``out/index.html``
+    (:func:`build_report`); returns the page's path."""
+    from cxrsynth.study.summary import write_headline
+
+    write_plot_data(root, params)
+    write_headline(root, params)
+    return build_report(root, params, out)
