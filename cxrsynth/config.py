@@ -13,6 +13,7 @@ A stage's settings are a dataclass (frozen or not) that inherits :class:`Config`
   (timm's ``create_model`` drops ``None`` keyword arguments the same way).
 
 :func:`given` is that one "drop ``None``" rule, also for keyword arguments of functions;
+:func:`read_json` reads a JSON file a stage wrote, failing with one clean error;
 :data:`SHARD_SIZE` and :data:`SHUFFLE_BUFFER` are the defaults several modules share.
 
 The typed walker (:func:`parse`) is the one parser of settings from data, for
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import operator
 import types
@@ -46,6 +48,22 @@ C = TypeVar("C", bound="Config")
 #: Defaults that settings of several modules share, each written once (imported where used).
 SHARD_SIZE = 1000  # samples per tar shard: ingest, generate, share export
 SHUFFLE_BUFFER = 1000  # samples in each loader stream's shuffle buffer: the loader, the classifier, the generator's batches
+
+
+def read_json(path: str | Path, *, missing: str, invalid: str, error: type[CxrsynthError] = CxrsynthError) -> Any:
+    """The value of the JSON file ``path`` (a config or record a stage wrote next to its output).
+
+    Raises:
+        error: ``missing`` when ``path`` is not a file; ``"<invalid>: <why>"`` when it is not
+            UTF-8 JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{invalid}: {exc}") from None
 
 
 def given(**options: Any) -> dict[str, Any]:

@@ -261,6 +261,18 @@ def _being_written(directory: Path, name: str) -> bool:
     return False
 
 
+def file_mismatch(path: Path, entry: dict, shown: str | Path) -> str | None:
+    """How the file ``path`` differs from its index entry (``bytes``, then ``sha256``), naming it
+    ``shown``; None when it matches. Shard indexes and share packages are checked by it."""
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return f"size mismatch: {shown}: {size} bytes, index says {entry['bytes']}"
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        return f"sha256 mismatch: {shown}: {digest[:12]}…, index says {entry['sha256'][:12]}…"
+    return None
+
+
 def verify(directory: Path, expected_counts: dict[str, int] | None = None) -> list[str]:
     """Re-hash every shard listed in ``index.json``; return the problems found.
 
@@ -287,12 +299,9 @@ def verify(directory: Path, expected_counts: dict[str, int] | None = None) -> li
         if not shard.is_file():
             problems.append(f"missing shard: {shard}")
             continue
-        size = shard.stat().st_size
-        if size != entry["bytes"]:
-            problems.append(f"size mismatch: {shard}: {size} bytes, index says {entry['bytes']}")
-        digest = sha256_file(shard)
-        if digest != entry["sha256"]:
-            problems.append(f"sha256 mismatch: {shard}: {digest[:12]}…, index says {entry['sha256'][:12]}…")
+        problem = file_mismatch(shard, entry, shard)
+        if problem is not None:
+            problems.append(problem)
     if expected_counts is not None:
         listed = {e["name"]: e["count"] for e in index["shards"]}
         for name, count in sorted(expected_counts.items()):

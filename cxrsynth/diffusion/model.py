@@ -205,15 +205,12 @@ def generator_info(path: Path) -> dict[str, Any]:
     Raises:
         CxrsynthError: the file is missing or is not a JSON object.
     """
+    from cxrsynth.config import read_json
     from cxrsynth.errors import CxrsynthError
 
     file = Path(path) / GENERATOR_JSON
-    if not file.is_file():
-        raise CxrsynthError(f"{path} is not a cxrsynth generator (no {GENERATOR_JSON})")
-    try:
-        meta = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CxrsynthError(f"{file} is not valid JSON: {exc}") from None
+    meta = read_json(file, missing=f"{path} is not a cxrsynth generator (no {GENERATOR_JSON})",
+                     invalid=f"{file} is not valid JSON")
     if not isinstance(meta, dict) or "config" not in meta:
         raise CxrsynthError(f"{file} is not a cxrsynth generator.json (no config)")
     return meta

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth import __version__, labels, manifest
-from cxrsynth.config import Config
+from cxrsynth.config import Config, read_json
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.evaluate import leakage
 from cxrsynth.evaluate.auroc import auroc, bootstrap_aurocs, summarize
@@ -397,12 +397,7 @@ def write(evaluation: Evaluation, out: str | Path) -> tuple[Path, Path]:
 def read_metrics(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     """A metrics JSON and its replicate vectors (``findings`` (B, 14), ``macro`` (B,))."""
     path = Path(path)
-    if not path.is_file():
-        raise CxrsynthError(f"no metrics file {path}")
-    try:
-        metrics = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CxrsynthError(f"{path} is not a metrics JSON: {exc}") from None
+    metrics = read_json(path, missing=f"no metrics file {path}", invalid=f"{path} is not a metrics JSON")
     if not isinstance(metrics, dict) or not {"findings", "macro", "test", "bootstrap"} <= set(metrics):
         raise CxrsynthError(f"{path} is not written by `cxrsynth evaluate` (needs findings, macro, test, bootstrap)")
     npz = path.with_name(str(metrics.get("replicates") or replicates_path(path).name))

@@ -210,7 +210,7 @@ def _import(root: Path, directory: Path, name: str, *, copy: bool, force: bool) 
 
     rows = frame.assign(dataset=name, version=version)
     provenance = {"package": {"name": index.get("name"), "version": version, "images": len(rows),
-                              "index_sha256": package.sha256_file(directory / package.INDEX), "copied": copy},
+                              "index_sha256": shards.sha256_file(directory / package.INDEX), "copied": copy},
                   "sender": public}
     splits = sorted(str(s) for s in rows["split"].dropna().unique())
     made_by = {"imported": provenance, "split": splits[0] if len(splits) == 1 else None,
@@ -222,7 +222,7 @@ def _import(root: Path, directory: Path, name: str, *, copy: bool, force: bool) 
         for r in results:
             tmp = target / f"{r.name}.partial"
             shutil.copyfile(directory / package.SHARDS / r.name, tmp)
-            if package.sha256_file(tmp) != r.sha256:
+            if shards.sha256_file(tmp) != r.sha256:
                 raise package.CheckFailed(f"{r.name} changed while it was copied")
             os.replace(tmp, target / r.name)
         published = publish.publish(root, meta, rows, shard_results=results, force=force)

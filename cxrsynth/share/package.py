@@ -18,7 +18,6 @@ Nothing is ever extracted to disk.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -43,20 +42,12 @@ class UnsafePackage(CheckFailed):
     """A package member or row that an untrusted package must not contain (exit code 1)."""
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_index(directory: Path, meta: dict) -> Path:
     """Write ``index.json``: ``meta`` plus every other file's path, bytes and sha256 (sorted)."""
     files = []
     for path in sorted(p for p in walk(directory) if p.is_file() and not p.is_symlink() and p != directory / INDEX):
         rel = path.relative_to(directory).as_posix()
-        files.append({"path": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        files.append({"path": rel, "bytes": path.stat().st_size, "sha256": shards.sha256_file(path)})
     index = {"format": FORMAT, **meta, "files": files}
     target = directory / INDEX
     target.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
@@ -127,13 +118,9 @@ def verify(directory: str | Path) -> list[str]:
         if not path.is_file():
             problems.append(f"missing file: {rel}")
             continue
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            problems.append(f"size mismatch: {rel}: {size} bytes, index says {entry['bytes']}")
-            continue
-        digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            problems.append(f"sha256 mismatch: {rel}: {digest[:12]}..., index says {entry['sha256'][:12]}...")
+        problem = shards.file_mismatch(path, entry, rel)
+        if problem is not None:
+            problems.append(problem)
     folders = {str(PurePosixPath(rel).parent) for rel in listed} | {"."}
     folders |= {str(p) for rel in listed for p in PurePosixPath(rel).parents}
     for path in walk(directory):

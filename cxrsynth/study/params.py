@@ -252,21 +252,16 @@ class Family:
     enabled: bool = True
 
 
-@dataclass(frozen=True)
-class External:
-    """Another site's real training split + k x 100% replicas of the real site.
+@dataclass(frozen=True, kw_only=True)
+class External(Family):
+    """A :class:`Family` on another site's real training split: k x 100% replicas of the real
+    site added to it (k = 0: the other site alone, the family's baseline).
 
     Attributes:
         real: The other site.
-        replica: The replica (a name of ``replicas``).
-        k: Replicas to add, one cell each (0: the other site alone, the family's baseline).
-        enabled: False leaves the family out of the summary and the report.
     """
 
     real: str
-    replica: str
-    k: tuple[float, ...] = setting(nonempty=True, unique=True, ge=0)
-    enabled: bool = True
 
 
 @dataclass(frozen=True)
