@@ -236,6 +236,30 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+@dataclass(frozen=True)
+class PngHeader:
+    """What a PNG's IHDR chunk says: size, bit depth and colour type (0 is grayscale)."""
+
+    width: int
+    height: int
+    depth: int
+    colour: int
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_header(data: bytes) -> PngHeader:
+    """The IHDR of PNG bytes, read without decoding (a figure's width, a shard's image side).
+
+    Raises:
+        ImageError: ``data`` does not start with a PNG signature and an IHDR chunk.
+    """
+    if len(data) < 26 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        raise ImageError("not a PNG (no PNG signature and IHDR chunk)")
+    return PngHeader(int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), data[24], data[25])
+
+
 def decode_png(data: bytes, size: int | None = None, *, key: str | None = None,
                shard: str | None = None) -> np.ndarray:
     """Decode PNG bytes to ``(H, W) uint8`` grayscale: the one decoder of stored images.

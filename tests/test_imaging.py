@@ -59,3 +59,12 @@ def test_dicom_voi_window_is_applied(tmp_path):
     lungs = image < 100
     assert (windowed[lungs] == 0).mean() > 0.9  # lungs fall below the window: clipped black
     assert (plain[lungs] == 0).mean() < 0.5  # without a window they keep their grey levels
+
+
+def test_png_header_reads_the_size_without_decoding():
+    from cxrsynth import imaging
+
+    png = imaging.encode_png(np.zeros((20, 30), dtype=np.uint8))
+    assert imaging.png_header(png) == imaging.PngHeader(width=30, height=20, depth=8, colour=0)
+    with pytest.raises(imaging.ImageError, match="not a PNG"):
+        imaging.png_header(b"GIF89a" + png[6:])

@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from cxrsynth import __version__, manifest, shards
+from cxrsynth import __version__, imaging, manifest, shards
 from cxrsynth.config import SHARD_SIZE, Config
 from cxrsynth.errors import CheckFailed
 from cxrsynth.share import audit as audit_lib
@@ -226,10 +226,6 @@ def public_meta(meta: dict, gen: dict, name: str, version: str, rows: pd.DataFra
     }
 
 
-def _png_side(png: bytes) -> int:
-    return int.from_bytes(png[16:20], "big")  # IHDR width
-
-
 def export(
     root: str | Path,
     name: str,
@@ -330,7 +326,7 @@ def export(
 
 def _png_side_of(root: Path, frame: pd.DataFrame) -> int | None:
     for _, png in shards.images(root, frame.head(1), strict=False):
-        return _png_side(png)
+        return imaging.png_header(png).width
     return None
 
 

@@ -28,12 +28,13 @@ import json
 import os
 import re
 import shutil
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from cxrsynth import manifest, publish, shards
+from cxrsynth import imaging, manifest, publish, shards
 from cxrsynth.share import package
 from cxrsynth.share.package import ShareError, UnsafePackage
 
@@ -100,10 +101,10 @@ def check_rows(frame: pd.DataFrame, listed: set[str]) -> None:
 
 def _png_side(key: str, data: bytes) -> int:
     """Width of an 8-bit grayscale PNG (its IHDR), refusing anything else."""
-    if not data.startswith(b"\x89PNG\r\n\x1a\n") or data[12:16] != b"IHDR" or len(data) < 33:
-        raise UnsafePackage(f"sample {key!r}: its png member is not a PNG")
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    depth, colour = data[24], data[25]
+    try:
+        width, height, depth, colour = astuple(imaging.png_header(data))
+    except imaging.ImageError:
+        raise UnsafePackage(f"sample {key!r}: its png member is not a PNG") from None
     if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE) or (depth, colour) != (8, 0):
         raise UnsafePackage(f"sample {key!r}: PNG {width}x{height}, bit depth {depth}, colour type {colour}; "
                             f"expected 8-bit grayscale of at most {MAX_SIDE} px")

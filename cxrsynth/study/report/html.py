@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrsynth import labels
+from cxrsynth import imaging, labels
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.study import figures
 from cxrsynth.study.params import StudyParams
@@ -112,10 +111,7 @@ def data_uri(png: bytes) -> str:
 
 def img(png: bytes, alt: str, css: str = "figure") -> str:
     """An embedded PNG; a figure is shown at most at its size at 96 CSS px per inch (matplotlib draws at 120 dpi)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(png)) as im:
-        width = im.size[0]
+    width = imaging.png_header(png).width
     return (f'<img class="{css}" alt="{esc(alt)}" style="max-width:{round(width * 96 / figures.DPI)}px" '
             f'src="{data_uri(png)}">')
 
