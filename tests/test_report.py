@@ -23,19 +23,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from conftest import chexpert_rows, write_chexpert
+from conftest import (F, chexpert_rows, ingest_site, make_rows, micro_generator, model_dict, patients, replica, write_dataset,
+                      write_predictions)
 from PIL import Image
-from test_evaluate import make_rows, model_dict, patients, write_dataset, write_predictions
 
-from cxrsynth import generate, ingest, labels, manifest, splits
-from cxrsynth.diffusion.model import ConditionalUNet, save_generator
-from cxrsynth.diffusion.presets import get_preset
+from cxrsynth import labels, manifest
 from cxrsynth.evaluate import metrics
 from cxrsynth.evaluate.compare import CompareConfig, compare
 from cxrsynth.evaluate.cooccurrence import cooccurrence
-from cxrsynth.imaging import Preprocess
-from cxrsynth.sources import chexpert
 from cxrsynth.study import report
 
 TESTS = ["cxp:test", "mimic:test", "emory:test"]
@@ -59,7 +54,6 @@ TUNE = {"supplement_k0": 0.8053, "cfg_real_w1": 0.7911, "cfg_real_w5": 0.9199, "
         "cfg_w1_real": 0.7969, "cfg_w1_synthetic": 0.8016, "cfg_w5_real": 0.7406, "cfg_w5_synthetic": 0.9671,
         "cfg_w8p5_real": 0.6983}
 GUIDANCE = {"w1": 1.0, "w5": 5.0, "w8p5": 8.5}
-F = len(labels.FINDING_COLUMNS)
 
 
 def _cells() -> dict[str, dict]:
@@ -174,15 +168,9 @@ def build_study(tmp: Path) -> Path:
             {"replica": r, "dataset": f"cxp_{r}", "guidance": GUIDANCE[r], "feature": "classifier", "fid": fid,
              "real_halves": 0.52, "n_real": 24, "n_synthetic": 24}))
     # 4. a real cxp dataset with images and a micro generator's replica cxp_w1 of its training split
-    rows = chexpert_rows(n_patients=12, studies=1, uncertain=False)
-    csv = write_chexpert(tmp / "raw", rows)
-    ingest.ingest(chexpert.read(csv), root=root, name="cxp", kind="chexpert", inputs={}, params=Preprocess(size=64),
-                  shard_size=8, workers=1)
-    splits.split(root, "cxp", splits.SplitParams(tune=0.2, seed=0))
-    torch.manual_seed(0)
-    gen = save_generator(ConditionalUNet.build(get_preset("micro")), tmp / "gen")
-    generate.generate(root=root, generator_dir=gen, conditions="cxp", split="train", name="cxp_w1", device="cpu",
-                      config=generate.GenerateConfig(replicas=1, steps=2, guidance=1.0, seed=5, shard_size=4))
+    ingest_site(tmp, chexpert_rows(n_patients=12, studies=1, uncertain=False), size=64, shard_size=8,
+                split={"tune": 0.2, "seed": 0})
+    replica(root, micro_generator(tmp / "gen"), "cxp_w1", replicas=1, steps=2, guidance=1.0, seed=5, shard_size=4)
     # 5. the other sites' labels, the training mixes of the rebalancing pair, label co-occurrence
     write_dataset(root, "mimic", make_rows("mimic", patients("m", 40), "train", seed=3))
     write_dataset(root, "emory", make_rows("emory", patients("e", 40), "test", seed=4))
