@@ -187,23 +187,17 @@ def test_fused_roofline_writes_the_residual_stream_around_a_gemm() -> None:
 
 def test_bench_solvers_measures_few_step_error_against_a_reference(tmp_path) -> None:
     import typer
-    from conftest import chexpert_rows, write_chexpert
+    from conftest import chexpert_rows, ingest_site, micro_generator
 
-    from cxrsynth import ingest, labels, splits
+    from cxrsynth import labels
     from cxrsynth.cli.bench import bench_solvers
-    from cxrsynth.diffusion.model import save_generator
-    from cxrsynth.sources import chexpert
 
     rows = chexpert_rows(n_patients=4, studies=1)
     for row in rows:  # no uncertain labels: every row is a condition
         for f in labels.FINDINGS:
             row[f] = row[f].replace("-1.0", "1.0")
-    root = tmp_path / "proj"
-    ingest.ingest(chexpert.read(write_chexpert(tmp_path / "raw", rows, images=False)), root=root, name="cxp",
-                  kind="chexpert", inputs={}, labels_only=True)
-    splits.split(root, "cxp", splits.SplitParams(tune=0.0, seed=0))
-    torch.manual_seed(0)
-    gen = save_generator(ConditionalUNet.build(get_preset("micro")), tmp_path / "gen")
+    root = ingest_site(tmp_path, rows, images=False, labels_only=True, split={"tune": 0.0, "seed": 0})
+    gen = micro_generator(tmp_path / "gen")
 
     app = typer.Typer(cls=CleanErrors)  # the app's group class: library errors become one line and exit code 2
     app.command("solvers")(bench_solvers)
