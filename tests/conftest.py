@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,11 @@ import pytest
 from PIL import Image
 
 from cxrsynth import labels, manifest
+
+# One OpenMP (torch) thread per test process unless OMP_NUM_THREADS says otherwise: `make test` runs
+# two xdist workers on two cores, where a second thread per worker only spins (a micro generate ~10x
+# slower). Set before any test imports torch; the CLI and torchrun subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CHEXPERT_COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *labels.FINDINGS]
 MIMIC_LABEL_COLUMNS = ["subject_id", "study_id", *sorted(labels.FINDINGS)]
@@ -154,7 +160,6 @@ def mimic_tree(tmp_path: Path) -> Path:
 
 def torchrun(*args, cwd: Path, timeout: int = 300) -> str:
     """Run ``torchrun --standalone --nproc-per-node 2 -m cxrsynth.cli ARGS`` (one thread per rank); return its output."""
-    import os
     import subprocess
     import sys
 

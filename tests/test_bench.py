@@ -71,6 +71,7 @@ def test_roofline_of_the_paper_preset_matches_design_and_an_independent_count() 
     assert tiny.gflop - (attention.gflop if attention else 0.0) == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_network_and_guided_step_compile_as_one_graph() -> None:
     # fullgraph=True raises on any graph break: what CUDA graphs and max-autotune need.
     from cxrsynth.diffusion.sample import guided_output
@@ -114,6 +115,7 @@ def test_bench_generate_reports_and_profiles_on_cpu() -> None:
     assert result.exit_code == 2 and "compile mode" in result.output
 
 
+@pytest.mark.slow
 def test_bench_imports_only_what_the_gpu_image_has() -> None:
     # The device machine's image has torch, timm, typer, rich, pandas, pyarrow... but not
     # webdataset or duckdb; `make device-kit` carries diffusers. Keep the bench path clear.
@@ -215,6 +217,7 @@ def test_bench_solvers_measures_few_step_error_against_a_reference(tmp_path) -> 
     assert result.exit_code == 2 and "sampler:steps" in result.output
 
 
+@pytest.mark.slow
 def test_bench_phantom_reports_the_project_classifier_and_evaluation(tmp_path) -> None:
     """`bench phantom`: imported phantoms, the `small` classifier, AUROCs that are `cxrsynth.evaluate`'s."""
     import typer

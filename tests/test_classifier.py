@@ -75,6 +75,7 @@ def test_train_keeps_the_epoch_with_the_lowest_tuning_loss(project, trained):
     assert again.exit_code == 0 and (trained / "model.safetensors").read_bytes() == weights  # finished run: same outputs
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_ends_bit_identical(project):
     tmp, root = project
     config = get_preset("small", **SMALL, checkpoint_every=3)
@@ -222,6 +223,7 @@ def phantom_project(tmp_path_factory):
     return tmp, root
 
 
+@pytest.mark.slow
 def test_small_preset_learns_the_phantoms_visible_findings(phantom_project):
     """The small preset beats chance on held-out phantoms for findings the renderer draws plainly.
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from cxrsynth import manifest
 from cxrsynth.cli import app
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun + gloo on Linux")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="torchrun + gloo on Linux")]
 
 
 def _torchrun(*args, cwd: Path, timeout: int = 240) -> str:

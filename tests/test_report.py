@@ -243,8 +243,11 @@ def _study(root: Path) -> report.Study:
 
 
 # ------------------------------------------------------------------ tests
+# The tests that read ``built`` are slow: building the study (a 64 px site, a replica, the
+# comparisons' 2000-draw bootstraps) takes ~10 s.
 
 
+@pytest.mark.slow
 def test_every_figure_and_table_is_there_and_embedded(built):
     root, path, text = built
     page = Page(text)
@@ -273,6 +276,7 @@ def test_every_figure_and_table_is_there_and_embedded(built):
     assert "Parameters (params.yaml)" in text and "replicas: [w1, w5, w8p5]" in text
 
 
+@pytest.mark.slow
 def test_figure3_and_4_panels_are_the_test_sets_and_the_plot_data_match_the_cells(built):
     root, _, _ = built
     study = _study(root)
@@ -295,6 +299,7 @@ def test_figure3_and_4_panels_are_the_test_sets_and_the_plot_data_match_the_cell
     assert {p["family"] for p in json.loads(paths[1].read_text())} == {"external"}
 
 
+@pytest.mark.slow
 def test_headline_metrics_are_one_macro_auroc_per_cell_and_evaluation_and_the_cas(built):
     from cxrsynth.study.summary import write_headline
 
@@ -309,6 +314,7 @@ def test_headline_metrics_are_one_macro_auroc_per_cell_and_evaluation_and_the_ca
     assert set(data["cas"]) == set(TESTS)
 
 
+@pytest.mark.slow
 def test_table2_grid_guidance_and_missing_cell(built):
     _, _, text = built
     rows = Page(text).table("table2")["rows"]
@@ -324,6 +330,7 @@ def test_table2_grid_guidance_and_missing_cell(built):
     assert all(c.endswith("SD 0.011") for c in grid["Real"])
 
 
+@pytest.mark.slow
 def test_significant_changes_are_marked_as_the_comparisons_say(built):
     root, _, text = built
     page = Page(text)
@@ -357,6 +364,7 @@ def test_significant_changes_are_marked_as_the_comparisons_say(built):
         assert ("rare" in r[0]["text"]) == (report.labels.COLUMN_OF[name] in RARE)
 
 
+@pytest.mark.slow
 def test_missing_results_are_said_and_the_cfg_family_has_no_significance(built):
     root, _, text = built
     notice = text.split('<div class="notice">', 1)[1].split("</div>", 1)[0]
@@ -384,6 +392,7 @@ def _expected_significance(rows: dict[str, dict], family_size: int) -> str:
     return f"{words} after Bonferroni (paired bootstrap, Bonferroni over {family_size} comparisons)"
 
 
+@pytest.mark.slow
 def test_summary_sentences_are_computed_from_the_numbers(built):
     root, _, text = built
     study = _study(root)
@@ -432,6 +441,7 @@ def test_summary_sentences_are_computed_from_the_numbers(built):
     assert f"On the findings under 5% prevalence the mean change was {np.mean(d):+.3f} on cxp test (3 findings, " in s
 
 
+@pytest.mark.slow
 def test_rebalancing_cas_grid_and_run_facts(built):
     root, _, text = built
     page = Page(text)
@@ -489,6 +499,7 @@ def _chrome(binary: str, *args: str) -> subprocess.CompletedProcess:
                               env={**os.environ, "HOME": profile})
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (apt-get install -y chromium)")
 def test_chromium_renders_the_page(built, tmp_path):
     root, path, text = built

@@ -11,12 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import Project
 
 from cxrsynth import manifest
 from cxrsynth.share import export as export_lib
 from cxrsynth.share import package
+
+pytestmark = pytest.mark.slow  # git + dvc round trips: ~10 s
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
 
