@@ -1,4 +1,5 @@
-# make test — create .venv if missing, install cxrsynth with its test extras, run pytest.
+# make test — create .venv if missing, install cxrsynth with its test extras, run pytest (every test: the definition of done).
+# make test-fast — the same without the tests marked slow (end-to-end runs of more than a few seconds): under 2 minutes.
 # make demo — the main job: the DVC pipeline (the paper's study) on the embedded phantom data, ending with report/index.html.
 # make device-kit — wheels the GPU machine's image lacks, for scripts/bench-gpu.sh.
 PYTHON ?= python3
@@ -6,7 +7,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install install-mediffusion test demo device-kit clean
+.PHONY: install install-mediffusion test test-fast demo device-kit clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ install-mediffusion: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/cxrsynth study check

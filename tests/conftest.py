@@ -1,17 +1,39 @@
-"""Tiny on-disk fixtures in each dataset's native format, built by the tests themselves."""
+"""The tests' shared fixtures, built by the tests themselves on tiny real data.
+
+- raw sites in each dataset's native format (:func:`write_chexpert`, ``chexpert_tree``, ``mimic_tree``);
+- a tiny ingested site (:func:`ingest_site`: CheXpert rows written, ingested, split);
+- a micro generator (:func:`micro_generator`, untrained) and its replicas (:func:`replica`);
+- a tiny classifier (:func:`tiny_classifier`: ``classifier train --preset small`` for one epoch);
+- manifests without images for the evaluation tests (:func:`make_rows`, :func:`write_dataset`,
+  :func:`write_predictions`);
+- the shared project of the share and audit tests (``share_project``: a site whose patients'
+  studies look alike, and one replica of its training split; read-only, :meth:`Project.copy` it).
+
+Helpers are imported as ``from conftest import ...``; no test module imports another.
+"""
 
 from __future__ import annotations
 
 import gzip
 import io
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cxrsynth import labels
+from cxrsynth import labels, manifest
+
+# One OpenMP (torch) thread per test process unless OMP_NUM_THREADS says otherwise: `make test` runs
+# two xdist workers on two cores, where a second thread per worker only spins (a micro generate ~10x
+# slower). Set before any test imports torch; the CLI and torchrun subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CHEXPERT_COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *labels.FINDINGS]
 MIMIC_LABEL_COLUMNS = ["subject_id", "study_id", *sorted(labels.FINDINGS)]
@@ -138,7 +160,6 @@ def mimic_tree(tmp_path: Path) -> Path:
 
 def torchrun(*args, cwd: Path, timeout: int = 300) -> str:
     """Run ``torchrun --standalone --nproc-per-node 2 -m cxrsynth.cli ARGS`` (one thread per rank); return its output."""
-    import os
     import subprocess
     import sys
 
@@ -150,3 +171,196 @@ def torchrun(*args, cwd: Path, timeout: int = 300) -> str:
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     return output
+
+
+# ------------------------------------------------------------------ a tiny ingested site
+
+
+def ingest_site(base: Path, rows: list[dict] | None = None, *, name: str = "cxp", size: int = 32,
+                shard_size: int | None = None, images: bool = True, labels_only: bool = False,
+                split: dict | None = None, raw: str = "raw") -> Path:
+    """CheXpert ``rows`` (default :func:`chexpert_rows`) written under ``base/raw``, ingested as
+    ``name`` into the project ``base/proj`` (``size`` px, one worker) and, given ``split`` (the
+    :class:`~cxrsynth.splits.SplitParams` fields), split; returns the project root."""
+    from cxrsynth import ingest, splits
+    from cxrsynth.imaging import Preprocess
+    from cxrsynth.sources import chexpert
+
+    csv = write_chexpert(base / raw, chexpert_rows() if rows is None else rows, images=images)
+    root = base / "proj"
+    options = {} if shard_size is None else {"shard_size": shard_size}
+    if labels_only:
+        ingest.ingest(chexpert.read(csv), root=root, name=name, kind="chexpert", inputs={}, labels_only=True, **options)
+    else:
+        ingest.ingest(chexpert.read(csv), root=root, name=name, kind="chexpert", inputs={}, params=Preprocess(size=size),
+                      workers=1, **options)
+    if split is not None:
+        splits.split(root, name, splits.SplitParams(**split))
+    return root
+
+
+# ------------------------------------------------------------------ a micro generator and its replicas
+
+
+def micro_generator(out: Path, *, seed: int = 0, data_version: str | None = None) -> Path:
+    """An untrained ``micro`` generator (weights from ``seed``; the global RNG is left as it was) saved in ``out``."""
+    import torch
+
+    from cxrsynth.diffusion.model import ConditionalUNet, save_generator
+    from cxrsynth.diffusion.presets import get_preset
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ConditionalUNet.build(get_preset("micro"))
+    return save_generator(net, out, **({} if data_version is None else {"data_version": data_version}))
+
+
+def replica(root: Path, gen: Path, name: str, *, conditions: str = "cxp", split: str | None = "train", **config) -> dict:
+    """``generate`` on the CPU: ``config`` (the :class:`~cxrsynth.diffusion.replicas.GenerateConfig` fields)
+    replicas of ``conditions``' ``split`` rows as dataset ``name``; returns its summary."""
+    from cxrsynth.diffusion import replicas as generate
+
+    return generate.generate(root=root, generator_dir=gen, conditions=conditions, split=split, name=name,
+                             config=generate.GenerateConfig(**config), device="cpu")
+
+
+# ------------------------------------------------------------------ a tiny classifier
+
+
+def cli(root: Path | None, *args, code: int = 0) -> str:
+    """``cxrsynth ARGS [--root ROOT]`` in-process (200 columns); asserts the exit code, returns the output."""
+    from typer.testing import CliRunner
+
+    from cxrsynth.cli import app
+
+    extra = [] if root is None else ["--root", str(root)]
+    result = CliRunner().invoke(app, [str(a) for a in args] + extra, catch_exceptions=False, env={"COLUMNS": "200"})
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+def tiny_classifier(root: Path, out: Path, *args, data: str = "cxp", epochs: int = 1, image_size: int = 32,
+                    batch: int = 4, warmup: int = 1) -> Path:
+    """``classifier train --preset small`` on ``data`` (one thread, ``args`` appended); returns ``out``."""
+    cli(root, "classifier", "train", "--data", data, "--preset", "small", "--epochs", epochs, "--batch", batch,
+        "--image-size", image_size, "--warmup", warmup, "--threads", 1, *args, "--out", out)
+    return out
+
+
+# ------------------------------------------------------------------ manifests without images (evaluation)
+
+F = len(labels.FINDING_COLUMNS)
+VERSION = "v1"
+
+
+def make_rows(dataset: str, patients: list[str], split: str, images: int = 2, seed: int = 0,
+              version: str = VERSION) -> pd.DataFrame:
+    """Manifest rows: ``images`` per patient, random findings with ~8% uncertain, demographics."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p_i, patient in enumerate(patients):
+        for i in range(images):
+            row = {"key": f"{dataset}-{patient}-{split}-{i}", "dataset": dataset, "version": version, "split": split,
+                   "patient_id": patient, "study_id": f"{patient}-s{i}", "sex": ["F", "M"][p_i % 2],
+                   "age": [None, 34.0, 61.0, 67.0, 85.0][p_i % 5], "race": ["White", None, "Asian"][p_i % 3],
+                   "view": ["AP", "PA"][i % 2], "origin": "real"}
+            for j, column in enumerate(labels.FINDING_COLUMNS):
+                u = rng.random()
+                row[column] = -1 if u < 0.08 else int(rng.random() < 0.15 + 0.5 * (j % 3 == 0))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def patients(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}{i:03d}" for i in range(n)]
+
+
+def write_dataset(root: Path, name: str, frame: pd.DataFrame, version: str = VERSION, **meta) -> None:
+    manifest.write(root, name, frame, {"dataset": name, "version": version, "kind": "test", **meta})
+
+
+def scores_for(frame: pd.DataFrame, seed: int = 1, signal: float = 1.0) -> np.ndarray:
+    """Informative float32 scores: positives higher by ``signal`` (plus noise), uncertain anywhere."""
+    rng = np.random.default_rng(seed)
+    y = labels.findings_matrix(frame).astype(float)
+    logits = signal * np.where(y < 0, 0.5, y) + rng.normal(0, 1, y.shape)
+    return (1 / (1 + np.exp(-logits))).astype(np.float32)
+
+
+def model_dict(name: str = "cxp", split: str = "train", tune_split: str | None = "tune", version: str = VERSION,
+               classifier_id: str = "clf0") -> dict:
+    return {"preset": "small", "config": {"epochs": 1}, "best": {"epoch": 0}, "history": [{"epoch": 0, "loss": 1.0}],
+            "data": {"name": name, "version": version, "split": split, "tune_split": tune_split,
+                     "datasets": {name: version}, "train_images": 10, "tune_images": 2},
+            "classifier_id": classifier_id, "cxrsynth": "0.1.0"}
+
+
+def write_predictions(path: Path, frame: pd.DataFrame, scores: np.ndarray, *, model: dict | None = None,
+                      data: dict | None = None) -> Path:
+    """A predictions parquet as `classifier predict` writes it (key, dataset, 14 float32, metadata)."""
+    import json
+
+    columns = {"key": pa.array(frame["key"].astype(str).tolist()), "dataset": pa.array(frame["dataset"].astype(str).tolist())}
+    for j, column in enumerate(labels.FINDING_COLUMNS):
+        columns[column] = pa.array(scores[:, j].astype(np.float32))
+    table = pa.table(columns)
+    meta = {"model": model or model_dict(), "data": data or {"name": "cxp", "version": VERSION, "split": "test"},
+            "rows": len(frame)}
+    table = table.replace_schema_metadata({b"cxrsynth": json.dumps(meta).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+# ------------------------------------------------------------------ the share and audit tests' project
+
+
+def patient_image(patient: int, study: int, h: int = 48, w: int = 40) -> np.ndarray:
+    """A per-patient smooth texture plus per-study noise: two studies of a patient look alike."""
+    from scipy.ndimage import gaussian_filter
+
+    base = gaussian_filter(np.random.default_rng(1000 + patient).normal(size=(h, w)), 2.5)
+    base = 128 + 50 * base / base.std()
+    noise = np.random.default_rng(10_000 + 100 * patient + study).normal(0, 8, (h, w))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+@dataclass
+class Project:
+    root: Path
+    gen: Path
+
+    def cli(self, *args, code: int = 0) -> str:
+        from typer.testing import CliRunner
+
+        from cxrsynth.cli import app
+
+        result = CliRunner().invoke(app, [str(a) for a in args] + ["--root", str(self.root)], catch_exceptions=False)
+        assert result.exit_code == code, result.output
+        return result.output
+
+    def copy(self, to: Path) -> "Project":
+        shutil.copytree(self.root, to)
+        return Project(to, self.gen)
+
+
+def build_share_project(base: Path) -> Project:
+    """cxp: 10 patients x 3 look-alike studies at 32 px (shards of 10), split tune 0.3; a micro
+    generator recorded as trained on it; ``syn``: one one-step DDIM replica of its training split."""
+    rows = chexpert_rows(n_patients=10, studies=3, uncertain=False)
+    for row in rows:
+        patient = int(row["Path"].split("/patient")[1][:5])
+        study = int(row["Path"].split("/study")[1].split("/")[0])
+        save_jpeg(base / "raw" / row["Path"], patient_image(patient, study))
+    # ingest_site writes the CSV next to these images
+    root = ingest_site(base, rows, images=False, shard_size=10, split={"tune": 0.3, "seed": 0})
+    # trained on the split dataset, as `generator train` records it (a split is a version of its own)
+    gen = micro_generator(base / "gen", data_version=f"cxp@{manifest.read_meta(root, 'cxp')['version']}")
+    replica(root, gen, "syn", replicas=1, sampler="ddim", steps=1, seed=5, shard_size=32, batch_size=32)  # one forward
+    return Project(root, gen)
+
+
+@pytest.fixture(scope="session")
+def share_project(tmp_path_factory) -> Project:
+    """:func:`build_share_project`, built once per worker; read-only (tests that change it copy it)."""
+    return build_share_project(tmp_path_factory.mktemp("share"))

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_share import Project, build_project
+from conftest import Project
 
 from cxrsynth import manifest, shards
 from cxrsynth.imaging import decode_png, encode_png
@@ -20,8 +20,8 @@ from cxrsynth.share import embed
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Project:
-    return build_project(tmp_path_factory.mktemp("audit"))
+def built(share_project) -> Project:
+    return share_project
 
 
 def plant_copy(root: Path, synthetic: str = "syn", training: str = "cxp") -> tuple[str, str]:

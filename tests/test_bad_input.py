@@ -31,7 +31,10 @@ def _run(case: Case, tmp: Path):
     return paths, runner.invoke(app, args, env=case.env)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+SLOW = {"ingest-killed"}  # more than 3 s: kills an ingest with two workers mid-run, then runs it again
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] * (c.id in SLOW)) for c in CASES])
 def test_bad_input(case: Case, tmp_path: Path) -> None:
     paths, result = _run(case, tmp_path)
     output = result.output

@@ -71,6 +71,7 @@ def test_roofline_of_the_paper_preset_matches_design_and_an_independent_count() 
     assert tiny.gflop - (attention.gflop if attention else 0.0) == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_network_and_guided_step_compile_as_one_graph() -> None:
     # fullgraph=True raises on any graph break: what CUDA graphs and max-autotune need.
     from cxrsynth.diffusion.sample import guided_output
@@ -114,6 +115,7 @@ def test_bench_generate_reports_and_profiles_on_cpu() -> None:
     assert result.exit_code == 2 and "compile mode" in result.output
 
 
+@pytest.mark.slow
 def test_bench_imports_only_what_the_gpu_image_has() -> None:
     # The device machine's image has torch, timm, typer, rich, pandas, pyarrow... but not
     # webdataset or duckdb; `make device-kit` carries diffusers. Keep the bench path clear.
@@ -187,23 +189,17 @@ def test_fused_roofline_writes_the_residual_stream_around_a_gemm() -> None:
 
 def test_bench_solvers_measures_few_step_error_against_a_reference(tmp_path) -> None:
     import typer
-    from conftest import chexpert_rows, write_chexpert
+    from conftest import chexpert_rows, ingest_site, micro_generator
 
-    from cxrsynth import ingest, labels, splits
+    from cxrsynth import labels
     from cxrsynth.cli.bench import bench_solvers
-    from cxrsynth.diffusion.model import save_generator
-    from cxrsynth.sources import chexpert
 
     rows = chexpert_rows(n_patients=4, studies=1)
     for row in rows:  # no uncertain labels: every row is a condition
         for f in labels.FINDINGS:
             row[f] = row[f].replace("-1.0", "1.0")
-    root = tmp_path / "proj"
-    ingest.ingest(chexpert.read(write_chexpert(tmp_path / "raw", rows, images=False)), root=root, name="cxp",
-                  kind="chexpert", inputs={}, labels_only=True)
-    splits.split(root, "cxp", splits.SplitParams(tune=0.0, seed=0))
-    torch.manual_seed(0)
-    gen = save_generator(ConditionalUNet.build(get_preset("micro")), tmp_path / "gen")
+    root = ingest_site(tmp_path, rows, images=False, labels_only=True, split={"tune": 0.0, "seed": 0})
+    gen = micro_generator(tmp_path / "gen")
 
     app = typer.Typer(cls=CleanErrors)  # the app's group class: library errors become one line and exit code 2
     app.command("solvers")(bench_solvers)
@@ -221,6 +217,7 @@ def test_bench_solvers_measures_few_step_error_against_a_reference(tmp_path) -> 
     assert result.exit_code == 2 and "sampler:steps" in result.output
 
 
+@pytest.mark.slow
 def test_bench_phantom_reports_the_project_classifier_and_evaluation(tmp_path) -> None:
     """`bench phantom`: imported phantoms, the `small` classifier, AUROCs that are `cxrsynth.evaluate`'s."""
     import typer

@@ -10,19 +10,17 @@ import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
-from conftest import chexpert_rows, write_chexpert
+from conftest import chexpert_rows, ingest_site, tiny_classifier
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from cxrsynth import ingest, labels, loader, manifest, splits
+from cxrsynth import labels, loader, manifest
 from cxrsynth.classify import get_preset
 from cxrsynth.classify.model import build, load_pretrained
 from cxrsynth.classify.predict import read as read_predictions
 from cxrsynth.classify.train import finished, train
 from cxrsynth.cli import app
 from cxrsynth.errors import CxrsynthError, UnknownNameError
-from cxrsynth.imaging import Preprocess
-from cxrsynth.sources import chexpert
 
 SMALL = dict(image_size=32, batch_size=4, epochs=3, warmup_steps=2, log_every=1)
 
@@ -40,22 +38,13 @@ def project(tmp_path_factory):
     for i, row in enumerate(rows):
         if i % 6 == 1:
             row["Edema"] = "-1.0"
-    csv = write_chexpert(tmp / "raw", rows)
-    root = tmp / "proj"
-    ingest.ingest(chexpert.read(csv), root=root, name="cxp", kind="chexpert", inputs={}, params=Preprocess(size=32),
-                  shard_size=10, workers=1)
-    splits.split(root, "cxp", splits.SplitParams(tune=0.25, test=0.25, seed=0))
-    return tmp, root
+    return tmp, ingest_site(tmp, rows, shard_size=10, split={"tune": 0.25, "test": 0.25, "seed": 0})
 
 
 @pytest.fixture(scope="module")
 def trained(project):
     tmp, root = project
-    out = tmp / "cls"
-    result = invoke("classifier", "train", "--data", "cxp", "--preset", "small", "--epochs", 4, "--batch", 4,
-                    "--image-size", 32, "--warmup", 2, "--threads", 1, "--out", out, "--root", root)
-    assert result.exit_code == 0, result.output
-    return out
+    return tiny_classifier(root, tmp / "cls", epochs=4, warmup=2)
 
 
 def test_train_keeps_the_epoch_with_the_lowest_tuning_loss(project, trained):
@@ -86,6 +75,7 @@ def test_train_keeps_the_epoch_with_the_lowest_tuning_loss(project, trained):
     assert again.exit_code == 0 and (trained / "model.safetensors").read_bytes() == weights  # finished run: same outputs
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_ends_bit_identical(project):
     tmp, root = project
     config = get_preset("small", **SMALL, checkpoint_every=3)
@@ -233,6 +223,7 @@ def phantom_project(tmp_path_factory):
     return tmp, root
 
 
+@pytest.mark.slow
 def test_small_preset_learns_the_phantoms_visible_findings(phantom_project):
     """The small preset beats chance on held-out phantoms for findings the renderer draws plainly.
 

@@ -7,11 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import chexpert_rows, torchrun, write_chexpert
-from typer.testing import CliRunner
+from conftest import chexpert_rows, ingest_site, torchrun
 
 from cxrsynth import labels, manifest
-from cxrsynth.cli import app
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="torchrun + gloo on Linux")]
 
@@ -21,14 +19,8 @@ def _torchrun(*args, cwd: Path, timeout: int = 300) -> str:
 
 
 def test_torchrun_classifier_train_two_ranks_read_disjoint_data(tmp_path):
-    rows = chexpert_rows(n_patients=12, studies=2, uncertain=False)
-    csv = write_chexpert(tmp_path / "raw", rows)
-    root = tmp_path / "proj"
-    runner = CliRunner()
-    for args in (["ingest", "chexpert", csv, "--name", "cxp", "--size", 32, "--workers", 1, "--shard-size", 7],
-                 ["split", "cxp", "--tune", 0.25, "--seed", 0]):
-        result = runner.invoke(app, [str(a) for a in args] + ["--root", str(root)], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
+    root = ingest_site(tmp_path, chexpert_rows(n_patients=12, studies=2, uncertain=False), shard_size=7,
+                       split={"tune": 0.25, "seed": 0})
     frame = manifest.read(root, "cxp")
     n_train = int(((frame["split"] == "train") & ~labels.has_uncertain(frame)).sum())
     batch = 2

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import chexpert_rows, write_chexpert
+from conftest import chexpert_rows, ingest_site, micro_generator
 from typer.testing import CliRunner
 
 from cxrsynth.cli import app
@@ -138,22 +138,14 @@ def places(tmp_path_factory) -> dict[str, Path]:
     """The files and folders the cases name, built once (an ingest of 8 images at 16 px, no training)."""
     import torch
 
-    from cxrsynth.diffusion.model import ConditionalUNet, save_generator
-    from cxrsynth.diffusion.presets import get_preset
-
     base = tmp_path_factory.mktemp("cli-errors")
-    csv = write_chexpert(base / "raw", chexpert_rows(uncertain=False))
-    root = base / "proj"
-    for args in (["ingest", "chexpert", str(csv), "--name", "cxp", "--size", "16", "--shard-size", "4", "--workers", "1"],
-                 ["split", "cxp", "--tune", "0.25", "--test", "0.25", "--seed", "0"]):
-        result = runner.invoke(app, [*args, "--root", str(root)], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
+    root = ingest_site(base, chexpert_rows(uncertain=False), size=16, shard_size=4, split={"tune": 0.25, "test": 0.25, "seed": 0})
+    csv = base / "raw" / "CheXpert-v1.0" / "train.csv"
     corrupt = base / "corrupt"
     shutil.copytree(root, corrupt)
     shard = next((corrupt / "data/shards/cxp").rglob("cxp-000000.tar"))
     shard.write_bytes(shard.read_bytes()[:-512])
-    gen = base / "gen"
-    save_generator(ConditionalUNet.build(get_preset("micro")), gen)
+    gen = micro_generator(base / "gen")
     bad_json = base / "bad_gen"
     bad_json.mkdir()
     (bad_json / "generator.json").write_text("{not json")

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_rows, model_dict, patients, scores_for, write_dataset, write_predictions
 from scipy import stats
-from test_evaluate import make_rows, model_dict, patients, scores_for, write_dataset, write_predictions
 from typer.testing import CliRunner
 
 from cxrsynth import labels, manifest

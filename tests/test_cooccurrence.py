@@ -8,16 +8,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import F, make_rows, patients, write_dataset
 from PIL import Image
 from scipy import stats
-from test_evaluate import make_rows, patients, write_dataset
 from typer.testing import CliRunner
 
 from cxrsynth import labels
 from cxrsynth.cli import app
 from cxrsynth.evaluate.cooccurrence import correlation, matrix
-
-F = len(labels.FINDING_COLUMNS)
 
 
 def test_matrix_counts_images_positive_for_both():

@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import chexpert_rows, torchrun, write_chexpert
+from conftest import chexpert_rows, ingest_site, torchrun
 from typer.testing import CliRunner
 
 from cxrsynth import manifest
 from cxrsynth.cli import app
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun + gloo on Linux")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="torchrun + gloo on Linux")]
 
 
 def _torchrun(*args, cwd: Path, timeout: int = 240) -> str:
@@ -31,15 +31,7 @@ def _torchrun(*args, cwd: Path, timeout: int = 240) -> str:
 def project(tmp_path_factory):
     """20 images (no uncertain findings) at 32 px, split ~16 train / 4 tune."""
     tmp = tmp_path_factory.mktemp("ddp")
-    rows = chexpert_rows(n_patients=10, studies=2, uncertain=False)
-    csv = write_chexpert(tmp / "raw", rows)
-    root = tmp / "proj"
-    runner = CliRunner()
-    for args in (["ingest", "chexpert", csv, "--name", "cxp", "--size", 32, "--workers", 1],
-                 ["split", "cxp", "--tune", 0.2, "--seed", 0]):
-        result = runner.invoke(app, [str(a) for a in args] + ["--root", str(root)], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-    return tmp, root
+    return tmp, ingest_site(tmp, chexpert_rows(n_patients=10, studies=2, uncertain=False), split={"tune": 0.2, "seed": 0})
 
 
 def test_torchrun_train_two_ranks_read_disjoint_data(project):

@@ -305,6 +305,7 @@ def test_cli_info_and_bench(tmp_path: Path) -> None:
     assert result.exit_code != 0
 
 
+@pytest.mark.slow
 def test_dpm_solver_converges_to_the_same_ode_solution_as_ddim() -> None:
     # Both solve the probability-flow ODE from the same x_T (DDIM eta = 0 without its x0
     # clipping): many steps agree, and DPM-Solver++ (2nd order) is closer at few steps.

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from conftest import VERSION, F, make_rows, model_dict, patients, scores_for, write_dataset, write_predictions
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
@@ -19,69 +18,6 @@ from cxrsynth.errors import CxrsynthError
 from cxrsynth.evaluate import metrics
 from cxrsynth.evaluate.auroc import bootstrap_aurocs, counts_of, resample_draws
 from cxrsynth.evaluate.leakage import LeakError
-
-F = len(labels.FINDING_COLUMNS)
-VERSION = "v1"
-
-
-# ---------------------------------------------------------------- fixtures built here
-
-
-def make_rows(dataset: str, patients: list[str], split: str, images: int = 2, seed: int = 0,
-              version: str = VERSION) -> pd.DataFrame:
-    """Manifest rows: ``images`` per patient, random findings with ~8% uncertain, demographics."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for p_i, patient in enumerate(patients):
-        for i in range(images):
-            row = {"key": f"{dataset}-{patient}-{split}-{i}", "dataset": dataset, "version": version, "split": split,
-                   "patient_id": patient, "study_id": f"{patient}-s{i}", "sex": ["F", "M"][p_i % 2],
-                   "age": [None, 34.0, 61.0, 67.0, 85.0][p_i % 5], "race": ["White", None, "Asian"][p_i % 3],
-                   "view": ["AP", "PA"][i % 2], "origin": "real"}
-            for j, column in enumerate(labels.FINDING_COLUMNS):
-                u = rng.random()
-                row[column] = -1 if u < 0.08 else int(rng.random() < 0.15 + 0.5 * (j % 3 == 0))
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def write_dataset(root: Path, name: str, frame: pd.DataFrame, version: str = VERSION, **meta) -> None:
-    manifest.write(root, name, frame, {"dataset": name, "version": version, "kind": "test", **meta})
-
-
-def scores_for(frame: pd.DataFrame, seed: int = 1, signal: float = 1.0) -> np.ndarray:
-    """Informative float32 scores: positives higher by ``signal`` (plus noise), uncertain anywhere."""
-    rng = np.random.default_rng(seed)
-    y = labels.findings_matrix(frame).astype(float)
-    logits = signal * np.where(y < 0, 0.5, y) + rng.normal(0, 1, y.shape)
-    return (1 / (1 + np.exp(-logits))).astype(np.float32)
-
-
-def model_dict(name: str = "cxp", split: str = "train", tune_split: str | None = "tune", version: str = VERSION,
-               classifier_id: str = "clf0") -> dict:
-    return {"preset": "small", "config": {"epochs": 1}, "best": {"epoch": 0}, "history": [{"epoch": 0, "loss": 1.0}],
-            "data": {"name": name, "version": version, "split": split, "tune_split": tune_split,
-                     "datasets": {name: version}, "train_images": 10, "tune_images": 2},
-            "classifier_id": classifier_id, "cxrsynth": "0.1.0"}
-
-
-def write_predictions(path: Path, frame: pd.DataFrame, scores: np.ndarray, *, model: dict | None = None,
-                      data: dict | None = None) -> Path:
-    """A predictions parquet as `classifier predict` writes it (key, dataset, 14 float32, metadata)."""
-    columns = {"key": pa.array(frame["key"].astype(str).tolist()), "dataset": pa.array(frame["dataset"].astype(str).tolist())}
-    for j, column in enumerate(labels.FINDING_COLUMNS):
-        columns[column] = pa.array(scores[:, j].astype(np.float32))
-    table = pa.table(columns)
-    meta = {"model": model or model_dict(), "data": data or {"name": "cxp", "version": VERSION, "split": "test"},
-            "rows": len(frame)}
-    table = table.replace_schema_metadata({b"cxrsynth": json.dumps(meta).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
-    return path
-
-
-def patients(prefix: str, n: int) -> list[str]:
-    return [f"{prefix}{i:03d}" for i in range(n)]
 
 
 @pytest.fixture

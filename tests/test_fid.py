@@ -40,6 +40,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_fid_from_local_inception_file(tmp_path, no_network, one_thread):
     from torchvision.models import inception_v3
 

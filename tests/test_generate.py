@@ -6,16 +6,13 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import chexpert_rows, write_chexpert
+from conftest import chexpert_rows, ingest_site, micro_generator, write_chexpert
 
-from cxrsynth import ingest, labels, manifest, shards, splits
+from cxrsynth import labels, manifest, shards
 from cxrsynth.diffusion import replicas as generate
-from cxrsynth.diffusion.model import ConditionalUNet, save_generator
 from cxrsynth.errors import CxrsynthError
-from cxrsynth.diffusion.presets import get_preset
 from cxrsynth.imaging import decode_png
 from cxrsynth.publish import RESERVED
-from cxrsynth.sources import chexpert
 from cxrsynth.verify import verify_dataset
 
 
@@ -25,13 +22,8 @@ def project(tmp_path):
     for row in rows:  # no uncertain labels, so every row is a condition
         for f in labels.FINDINGS:
             row[f] = row[f].replace("-1.0", "1.0")
-    csv = write_chexpert(tmp_path / "raw", rows, images=False)
-    root = tmp_path / "proj"
-    ingest.ingest(chexpert.read(csv), root=root, name="cxp", kind="chexpert", inputs={}, labels_only=True)
-    splits.split(root, "cxp", splits.SplitParams(tune=0.34, seed=0))
-    torch.manual_seed(0)
-    gen = save_generator(ConditionalUNet.build(get_preset("micro")), tmp_path / "gen")
-    return root, gen
+    root = ingest_site(tmp_path, rows, images=False, labels_only=True, split={"tune": 0.34, "seed": 0})
+    return root, micro_generator(tmp_path / "gen")
 
 
 def run(root, gen, name="syn", **kw):

@@ -11,14 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import chexpert_rows, write_chexpert
+from conftest import chexpert_rows, ingest_site
 from typer.testing import CliRunner
 
-from cxrsynth import ingest, labels, loader, manifest, shards, sheet, splits
+from cxrsynth import labels, loader, manifest, shards, sheet
 from cxrsynth.cli import app
 from cxrsynth.errors import CxrsynthError
-from cxrsynth.imaging import ImageError, Preprocess, decode_png
-from cxrsynth.sources import chexpert
+from cxrsynth.imaging import ImageError, decode_png
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +28,10 @@ def project(tmp_path_factory):
     holds every row of both sites as ``train`` and points into both sites' shards.
     """
     tmp = tmp_path_factory.mktemp("loader")
-    root = tmp / "proj"
     rows_b = [dict(r, Path=r["Path"].replace("/patient", "/patient9")) for r in chexpert_rows(n_patients=6, studies=2)]
-    for name, rows, shard_size in (("siteA", chexpert_rows(n_patients=12, studies=2), 5), ("siteB", rows_b, 4)):
-        csv = write_chexpert(tmp / f"raw_{name}", rows)
-        ingest.ingest(chexpert.read(csv), root=root, name=name, kind="chexpert", inputs={}, params=Preprocess(size=32),
-                      shard_size=shard_size, workers=1)
-    splits.split(root, "siteA", splits.SplitParams(tune=0.3, seed=0))
+    root = ingest_site(tmp, chexpert_rows(n_patients=12, studies=2), name="siteA", shard_size=5, raw="raw_siteA",
+                       split={"tune": 0.3, "seed": 0})
+    ingest_site(tmp, rows_b, name="siteB", shard_size=4, raw="raw_siteB")
     both = pd.concat([manifest.read(root, "siteA"), manifest.read(root, "siteB")], ignore_index=True)
     both["split"] = "train"
     manifest.write(root, "both", both, {"kind": "mix", "version": "testmix"})

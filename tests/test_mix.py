@@ -1,32 +1,20 @@
 """Mixing real and synthetic data is a manifest query (the paper's experiments 2-4)."""
 
 import pytest
-import torch
-from conftest import chexpert_rows, write_chexpert
+from conftest import chexpert_rows, ingest_site, micro_generator, replica
 from typer.testing import CliRunner
 
-from cxrsynth import ingest, labels, loader, manifest, splits
-from cxrsynth.diffusion import replicas as generate
+from cxrsynth import labels, loader, manifest
 from cxrsynth.cli import app
-from cxrsynth.diffusion.model import ConditionalUNet, save_generator
-from cxrsynth.diffusion.presets import get_preset
-from cxrsynth.imaging import Preprocess
 from cxrsynth.mix import MixError, MixParams, mix, parse_percent
-from cxrsynth.sources import chexpert
 from cxrsynth.verify import verify_dataset
 
 
 def make_project(tmp, split: str, name: str, replicas: int):
     """cxp (20 images, 32 px, split) and ``replicas`` micro-generator replicas of its ``split`` rows as ``name``."""
-    rows = chexpert_rows(n_patients=10, studies=2, uncertain=False)
-    root = tmp / "proj"
-    ingest.ingest(chexpert.read(write_chexpert(tmp / "raw", rows)), root=root, name="cxp", kind="chexpert",
-                  inputs={}, params=Preprocess(size=32), workers=1)
-    splits.split(root, "cxp", splits.SplitParams(tune=0.2, test=0.2, seed=0))
-    torch.manual_seed(0)
-    gen = save_generator(ConditionalUNet.build(get_preset("micro")), tmp / "gen")
-    generate.generate(root=root, generator_dir=gen, conditions="cxp", split=split, name=name,
-                      config=generate.GenerateConfig(replicas=replicas, steps=1, shard_size=50), device="cpu")
+    root = ingest_site(tmp, chexpert_rows(n_patients=10, studies=2, uncertain=False),
+                       split={"tune": 0.2, "test": 0.2, "seed": 0})
+    replica(root, micro_generator(tmp / "gen"), name, split=split, replicas=replicas, steps=1, shard_size=50)
     return root
 
 

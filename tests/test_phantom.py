@@ -299,6 +299,7 @@ _RENDER_HASHES = (
 )
 
 
+@pytest.mark.slow
 def test_render_bytes_pinned():
     import subprocess
     import sys
@@ -307,6 +308,7 @@ def test_render_bytes_pinned():
     assert __import__("json").loads(out) == RENDER_SHA256
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env", [{"NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"},
                                  {"OPENBLAS_CORETYPE": "Prescott"}, {"OPENBLAS_CORETYPE": "Sandybridge"}],
                          ids=["numpy-simd-baseline", "openblas-prescott", "openblas-sandybridge"])

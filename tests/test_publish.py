@@ -126,6 +126,7 @@ def test_writer_lock_shared_parts_exclude_other_writers(tmp_path) -> None:
             pass
 
 
+@pytest.mark.slow
 def test_two_ingests_of_one_name_at_once(tmp_path) -> None:
     """Two real ``cxrsynth ingest`` processes of one dataset: the second is refused naming the first's PID,
     the first completes and verifies."""

@@ -17,6 +17,8 @@ from cxrsynth import ingest, labels, manifest, splits
 from cxrsynth.sources import chexpert
 from cxrsynth.stats import dataset_stats
 
+pytestmark = pytest.mark.slow  # 223,414 rows: ~8-16 s
+
 CACHE = Path(__file__).resolve().parents[1] / ".cache"
 CSV = CACHE / "chexpert_train.csv.gz"
 

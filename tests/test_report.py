@@ -23,20 +23,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from conftest import chexpert_rows, write_chexpert
+from conftest import (F, chexpert_rows, ingest_site, make_rows, micro_generator, model_dict, patients, replica, write_dataset,
+                      write_predictions)
 from PIL import Image
-from test_evaluate import make_rows, model_dict, patients, write_dataset, write_predictions
 
-from cxrsynth import ingest, labels, manifest, splits
-from cxrsynth.diffusion import replicas as generate
-from cxrsynth.diffusion.model import ConditionalUNet, save_generator
-from cxrsynth.diffusion.presets import get_preset
+from cxrsynth import labels, manifest
 from cxrsynth.evaluate import metrics
 from cxrsynth.evaluate.compare import CompareConfig, compare
 from cxrsynth.evaluate.cooccurrence import cooccurrence
-from cxrsynth.imaging import Preprocess
-from cxrsynth.sources import chexpert
 from cxrsynth.study import report
 
 TESTS = ["cxp:test", "mimic:test", "emory:test"]
@@ -60,7 +54,6 @@ TUNE = {"supplement_k0": 0.8053, "cfg_real_w1": 0.7911, "cfg_real_w5": 0.9199, "
         "cfg_w1_real": 0.7969, "cfg_w1_synthetic": 0.8016, "cfg_w5_real": 0.7406, "cfg_w5_synthetic": 0.9671,
         "cfg_w8p5_real": 0.6983}
 GUIDANCE = {"w1": 1.0, "w5": 5.0, "w8p5": 8.5}
-F = len(labels.FINDING_COLUMNS)
 
 
 def _cells() -> dict[str, dict]:
@@ -175,15 +168,9 @@ def build_study(tmp: Path) -> Path:
             {"replica": r, "dataset": f"cxp_{r}", "guidance": GUIDANCE[r], "feature": "classifier", "fid": fid,
              "real_halves": 0.52, "n_real": 24, "n_synthetic": 24}))
     # 4. a real cxp dataset with images and a micro generator's replica cxp_w1 of its training split
-    rows = chexpert_rows(n_patients=12, studies=1, uncertain=False)
-    csv = write_chexpert(tmp / "raw", rows)
-    ingest.ingest(chexpert.read(csv), root=root, name="cxp", kind="chexpert", inputs={}, params=Preprocess(size=64),
-                  shard_size=8, workers=1)
-    splits.split(root, "cxp", splits.SplitParams(tune=0.2, seed=0))
-    torch.manual_seed(0)
-    gen = save_generator(ConditionalUNet.build(get_preset("micro")), tmp / "gen")
-    generate.generate(root=root, generator_dir=gen, conditions="cxp", split="train", name="cxp_w1", device="cpu",
-                      config=generate.GenerateConfig(replicas=1, steps=2, guidance=1.0, seed=5, shard_size=4))
+    ingest_site(tmp, chexpert_rows(n_patients=12, studies=1, uncertain=False), size=64, shard_size=8,
+                split={"tune": 0.2, "seed": 0})
+    replica(root, micro_generator(tmp / "gen"), "cxp_w1", replicas=1, steps=2, guidance=1.0, seed=5, shard_size=4)
     # 5. the other sites' labels, the training mixes of the rebalancing pair, label co-occurrence
     write_dataset(root, "mimic", make_rows("mimic", patients("m", 40), "train", seed=3))
     write_dataset(root, "emory", make_rows("emory", patients("e", 40), "test", seed=4))
@@ -256,8 +243,11 @@ def _study(root: Path) -> report.Study:
 
 
 # ------------------------------------------------------------------ tests
+# The tests that read ``built`` are slow: building the study (a 64 px site, a replica, the
+# comparisons' 2000-draw bootstraps) takes ~10 s.
 
 
+@pytest.mark.slow
 def test_every_figure_and_table_is_there_and_embedded(built):
     root, path, text = built
     page = Page(text)
@@ -286,6 +276,7 @@ def test_every_figure_and_table_is_there_and_embedded(built):
     assert "Parameters (params.yaml)" in text and "replicas: [w1, w5, w8p5]" in text
 
 
+@pytest.mark.slow
 def test_figure3_and_4_panels_are_the_test_sets_and_the_plot_data_match_the_cells(built):
     root, _, _ = built
     study = _study(root)
@@ -308,6 +299,7 @@ def test_figure3_and_4_panels_are_the_test_sets_and_the_plot_data_match_the_cell
     assert {p["family"] for p in json.loads(paths[1].read_text())} == {"external"}
 
 
+@pytest.mark.slow
 def test_headline_metrics_are_one_macro_auroc_per_cell_and_evaluation_and_the_cas(built):
     from cxrsynth.study.summary import write_headline
 
@@ -322,6 +314,7 @@ def test_headline_metrics_are_one_macro_auroc_per_cell_and_evaluation_and_the_ca
     assert set(data["cas"]) == set(TESTS)
 
 
+@pytest.mark.slow
 def test_table2_grid_guidance_and_missing_cell(built):
     _, _, text = built
     rows = Page(text).table("table2")["rows"]
@@ -337,6 +330,7 @@ def test_table2_grid_guidance_and_missing_cell(built):
     assert all(c.endswith("SD 0.011") for c in grid["Real"])
 
 
+@pytest.mark.slow
 def test_significant_changes_are_marked_as_the_comparisons_say(built):
     root, _, text = built
     page = Page(text)
@@ -370,6 +364,7 @@ def test_significant_changes_are_marked_as_the_comparisons_say(built):
         assert ("rare" in r[0]["text"]) == (report.labels.COLUMN_OF[name] in RARE)
 
 
+@pytest.mark.slow
 def test_missing_results_are_said_and_the_cfg_family_has_no_significance(built):
     root, _, text = built
     notice = text.split('<div class="notice">', 1)[1].split("</div>", 1)[0]
@@ -397,6 +392,7 @@ def _expected_significance(rows: dict[str, dict], family_size: int) -> str:
     return f"{words} after Bonferroni (paired bootstrap, Bonferroni over {family_size} comparisons)"
 
 
+@pytest.mark.slow
 def test_summary_sentences_are_computed_from_the_numbers(built):
     root, _, text = built
     study = _study(root)
@@ -445,6 +441,7 @@ def test_summary_sentences_are_computed_from_the_numbers(built):
     assert f"On the findings under 5% prevalence the mean change was {np.mean(d):+.3f} on cxp test (3 findings, " in s
 
 
+@pytest.mark.slow
 def test_rebalancing_cas_grid_and_run_facts(built):
     root, _, text = built
     page = Page(text)
@@ -502,6 +499,7 @@ def _chrome(binary: str, *args: str) -> subprocess.CompletedProcess:
                               env={**os.environ, "HOME": profile})
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (apt-get install -y chromium)")
 def test_chromium_renders_the_page(built, tmp_path):
     root, path, text = built

@@ -7,15 +7,11 @@ import json
 import tarfile
 
 import pytest
-import torch
-from conftest import chexpert_rows, write_chexpert
+from conftest import chexpert_rows, ingest_site, micro_generator, replica, tiny_classifier
 from typer.testing import CliRunner
 
 from cxrsynth import ingest, labels, manifest, shards, splits
-from cxrsynth.diffusion import replicas as generate
 from cxrsynth.cli import app
-from cxrsynth.diffusion.model import ConditionalUNet, save_generator
-from cxrsynth.diffusion.presets import get_preset
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.imaging import Preprocess
 from cxrsynth.sources import chexpert
@@ -32,11 +28,7 @@ def cli(root, *args, code=0):
 @pytest.fixture
 def images(tmp_path):
     """cxp: 12 patients x 2 studies, 32 px images in 3 shards, not split yet."""
-    csv = write_chexpert(tmp_path / "raw", chexpert_rows(n_patients=12, studies=2, uncertain=False))
-    root = tmp_path / "proj"
-    ingest.ingest(chexpert.read(csv), root=root, name="cxp", kind="chexpert", inputs={}, params=Preprocess(size=32),
-                  shard_size=10, workers=1)
-    return root
+    return ingest_site(tmp_path, chexpert_rows(n_patients=12, studies=2, uncertain=False), shard_size=10)
 
 
 def test_split_publishes_a_version_of_its_parameters_and_keeps_the_shards(images):
@@ -84,11 +76,8 @@ def test_split_publishes_a_version_of_its_parameters_and_keeps_the_shards(images
 
 def test_verify_finds_the_shards_of_a_split_dataset_without_rows(tmp_path):
     """Every image rejected: verify looks for the index in the folder of the version split from."""
-    rows = chexpert_rows(n_patients=2, studies=1, uncertain=False)
-    csv = write_chexpert(tmp_path / "raw", rows, images=False)  # no image files: every row a reject
-    root = tmp_path / "proj"
-    ingest.ingest(chexpert.read(csv), root=root, name="cxp", kind="chexpert", inputs={}, params=Preprocess(size=32),
-                  workers=1)
+    # no image files: every row a reject
+    root = ingest_site(tmp_path, chexpert_rows(n_patients=2, studies=1, uncertain=False), images=False)
     ingested = manifest.read_meta(root, "cxp")["version"]
     assert manifest.read(root, "cxp").empty and verify_dataset(root, "cxp") == ([], 0)
     splits.split(root, "cxp", splits.SplitParams(tune=0.5, seed=0))
@@ -102,20 +91,13 @@ def test_verify_finds_the_shards_of_a_split_dataset_without_rows(tmp_path):
 @pytest.fixture
 def labels_only(tmp_path):
     """cxp: 10 patients, labels only, no uncertain finding; split seed 0; a micro generator."""
-    rows = chexpert_rows(n_patients=10, studies=1, uncertain=False)
-    csv = write_chexpert(tmp_path / "raw", rows, images=False)
-    root = tmp_path / "proj"
-    ingest.ingest(chexpert.read(csv), root=root, name="cxp", kind="chexpert", inputs={}, labels_only=True)
-    splits.split(root, "cxp", splits.SplitParams(tune=0.3, seed=0))
-    torch.manual_seed(0)
-    gen = save_generator(ConditionalUNet.build(get_preset("micro")), tmp_path / "gen")
-    return root, gen
+    root = ingest_site(tmp_path, chexpert_rows(n_patients=10, studies=1, uncertain=False), images=False, labels_only=True,
+                       split={"tune": 0.3, "seed": 0})
+    return root, micro_generator(tmp_path / "gen")
 
 
 def replicas(root, gen, name):
-    config = generate.GenerateConfig(replicas=2, steps=2, guidance=2.0, seed=5, shard_size=4)
-    return generate.generate(root=root, generator_dir=gen, conditions="cxp", split="train", name=name, config=config,
-                             device="cpu")
+    return replica(root, gen, name, replicas=2, steps=2, guidance=2.0, seed=5, shard_size=4)
 
 
 def samples(root, name):
@@ -197,9 +179,7 @@ def test_leak_guard_sees_a_resplit_after_the_classifier_was_trained(images):
     cli(root, "split", "cxp", "--tune", 0.25, "--test", 0.25, "--seed", 0)
     trained_on = manifest.read_meta(root, "cxp")["version"]
     first = manifest.read(root, "cxp")
-    model = root.parent / "cls"
-    cli(root, "classifier", "train", "--data", "cxp", "--preset", "small", "--epochs", 1, "--batch", 4,
-        "--image-size", 32, "--warmup", 1, "--threads", 1, "--out", model)
+    model = tiny_classifier(root, root.parent / "cls")
     assert json.loads((model / "classifier.json").read_text())["data"]["version"] == trained_on
 
     cli(root, "split", "cxp", "--tune", 0.25, "--test", 0.25, "--seed", 5)

@@ -14,83 +14,24 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import chexpert_rows, save_jpeg, write_chexpert
-from typer.testing import CliRunner
+from conftest import Project
 
 from cxrsynth import loader, manifest, shards
-from cxrsynth.cli import app
 from cxrsynth.errors import CheckFailed
 from cxrsynth.share import export as export_lib
 from cxrsynth.share import importer, package
 from cxrsynth.share.audit import AuditConfig
 
-runner = CliRunner()
-
-
-def patient_image(patient: int, study: int, h: int = 48, w: int = 40) -> np.ndarray:
-    """A per-patient smooth texture plus per-study noise: two studies of a patient look alike."""
-    from scipy.ndimage import gaussian_filter
-
-    base = gaussian_filter(np.random.default_rng(1000 + patient).normal(size=(h, w)), 2.5)
-    base = 128 + 50 * base / base.std()
-    noise = np.random.default_rng(10_000 + 100 * patient + study).normal(0, 8, (h, w))
-    return np.clip(base + noise, 0, 255).astype(np.uint8)
-
-
-@dataclass
-class Project:
-    root: Path
-    gen: Path
-
-    def cli(self, *args, code: int = 0) -> str:
-        result = runner.invoke(app, [str(a) for a in args] + ["--root", str(self.root)], catch_exceptions=False)
-        assert result.exit_code == code, result.output
-        return result.output
-
-    def copy(self, to: Path) -> "Project":
-        shutil.copytree(self.root, to)
-        return Project(to, self.gen)
-
-
-def build_project(base: Path) -> Project:
-    import torch
-
-    from cxrsynth import ingest, splits
-    from cxrsynth.diffusion import replicas as generate
-    from cxrsynth.diffusion.model import ConditionalUNet, save_generator
-    from cxrsynth.diffusion.presets import get_preset
-    from cxrsynth.imaging import Preprocess
-    from cxrsynth.sources import chexpert
-
-    rows = chexpert_rows(n_patients=10, studies=3, uncertain=False)
-    csv = write_chexpert(base / "raw", rows, images=False)
-    for row in rows:
-        patient = int(row["Path"].split("/patient")[1][:5])
-        study = int(row["Path"].split("/study")[1].split("/")[0])
-        save_jpeg(base / "raw" / row["Path"], patient_image(patient, study))
-    root = base / "proj"
-    ingest.ingest(chexpert.read(csv), root=root, name="cxp", kind="chexpert", inputs={}, params=Preprocess(size=32),
-                  shard_size=10, workers=1)
-    splits.split(root, "cxp", splits.SplitParams(tune=0.3, seed=0))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        net = ConditionalUNet.build(get_preset("micro"))
-    # trained on the split dataset, as `generator train` records it (a split is a version of its own)
-    gen = save_generator(net, base / "gen", data_version=f"cxp@{manifest.read_meta(root, 'cxp')['version']}")
-    config = generate.GenerateConfig(replicas=1, sampler="ddim", steps=1, seed=5, shard_size=32, batch_size=32)  # one forward
-    generate.generate(root=root, generator_dir=gen, conditions="cxp", split="train", name="syn", config=config, device="cpu")
-    return Project(root, gen)
-
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Project:
-    return build_project(tmp_path_factory.mktemp("share"))
+def built(share_project) -> Project:
+    return share_project
 
 
 @pytest.fixture

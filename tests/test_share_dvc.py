@@ -11,12 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
-from test_share import Project, build_project
+from conftest import Project
 
 from cxrsynth import manifest
 from cxrsynth.share import export as export_lib
 from cxrsynth.share import package
+
+pytestmark = pytest.mark.slow  # git + dvc round trips: ~10 s
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
 
@@ -45,8 +48,8 @@ def files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_synthetic_remote_and_dvc_import_round_trip(tmp_path):
-    project: Project = build_project(tmp_path / "build")
+def test_synthetic_remote_and_dvc_import_round_trip(share_project: Project, tmp_path):
+    project = share_project  # read only: copied into the sender, exported from
     sender = new_repo(tmp_path / "sender")
     remotes = {"real": tmp_path / "remote_real", "synthetic": tmp_path / "remote_synthetic"}
     for name, where in remotes.items():

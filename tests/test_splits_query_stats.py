@@ -1,17 +1,14 @@
 
 import pandas as pd
 import pytest
-from conftest import chexpert_rows, write_chexpert
+from conftest import chexpert_rows, ingest_site
 
-from cxrsynth import ingest, labels, manifest, splits
-from cxrsynth.sources import chexpert
+from cxrsynth import labels, manifest, splits
 from cxrsynth.stats import cohort_stats
 
 
 def labels_only(tmp_path, n_patients=60, studies=3, name="cxp"):
-    csv = write_chexpert(tmp_path / "raw", chexpert_rows(n_patients, studies), images=False)
-    ingest.ingest(chexpert.read(csv), root=tmp_path / "proj", name=name, kind="chexpert", inputs={}, labels_only=True)
-    return tmp_path / "proj"
+    return ingest_site(tmp_path, chexpert_rows(n_patients, studies), name=name, images=False, labels_only=True)
 
 
 def test_split_is_patient_disjoint_deterministic_and_sized(tmp_path):

@@ -5,22 +5,15 @@
 
 import pytest
 import torch
-from conftest import chexpert_rows, write_chexpert
+from conftest import chexpert_rows, ingest_site
 
-from cxrsynth import ingest, labels, loader, manifest, splits
-from cxrsynth.imaging import Preprocess
-from cxrsynth.sources import chexpert
+from cxrsynth import labels, loader, manifest
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stream")
-    rows = chexpert_rows(n_patients=10, studies=3)
-    csv = write_chexpert(tmp / "raw", rows)
-    ingest.ingest(chexpert.read(csv), root=tmp / "proj", name="cxp", kind="chexpert", inputs={},
-                  params=Preprocess(size=32), shard_size=7, workers=1)
-    splits.split(tmp / "proj", "cxp", splits.SplitParams(tune=0.2, seed=0))
-    return tmp / "proj"
+    return ingest_site(tmp, chexpert_rows(n_patients=10, studies=3), shard_size=7, split={"tune": 0.2, "seed": 0})
 
 
 def batches(root, split, batch_size, size, *, train, seed, rank=0, world=1, exclude_uncertain=True, epoch=0):

@@ -208,18 +208,12 @@ def test_a_test_set_without_test_rows_fails_before_a_cell_trains(tmp_path):
 def test_a_cell_runs_on_the_typed_parameters(tmp_path):
     """`cxrsynth study cell` on a tiny ingested site: the classifier and evaluation settings of
     params.yaml reach the training and the metrics, and the summary, headline and report read them."""
-    from conftest import chexpert_rows, write_chexpert
+    from conftest import chexpert_rows, ingest_site
 
-    from cxrsynth import ingest, splits
-    from cxrsynth.imaging import Preprocess
-    from cxrsynth.sources import chexpert
     from cxrsynth.study.summary import headline
 
-    root = tmp_path / "proj"
-    csv = write_chexpert(tmp_path / "raw", chexpert_rows(n_patients=16, studies=2, uncertain=False))
-    ingest.ingest(chexpert.read(csv), root=root, name="cxp", kind="chexpert", inputs={}, params=Preprocess(size=32),
-                  shard_size=16, workers=1)
-    splits.split(root, "cxp", splits.SplitParams(tune=0.25, test=0.25, seed=0))
+    root = ingest_site(tmp_path, chexpert_rows(n_patients=16, studies=2, uncertain=False), shard_size=16,
+                       split={"tune": 0.25, "test": 0.25, "seed": 0})
     params = {"seed": 0, "study": {"real": "cxp", "tests": ["cxp"]}, "replicas": {"w1": {"guidance": 1.0, "replicas": 1}},
               "classifier": {"preset": "small", "image_size": 16, "epochs": 1, "batch_size": 8, "exclude_uncertain": False},
               "evaluate": {"bootstrap": 20}, "supplement": {"replica": "w1", "k": [0]}}
