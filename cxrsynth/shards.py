@@ -261,15 +261,16 @@ def _being_written(directory: Path, name: str) -> bool:
     return False
 
 
-def file_mismatch(path: Path, entry: dict, shown: str | Path) -> str | None:
+def file_mismatch(path: Path, entry: dict, shown: str | Path, against: str = "index says") -> str | None:
     """How the file ``path`` differs from its index entry (``bytes``, then ``sha256``), naming it
-    ``shown``; None when it matches. Shard indexes and share packages are checked by it."""
+    ``shown`` and the entry's source ``against``; None when it matches. Shard indexes, share
+    packages and the shards of an import (against what was recorded then) are checked by it."""
     size = path.stat().st_size
     if size != entry["bytes"]:
-        return f"size mismatch: {shown}: {size} bytes, index says {entry['bytes']}"
+        return f"size mismatch: {shown}: {size} bytes, {against} {entry['bytes']}"
     digest = sha256_file(path)
     if digest != entry["sha256"]:
-        return f"sha256 mismatch: {shown}: {digest[:12]}…, index says {entry['sha256'][:12]}…"
+        return f"sha256 mismatch: {shown}: {digest[:12]}…, {against} {str(entry['sha256'])[:12]}…"
     return None
 
 
@@ -479,7 +480,7 @@ def refusal(member: Member) -> str | None:
     if "/" in name or "\\" in name:
         return "a path with folders (members are flat <key>.<ext>)"
     key, dot, ext = name.partition(".")
-    if not dot or not KEY_PATTERN.match(key) or ext not in SAMPLE_EXTENSIONS:
+    if not dot or not KEY_PATTERN.fullmatch(key) or ext not in SAMPLE_EXTENSIONS:
         return f"not named <key>.<ext> (key of [A-Za-z0-9_-], ext one of {', '.join(SAMPLE_EXTENSIONS)})"
     if member.size > MAX_MEMBER_BYTES:
         return f"{member.size} bytes, more than the {MAX_MEMBER_BYTES} a sample member may hold"

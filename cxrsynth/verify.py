@@ -2,12 +2,18 @@
 
 What is checked, for dataset ``name``:
 
-1. the manifest's rows against the checksum its writer recorded (``rows_sha256``,
-   :func:`cxrsynth.manifest.rows_checksum`): any edit made outside cxrsynth shows;
+1. the manifest's recorded identity (:func:`check_identity`): the dataset name in its
+   metadata is the file's name (a manifest copied or renamed over another dataset's shows),
+   its rows carry that name and the recorded version (a mix's rows: each source's mixed
+   version), and the checksum of the rows its writer recorded (``rows_sha256``,
+   :func:`cxrsynth.manifest.rows_checksum`) is there and equal: any edit made outside
+   cxrsynth shows, also one by a tool that drops the metadata (DuckDB's ``COPY ... TO``);
 2. every shard folder the ``shard`` column points at (``data/shards/<name>/<version>/``,
    or a package's ``shards/`` folder for a dataset imported in place): its ``index.json``,
    each listed shard's size and sha256, and the manifest's rows per shard against the
-   index counts;
+   index counts; for an imported dataset, each shard also against the size and sha256
+   recorded at import (``imported.package.shards``), so a package changed in place after
+   its import (a swapped image, its index re-hashed by the sender) shows;
 3. every manifest row against its shard's sample: the key is there, and the JSON member's
    labels and demographics equal the manifest's (each mismatch names the key and column);
 4. for a mix (rows drawn from other datasets), 3. on its rows and 1.-3. on each source,
@@ -34,7 +40,7 @@ def verify_dataset(root: str | Path, name: str, _path: tuple[str, ...] = ()) -> 
     root = Path(root)
     frame = manifest.read(root, name)
     meta = manifest.read_meta(root, name)
-    problems = _checksum(root, name)
+    problems = check_identity(root, name, frame, meta)
     checked = 0
     if meta.get("kind") == "mix":  # a mix owns no shards: verify the datasets it draws from
         chain = (*_path, name)
@@ -58,23 +64,100 @@ def verify_dataset(root: str | Path, name: str, _path: tuple[str, ...] = ()) -> 
         folders.setdefault(Path(shard).parent, {})[Path(shard).name] = int(count)
     if not folders:  # no row has a shard: the version's own folder (every image rejected, or rows lost);
         # a split version's shards are those of the version it was split from
-        folders[shards.shard_dir(".", name, meta.get("split_of") or meta["version"])] = {}
+        folders[shards.shard_dir(".", name, str(meta.get("split_of") or meta.get("version")))] = {}
+    recorded = _recorded_at_import(meta)
+    if recorded is None and _imported_in_place(meta):
+        problems.append(f"{name} was imported in place before cxrsynth recorded a package's shard hashes at import: its "
+                        f"shards can only be checked against the sender's own index; import the package again")
     for folder, counts in sorted(folders.items()):
         directory = folder if folder.is_absolute() else root / folder
         problems += shards.verify(directory, counts)
+        if recorded is not None:
+            problems += _against_import(directory, counts, recorded)
         checked += len(counts)
     problems += check_rows(root, with_shard)
     return problems, checked
 
 
-def _checksum(root: Path, name: str) -> list[str]:
+def check_identity(root: str | Path, name: str, frame: pd.DataFrame, meta: dict) -> list[str]:
+    """What manifest ``name`` records about itself against its file name and rows.
+
+    Returns:
+        One problem each: no cxrsynth metadata at all; a recorded dataset name other than
+        ``name``; rows of another dataset or version than recorded (for a mix: rows of a
+        dataset it does not record as a source, or of another version of one); no recorded
+        rows checksum, or one the rows no longer match.
+    """
+    root = Path(root)
+    path = manifest.manifest_path(root, name)
+    if not meta:
+        return [f"{path}: no cxrsynth metadata (dataset, version, rows checksum): rewritten by another tool "
+                f"(DuckDB, pandas...)? Restore it (git, DVC) or re-run the command that wrote it"]
+    problems = []
+    dataset, version = (frame[c].astype("string") if c in frame.columns else pd.Series(pd.NA, index=frame.index,
+                                                                                       dtype="string")
+                        for c in ("dataset", "version"))
+    if meta.get("dataset") != name:
+        problems.append(f"{path}: it records dataset {meta.get('dataset')!r}, not {name!r}: a manifest copied or renamed "
+                        f"from another dataset?")
+    if meta.get("kind") == "mix":
+        sources = meta.get("sources") if isinstance(meta.get("sources"), dict) else {}
+        expected = pd.Series([sources.get(d) for d in dataset.fillna("")], index=frame.index,
+                             dtype="string")
+        wrong = (version != expected).fillna(True).to_numpy(dtype=bool)
+        what = "not a mixed version of one of its recorded sources " + \
+            (", ".join(f"{d}@{v}" for d, v in sorted(sources.items())) or "(none)")
+    else:
+        wrong = ((dataset != name) | (version != str(meta.get("version")))).fillna(True).to_numpy(dtype=bool)
+        what = f"not {name}@{meta.get('version')}, the dataset and version it records"
+    if wrong.any():
+        at = int(wrong.argmax())
+        problems.append(f"{path}: {int(wrong.sum())} row(s) are {what}, e.g. {frame['key'].iloc[at]} of "
+                        f"{dataset.iloc[at]}@{version.iloc[at]}")
     recorded, computed = manifest.stored_checksum(root, name)
     if recorded is None:
-        return []  # written before manifests recorded one: nothing to compare
-    if recorded != computed:
-        return [f"{manifest.manifest_path(root, name)}: its rows differ from the checksum recorded when it was written "
-                f"(rows_sha256 {recorded[:12]}…, now {computed[:12]}…): edited outside cxrsynth?"]
-    return []
+        problems.append(f"{path}: no {manifest.CHECKSUM_KEY} recorded, so its rows cannot be checked: rewritten by "
+                        f"another tool? Restore it (git, DVC) or re-run the command that wrote it")
+    elif recorded != computed:
+        problems.append(f"{path}: its rows differ from the checksum recorded when it was written "
+                        f"({manifest.CHECKSUM_KEY} {recorded[:12]}…, now {computed[:12]}…): edited outside cxrsynth?")
+    return problems
+
+
+def _imported_in_place(meta: dict) -> bool:
+    imported = meta.get("imported")
+    return isinstance(imported, dict) and isinstance(imported.get("package"), dict) and \
+        not imported["package"].get("copied")
+
+
+def _recorded_at_import(meta: dict) -> dict[str, dict] | None:
+    """Shard name → ``{name, count, bytes, sha256}`` recorded when the dataset was imported (None: not recorded)."""
+    imported = meta.get("imported")
+    package = imported.get("package") if isinstance(imported, dict) else None
+    entries = package.get("shards") if isinstance(package, dict) else None
+    if not isinstance(entries, list):
+        return None
+    return {str(e.get("name")): e for e in entries if isinstance(e, dict)}
+
+
+def _against_import(directory: Path, counts: dict[str, int], recorded: dict[str, dict]) -> list[str]:
+    """Each shard the rows use against its size and sha256 recorded at import."""
+    problems = []
+    for shard in sorted(counts):
+        path = directory / shard
+        entry = recorded.get(shard)
+        if entry is None:
+            problems.append(f"{path}: not among the shards recorded at import ({', '.join(sorted(recorded)) or 'none'})")
+        elif not (isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+            problems.append(f"{path}: what was recorded at import for it is not a size and a sha256 ({entry!r})")
+        elif path.is_file():  # a missing shard is reported by the index check
+            problem = shards.file_mismatch(path, entry, path, against="recorded at import")
+            if problem is not None:
+                problems.append(problem)
+            elif counts[shard] != entry.get("count"):
+                problems.append(f"count mismatch: {shard}: manifest has {counts[shard]} rows, {entry.get('count')} "
+                                f"recorded at import")
+    return problems
 
 
 def check_rows(root: str | Path, frame: pd.DataFrame) -> list[str]:

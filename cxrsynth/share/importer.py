@@ -12,7 +12,10 @@ A package comes from another site, so nothing in it is believed before it is che
    manifest row, each PNG must be an 8-bit grayscale PNG of sane size, and samples and rows
    must match one to one;
 4. the dataset is published (:func:`cxrsynth.publish.publish`, ``kind = synthetic``) with
-   the package's public metadata kept as provenance under ``imported``; shards stay in the
+   the package's public metadata kept as provenance under ``imported``, and the name, sample
+   count, size and sha256 of each shard as checked here (``imported.package.shards``), which
+   ``cxrsynth verify`` holds the shards to afterwards (a package used in place may be changed
+   later by whoever can write its folder, index included); shards stay in the
    package (``shard`` paths relative to the project root when the package is inside it) or
    are copied to ``data/shards/<name>/<version>/`` (``copy``), where ``cxrsynth verify``
    checks them like any other version.
@@ -200,7 +203,7 @@ def _import(root: Path, directory: Path, name: str, *, copy: bool, force: bool) 
     index = package.check(directory)
     files = {e["path"]: e for e in index["files"]}
     version = str(index.get("version", ""))
-    if not VERSION_PATTERN.match(version):
+    if not VERSION_PATTERN.fullmatch(version):
         raise UnsafePackage(f"{package.INDEX}: version {version!r} is not [A-Za-z0-9_-]{{1,64}}")
     for required in (package.MANIFEST, package.DATASHEET):
         if required not in files:
@@ -210,8 +213,11 @@ def _import(root: Path, directory: Path, name: str, *, copy: bool, force: bool) 
     results = check_shards(directory, frame, files)
 
     rows = frame.assign(dataset=name, version=version)
+    # the shards as checked now: verify holds them to this, not to what the package's index says later
+    recorded = [{"name": r.name, "count": r.count, "bytes": r.bytes, "sha256": r.sha256} for r in results]
     provenance = {"package": {"name": index.get("name"), "version": version, "images": len(rows),
-                              "index_sha256": shards.sha256_file(directory / package.INDEX), "copied": copy},
+                              "index_sha256": shards.sha256_file(directory / package.INDEX), "copied": copy,
+                              "shards": recorded},
                   "sender": public}
     splits = sorted(str(s) for s in rows["split"].dropna().unique())
     made_by = {"imported": provenance, "split": splits[0] if len(splits) == 1 else None,
