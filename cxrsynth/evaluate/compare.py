@@ -12,6 +12,9 @@ Two tests of "OTHER's AUROC differs from BASELINE's", per finding and for the ma
   the two-sided p-value ``min(1, 2 min((1 + #{delta* <= 0}) / (B + 1), (1 + #{delta* >= 0}) / (B + 1)))``.
   Its smallest possible value is ``2 / (B + 1)``.
 
+Only metrics of the same test set, findings and bootstrap (kind, seed, replicates) are
+compared (:func:`check_comparable`); anything else is refused, naming the difference.
+
 Bonferroni: the family is every comparison made in one call — for each OTHER, each finding
 with an AUROC for both models plus the macro mean — and each method is corrected over that
 family on its own: ``p_bonferroni = min(1, p * family)``, significant when ``< alpha``.
@@ -52,6 +55,28 @@ def check_same_test(base: dict, other: dict, base_name: str, other_name: str) ->
         if a != b:
             raise CxrsynthError(f"{other_name} was evaluated on another test set than {base_name}: test.{key} is "
                                 f"{b!r} there, {a!r} in the baseline")
+
+
+def check_comparable(base: dict, other: dict, base_name: str, other_name: str) -> None:
+    """Refuse two metrics files the t-test may not compare, naming the first difference: another
+    test set (:func:`check_same_test`), other findings, or another bootstrap (kind, seed or
+    replicate count: the replicate vectors of an image and a patient-cluster bootstrap, or of
+    other draws, are not samples of the same thing)."""
+    check_same_test(base, other, base_name, other_name)
+    for metrics, name in ((base, base_name), (other, other_name)):
+        if not isinstance(metrics["findings"], dict) or sorted(metrics["findings"]) != sorted(labels.FINDING_COLUMNS):
+            found = sorted(metrics["findings"]) if isinstance(metrics["findings"], dict) else metrics["findings"]
+            raise CxrsynthError(f"{name} has metrics of other findings ({', '.join(map(str, found))}) than this "
+                                f"cxrsynth's ({', '.join(labels.FINDING_COLUMNS)})")
+    a, b = base["bootstrap"], other["bootstrap"]
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        raise CxrsynthError(f"{base_name if not isinstance(a, dict) else other_name}: its bootstrap record is not a mapping")
+    for key, default, what in (("cluster", "image", "bootstrap kind (--cluster)"), ("seed", None, "bootstrap seed (--seed)"),
+                               ("n", None, "number of bootstrap replicates (--bootstrap)")):
+        if a.get(key, default) != b.get(key, default):
+            raise CxrsynthError(f"{other_name} was evaluated with another {what} than {base_name}: bootstrap.{key} is "
+                                f"{b.get(key, default)!r} there, {a.get(key, default)!r} in the baseline; evaluate both "
+                                f"the same way")
 
 
 def paired_p(delta: np.ndarray) -> float | None:
@@ -104,7 +129,7 @@ def compare(root: str | Path, baseline: str | Path, others: list[str | Path], co
     loaded = []
     for path in others:
         m, r = read_metrics(path)
-        check_same_test(base_m, m, str(baseline), str(path))
+        check_comparable(base_m, m, str(baseline), str(path))
         loaded.append((Path(path), m, r))
     b = base_m["bootstrap"]
     n_boot = int(config.bootstrap if config.bootstrap is not None else b["n"])

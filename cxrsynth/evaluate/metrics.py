@@ -131,17 +131,34 @@ def read_predictions(path: str | Path) -> Predictions:
     for column in labels.FINDING_COLUMNS:
         if not pd.api.types.is_float_dtype(scores[column]):
             raise CxrsynthError(f"{path}: column {column} is {scores[column].dtype}, not a float probability")
-    bad = ~np.isfinite(scores.to_numpy(dtype=np.float64))
-    if bad.any():
-        rows, cols = np.nonzero(bad)
-        raise CxrsynthError(f"{path}: {bad.sum()} non-finite score(s), e.g. key {frame['key'].iloc[rows[0]]} "
-                            f"{labels.FINDING_COLUMNS[cols[0]]}")
+    check_probabilities(path, frame["key"], scores.to_numpy(dtype=np.float64))
     if frame["key"].isna().any() or frame["key"].duplicated().any():
         dup = frame.loc[frame["key"].duplicated(), "key"].head(EXAMPLES).tolist()
         raise CxrsynthError(f"{path}: keys must be unique and non-null (duplicates: {', '.join(map(str, dup))})")
     if meta.get("rows") is not None and int(meta["rows"]) != len(frame):
         raise CxrsynthError(f"{path}: the metadata says {meta['rows']} rows, the file has {len(frame)}")
     return Predictions(path=path, frame=frame, meta=meta)
+
+
+def check_probabilities(path: Path, keys: pd.Series, scores: np.ndarray) -> None:
+    """Refuse scores that are not probabilities (NaN, infinite, or outside [0, 1]), naming each
+    offending column with its count and a key: an AUROC of such scores is computed without
+    complaint, so nothing later would say they were never a model's output."""
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.isfinite(scores) & (scores >= 0) & (scores <= 1))
+    if not bad.any():
+        return
+    columns = []
+    for j in np.flatnonzero(bad.any(axis=0)):
+        column = scores[:, j]
+        kinds = [f"{n} {what}" for n, what in ((int(np.isnan(column).sum()), "NaN"), (int(np.isinf(column).sum()), "infinite"),
+                                                (int((np.isfinite(column) & ((column < 0) | (column > 1))).sum()),
+                                                 "outside [0, 1]")) if n]
+        at = int(np.argmax(bad[:, j]))
+        columns.append(f"{labels.FINDING_COLUMNS[j]} ({', '.join(kinds)}; e.g. key {keys.iloc[at]}: {column[at]:.4g})")
+    more = f"; and {len(columns) - EXAMPLES} more column(s)" if len(columns) > EXAMPLES else ""
+    raise CxrsynthError(f"{path}: {int(bad.sum())} score(s) in {len(columns)} column(s) are not probabilities in [0, 1]: "
+                        f"{'; '.join(columns[:EXAMPLES])}{more}")
 
 
 def read_manifest(root: str | Path, name: str) -> pd.DataFrame:
