@@ -76,7 +76,7 @@ class IngestResult:
 
 def check_version(version: str | None) -> str | None:
     """A version name given by hand must be one folder name (:data:`VERSION_PATTERN`)."""
-    if version is not None and not VERSION_PATTERN.match(version):
+    if version is not None and not VERSION_PATTERN.fullmatch(version):
         raise CxrsynthError(f"version name {version!r} must match {VERSION_PATTERN.pattern} (it becomes a folder name)")
     return version
 

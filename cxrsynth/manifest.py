@@ -26,6 +26,7 @@ from cxrsynth import labels
 from cxrsynth.errors import CxrsynthError, CxrsynthWarning
 
 MANIFEST_DIR = "manifests"
+#: A dataset name, matched whole (``fullmatch``: ``$`` alone also matches before a final newline).
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 #: Longest dataset name: it becomes a SQL view name and part of file names (manifest,
 #: rejects ledger, shard folder and ``<name>-000000.tar``), well under 255 bytes.
@@ -73,7 +74,7 @@ def check_name(name: str) -> str:
     """Dataset names become SQL view names: letters, digits and underscores."""
     if len(name) > NAME_MAX:
         raise ManifestError(f"dataset name {name[:20]!r}... has {len(name)} characters; at most {NAME_MAX} characters")
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ManifestError(f"dataset name {name!r} must match {NAME_PATTERN.pattern} (it becomes a SQL view name)")
     if name.lower() == "images":
         raise ManifestError("'images' is reserved for the union view of all manifests")

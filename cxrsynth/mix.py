@@ -40,7 +40,7 @@ class MixError(CxrsynthError):
 
 def parse_percent(text: str | float) -> float:
     """``"500%"`` / ``"500"`` / ``500`` / ``"5x"`` → 5.0 replicas."""
-    match = _PERCENT.match(str(text))
+    match = _PERCENT.fullmatch(str(text))
     if not match:
         raise MixError(f"--synthetic expects a percentage such as 500% (or a count of replicas such as 5x), got {text!r}")
     return float(match.group(1)) if match.group(2) == "x" else float(match.group(1)) / 100.0

@@ -58,10 +58,18 @@ def _order(patients: np.ndarray, seed: int) -> np.ndarray:
 
 
 def assign(frame: pd.DataFrame, params: SplitParams) -> pd.Series:
-    """The split of each row (train/tune/test, or null for rows outside ``view``)."""
+    """The split of each row (train/tune/test, or null for rows outside ``view``).
+
+    Raises:
+        CxrsynthError: ``view`` is given and no row has it (naming the views present).
+    """
     eligible = np.ones(len(frame), dtype=bool)
     if params.view is not None:
         eligible = (frame["view"].astype("string").str.upper() == params.view.upper()).fillna(False).to_numpy(dtype=bool)
+        if len(frame) and not eligible.any():  # every row would lose its split
+            present = sorted(frame["view"].dropna().astype(str).unique())
+            raise CxrsynthError(f"--view {params.view}: no image has that view, so every split would be wiped; views "
+                                f"present: {', '.join(present) or 'none (no row records a view)'}")
     patients = np.sort(frame.loc[eligible, "patient_id"].astype(str).unique())
     order = patients[_order(patients, params.seed)]
     n_test = int(round(params.test * len(order)))

@@ -383,7 +383,7 @@ class StudyParams:
     def check(self, key: str) -> None:
         """The checks across sections: replica names, the replicas each family names and needs, the baselines."""
         for name in self.replicas:
-            if not REPLICA_NAME.match(name) or name in RESERVED_REPLICAS:
+            if not REPLICA_NAME.fullmatch(name) or name in RESERVED_REPLICAS:
                 raise ParamsError(f"replicas.{name}", "a replica name is letters, digits and underscores, and not "
                                                       f"{' or '.join(map(repr, RESERVED_REPLICAS))} (cell tags and "
                                                       "dataset names are made of it)")
