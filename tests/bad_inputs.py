@@ -63,7 +63,7 @@ class Case:
         args = list(self.args)
         if args[-2:] == ["--root", "{root}"]:
             args = args[:-2]
-        return "cxrsynth " + " ".join(a if a and " " not in a else json.dumps(a) for a in args)
+        return "cxrsynth " + " ".join(a if a and " " not in a and a.isprintable() else json.dumps(a) for a in args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -860,7 +860,228 @@ def _ingest(*options: str) -> tuple[str, ...]:
 
 _INGEST = _ingest()
 
+# --- wrong answers reported as right: verify, compare, evaluate, study compare, names ---------
+
+
+def _split_with_test(tmp: Path) -> dict:
+    """:func:`_ingested` split with a test patient (1 of 3), so rows can be moved out of test."""
+    from cxrsynth import splits
+
+    paths = _ingested(tmp)
+    splits.split(paths["root"], "cxp", splits.SplitParams(tune=0.0, test=0.34, seed=0))
+    return paths
+
+
+def _manifest_rewritten_by_duckdb(tmp: Path) -> dict:
+    """Every test row moved to train by DuckDB (``COPY (SELECT ...) TO``), which drops the
+    parquet metadata, the recorded checksum with it."""
+    import duckdb
+
+    paths = _split_with_test(tmp)
+    moved = paths["manifest"].with_name("moved.parquet")
+    con = duckdb.connect()
+    con.execute(f"COPY (SELECT * REPLACE ('train' AS split) FROM read_parquet('{paths['manifest']}')) TO '{moved}' "
+                f"(FORMAT parquet)")
+    con.close()
+    os.replace(moved, paths["manifest"])
+    return paths
+
+
+def _manifest_checksum_dropped(tmp: Path) -> dict:
+    """The same edit by pyarrow, the metadata kept but without its ``rows_sha256``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = _split_with_test(tmp)
+    table = pq.read_table(paths["manifest"])
+    meta = json.loads(table.schema.metadata[b"cxrsynth"])
+    meta.pop("rows_sha256")
+    table = table.set_column(table.column_names.index("split"), "split", pa.array(["train"] * table.num_rows))
+    pq.write_table(table.replace_schema_metadata({"cxrsynth": json.dumps(meta)}), paths["manifest"])
+    return paths
+
+
+def _manifest_renamed(tmp: Path) -> dict:
+    """cxp's manifest copied over the name of another dataset (``cp cxp.parquet site2.parquet``)."""
+    import shutil
+
+    paths = _ingested(tmp)
+    shutil.copyfile(paths["manifest"], paths["manifest"].with_name("site2.parquet"))
+    return paths
+
+
+def _import_changed_by_sender(tmp: Path) -> dict:
+    """:func:`_imported_in_place`, then the sender swaps one PNG in the package's shard and
+    re-hashes ``shards/index.json`` and ``index.json``: the package verifies against itself."""
+    import io
+    import tarfile
+
+    from cxrsynth import shards
+    from cxrsynth.share import package
+
+    paths = _imported_in_place(tmp)
+    pkg = paths["root"] / "pkg"
+    (tar_path,) = sorted((pkg / "shards").glob("*.tar"))
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    swapped = io.BytesIO()
+    _save_png_to(swapped, _image(999))
+    first_png = next(m.name for m, _ in members if m.name.endswith(".png"))
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in members:
+            if member.name == first_png:
+                data = swapped.getvalue()
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    index = json.loads((pkg / "shards" / shards.INDEX_NAME).read_text())
+    for entry in index["shards"]:
+        entry.update(bytes=tar_path.stat().st_size, sha256=shards.sha256_file(tar_path))
+    (pkg / "shards" / shards.INDEX_NAME).write_text(json.dumps(index))
+    old = json.loads((pkg / package.INDEX).read_text())
+    package.write_index(pkg, {k: v for k, v in old.items() if k not in ("format", "files")})
+    assert package.verify(pkg) == []  # the package itself looks intact
+    return {**paths, "shard": tar_path.name}
+
+
+def _save_png_to(handle, image) -> None:
+    from PIL import Image
+
+    Image.fromarray(image).save(handle, format="PNG")
+
+
+def _evaluation_project(tmp: Path) -> dict:
+    """Dataset cxp (manifest only: 6 train, 12 test patients) and a model's predictions of its test split."""
+    from conftest import make_rows, model_dict, patients, scores_for, write_dataset, write_predictions
+    import pandas as pd
+
+    root = tmp / "proj"
+    frame = pd.concat([make_rows("cxp", patients("tr", 6), "train", seed=1),
+                       make_rows("cxp", patients("te", 12), "test", seed=2)], ignore_index=True)
+    write_dataset(root, "cxp", frame)
+    test = frame.loc[frame["split"] == "test"]
+    write_predictions(root / "pred.parquet", test, scores_for(test), model=model_dict())
+    return {"root": root, "pred": root / "pred.parquet", "test": test}
+
+
+def _scores_outside(tmp: Path) -> dict:
+    """Predictions whose scores are logits in [-3, 7], not probabilities."""
+    from conftest import model_dict, write_predictions
+
+    paths = _evaluation_project(tmp)
+    import numpy as np
+
+    scores = np.random.default_rng(0).uniform(-3, 7, (len(paths["test"]), len(FINDINGS))).astype(np.float32)
+    write_predictions(paths["pred"], paths["test"], scores, model=model_dict())
+    return paths
+
+
+def _scores_nan_inf(tmp: Path) -> dict:
+    """Predictions with 2 NaN scores of edema and one infinite one of fracture."""
+    from conftest import model_dict, scores_for, write_predictions
+
+    paths = _evaluation_project(tmp)
+    scores = scores_for(paths["test"])
+    columns = _finding_columns()
+    scores[[0, 3], columns.index("edema")] = float("nan")
+    scores[5, columns.index("fracture")] = float("inf")
+    write_predictions(paths["pred"], paths["test"], scores, model=model_dict())
+    return paths
+
+
+def _no_file(name: str):
+    def check(paths: dict, output: str) -> None:
+        assert not (paths["root"] / name).exists(), name
+
+    return check
+
+
+def _metrics_pair(**other):
+    """Two evaluations of the same predictions: the baseline (image bootstrap, seed 0, 20
+    replicates) and one with ``other`` changed (e.g. ``cluster="patient"``)."""
+    def build(tmp: Path) -> dict:
+        from cxrsynth.evaluate import metrics
+
+        paths = _evaluation_project(tmp)
+        root = paths["root"]
+        for name, config in (("base", {}), ("other", other)):
+            ev = metrics.evaluate(root, paths["pred"], metrics.EvaluateConfig(**{"bootstrap": 20, **config}))
+            metrics.write(ev, root / "metrics" / f"{name}.json")
+        return {**paths, "base": root / "metrics" / "base.json", "other": root / "metrics" / "other.json"}
+
+    return build
+
+
+def _study_baseline_only(tmp: Path) -> dict:
+    """A study project whose supplement family has run only its baseline cell (supplement_k0)."""
+    import shutil
+
+    root = tmp / "proj"
+    (root / "metrics" / "study").mkdir(parents=True)
+    shutil.copyfile(Path(__file__).resolve().parents[1] / "params.yaml", root / "params.yaml")
+    (root / "metrics" / "study" / "supplement_k0.json").write_text(json.dumps({"evaluations": {}}) + "\n")
+    return {"root": root}
+
+
+def _split_unchanged(paths: dict, output: str) -> None:
+    from cxrsynth import manifest
+
+    frame = manifest.read(paths["root"], "cxp")
+    assert frame["split"].isna().all() and manifest.read_meta(paths["root"], "cxp")["version"] == paths["version"]
+
+
+def _ingested_with_version(tmp: Path) -> dict:
+    from cxrsynth import manifest
+
+    paths = _ingested(tmp)
+    return {**paths, "version": manifest.read_meta(paths["root"], "cxp")["version"]}
+
+
+def _no_dataset(paths: dict, output: str) -> None:
+    from cxrsynth import manifest
+
+    assert manifest.list_names(paths["root"]) == [] if (paths["root"] / "manifests").is_dir() else True
+
+
 CASES: tuple[Case, ...] = (
+    # Wrong answers reported as right: what verify, compare and evaluate pass must be what they say it is.
+    Case("verify-manifest-rewritten-by-duckdb", "every test row moved to train by DuckDB COPY ... TO the manifest (verify)",
+         _manifest_rewritten_by_duckdb, ("verify", "cxp", "--root", "{root}"), 1, "rewritten by another tool",
+         "a failed check: the manifest records no identity or checksum"),
+    Case("verify-manifest-checksum-dropped", "the same edit by pyarrow, the metadata kept without rows_sha256 (verify)",
+         _manifest_checksum_dropped, ("verify", "cxp", "--root", "{root}"), 1, "no rows_sha256 recorded",
+         "a failed check: the recorded checksum is missing"),
+    Case("verify-manifest-renamed", "cxp's manifest copied as another dataset's (site2.parquet) (verify site2)",
+         _manifest_renamed, ("verify", "site2", "--root", "{root}"), 1, "it records dataset 'cxp', not 'site2'",
+         "a failed check naming the recorded dataset"),
+    Case("verify-import-changed-by-sender", "a package imported in place, then a PNG swapped by its sender and its "
+         "indexes re-hashed (verify)", _import_changed_by_sender, ("verify", "imp", "--root", "{root}"), 1,
+         "recorded at import", "a failed check naming the shard: held to the hashes recorded at import",
+         check=_names("{shard}")),
+    Case("evaluate-scores-outside-0-1", "predictions whose scores are in [-3, 7] (evaluate)", _scores_outside,
+         ("evaluate", "{pred}", "--out", "{tmp}/m.json", "--root", "{root}"), 2, "not probabilities in [0, 1]",
+         "clean error naming each column and its count", check=_names("outside [0, 1]")),
+    Case("evaluate-scores-nan-inf", "predictions with NaN and infinite scores (evaluate)", _scores_nan_inf,
+         ("evaluate", "{pred}", "--out", "{tmp}/m.json", "--root", "{root}"), 2, "edema (2 NaN",
+         "clean error naming each column and its count", check=_names("fracture (1 infinite")),
+    Case("compare-image-vs-patient-bootstrap", "compare of an image bootstrap with a patient-cluster bootstrap",
+         _metrics_pair(cluster="patient"), ("compare", "{base}", "{other}", "--out", "{tmp}/c.json", "--root", "{root}"),
+         2, "another bootstrap kind (--cluster)", "clean error naming the difference", check=_names("'patient' there")),
+    Case("compare-other-bootstrap-seed", "compare of metrics bootstrapped with another seed", _metrics_pair(seed=1),
+         ("compare", "{base}", "{other}", "--out", "{tmp}/c.json", "--root", "{root}"), 2,
+         "another bootstrap seed (--seed)", "clean error naming the difference"),
+    Case("compare-other-replicate-count", "compare of metrics with another number of bootstrap replicates",
+         _metrics_pair(bootstrap=30), ("compare", "{base}", "{other}", "--out", "{tmp}/c.json", "--root", "{root}"), 2,
+         "another number of bootstrap replicates", "clean error naming the difference"),
+    Case("study-compare-baseline-only", "study compare of a family whose only run cell is the baseline",
+         _study_baseline_only, ("study", "compare", "supplement", "--root", "{root}"), 2,
+         "no cell to compare with the baseline supplement_k0", "clean error naming the cells not run; no file written",
+         check=_no_file("metrics/compare/supplement.json")),
+    Case("name-trailing-newline", "a dataset name with a trailing newline (ingest --name 'cxp\\n')", _chexpert_tree,
+         ("ingest", "chexpert", "{csv}", "--name", "cxp\n", "--size", str(SIDE), "--workers", "1", "--root", "{root}"), 2,
+         "must match", "clean error; nothing written", check=_no_dataset),
+    Case("split-view-absent", "split --view XX (no image has that view)", _ingested_with_version,
+         ("split", "cxp", "--seed", "0", "--view", "XX", "--root", "{root}"), 2, "views present: AP",
+         "clean error naming the views present; the splits are kept", check=_split_unchanged),
     # Checkpoints from another site are untrusted: nothing in them runs, every fault is one clean line.
     Case("ckpt-pickle-payload", "checkpoint with a pickle payload (code that runs on load)", _ckpt_payload, _IMPORT,
          2, "may be unsafe", "refused before anything runs; names the refused global", check=_marker_absent),
