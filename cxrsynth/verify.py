@@ -42,6 +42,9 @@ def verify_dataset(root: str | Path, name: str, _path: tuple[str, ...] = ()) -> 
     meta = manifest.read_meta(root, name)
     problems = check_identity(root, name, frame, meta)
     checked = 0
+    missing = [c for c in manifest.COLUMNS if c not in frame.columns]
+    if missing:  # rewritten by a tool that dropped columns: nothing below can be read row by row
+        return problems + [f"{manifest.manifest_path(root, name)}: no column(s) {', '.join(missing)}"], checked
     if meta.get("kind") == "mix":  # a mix owns no shards: verify the datasets it draws from
         chain = (*_path, name)
         for source, version in (meta.get("sources") or {}).items():
@@ -94,16 +97,13 @@ def check_identity(root: str | Path, name: str, frame: pd.DataFrame, meta: dict)
         return [f"{path}: no cxrsynth metadata (dataset, version, rows checksum): rewritten by another tool "
                 f"(DuckDB, pandas...)? Restore it (git, DVC) or re-run the command that wrote it"]
     problems = []
-    dataset, version = (frame[c].astype("string") if c in frame.columns else pd.Series(pd.NA, index=frame.index,
-                                                                                       dtype="string")
-                        for c in ("dataset", "version"))
+    dataset, version = _strings(frame, "dataset"), _strings(frame, "version")
     if meta.get("dataset") != name:
         problems.append(f"{path}: it records dataset {meta.get('dataset')!r}, not {name!r}: a manifest copied or renamed "
                         f"from another dataset?")
     if meta.get("kind") == "mix":
         sources = meta.get("sources") if isinstance(meta.get("sources"), dict) else {}
-        expected = pd.Series([sources.get(d) for d in dataset.fillna("")], index=frame.index,
-                             dtype="string")
+        expected = pd.Series([sources.get(d) for d in dataset.fillna("")], index=frame.index, dtype="string")
         wrong = (version != expected).fillna(True).to_numpy(dtype=bool)
         what = "not a mixed version of one of its recorded sources " + \
             (", ".join(f"{d}@{v}" for d, v in sorted(sources.items())) or "(none)")
@@ -112,7 +112,7 @@ def check_identity(root: str | Path, name: str, frame: pd.DataFrame, meta: dict)
         what = f"not {name}@{meta.get('version')}, the dataset and version it records"
     if wrong.any():
         at = int(wrong.argmax())
-        problems.append(f"{path}: {int(wrong.sum())} row(s) are {what}, e.g. {frame['key'].iloc[at]} of "
+        problems.append(f"{path}: {int(wrong.sum())} row(s) are {what}, e.g. {_strings(frame, 'key').iloc[at]} of "
                         f"{dataset.iloc[at]}@{version.iloc[at]}")
     recorded, computed = manifest.stored_checksum(root, name)
     if recorded is None:
@@ -122,6 +122,13 @@ def check_identity(root: str | Path, name: str, frame: pd.DataFrame, meta: dict)
         problems.append(f"{path}: its rows differ from the checksum recorded when it was written "
                         f"({manifest.CHECKSUM_KEY} {recorded[:12]}…, now {computed[:12]}…): edited outside cxrsynth?")
     return problems
+
+
+def _strings(frame: pd.DataFrame, column: str) -> pd.Series:
+    """A column as strings; all null when a tool that rewrote the manifest dropped it."""
+    if column in frame.columns:
+        return frame[column].astype("string")
+    return pd.Series(pd.NA, index=frame.index, dtype="string")
 
 
 def _imported_in_place(meta: dict) -> bool:

@@ -887,6 +887,20 @@ def _manifest_rewritten_by_duckdb(tmp: Path) -> dict:
     return paths
 
 
+def _manifest_columns_dropped(tmp: Path) -> dict:
+    """The manifest rewritten by DuckDB without its key and shard columns."""
+    import duckdb
+
+    paths = _ingested(tmp)
+    moved = paths["manifest"].with_name("moved.parquet")
+    con = duckdb.connect()
+    con.execute(f"COPY (SELECT * EXCLUDE (key, shard) FROM read_parquet('{paths['manifest']}')) TO '{moved}' "
+                f"(FORMAT parquet)")
+    con.close()
+    os.replace(moved, paths["manifest"])
+    return paths
+
+
 def _manifest_checksum_dropped(tmp: Path) -> dict:
     """The same edit by pyarrow, the metadata kept but without its ``rows_sha256``."""
     import pyarrow as pa
@@ -1047,6 +1061,9 @@ CASES: tuple[Case, ...] = (
     Case("verify-manifest-rewritten-by-duckdb", "every test row moved to train by DuckDB COPY ... TO the manifest (verify)",
          _manifest_rewritten_by_duckdb, ("verify", "cxp", "--root", "{root}"), 1, "rewritten by another tool",
          "a failed check: the manifest records no identity or checksum"),
+    Case("verify-manifest-columns-dropped", "the manifest rewritten by DuckDB without its key and shard columns (verify)",
+         _manifest_columns_dropped, ("verify", "cxp", "--root", "{root}"), 1, "no column(s) key, shard",
+         "a failed check naming the missing columns"),
     Case("verify-manifest-checksum-dropped", "the same edit by pyarrow, the metadata kept without rows_sha256 (verify)",
          _manifest_checksum_dropped, ("verify", "cxp", "--root", "{root}"), 1, "no rows_sha256 recorded",
          "a failed check: the recorded checksum is missing"),
