@@ -1025,6 +1025,37 @@ def _metrics_pair(**other):
     return build
 
 
+def _predictions_changed(tmp: Path) -> dict:
+    """:func:`_metrics_pair` (the same evaluation twice), then the predictions file rewritten by another model."""
+    from conftest import model_dict, scores_for, write_predictions
+
+    paths = _metrics_pair()(tmp)
+    write_predictions(paths["pred"], paths["test"], scores_for(paths["test"], seed=7), model=model_dict())
+    return paths
+
+
+def _replicates_swapped(tmp: Path) -> dict:
+    """:func:`_metrics_pair`, then other.json's replicates replaced by those of a 30-replicate evaluation."""
+    import shutil
+
+    from cxrsynth.evaluate import metrics
+
+    paths = _metrics_pair()(tmp)
+    ev = metrics.evaluate(paths["root"], paths["pred"], metrics.EvaluateConfig(bootstrap=30))
+    metrics.write(ev, tmp / "b30.json")
+    shutil.copyfile(metrics.replicates_path(tmp / "b30.json"), metrics.replicates_path(paths["other"]))
+    return paths
+
+
+def _predictions_without_version(tmp: Path) -> dict:
+    from conftest import model_dict, scores_for, write_predictions
+
+    paths = _evaluation_project(tmp)
+    write_predictions(paths["pred"], paths["test"], scores_for(paths["test"]), model=model_dict(),
+                      data={"name": "cxp", "split": "test"})
+    return paths
+
+
 def _study_baseline_only(tmp: Path) -> dict:
     """A study project whose supplement family has run only its baseline cell (supplement_k0)."""
     import shutil
@@ -1089,6 +1120,15 @@ CASES: tuple[Case, ...] = (
     Case("compare-other-replicate-count", "compare of metrics with another number of bootstrap replicates",
          _metrics_pair(bootstrap=30), ("compare", "{base}", "{other}", "--out", "{tmp}/c.json", "--root", "{root}"), 2,
          "another number of bootstrap replicates", "clean error naming the difference"),
+    Case("compare-predictions-changed", "compare after a metrics file's predictions were rewritten by another model",
+         _predictions_changed, ("compare", "{base}", "{other}", "--out", "{tmp}/c.json", "--root", "{root}"), 2,
+         "the predictions changed since they were evaluated", "clean error naming the file and a finding"),
+    Case("compare-replicates-swapped", "compare with a metrics file whose saved replicates are another evaluation's",
+         _replicates_swapped, ("compare", "{base}", "{other}", "--out", "{tmp}/c.json", "--root", "{root}"), 2,
+         "its saved replicates have shapes (30, 14)", "clean error naming the shapes"),
+    Case("evaluate-predictions-without-version", "predictions whose metadata records no dataset version (evaluate)",
+         _predictions_without_version, ("evaluate", "{pred}", "--out", "{tmp}/m.json", "--root", "{root}"), 2,
+         "records no version of cxp", "clean error: the version cannot be checked"),
     Case("study-compare-baseline-only", "study compare of a family whose only run cell is the baseline",
          _study_baseline_only, ("study", "compare", "supplement", "--root", "{root}"), 2,
          "no cell to compare with the baseline supplement_k0", "clean error naming the cells not run; no file written",

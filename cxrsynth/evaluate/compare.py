@@ -13,7 +13,9 @@ Two tests of "OTHER's AUROC differs from BASELINE's", per finding and for the ma
   Its smallest possible value is ``2 / (B + 1)``.
 
 Only metrics of the same test set, findings and bootstrap (kind, seed, replicates) are
-compared (:func:`check_comparable`); anything else is refused, naming the difference.
+compared (:func:`check_comparable`); anything else is refused, naming the difference. So are
+saved replicates of another shape than the bootstrap recorded (:func:`check_replicates`) and
+predictions that no longer give the AUROCs their metrics record (:func:`check_predictions_unchanged`).
 
 Bonferroni: the family is every comparison made in one call — for each OTHER, each finding
 with an AUROC for both models plus the macro mean — and each method is corrected over that
@@ -31,7 +33,8 @@ from cxrsynth import labels
 from cxrsynth.config import Config
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.evaluate.auroc import bootstrap_aurocs
-from cxrsynth.evaluate.metrics import clusters, dumps, join, macro_of, predictions_of, read_metrics, read_predictions
+from cxrsynth.evaluate.metrics import (TestSet, clusters, dumps, join, macro_of, point_estimates, predictions_of,
+                                       read_metrics, read_predictions)
 
 #: Test-set facts two metrics files must share.
 _SAME = ("name", "version", "split", "images", "keys_sha256", "datasets")
@@ -77,6 +80,33 @@ def check_comparable(base: dict, other: dict, base_name: str, other_name: str) -
             raise CxrsynthError(f"{other_name} was evaluated with another {what} than {base_name}: bootstrap.{key} is "
                                 f"{b.get(key, default)!r} there, {a.get(key, default)!r} in the baseline; evaluate both "
                                 f"the same way")
+
+
+def check_replicates(metrics: dict, reps: dict[str, np.ndarray], path: str | Path) -> None:
+    """Refuse saved replicates that are not this evaluation's: ``(n, findings)`` and ``(n,)`` for its ``bootstrap.n``."""
+    n, width = metrics["bootstrap"].get("n"), len(labels.FINDING_COLUMNS)
+    shapes = (reps["findings"].shape, reps["macro"].shape)
+    if shapes != ((n, width), (n,)):
+        raise CxrsynthError(f"{path}: its saved replicates have shapes {shapes[0]} and {shapes[1]}, its bootstrap.n is "
+                            f"{n!r} ({width} findings): the replicates of another evaluation? Evaluate it again")
+
+
+def check_predictions_unchanged(metrics: dict, test: TestSet, path: str | Path) -> None:
+    """Refuse a metrics file whose predictions file no longer gives its recorded AUROCs: the
+    paired bootstrap would then test other predictions than the t-test's saved replicates."""
+    findings, _ = point_estimates(test.labels, test.scores)
+    for column in labels.FINDING_COLUMNS:
+        entry = metrics["findings"][column]
+        now, recorded = findings[column]["auroc"], entry.get("auroc") if isinstance(entry, dict) else None
+        same = recorded is None if now is None else isinstance(recorded, (int, float)) and abs(now - recorded) <= 1e-9
+        if not same:
+            raise CxrsynthError(f"{path}: its predictions ({metrics.get('predictions')}) give {column} AUROC {_shown(now)}, "
+                                f"the metrics record {_shown(recorded)}: the predictions changed since they were evaluated; "
+                                f"evaluate them again")
+
+
+def _shown(value) -> str:
+    return f"{value:.6g}" if isinstance(value, (int, float)) else repr(value)
 
 
 def paired_p(delta: np.ndarray) -> float | None:
@@ -136,8 +166,12 @@ def compare(root: str | Path, baseline: str | Path, others: list[str | Path], co
     seed = int(config.seed if config.seed is not None else b["seed"])
     if n_boot < 1:
         raise CxrsynthError("the paired bootstrap needs at least 1 replicate (--bootstrap)")
+    for metrics, reps_, path in ((base_m, base_r, baseline), *((m, r, p) for p, m, r in loaded)):
+        check_replicates(metrics, reps_, path)
     base_test = join(root, read_predictions(predictions_of(base_m, baseline)))
     tests = [join(root, read_predictions(predictions_of(m, path))) for path, m, _ in loaded]
+    for metrics, test, path in ((base_m, base_test, baseline), *((m, t, p) for (p, m, _), t in zip(loaded, tests))):
+        check_predictions_unchanged(metrics, test, path)
     for (path, _, _), t in zip(loaded, tests):
         if not (t.rows["key"].astype(str).to_numpy() == base_test.rows["key"].astype(str).to_numpy()).all():
             raise CxrsynthError(f"{path}: its predictions cover other images than the baseline's")

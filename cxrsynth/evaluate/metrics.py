@@ -180,7 +180,10 @@ def join(root: str | Path, predictions: Predictions) -> TestSet:
     name, split = str(data["name"]), data.get("split")
     frame = read_manifest(root, name)
     version = str(manifest.read_meta(root, name).get("version"))
-    if data.get("version") is not None and str(data["version"]) != version:
+    if data.get("version") is None:  # predict always records it: without it, a re-versioned dataset would pass
+        raise CxrsynthError(f"{predictions.path}: its metadata records no version of {name} (data.version), so it cannot "
+                            f"be checked against {name}@{version}: predict again with `cxrsynth classifier predict`")
+    if str(data["version"]) != version:
         raise CxrsynthError(f"{predictions.path} was predicted on {name}@{data['version']}, the manifest is now "
                             f"{name}@{version}: predict again")
     rows = frame if split is None else frame.loc[(frame["split"] == split).fillna(False).to_numpy(dtype=bool)]
