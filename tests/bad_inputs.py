@@ -965,8 +965,8 @@ def _save_png_to(handle, image) -> None:
 
 def _evaluation_project(tmp: Path) -> dict:
     """Dataset cxp (manifest only: 6 train, 12 test patients) and a model's predictions of its test split."""
-    from conftest import make_rows, model_dict, patients, scores_for, write_dataset, write_predictions
     import pandas as pd
+    from conftest import make_rows, model_dict, patients, scores_for, write_dataset, write_predictions
 
     root = tmp / "proj"
     frame = pd.concat([make_rows("cxp", patients("tr", 6), "train", seed=1),

@@ -52,7 +52,7 @@ def test_rows_of_another_version_than_recorded(tmp_path: Path) -> None:
     version = manifest.read_meta(root, "cxp")["version"]
     _rewrite(root, "cxp", manifest.read(root, "cxp"), version="v2")  # the metadata claims another version
     problems = verify_dataset(root, "cxp")[0]
-    assert any(f"3 row(s) are not cxp@v2, the dataset and version it records, e.g." in p and f"cxp@{version}" in p
+    assert any("3 row(s) are not cxp@v2, the dataset and version it records, e.g." in p and f"cxp@{version}" in p
                for p in problems), problems
 
 

@@ -33,8 +33,17 @@ from cxrsynth import labels
 from cxrsynth.config import Config
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.evaluate.auroc import bootstrap_aurocs
-from cxrsynth.evaluate.metrics import (TestSet, clusters, dumps, join, macro_of, point_estimates, predictions_of,
-                                       read_metrics, read_predictions)
+from cxrsynth.evaluate.metrics import (
+    TestSet,
+    clusters,
+    dumps,
+    join,
+    macro_of,
+    point_estimates,
+    predictions_of,
+    read_metrics,
+    read_predictions,
+)
 
 #: Test-set facts two metrics files must share.
 _SAME = ("name", "version", "split", "images", "keys_sha256", "datasets")
