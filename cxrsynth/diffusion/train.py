@@ -55,7 +55,7 @@ from timm.utils import ModelEmaV3
 
 from cxrsynth import checkpoints as checkpoints_lib
 from cxrsynth import runtime
-from cxrsynth.config import Config
+from cxrsynth.config import Config, setting
 from cxrsynth.diffusion.losses import ScheduleTensors, diffusion_loss
 from cxrsynth.diffusion.model import ConditionalUNet, save_generator
 from cxrsynth.diffusion.presets import GeneratorConfig
@@ -88,17 +88,17 @@ class TrainConfig(Config):
 
     kind = "generator training config"  # how errors name these settings (a class attribute, not a field)
 
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    ema_decay: float = 0.9999
-    grad_clip: float = 1.0
-    save_every: int = 500
-    log_every: int = 10
+    steps: int = setting(1000, ge=1)
+    batch_size: int = setting(16, ge=1)
+    lr: float = setting(1e-4, gt=0)
+    weight_decay: float = setting(0.0, ge=0)
+    warmup_steps: int = setting(100, ge=0)
+    ema_decay: float = setting(0.9999, ge=0, le=1)
+    grad_clip: float = setting(1.0, ge=0)
+    save_every: int = setting(500, ge=1)
+    log_every: int = setting(10, ge=1)
     seed: int = 0
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = setting(2, ge=0)
 
 
 def _fast_paths(device: torch.device) -> dict[str, Any]:
