@@ -276,13 +276,15 @@ def train(
              "data_version": data_version}, indent=2) + "\n")
 
     def save_checkpoint() -> None:
-        mine = (checkpoints_lib.rng_state(device, gen), (seen_images, sorted(seen_keys)))
+        mine = (checkpoints_lib.rng_state(device, gen), (seen_images, sorted(seen_keys)), bool(finite))
         ranks: list[Any] = [mine]
         if dist_info.world > 1:
             import torch.distributed as dist
 
             ranks = [None] * dist_info.world
             dist.all_gather_object(ranks, mine)
+        # every rank decides alike (the flags are gathered), so no rank waits for a stopped one
+        checkpoints_lib.check_loss([0.0 if ok else math.nan for _, _, ok in ranks], f"step {step} or before", tc.lr)
         if not is_main:
             return
         ck.mkdir(parents=True, exist_ok=True)
@@ -290,8 +292,8 @@ def train(
             "config": config.to_dict(), "train": tc.to_dict(), "run": run, "step": step, "epoch": epoch,
             "batch_in_epoch": batch_in_epoch, "model": model.state_dict(),
             "ema": ema.module.state_dict(), "optimizer": opt.state_dict(),
-            "lr_schedule": sched.state_dict(), "rng": [r for r, _ in ranks],
-            "data_seen": [s for _, s in ranks],
+            "lr_schedule": sched.state_dict(), "rng": [r for r, _, _ in ranks],
+            "data_seen": [s for _, s, _ in ranks],
         }
         checkpoints_lib.save(state, ck / LATEST)
         if tc.keep_checkpoints > 0:
@@ -310,6 +312,7 @@ def train(
     autocast = torch.autocast(device.type, dtype=fast["autocast_dtype"] or torch.float32,
                               enabled=fast["autocast_dtype"] is not None)
     running = torch.zeros((), device=device)
+    finite = torch.ones((), device=device, dtype=torch.bool)  # every loss so far finite; read at checkpoints (a sync there anyway)
     n_running, images, t_last = 0, 0, time.perf_counter()
     model.train()
     while step < tc.steps:
@@ -346,10 +349,13 @@ def train(
             batch_in_epoch += 1
             ema.update(model, step=step)
             running += loss.detach()
+            finite &= torch.isfinite(loss.detach())
             n_running += 1
             images += b * dist_info.world
             if step % tc.log_every == 0 or step == tc.steps:
                 value = (running / n_running).item()  # the only sync
+                if dist_info.world == 1:  # under DDP the gathered check of the next checkpoint stops every rank alike
+                    checkpoints_lib.check_loss([value], f"step {step}", tc.lr)
                 now = time.perf_counter()
                 rate = images / max(now - t_last, 1e-9)
                 running.zero_(); n_running, images, t_last = 0, 0, now
