@@ -58,8 +58,8 @@ def check_loss(losses: Sequence[float], where: str, lr: float) -> None:
     """
     bad = [x for x in losses if not math.isfinite(x)]
     if bad:
-        raise Diverged(f"training diverged: the loss is {bad[0]} at {where}; stopped without writing weights or a "
-                       f"checkpoint from this point on (an earlier checkpoint is kept). Lower the learning rate "
+        raise Diverged(f"training diverged: the loss is {bad[0]} at {where}; stopped before writing weights or a "
+                       f"checkpoint from this point on (checkpoints written before stay). Lower the learning rate "
                        f"(it is {lr:g}) or check the data")
 
 
