@@ -202,6 +202,24 @@ def _wrote_none(*files: str):
     return check
 
 
+def _images_not_black(paths: dict, output: str) -> None:
+    """Every image of the published dataset ``s`` has some non-zero pixel (a NaN sample decodes to black)."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from cxrsynth import manifest
+
+    meta = manifest.read_meta(paths["root"], "s")
+    images = []
+    for shard in sorted((paths["root"] / "data" / "shards" / "s" / meta["version"]).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            images += [np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read()))) for m in tar if m.name.endswith(".png")]
+    assert images and all(image.any() for image in images), f"{sum(not i.any() for i in images)} of {len(images)} black"
+
+
 _CLASSIFIER = ("classifier", "train", "--data", "cxp", "--out", "{tmp}/clf", "--preset", "small", "--image-size", "32",
                "--epochs", "2", "--batch", "2", "--threads", "1")
 _GENERATE = ("generate", "--generator", "{gen}", "--conditions", "cxp", "--name", "s", "--steps", "2", "--batch", "4",
@@ -1194,6 +1212,13 @@ CASES: tuple[Case, ...] = (
          _garbage_site_generator, (*_GENERATE, "--guidance", "1e300", "--root", "{root}"), 2,
          "the generator's output is NaN or infinite", "refused at the first batch; no image written from it, no dataset published",
          check=_no_dataset("s")),
+    Case("generate-eta-above-1", "generate --eta 1.5 (DDIM's step is NaN above eta 1)", _nothing,
+         ("generate", "--generator", "{tmp}", "--conditions", "cxp", "--name", "s", "--eta", "1.5", "--root", "{root}"), 2,
+         "generate config: eta: expected a value <= 1, got 1.5", "refused by GenerateConfig (eta is in [0, 1])"),
+    Case("generate-eta-1", "generate --eta 1 with the default trailing spacing (its first step was NaN: black images)",
+         _garbage_site_generator, ("generate", "--generator", "{gen}", "--conditions", "cxp", "--name", "s", "--steps", "3",
+                                   "--eta", "1", "--threads", "1", "--root", "{root}"), 0, "complete",
+         "accepted: the DDIM variance is fitted under 1 - alpha_bar_prev, no image is black", check=_images_not_black),
     Case("generate-nan-generator", "generate with a generator whose weights hold a NaN", _garbage_site_nan_generator,
          (*_GENERATE, "--root", "{root}"), 2, "NaN or infinite values in 1 of",
          "refused when the generator loads, naming the tensor; no dataset published", check=_no_dataset("s")),

@@ -74,7 +74,7 @@ class GenerateConfig(Config):
     guidance: float = setting(1.0, ge=0)  # standard formula: 1 = conditional model alone (the paper's "CFG 0")
     sampler: str = "ddim"
     steps: int = 200
-    eta: float = 0.0
+    eta: float = setting(0.0, ge=0, le=1)  # DDIM's eta: 1 is DDPM's variance; above it the step is NaN
     cfg_formula: str = "standard"
     seed: int = 0
     batch_size: int = 16
