@@ -22,6 +22,10 @@ change mid-run) and resuming another run fails, naming what differs; only ``step
 its own directory under a checkpoint root (:func:`run_checkpoints`, named by
 :func:`run_id`), so a changed setting starts a new run beside the old one.
 
+A loss that becomes NaN or infinite stops the run (:func:`cxrsynth.checkpoints.check_loss`):
+at the next readout on one process, and under DDP at the next checkpoint, where every rank's
+flag is gathered so all ranks stop alike; no checkpoint and no generator is written from it.
+
 Fast paths (chosen in :func:`_fast_paths`, one place): bf16 autocast, channels_last,
 fused AdamW and :func:`cxrsynth.runtime.cuda_fast_paths` (TF32, autotuned cuDNN) on
 CUDA only; fp32 elsewhere.

@@ -310,7 +310,7 @@ class StudyParams:
     synthetic: Family | None = None
     external: External | None = None
     rebalance: Rebalance | None = None
-    image_size: int | None = setting(None, ge=1)
+    image_size: int | None = setting(None, ge=1, le=MAX_IMAGE_SIDE)
     shard_size: int | None = setting(None, ge=1)
     phantom: dict[str, int] | None = setting(None, ge=1)
     sources: Sources | None = None
