@@ -63,7 +63,7 @@ SHUFFLE_BUFFER = 1000  # samples in each loader stream's shuffle buffer: the loa
 #: upper bound is a sanity bound, not a hardware one: 8 times the paper's 256 px (64 times its
 #: pixels), above what chest X-ray classifiers and generators are trained at; a batch of 32
 #: images at 2048 px is already 512 MiB of float32 input before any activation, and a typo such
-#: as 100000 would need tens of GB per image batch and be killed instead of refused. The lower
+#: as 100000 is 40 GB per float32 image: the run was killed instead of refused. The lower
 #: bound is the CLI's ``--image-size`` minimum: below 8 px a radiograph holds nothing to learn.
 MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 8, 2048
 #: Most bootstrap replicates of an evaluation or comparison: 100 times the default (1000). Each
