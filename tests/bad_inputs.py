@@ -172,6 +172,13 @@ def _ckpt_nan(tmp: Path) -> dict:
     return {**_checkpoint(tmp, {"state_dict": {f"model.{k}": v for k, v in adm.items()}}), "work": tmp}
 
 
+def _fid_checkpoint_nan(tmp: Path) -> dict:
+    import torch
+
+    torch.save({"state_dict": {"conv1.weight": torch.tensor([1.0, float("nan")])}}, tmp / "classifier.pt")
+    return {"ckpt": tmp / "classifier.pt", "root": tmp}
+
+
 def _params_file(classifier: dict):
     def build(tmp: Path) -> dict:
         root = tmp / "proj"
@@ -1224,6 +1231,10 @@ CASES: tuple[Case, ...] = (
          "refused when the generator loads, naming the tensor; no dataset published", check=_no_dataset("s")),
     Case("import-mediffusion-nan", "generator import-mediffusion of a checkpoint with a NaN weight", _ckpt_nan, _IMPORT, 2,
          "NaN or infinite values in 1 of", "refused, naming the tensor; no generator written", check=_wrote_none("gen")),
+    Case("fid-classifier-nan", "generator fid --checkpoint holding a NaN weight", _fid_checkpoint_nan,
+         ("generator", "fid", "--real", "a", "--synthetic", "b", "--classifier", "resnet18", "--checkpoint", "{ckpt}",
+          "--root", "{root}"), 2, "classifier.pt: NaN or infinite values in 1 of 1 tensor(s) (conv1.weight)",
+         "refused when the weights load (the distance would be NaN)"),
     Case("generator-train-diverges", "generator train --lr 1e30 (finite, but the loss becomes NaN)", _garbage_site,
          ("generator", "train", "--data", "cxp", "--out", "{tmp}/gen", "--preset", "micro", "--image-size", "32", "--steps", "4",
           "--batch", "2", "--lr", "1e30", "--log-every", "1", "--threads", "1", "--root", "{root}"), 2, "training diverged",

@@ -340,12 +340,16 @@ def load_reid(directory: str | Path, device: "torch.device") -> Embedding:
 
     from safetensors.torch import load_file
 
+    from cxrsynth.safeload import check_finite
+
     directory = Path(directory)
     if not (directory / "reid.json").is_file() or not (directory / "reid.safetensors").is_file():
         raise EmbeddingError(f"{directory}: no reid.json + reid.safetensors (save one with `share audit --embedding reid`)")
     info = json.loads((directory / "reid.json").read_text())
     config = ReidConfig.from_dict(info["config"])
     net = reid_network(config)
-    net.load_state_dict(load_file(str(directory / "reid.safetensors")))
+    state = load_file(str(directory / "reid.safetensors"))
+    check_finite(state, str(directory / "reid.safetensors"))
+    net.load_state_dict(state)
     net = net.to(device).eval()
     return Embedding(f"reid:{directory}", config.size, lambda im: net(_as_input(im)), {**info, "directory": str(directory)})
