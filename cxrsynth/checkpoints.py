@@ -5,6 +5,9 @@
 * :func:`load` reads one without running code in it (``weights_only=True`` through
   :func:`cxrsynth.safeload.load_torch`: a checkpoint directory may come from another
   machine), and refuses a file that lacks what the trainer needs, naming the keys.
+* Both refuse a state holding NaN or infinite values (:func:`cxrsynth.safeload.check_finite`),
+  and :func:`check_loss` stops a trainer whose loss became NaN or infinite
+  (:class:`Diverged`) before it writes anything from that point on.
 * The RNG policy. A training run owns its randomness and leaves the caller's alone:
 
   1. it runs with the global torch generators forked (:func:`forked_rng` /
@@ -27,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -39,9 +43,36 @@ from cxrsynth.errors import CxrsynthError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class Diverged(CxrsynthError):
+    """A training run whose loss became NaN or infinite: stopped before writing NaN weights."""
+
+
+def check_loss(losses: Sequence[float], where: str, lr: float) -> None:
+    """Stop a run (:class:`Diverged`) if any of ``losses`` (one per rank, or one) is NaN or infinite.
+
+    Args:
+        losses: Loss values every rank agrees on (gathered or all-reduced), so that every
+            rank stops at the same point.
+        where: When, for the message (``epoch 2``, ``step 40``).
+        lr: The run's learning rate, for the advice.
+    """
+    bad = [x for x in losses if not math.isfinite(x)]
+    if bad:
+        raise Diverged(f"training diverged: the loss is {bad[0]} at {where}; stopped before writing weights or a "
+                       f"checkpoint from this point on (checkpoints written before stay). Lower the learning rate "
+                       f"(it is {lr:g}) or check the data")
+
+
 def save(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` with ``torch.save`` to ``path`` atomically (``path.tmp``, then a rename)."""
+    """Write ``state`` with ``torch.save`` to ``path`` atomically (``path.tmp``, then a rename).
+
+    Raises:
+        NonFiniteWeights: a tensor of ``state`` holds NaN or an infinity (nothing is written).
+    """
+    from cxrsynth.safeload import check_finite
+
     path = Path(path)
+    check_finite(state, f"not writing the checkpoint {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -58,14 +89,18 @@ def load(path: str | Path, required: Sequence[str] = (), device: str | torch.dev
         device: ``map_location`` of its tensors.
 
     Raises:
-        CxrsynthError: the file is unreadable, needs code to load, or lacks a required key.
+        CxrsynthError: the file is unreadable, needs code to load, lacks a required key, or
+            holds NaN or infinite values.
     """
     from cxrsynth.safeload import load_torch
+
+    from cxrsynth.safeload import check_finite
 
     state = load_torch(path, "training checkpoint", map_location=device)
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing or not isinstance(state, dict):
         raise CxrsynthError(f"{path} is not a cxrsynth training checkpoint (lacks {', '.join(missing) or 'a dict'})")
+    check_finite(state, str(path))
     return state
 
 

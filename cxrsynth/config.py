@@ -26,14 +26,25 @@ dataclasses — and a field's ranges (:func:`setting`), and every problem is one
 and what was expected. A dataclass may add checks across its fields in a
 ``check(self, key)`` method, called once its fields are parsed, or parse itself in a
 ``from_mapping(data, key)`` class method. It imports nothing heavy.
+
+Numbers are checked where a :class:`Config` is made, whoever makes it: its
+``__post_init__`` (:func:`check_numbers`) refuses a NaN or infinite float in any field and
+a number outside its field's :func:`setting` ranges, so the CLI (``--lr inf``), the Python
+API (``ClassifierConfig(lr=float("inf"))``), ``replace``/``override`` and a stored or
+params.yaml mapping all meet the same check and the same :class:`ConfigError` naming the
+field. typer's ``min=`` lets ``inf`` through and an option without bounds takes ``nan``
+(``--guidance inf``, ``--lr inf``), so the CLI's own bounds are only an earlier message.
+:data:`MAX_IMAGE_SIDE` bounds every network input side.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
+import numbers
 import operator
 import types
 import typing
@@ -48,6 +59,17 @@ C = TypeVar("C", bound="Config")
 #: Defaults that settings of several modules share, each written once (imported where used).
 SHARD_SIZE = 1000  # samples per tar shard: ingest, generate, share export
 SHUFFLE_BUFFER = 1000  # samples in each loader stream's shuffle buffer: the loader, the classifier, the generator's batches
+#: Smallest and largest side (px) of a network's input images (classifier and generator). The
+#: upper bound is a sanity bound, not a hardware one: 8 times the paper's 256 px (64 times its
+#: pixels), above what chest X-ray classifiers and generators are trained at; a batch of 32
+#: images at 2048 px is already 512 MiB of float32 input before any activation, and a typo such
+#: as 100000 is 40 GB per float32 image: the run was killed instead of refused. The lower
+#: bound is the CLI's ``--image-size`` minimum: below 8 px a radiograph holds nothing to learn.
+MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 8, 2048
+#: Most bootstrap replicates of an evaluation or comparison: 100 times the default (1000). Each
+#: replicate keeps one AUROC per finding, model and subgroup; at 10^9 replicates those arrays
+#: alone need 112 GB per model (the run ended in a MemoryError), at this bound 11 MB.
+MAX_BOOTSTRAP = 100_000
 
 
 def read_json(path: str | Path, *, missing: str, invalid: str, error: type[CxrsynthError] = CxrsynthError) -> Any:
@@ -87,6 +109,11 @@ class Config(Record):
     """
 
     kind: ClassVar[str] = "config"
+
+    def __post_init__(self) -> None:
+        """Every number finite and in its field's ranges (:func:`check_numbers`); a subclass
+        with its own ``__post_init__`` calls this one."""
+        check_numbers(self)
 
     @classmethod
     def _check_names(cls, names: Any, what: str) -> None:
@@ -204,8 +231,10 @@ def parse(hint: Any, value: Any, key: str, meta: Mapping[str, Any] | None = None
             raise expected(key, hint, value)
         return _in_range(value, key, meta)
     if hint is float:
-        if type(value) not in (int, float) or not math.isfinite(value):
+        if type(value) not in (int, float):
             raise expected(key, hint, value)
+        if not math.isfinite(value):
+            raise not_finite(key, value)
         return _in_range(float(value), key, meta)
     if hint is str:
         if not isinstance(value, str) or not value:
@@ -256,6 +285,58 @@ def _in_range(value: float, key: str, meta: Mapping[str, Any]) -> float:
         if name in meta and not ok(value, meta[name]):
             raise ConfigError(key, f"expected a value {words} {meta[name]:g}, got {value:g}")
     return value
+
+
+def check_numbers(config: Any) -> None:
+    """Refuse a dataclass whose numbers are NaN, infinite or outside their fields' ranges.
+
+    Checks every init field whose type is a number (``int``, ``float``, ``X | None``, a
+    tuple of numbers or a mapping of names to numbers): floats must be finite, and every
+    number within the field's :func:`setting` ranges. Only numbers are checked, not types:
+    values built in Python keep their own (a numpy float passes as a float).
+
+    Raises:
+        ConfigError: naming the field (``lr``, ``channel_mult[1]``) and, as its source, the
+            dataclass's ``kind``.
+    """
+    cls = type(config)
+    hints = _hints(cls)
+    try:
+        for f in dataclasses.fields(config):
+            if f.init and f.name in hints:
+                _numbers(hints[f.name], getattr(config, f.name), f.name, f.metadata)
+    except ConfigError as exc:
+        raise exc.within(getattr(cls, "kind", ConfigError.default_source)) from None
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _numbers(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> None:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None:
+        return
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            _numbers(inner[0], value, key, meta)
+    elif origin is tuple and isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            _numbers(args[0], v, f"{key}[{i}]", meta)
+    elif origin in (dict, Mapping) and isinstance(value, Mapping) and len(args) == 2:
+        for name, v in value.items():
+            _numbers(args[1], v, f"{key}.{name}", meta)
+    elif hint in (int, float) and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise not_finite(key, value)
+        _in_range(value, key, meta)
+
+
+def not_finite(key: str, value: Any) -> ConfigError:
+    """The error of a NaN or infinite number at ``key``."""
+    return ConfigError(key, f"expected a finite number, got {value}")
 
 
 def unknown(key: str, name: Any, known: list[str]) -> ConfigError:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from cxrsynth.config import MAX_IMAGE_SIDE, check_numbers, setting
 from cxrsynth.errors import CxrsynthError
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -57,15 +58,21 @@ class Preprocess:
     """Preprocessing parameters; recorded with every dataset version.
 
     Attributes:
-        size: Output side in pixels (square).
+        size: Output side in pixels (square), at most :data:`cxrsynth.config.MAX_IMAGE_SIDE`
+            (``--size 100000`` would make every image 10 GB).
         equalize: Histogram equalization with 256 bins after resizing.
         max_pixels: Largest input width x height; a larger image is rejected (``too_large``)
             before it is decoded. Default :data:`MAX_PIXELS` or ``$CXRSYNTH_MAX_PIXELS``.
     """
 
-    size: int = 256
+    kind = "preprocessing"  # how errors name these settings (a class attribute, not a field)
+
+    size: int = setting(256, ge=1, le=MAX_IMAGE_SIDE)
     equalize: bool = True
     max_pixels: int = field(default_factory=default_max_pixels)
+
+    def __post_init__(self) -> None:
+        check_numbers(self)  # the configs' one check of numbers (cxrsynth.config)
 
     def as_dict(self) -> dict:
         return asdict(self)

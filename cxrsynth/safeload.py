@@ -14,6 +14,13 @@ even be installed), and the state is kept as plain data that nothing interprets.
 
 A refused file raises :class:`~cxrsynth.errors.CxrsynthError` naming the global that was
 refused and saying that the file may be unsafe; a damaged or empty file raises one too.
+
+Weights must also be numbers: :func:`check_finite` refuses a state (weights, a training
+checkpoint) holding NaN or infinite values, naming the tensors. Every place that loads or
+saves weights calls it once (:func:`cxrsynth.checkpoints.load` and ``save``, the
+classifier's and the generator's load and save functions, the Mediffusion import), so NaN
+weights neither come in from a file nor go out of a diverged run: a network with them
+outputs NaN, which becomes black images and constant probabilities downstream.
 """
 
 from __future__ import annotations
@@ -77,6 +84,56 @@ _REFUSED = (
     re.compile(r"reduce for unrecognized function (.+?)(?: which belongs|$)"),
     re.compile(r"Can only (?:build|create new object|SETITEMS?|append).*?got (.+)$"),
 )
+
+
+class NonFiniteWeights(CxrsynthError):
+    """Weights (or a training state) holding NaN or infinite values."""
+
+
+#: Why a state with NaN or infinite values is refused, for messages.
+NONFINITE_WHY = ("weights like these come from a diverged training run or a damaged file, and a network "
+                 "with them outputs NaN")
+
+
+def nonfinite(state: Any, prefix: str = "") -> tuple[list[str], int]:
+    """``(names, count)``: the floating-point tensors in ``state`` (a tensor, or mappings and
+    lists of them, as a state dict or a checkpoint) that hold NaN or infinite values, and how
+    many floating-point tensors there are."""
+    import torch
+
+    if torch.is_tensor(state):
+        if not state.is_floating_point() and not state.is_complex():
+            return [], 0
+        return ([prefix or "tensor"] if not bool(torch.isfinite(state).all()) else []), 1
+    bad, count = [], 0
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return [], 0
+    for key, value in items:
+        more, n = nonfinite(value, f"{prefix}.{key}" if prefix else str(key))
+        bad += more
+        count += n
+    return bad, count
+
+
+def check_finite(state: Any, what: str, why: str = NONFINITE_WHY) -> None:
+    """Refuse ``state`` (see :func:`nonfinite`) if any of its tensors holds NaN or an infinity.
+
+    Args:
+        state: A tensor, a state dict or a checkpoint (nested mappings and lists).
+        what: What it is, for the message (``/x/model.safetensors``, ``not writing /x/y``).
+        why: The rest of the message.
+
+    Raises:
+        NonFiniteWeights: naming the first tensors and how many of all there are.
+    """
+    bad, count = nonfinite(state)
+    if bad:
+        names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise NonFiniteWeights(f"{what}: NaN or infinite values in {len(bad)} of {count} tensor(s) ({names}); {why}")
 
 
 def _unpickler_message(exc: BaseException) -> str:

@@ -46,6 +46,7 @@ class SplitParams(Config):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # every number finite
         if not (0 <= self.tune <= 1 and 0 <= self.test <= 1 and self.tune + self.test <= 1):
             raise CxrsynthError(f"--tune {self.tune} and --test {self.test} must be in [0, 1] and sum to at most 1")
 

@@ -67,6 +67,173 @@ class Case:
 
 
 # ---------------------------------------------------------------------------------------
+# Builders for values that make garbage: non-finite or out-of-range numbers, NaN weights,
+# diverging training, labels that leave nothing to learn, tuning on the training rows.
+
+
+def _garbage_site(tmp: Path, labels: str = "certain") -> dict:
+    """A project with ``cxp`` (4 patients, one 32 px image each) split 3 train / 1 tune.
+
+    ``labels``: ``certain`` (No Finding positive, the rest blank), ``all-uncertain`` (every
+    finding -1 in every row) or ``edema-uncertain`` (Edema -1 in every row, the rest certain).
+    """
+    import csv
+
+    from cxrsynth import ingest, splits
+    from cxrsynth.imaging import Preprocess
+    from cxrsynth.sources import chexpert
+
+    paths = _chexpert_tree(tmp, n=4)
+    with open(paths["csv"], newline="") as f:
+        rows = list(csv.reader(f))
+    first = len(CHEXPERT_HEADER) - len(FINDINGS)
+    for row in rows[1:]:
+        if labels == "all-uncertain":
+            row[first:] = ["-1.0"] * len(FINDINGS)
+        elif labels == "edema-uncertain":
+            row[first + FINDINGS.index("Edema")] = "-1.0"
+    with open(paths["csv"], "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    ingest.ingest(chexpert.read(paths["csv"]), root=paths["root"], name="cxp", kind="chexpert", inputs={},
+                  params=Preprocess(size=SIDE), workers=1)
+    splits.split(paths["root"], "cxp", splits.SplitParams(tune=0.25, seed=0))
+    return {**paths, "work": tmp}
+
+
+def _garbage_all_uncertain(tmp: Path) -> dict:
+    return _garbage_site(tmp, "all-uncertain")
+
+
+def _garbage_edema_uncertain(tmp: Path) -> dict:
+    return _garbage_site(tmp, "edema-uncertain")
+
+
+def _micro_generator(out: Path, nan: bool = False) -> Path:
+    """An untrained ``micro`` generator in ``out``; ``nan``: then one weight set to NaN in its safetensors file."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from cxrsynth.diffusion.model import ConditionalUNet, save_generator
+    from cxrsynth.diffusion.presets import get_preset
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        save_generator(ConditionalUNet.build(get_preset("micro")), out)
+    if nan:
+        (weights,) = out.glob("*.safetensors")
+        state = load_file(str(weights))
+        name = next(k for k, v in state.items() if v.is_floating_point())
+        state[name][0] = float("nan")
+        save_file(state, str(weights), metadata={"format": "pt"})
+    return out
+
+
+def _garbage_site_generator(tmp: Path) -> dict:
+    return {**_garbage_site(tmp), "gen": _micro_generator(tmp / "gen")}
+
+
+def _garbage_site_nan_generator(tmp: Path) -> dict:
+    return {**_garbage_site(tmp), "gen": _micro_generator(tmp / "gen", nan=True)}
+
+
+def _garbage_site_nan_weights(tmp: Path) -> dict:
+    """The site and ``weights.safetensors``: a small state dict with one infinite value."""
+    import torch
+    from safetensors.torch import save_file
+
+    weights = tmp / "weights.safetensors"
+    save_file({"conv1.weight": torch.tensor([[1.0, float("inf")]]), "fc.bias": torch.zeros(14)}, str(weights))
+    return {**_garbage_site(tmp), "weights": weights}
+
+
+def _garbage_site_nan_classifier(tmp: Path) -> dict:
+    """The site and ``clf/``: a classifier directory (the small preset at 32 px) whose weights hold a NaN."""
+    from safetensors.torch import save_file
+
+    from cxrsynth.classify.model import META, WEIGHTS, build
+    from cxrsynth.classify.presets import get_preset
+
+    config = get_preset("small", image_size=SIDE)
+    state = {k: v.clone().contiguous() for k, v in build(config).net.state_dict().items()}
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name].view(-1)[0] = float("nan")
+    (tmp / "clf").mkdir()
+    save_file(state, str(tmp / "clf" / WEIGHTS), metadata={"format": "pt"})
+    (tmp / "clf" / META).write_text(json.dumps({"config": config.to_dict(), "classifier_id": "0" * 12}))
+    return {**_garbage_site(tmp), "model": tmp / "clf"}
+
+
+def _ckpt_nan(tmp: Path) -> dict:
+    """A Mediffusion checkpoint that fits :func:`_mediffusion_config` but holds a NaN weight."""
+    adm = adm_state_dict(32)
+    name = next(k for k in adm if k.endswith(".weight"))
+    adm[name] = adm[name].clone()
+    adm[name].view(-1)[0] = float("nan")
+    return {**_checkpoint(tmp, {"state_dict": {f"model.{k}": v for k, v in adm.items()}}), "work": tmp}
+
+
+def _fid_checkpoint_nan(tmp: Path) -> dict:
+    import torch
+
+    torch.save({"state_dict": {"conv1.weight": torch.tensor([1.0, float("nan")])}}, tmp / "classifier.pt")
+    return {"ckpt": tmp / "classifier.pt", "root": tmp}
+
+
+def _params_file(classifier: dict):
+    def build(tmp: Path) -> dict:
+        root = tmp / "proj"
+        root.mkdir(parents=True, exist_ok=True)
+        lines = ["study: {real: cxp, tests: [cxp]}", "classifier:"]
+        lines += [f"  {k}: {v}" for k, v in classifier.items()]
+        (root / "params.yaml").write_text("\n".join(lines) + "\n")
+        return {"root": root}
+
+    return build
+
+
+def _no_dataset(name: str):
+    def check(paths: dict, output: str) -> None:
+        from cxrsynth import manifest
+
+        assert not manifest.manifest_path(paths["root"], name).exists(), f"{name} was published"
+
+    return check
+
+
+def _wrote_none(*files: str):
+    """Check that none of ``files`` (relative to the case's folder) was written."""
+    def check(paths: dict, output: str) -> None:
+        written = [f for f in files if (paths["work"] / f).exists()]
+        assert not written, f"written: {written}"
+
+    return check
+
+
+def _images_not_black(paths: dict, output: str) -> None:
+    """Every image of the published dataset ``s`` has some non-zero pixel (a NaN sample decodes to black)."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from cxrsynth import manifest
+
+    meta = manifest.read_meta(paths["root"], "s")
+    images = []
+    for shard in sorted((paths["root"] / "data" / "shards" / "s" / meta["version"]).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            images += [np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read()))) for m in tar if m.name.endswith(".png")]
+    assert images and all(image.any() for image in images), f"{sum(not i.any() for i in images)} of {len(images)} black"
+
+
+_CLASSIFIER = ("classifier", "train", "--data", "cxp", "--out", "{tmp}/clf", "--preset", "small", "--image-size", "32",
+               "--epochs", "2", "--batch", "2", "--threads", "1")
+_GENERATE = ("generate", "--generator", "{gen}", "--conditions", "cxp", "--name", "s", "--steps", "2", "--batch", "4",
+             "--threads", "1")
+
+
+# ---------------------------------------------------------------------------------------
 # Builders of tiny inputs.
 
 
@@ -1317,4 +1484,86 @@ CASES: tuple[Case, ...] = (
          2, "Invalid value for '--seed'", "refused at parse time (must be >= 0)"),
     Case("option-missing-value", "ingest chexpert --name without a value", _nothing, ("ingest", "chexpert", "{csv}", "--name"),
          2, "requires an argument", "one error line naming the option and the command's --help"),
+    # Values that make garbage: refused where the config is made, weights that are not numbers,
+    # training that diverges, labels that leave nothing to learn, tuning on the training rows.
+    Case("generate-guidance-inf", "generate --guidance inf (typer's min=0 lets inf through)", _garbage_site_generator,
+         (*_GENERATE, "--guidance", "inf", "--root", "{root}"), 2, "generate config: guidance: expected a finite number, got inf",
+         "refused by GenerateConfig before sampling; no dataset published", check=_no_dataset("s")),
+    Case("generate-guidance-nan", "generate --guidance nan", _nothing,
+         ("generate", "--generator", "{tmp}", "--conditions", "cxp", "--name", "s", "--guidance", "nan", "--root", "{root}"),
+         2, "Invalid value for '--guidance'", "refused at parse time (typer compares nan with min=0; GenerateConfig "
+                                              "refuses it too, for the Python API)"),
+    Case("generate-output-nonfinite", "generate --guidance 1e300 (finite, but the output overflows float32)",
+         _garbage_site_generator, (*_GENERATE, "--guidance", "1e300", "--root", "{root}"), 2,
+         "the generator's output is NaN or infinite", "refused at the first batch; no image written from it, no dataset published",
+         check=_no_dataset("s")),
+    Case("generate-eta-above-1", "generate --eta 1.5 (DDIM's step is NaN above eta 1)", _nothing,
+         ("generate", "--generator", "{tmp}", "--conditions", "cxp", "--name", "s", "--eta", "1.5", "--root", "{root}"), 2,
+         "generate config: eta: expected a value <= 1, got 1.5", "refused by GenerateConfig (eta is in [0, 1])"),
+    Case("generate-eta-1", "generate --eta 1 with the default trailing spacing (its first step was NaN: black images)",
+         _garbage_site_generator, ("generate", "--generator", "{gen}", "--conditions", "cxp", "--name", "s", "--steps", "3",
+                                   "--eta", "1", "--threads", "1", "--root", "{root}"), 0, "complete",
+         "accepted: the DDIM variance is fitted under 1 - alpha_bar_prev, no image is black", check=_images_not_black),
+    Case("generate-nan-generator", "generate with a generator whose weights hold a NaN", _garbage_site_nan_generator,
+         (*_GENERATE, "--root", "{root}"), 2, "NaN or infinite values in 1 of",
+         "refused when the generator loads, naming the tensor; no dataset published", check=_no_dataset("s")),
+    Case("import-mediffusion-nan", "generator import-mediffusion of a checkpoint with a NaN weight", _ckpt_nan, _IMPORT, 2,
+         "NaN or infinite values in 1 of", "refused, naming the tensor; no generator written", check=_wrote_none("gen")),
+    Case("fid-classifier-nan", "generator fid --checkpoint holding a NaN weight", _fid_checkpoint_nan,
+         ("generator", "fid", "--real", "a", "--synthetic", "b", "--classifier", "resnet18", "--checkpoint", "{ckpt}",
+          "--root", "{root}"), 2, "classifier.pt: NaN or infinite values in 1 of 1 tensor(s) (conv1.weight)",
+         "refused when the weights load (the distance would be NaN)"),
+    Case("generator-train-diverges", "generator train --lr 1e30 (finite, but the loss becomes NaN)", _garbage_site,
+         ("generator", "train", "--data", "cxp", "--out", "{tmp}/gen", "--preset", "micro", "--image-size", "32", "--steps", "4",
+          "--batch", "2", "--lr", "1e30", "--log-every", "1", "--threads", "1", "--root", "{root}"), 2, "training diverged",
+         "stopped at the first NaN loss; no generator and no NaN checkpoint written",
+         check=_wrote_none("gen/diffusion_pytorch_model.safetensors", "gen/generator.json")),
+    Case("classifier-lr-inf", "classifier train --lr inf", _nothing,
+         ("classifier", "train", "--data", "cxp", "--out", "{tmp}/clf", "--lr", "inf", "--root", "{root}"), 2,
+         "classifier config: lr: expected a finite number, got inf", "refused by ClassifierConfig before any data is read"),
+    Case("classifier-weight-decay-inf", "classifier train --weight-decay inf", _nothing,
+         ("classifier", "train", "--data", "cxp", "--out", "{tmp}/clf", "--weight-decay", "inf", "--root", "{root}"), 2,
+         "classifier config: weight_decay: expected a finite number, got inf", "refused by ClassifierConfig"),
+    Case("classifier-image-size-huge", "classifier train --image-size 100000", _nothing,
+         ("classifier", "train", "--data", "cxp", "--out", "{tmp}/clf", "--image-size", "100000", "--root", "{root}"), 2,
+         "image_size: expected a value <= 2048, got 100000", "refused by ClassifierConfig (8 to 2048 px)"),
+    Case("params-classifier-image-size-huge", "params.yaml classifier.image_size: 100000", _params_file({"image_size": 100000}),
+         ("study", "check", "--root", "{root}"), 2, "params.yaml: classifier.image_size: expected a value <= 2048, got 100000",
+         "refused in a second by the study's parameter check, naming the key"),
+    Case("params-classifier-lr-inf", "params.yaml classifier.lr: .inf", _params_file({"lr": ".inf"}),
+         ("study", "check", "--root", "{root}"), 2, "params.yaml: classifier.lr: expected a finite number, got inf",
+         "refused by the study's parameter check, naming the key"),
+    Case("classifier-train-diverges", "classifier train --lr 1e30 (finite, but the loss becomes NaN)", _garbage_site,
+         (*_CLASSIFIER, "--lr", "1e30", "--root", "{root}"), 2, "training diverged",
+         "stopped when the loss is NaN; no model and no NaN checkpoint written",
+         check=_wrote_none("clf/model.safetensors", "clf/classifier.json")),
+    Case("classifier-weights-inf", "classifier train --weights holding an infinite value", _garbage_site_nan_weights,
+         (*_CLASSIFIER, "--weights", "{weights}", "--root", "{root}"), 2, "NaN or infinite values in 1 of 2 tensor(s) (conv1.weight)",
+         "refused when the weights load, naming the tensor", check=_wrote_none("clf/model.safetensors")),
+    Case("predict-nan-model", "classifier predict with a model directory whose weights hold a NaN",
+         _garbage_site_nan_classifier, ("classifier", "predict", "--model", "{model}", "--data", "cxp", "--out", "{tmp}/p.parquet",
+                                        "--threads", "1", "--root", "{root}"), 2, "model.safetensors: NaN or infinite values",
+         "refused when the model loads, naming the tensor; no predictions written", check=_wrote_none("p.parquet")),
+    Case("uncertain-mask-all-uncertain", "classifier train --uncertain mask on data whose every finding is uncertain",
+         _garbage_all_uncertain, (*_CLASSIFIER, "--uncertain", "mask", "--root", "{root}"), 2,
+         "every finding of all 3 training rows is uncertain", "refused before training: no label to learn from",
+         check=_wrote_none("clf/model.safetensors")),
+    Case("uncertain-mask-finding-never-certain", "classifier train --uncertain mask, Edema uncertain in every row",
+         _garbage_edema_uncertain, (*_CLASSIFIER, "--uncertain", "mask", "--root", "{root}"), 2,
+         "Edema uncertain in all 3 training rows", "refused before training, naming the findings without a label"),
+    Case("uncertain-exclude-all-uncertain", "classifier train (uncertain images excluded) on all-uncertain data",
+         _garbage_all_uncertain, (*_CLASSIFIER, "--root", "{root}"), 2, "no training rows without an uncertain finding",
+         "refused before training, pointing to --uncertain mask"),
+    Case("tune-split-is-train-split", "classifier train --split tune --tune-split tune", _garbage_site,
+         (*_CLASSIFIER, "--split", "tune", "--tune-split", "tune", "--root", "{root}"), 2,
+         "the tuning split 'tune' overlaps the training split 'tune'", "refused: the best epoch would be chosen on training rows"),
+    Case("tune-split-overlaps-train", "classifier train --split train,tune --tune-split tune", _garbage_site,
+         (*_CLASSIFIER, "--split", "train,tune", "--tune-split", "tune", "--root", "{root}"), 2,
+         "overlaps the training split 'train,tune' (both hold tune)", "refused, naming the shared split"),
+    Case("ingest-size-huge", "ingest chexpert --size 100000", _chexpert_tree,
+         ("ingest", "chexpert", "{csv}", "--name", "cxp", "--size", "100000", "--root", "{root}"), 2,
+         "preprocessing: size: expected a value <= 2048, got 100000", "refused before any image is read"),
+    Case("evaluate-bootstrap-huge", "evaluate --bootstrap 1000000000", _nothing,
+         ("evaluate", "{tmp}/p.parquet", "--out", "{tmp}/m.json", "--bootstrap", "1000000000", "--root", "{root}"), 2,
+         "evaluate config: bootstrap: expected a value <= 100000", "refused before reading anything (it ended in a MemoryError)"),
 )

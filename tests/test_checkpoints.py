@@ -57,3 +57,38 @@ def test_generator_training_with_dropout_resumes_bit_identical_and_leaves_the_ca
         assert torch.equal(a, b), f"EMA {k} differs after resume"
     state = checkpoints.load(tmp_path / "b" / "checkpoints" / "latest.pt")
     assert set(state["rng"][0]) == {"cpu", "gen"}
+
+
+def test_a_state_with_nan_or_inf_is_neither_saved_nor_loaded(tmp_path: Path) -> None:
+    from cxrsynth.safeload import NonFiniteWeights
+
+    state = {"step": 3, "trainer": {"model": {"w": torch.ones(2), "b": torch.tensor([0.0, float("nan")])},
+                                    "optimizer": {"state": {0: {"exp_avg": torch.full((2,), float("inf"))}}}},
+             "rng": [{"cpu": torch.get_rng_state()}]}  # uint8: not a number to check
+    with pytest.raises(NonFiniteWeights, match=r"not writing the checkpoint .*: NaN or infinite values in 2 of 3 tensor\(s\) "
+                                               r"\(trainer.model.b, trainer.optimizer.state.0.exp_avg\)"):
+        checkpoints.save(state, tmp_path / "latest.pt")
+    assert not list(tmp_path.iterdir())  # nothing written, not even the temporary file
+    torch.save(state, tmp_path / "latest.pt")  # as another tool (or an older cxrsynth) would have
+    with pytest.raises(NonFiniteWeights, match="latest.pt: NaN or infinite values in 2 of 3"):
+        checkpoints.load(tmp_path / "latest.pt", ("step",))
+
+
+def test_check_loss_stops_a_run_on_any_ranks_nan_or_inf() -> None:
+    checkpoints.check_loss([0.5, 0.25], "epoch 1", lr=1e-3)
+    for losses in ([0.5, float("nan")], [float("inf")]):
+        with pytest.raises(checkpoints.Diverged, match=r"training diverged: the loss is (nan|inf) at epoch 1; .*it is 0.001"):
+            checkpoints.check_loss(losses, "epoch 1", lr=1e-3)
+
+
+def test_generator_training_that_diverges_stops_before_writing(tmp_path: Path) -> None:
+    """lr 1e30 is a finite value the config accepts; the loss is NaN by the second step."""
+    g = torch.Generator().manual_seed(1)
+    images = (torch.rand(4, 1, 32, 32, generator=g) * 255).to(torch.uint8)
+    conds = (torch.rand(4, CONDITION_SIZE, generator=g) > 0.5).float()
+    tc = TrainConfig(steps=6, batch_size=4, save_every=3, log_every=6, warmup_steps=1, lr=1e30)  # no readout before the checkpoint
+    with pytest.raises(checkpoints.Diverged, match="at step 3 or before"):
+        train(get_preset("micro"), tc, lambda epoch: [{"image": images, "cond": conds}], tmp_path / "g", progress=False,
+              device="cpu")
+    assert not (tmp_path / "g" / "checkpoints" / "latest.pt").exists()
+    assert not list((tmp_path / "g").glob("*.safetensors"))

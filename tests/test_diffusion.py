@@ -322,3 +322,25 @@ def test_dpm_solver_converges_to_the_same_ode_solution_as_ddim() -> None:
     assert grey_rmse(x["dpmpp", 25]) < 1  # measured 0.59
     assert grey_rmse(x["dpmpp", 10]) < grey_rmse(x["ddim-unclipped", 10]) / 2  # 3.5 vs 14.9
     assert grey_rmse(x["dpmpp", 25]) < grey_rmse(x["dpmpp", 10]) < grey_rmse(x["ddim-unclipped", 25]) * 2
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+def test_ddim_noise_variance_fits_and_is_diffusers_own_wherever_it_did(spacing: str) -> None:
+    """At t = T of the zero-SNR schedule diffusers' eta = 1 step took the square root of -6e-8 (every image NaN)."""
+    from diffusers import DDIMScheduler
+
+    from cxrsynth.diffusion.schedule import FittedDDIM, get_sampler
+
+    for steps in (2, 3, 50, 200):
+        ours = get_sampler("ddim").build(MICRO, spacing)
+        assert isinstance(ours, FittedDDIM)
+        ours.set_timesteps(steps)
+        for t in ours.timesteps.tolist():
+            prev = t - ours.config.num_train_timesteps // steps
+            alpha_prev = ours.alphas_cumprod[prev] if prev >= 0 else ours.final_alpha_cumprod
+            plain, fitted = DDIMScheduler._get_variance(ours, t, prev), ours._get_variance(t, prev)
+            assert 1 - alpha_prev - (fitted ** 0.5) ** 2 >= 0
+            if 1 - alpha_prev - (plain ** 0.5) ** 2 >= 0:
+                assert torch.equal(fitted, plain)  # unchanged where it fitted: the same images
+            else:
+                assert 0 < plain - fitted < 1e-6

@@ -103,21 +103,33 @@ def build(config: ClassifierConfig) -> Classifier:
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    from cxrsynth.safeload import check_finite, load_torch
+
     if not path.is_file():
         raise CxrsynthError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state: Any = load_file(str(path))
+        state: Any = _load_safetensors(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch(path, "pretrained weights")
     for key in ("ema", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict):
         raise CxrsynthError(f"{path} holds no state dict")
-    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    check_finite(state, str(path))
+    return state
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a damaged one is a :class:`CxrsynthError`."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError, OSError: truncated, empty or not safetensors
+        raise CxrsynthError(f"{path} is not a readable safetensors file: {' '.join(str(exc).split())[:200]}") from None
 
 
 def load_pretrained(model: Classifier, path: str | Path) -> dict[str, list[str]]:
@@ -162,13 +174,20 @@ def load_pretrained(model: Classifier, path: str | Path) -> dict[str, list[str]]
 
 
 def save_weights(model: Classifier, path: str | Path) -> str:
-    """Write ``model.net``'s state dict as safetensors atomically; returns :func:`classifier_id`."""
+    """Write ``model.net``'s state dict as safetensors atomically; returns :func:`classifier_id`.
+
+    Raises:
+        NonFiniteWeights: a weight is NaN or infinite (nothing is written).
+    """
     from safetensors.torch import save_file
 
+    from cxrsynth.safeload import check_finite
+
     path = Path(path)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.net.state_dict().items()}
+    check_finite(state, f"not writing {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.net.state_dict().items()}
     save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(path)
     return classifier_id(path)
@@ -192,8 +211,12 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 
 
 def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
-    """The trained classifier of ``directory`` (eval mode) and its ``classifier.json``."""
-    from safetensors.torch import load_file
+    """The trained classifier of ``directory`` (eval mode) and its ``classifier.json``.
+
+    Raises:
+        CxrsynthError: weights missing, unreadable, or holding NaN or infinite values.
+    """
+    from cxrsynth.safeload import check_finite
 
     directory = Path(directory)
     meta = read_meta(directory)
@@ -201,5 +224,7 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
     if not weights.is_file():
         raise CxrsynthError(f"{directory} has no {WEIGHTS}")
     model = build(ClassifierConfig.from_dict(meta["config"]))
-    model.net.load_state_dict(load_file(str(weights)))
+    state = _load_safetensors(weights)
+    check_finite(state, str(weights))
+    model.net.load_state_dict(state)
     return model.to(device).eval(), meta

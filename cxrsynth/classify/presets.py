@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cxrsynth.config import SHUFFLE_BUFFER, Config
+from cxrsynth.config import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, SHUFFLE_BUFFER, Config, setting
 from cxrsynth.errors import CxrsynthError, UnknownNameError
 from cxrsynth.registry import Registry
 
@@ -42,7 +42,8 @@ class ClassifierConfig(Config):
         model: timm model name (built with ``pretrained=False``, 14 classes, 1 channel).
         model_kwargs: Extra keyword arguments of ``timm.create_model`` (widths, depths,
             ``drop_path_rate`` ...).
-        image_size: Input side in pixels (images are resized to it).
+        image_size: Input side in pixels (images are resized to it), 8 to 2048
+            (:data:`cxrsynth.config.MAX_IMAGE_SIDE` says why).
         epochs: Epochs to train at most (the paper's maximum, 50); the best one is kept.
         patience: Stop after this many epochs without a lower tuning loss (0: never; the
             authors' script stopped after 5).
@@ -74,35 +75,36 @@ class ClassifierConfig(Config):
     name: str = "custom"
     model: str = "convnext_base"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    image_size: int = 256
+    image_size: int = setting(256, ge=MIN_IMAGE_SIDE, le=MAX_IMAGE_SIDE)
     epochs: int = 50
     patience: int = 0
     batch_size: int = 32
     optimizer: str = "lion"
-    lr: float = 1e-5
-    weight_decay: float = 3e-4
+    lr: float = setting(1e-5, gt=0)
+    weight_decay: float = setting(3e-4, ge=0)
     schedule: str = "constant"
-    warmup_steps: int = 0
+    warmup_steps: int = setting(0, ge=0)
     ema_decay: float = 0.9999
     ema_warmup: bool = True
-    grad_clip: float = 1.0
+    grad_clip: float = setting(1.0, ge=0)
     exclude_uncertain: bool = True
     augment: bool = True
     seed: int = 0
     shuffle_buffer: int = SHUFFLE_BUFFER
     streams: int = 8
     workers: int = 0
-    checkpoint_every: int = 0
+    checkpoint_every: int = setting(0, ge=0)
     log_every: int = 10
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # every number finite, and the ranges of setting(...)
         if self.optimizer not in OPTIMIZERS:
             raise UnknownNameError("optimizer", self.optimizer, OPTIMIZERS)
         if self.schedule not in SCHEDULES:
             raise UnknownNameError("learning-rate schedule", self.schedule, SCHEDULES)
         if self.patience < 0:
             raise CxrsynthError(f"classifier config: patience must be >= 0, got {self.patience}")
-        for name in ("image_size", "epochs", "batch_size", "streams", "log_every"):
+        for name in ("epochs", "batch_size", "streams", "log_every"):
             if getattr(self, name) < 1:
                 raise CxrsynthError(f"classifier config: {name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:

@@ -18,6 +18,14 @@ Loss: binary cross-entropy per finding, weighted by the loader's mask (0 on unce
 findings) and divided by the mask's sum. Training images exclude uncertain findings by
 default (the label contract), so the mask matters when ``exclude_uncertain=False``.
 
+Refused before any step (:func:`check_data`): a tuning split that is, or shares a split
+with, the training split (the best epoch would be picked on the training rows), training
+rows without a certain label of some finding (its output would never be trained: with
+``exclude_uncertain=False`` on rows where that finding is always uncertain, or no rows at
+all once uncertain images are excluded), and tuning rows without any certain label (their
+loss would be 0 at every epoch). A loss that becomes NaN or infinite stops the run
+(:func:`cxrsynth.checkpoints.check_loss`) before a NaN checkpoint or model is written.
+
 Resume: with ``resume=True`` a run continues from ``checkpoints/latest.pt`` when it comes
 from the same run (:func:`run_fingerprint`: every setting but workers and logging, the
 data version, the number of processes, the initial weights), else it fails naming each
@@ -54,6 +62,7 @@ from cxrsynth import __version__, checkpoints, loader, manifest, runtime
 from cxrsynth.classify.model import META, WEIGHTS, Classifier, build, classifier_id, load_pretrained, save_weights
 from cxrsynth.classify.presets import ClassifierConfig
 from cxrsynth.errors import CxrsynthError
+from cxrsynth.labels import FINDINGS
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.pt"
@@ -263,6 +272,48 @@ def data_record(root: Path, name: str, split: str, tune_split: str | None, train
     }
 
 
+def check_splits(split: str, tune_split: str | None) -> None:
+    """Refuse a tuning split that is the training split or shares a split with it (``train,tune``)."""
+    if tune_split is None:
+        return
+    names = lambda text: {s.strip() for s in text.split(",") if s.strip()}  # noqa: E731 (loader.select's rule)
+    shared = sorted(names(split) & names(tune_split))
+    if shared:
+        raise CxrsynthError(f"the tuning split {tune_split!r} overlaps the training split {split!r} (both hold "
+                            f"{', '.join(shared)}): the best epoch would be picked by a loss on the rows it was trained "
+                            "on. Tune on another split, or give no tuning split (--tune-split none) to keep the last epoch")
+
+
+def check_data(name: str, split: str, rows: pd.DataFrame, tune_split: str | None, tune_rows: pd.DataFrame | None,
+               exclude_uncertain: bool) -> None:
+    """Refuse training rows that leave a finding without a certain label, and tuning rows without any.
+
+    A row's uncertain findings are out of the loss (the mask), so a finding uncertain in
+    every training row would keep its initial output; with uncertain images excluded, rows
+    whose every image has an uncertain finding leave nothing to train on.
+    """
+    for which, part, frame in (("training", split, rows), ("tuning", tune_split, tune_rows)):
+        if frame is None:
+            continue
+        where = f"{name}/{part}"
+        if frame.empty:  # loader.select refuses a split without rows: here exclusion emptied it
+            raise CxrsynthError(f"{where}: no {which} rows without an uncertain finding: every image has one, and "
+                                "uncertain images are excluded (the paper's rule); --uncertain mask keeps them and "
+                                "leaves only their uncertain findings out of the loss")
+        if exclude_uncertain:
+            continue  # every finding of every row kept is certain
+        _, mask = loader.label_arrays(frame)
+        certain = mask.sum(axis=0)  # (14,) certain labels per finding
+        if certain.sum() == 0:
+            raise CxrsynthError(f"{where}: every finding of all {len(frame)} {which} rows is uncertain, so with "
+                                "--uncertain mask no label is left to learn or tune on")
+        none = [f for f, n in zip(FINDINGS, certain) if n == 0]
+        if none and which == "training":
+            raise CxrsynthError(f"{where}: {', '.join(none)} uncertain in all {len(frame)} training rows: with --uncertain "
+                                f"mask {'that finding has' if len(none) == 1 else 'those findings have'} no label to "
+                                "learn from, and the model's output for it would stay at its initial weights")
+
+
 @dataclass
 class _Progress:
     """What the loop reports through the callback (rank 0 only)."""
@@ -327,8 +378,10 @@ def train(
     report = _Progress(callback, dist.is_main)
 
     # 1. Data: the loader's fixed epoch length makes every rank take the same number of steps.
+    check_splits(split, tune_split)
     train_rows = loader.select(root, name, split, exclude_uncertain=config.exclude_uncertain)
     tune_rows = loader.select(root, name, tune_split, exclude_uncertain=config.exclude_uncertain) if tune_split else None
+    check_data(name, split, train_rows, tune_split, tune_rows, config.exclude_uncertain)
     data = data_record(root, name, split, tune_split, train_rows, tune_rows)
     common = dict(image_size=config.image_size, seed=config.seed, workers=config.workers, streams=config.streams,
                   pin_memory=fast["pin_memory"])
@@ -373,6 +426,7 @@ def train(
         def save_checkpoint(loss_sum: float, batches: int) -> None:
             mine = (checkpoints.rng_state(dev), (loss_sum, batches), (seen_images, sorted(seen_keys)))
             ranks = _gather(mine, dist.world)
+            checkpoints.check_loss([r[1][0] for r in ranks], f"epoch {epoch + 1}, step {trainer.step_count}", config.lr)
             if not dist.is_main:
                 return
             checkpoints.save({
@@ -418,6 +472,8 @@ def train(
                 s, n = loss_sums(trainer.eval_model, tune_data.batches(0), dev, fast)
                 s, n = _all_sum([s, n], dev, dist.world)
                 tune_loss = s / max(n, 1.0)
+            checkpoints.check_loss([train_loss] + ([tune_loss] if tune_loss is not None else []),
+                                   f"the end of epoch {epoch + 1}", config.lr)  # every rank: the sums are all-reduced
             epoch += 1
             history.append({"epoch": epoch, "train_loss": train_loss, "tune_loss": tune_loss})
             improved = tune_loss is None or best["tune_loss"] is None or tune_loss < best["tune_loss"]

@@ -49,6 +49,7 @@ import torch
 from cxrsynth.diffusion.model import ConditionalUNet, save_generator
 from cxrsynth.diffusion.presets import GeneratorConfig
 from cxrsynth.errors import CxrsynthError
+from cxrsynth.safeload import check_finite
 
 _SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
 _PREDICTIONS = {"VELOCITY": "v_prediction", "EPSILON": "epsilon", "START_X": "sample"}
@@ -304,6 +305,7 @@ def import_mediffusion(
     Raises:
         MediffusionImportError: a fault of the config or the checkpoint, named, with its
             file. The checkpoint is loaded without running code in it (module docstring).
+        NonFiniteWeights: the weights hold NaN or infinite values (nothing is written).
     """
     raw = config if isinstance(config, dict) else _load_config(config)
     try:
@@ -319,6 +321,8 @@ def import_mediffusion(
         ckpt_path = None
     try:
         adm = extract_unet_state(checkpoint, ema=ema)
+        check_finite(adm, f"{ckpt_path or 'the checkpoint'} ({'EMA ' if ema and 'ema_state_dict' in checkpoint else ''}"
+                          "weights)")
         new_order = bool({**MEDIFFUSION_DEFAULTS["model"], **(raw.get("model") or {})}["use_new_attention_order"])
         state = convert_state_dict(adm, gen_config, new_attention_order=new_order)
         model = ConditionalUNet.build(gen_config)

@@ -162,8 +162,14 @@ def save_generator(
 
     Returns:
         ``out``.
+
+    Raises:
+        NonFiniteWeights: a weight is NaN or infinite (nothing is written).
     """
+    from cxrsynth.safeload import check_finite
+
     out = Path(out)
+    check_finite(model.state_dict(), f"not writing the generator {out}")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     meta = {
@@ -185,7 +191,8 @@ def load_generator(path: Path, *, device: str | torch.device = "cpu") -> Conditi
     else): a generator folder from another site cannot run code through a pickled ``.bin``.
 
     Raises:
-        CxrsynthError: the folder is not a generator, or its files are damaged.
+        CxrsynthError: the folder is not a generator, its files are damaged, or its weights
+            hold NaN or infinite values.
     """
     from cxrsynth.errors import CxrsynthError
 
@@ -196,6 +203,9 @@ def load_generator(path: Path, *, device: str | torch.device = "cpu") -> Conditi
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:  # missing/damaged config.json or weights
         message = " ".join(str(exc).split())[:300]
         raise CxrsynthError(f"cannot load the generator in {path}: {type(exc).__name__}: {message}") from None
+    from cxrsynth.safeload import check_finite
+
+    check_finite(model.state_dict(), f"the generator in {path}")
     return model.to(device).eval()
 
 

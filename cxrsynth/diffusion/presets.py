@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cxrsynth.config import Config
+from cxrsynth.config import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, Config, setting
 from cxrsynth.errors import CxrsynthError, UnknownNameError
 from cxrsynth.labels import CONDITION_SIZE
 from cxrsynth.registry import Registry
@@ -64,7 +64,7 @@ class GeneratorConfig(Config):
     kind = "generator config"  # a class attribute (no annotation): how errors name these settings
 
     name: str = "custom"
-    image_size: int = 256
+    image_size: int = setting(256, ge=MIN_IMAGE_SIDE, le=MAX_IMAGE_SIDE)
     in_channels: int = 1
     out_channels: int = 2
     model_channels: int = 128
@@ -74,18 +74,19 @@ class GeneratorConfig(Config):
     num_heads: int = 4
     num_head_channels: int = -1
     norm_groups: int = 32
-    dropout: float = 0.0
+    dropout: float = setting(0.0, ge=0, lt=1)
     scale_shift_norm: bool = True
     condition_size: int = CONDITION_SIZE
-    cond_drop_prob: float = 0.1
-    num_train_timesteps: int = 1000
+    cond_drop_prob: float = setting(0.1, ge=0, le=1)
+    num_train_timesteps: int = setting(1000, ge=1)
     beta_schedule: str = "squaredcos_cap_v2"
     zero_terminal_snr: bool = True
     prediction_type: str = "v_prediction"
-    vlb_weight: float = 1.0
+    vlb_weight: float = setting(1.0, ge=0)
     missing_value: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # every number finite, and the ranges of setting(...)
         if self.image_size % 2 ** (len(self.channel_mult) - 1):
             raise CxrsynthError(
                 f"image_size {self.image_size} is not divisible by 2^{len(self.channel_mult) - 1} "

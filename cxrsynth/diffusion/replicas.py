@@ -59,7 +59,7 @@ from typing import Any
 import pandas as pd
 
 from cxrsynth import labels, manifest, runtime, shards
-from cxrsynth.config import SHARD_SIZE, Config
+from cxrsynth.config import SHARD_SIZE, Config, setting
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.publish import Metadata, check_target, publish, writer_lock
 
@@ -71,10 +71,10 @@ class GenerateConfig(Config):
     kind = "generate config"  # how errors name these settings (a class attribute, not a field)
 
     replicas: int = 1
-    guidance: float = 1.0  # standard formula: 1 = conditional model alone (the paper's "CFG 0")
+    guidance: float = setting(1.0, ge=0)  # standard formula: 1 = conditional model alone (the paper's "CFG 0")
     sampler: str = "ddim"
     steps: int = 200
-    eta: float = 0.0
+    eta: float = setting(0.0, ge=0, le=1)  # DDIM's eta: 1 is DDPM's variance; above it the step is NaN
     cfg_formula: str = "standard"
     seed: int = 0
     batch_size: int = 16
@@ -83,6 +83,7 @@ class GenerateConfig(Config):
     rebalance: float | None = None  # draw conditions so rarer findings reach this prevalence (cxrsynth.diffusion.rebalance)
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # every number finite (guidance, eta, rebalance), guidance >= 0
         for what in ("replicas", "steps", "batch_size", "shard_size"):
             if getattr(self, what) < 1:
                 raise CxrsynthError(f"{what} must be >= 1, got {getattr(self, what)}")

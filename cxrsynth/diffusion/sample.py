@@ -117,6 +117,18 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def _check_finite_images(x: torch.Tensor, start: int, guidance: float) -> None:
+    """Refuse a batch with a NaN or infinite pixel: :func:`to_uint8` would make it black (NaN) or
+    white (inf) without a word, and a replica set of such images would look complete."""
+    bad = ~torch.isfinite(x).flatten(1).all(dim=1)  # (B,)
+    if bool(bad.any()):  # a sync, as the copy to the CPU that follows is
+        first = start + int(bad.nonzero()[0])
+        raise CxrsynthError(
+            f"the generator's output is NaN or infinite for {int(bad.sum())} of {len(x)} images of the batch from image "
+            f"{start} (first: image {first}); not writing them as images. A guidance too large for float32 "
+            f"(it is {guidance:g}) or a generator with damaged weights does this")
+
+
 def _noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """(B, *shape) standard normal noise, row i from generators[i], drawn on the CPU.
 
@@ -220,6 +232,9 @@ def sample(
 
     Returns:
         (N, C, H, W) uint8 images.
+
+    Raises:
+        CxrsynthError: a batch's output holds NaN or infinite values (not turned into pixels).
     """
     if cond.ndim != 2 or len(cond) != len(seeds):
         raise CxrsynthError(f"need one seed per condition row: cond {tuple(cond.shape)}, {len(seeds)} seeds")
@@ -234,6 +249,7 @@ def sample(
             sampler=sampler, steps=steps, guidance=guidance, eta=eta, cfg_formula=cfg_formula,
             timestep_spacing=timestep_spacing, dtype=dtype, forward=forward,
         )
+        _check_finite_images(x, start, guidance)
         out.append(to_uint8(x).cpu())
     if not out:
         cfg = model.gen_config

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from cxrsynth.diffusion.presets import GeneratorConfig
@@ -28,6 +29,26 @@ def _common(config: GeneratorConfig) -> dict[str, Any]:
         "rescale_betas_zero_snr": config.zero_terminal_snr,
         "prediction_type": config.prediction_type,
     }
+
+
+class FittedDDIM(DDIMScheduler):
+    """diffusers' DDIM whose noise variance always fits under ``1 - alpha_bar_prev``.
+
+    DDIM's step takes ``sqrt(1 - alpha_bar_prev - (eta * sigma_t)^2)``. At t = T of the
+    zero-terminal-SNR schedule (alpha_bar_T = 0: the first step of ``trailing`` spacing),
+    sigma_t^2 at eta = 1 equals ``1 - alpha_bar_prev`` exactly, and float32 rounding of
+    ``sqrt(sigma_t^2)^2`` exceeds it by an ulp: the square root is NaN and every image of
+    ``generate --eta 1`` came out black. :meth:`_get_variance` lowers sigma_t^2 by the few
+    ulps that make it fit (so for any eta <= 1); where it fits already, it is unchanged, and
+    so are the images.
+    """
+
+    def _get_variance(self, timestep: int, prev_timestep: int) -> torch.Tensor:
+        variance = super()._get_variance(timestep, prev_timestep)
+        alpha_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        while bool(1 - alpha_prev - (variance ** 0.5) ** 2 < 0):  # as step() computes it, at eta = 1
+            variance = torch.nextafter(variance, torch.zeros_like(variance))
+        return variance
 
 
 def training_scheduler(config: GeneratorConfig) -> DDPMScheduler:
@@ -72,7 +93,7 @@ register_sampler(
     Sampler(
         name="ddim",
         # clip_sample: x_0 estimates clipped to [-1, 1], as Mediffusion's clip_denoised=True.
-        build=lambda c, spacing: DDIMScheduler(
+        build=lambda c, spacing: FittedDDIM(
             **_common(c), clip_sample=True, set_alpha_to_one=True, timestep_spacing=spacing
         ),
         stochastic=True,
@@ -83,7 +104,7 @@ register_sampler(
         name="ddim-unclipped",
         # The plain DDIM ODE solver (eta = 0): no x_0 clipping, so it converges to the same
         # probability-flow ODE solution as dpmpp (`cxrsynth bench solvers` compares them).
-        build=lambda c, spacing: DDIMScheduler(
+        build=lambda c, spacing: FittedDDIM(
             **_common(c), clip_sample=False, set_alpha_to_one=True, timestep_spacing=spacing
         ),
         stochastic=True,

@@ -22,6 +22,10 @@ change mid-run) and resuming another run fails, naming what differs; only ``step
 its own directory under a checkpoint root (:func:`run_checkpoints`, named by
 :func:`run_id`), so a changed setting starts a new run beside the old one.
 
+A loss that becomes NaN or infinite stops the run (:func:`cxrsynth.checkpoints.check_loss`):
+at the next readout on one process, and under DDP at the next checkpoint, where every rank's
+flag is gathered so all ranks stop alike; no checkpoint and no generator is written from it.
+
 Fast paths (chosen in :func:`_fast_paths`, one place): bf16 autocast, channels_last,
 fused AdamW and :func:`cxrsynth.runtime.cuda_fast_paths` (TF32, autotuned cuDNN) on
 CUDA only; fp32 elsewhere.
@@ -55,7 +59,7 @@ from timm.utils import ModelEmaV3
 
 from cxrsynth import checkpoints as checkpoints_lib
 from cxrsynth import runtime
-from cxrsynth.config import Config
+from cxrsynth.config import Config, setting
 from cxrsynth.diffusion.losses import ScheduleTensors, diffusion_loss
 from cxrsynth.diffusion.model import ConditionalUNet, save_generator
 from cxrsynth.diffusion.presets import GeneratorConfig
@@ -88,17 +92,17 @@ class TrainConfig(Config):
 
     kind = "generator training config"  # how errors name these settings (a class attribute, not a field)
 
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    ema_decay: float = 0.9999
-    grad_clip: float = 1.0
-    save_every: int = 500
-    log_every: int = 10
+    steps: int = setting(1000, ge=1)
+    batch_size: int = setting(16, ge=1)
+    lr: float = setting(1e-4, gt=0)
+    weight_decay: float = setting(0.0, ge=0)
+    warmup_steps: int = setting(100, ge=0)
+    ema_decay: float = setting(0.9999, ge=0, le=1)
+    grad_clip: float = setting(1.0, ge=0)
+    save_every: int = setting(500, ge=1)
+    log_every: int = setting(10, ge=1)
     seed: int = 0
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = setting(2, ge=0)
 
 
 def _fast_paths(device: torch.device) -> dict[str, Any]:
@@ -276,13 +280,15 @@ def train(
              "data_version": data_version}, indent=2) + "\n")
 
     def save_checkpoint() -> None:
-        mine = (checkpoints_lib.rng_state(device, gen), (seen_images, sorted(seen_keys)))
+        mine = (checkpoints_lib.rng_state(device, gen), (seen_images, sorted(seen_keys)), bool(finite))
         ranks: list[Any] = [mine]
         if dist_info.world > 1:
             import torch.distributed as dist
 
             ranks = [None] * dist_info.world
             dist.all_gather_object(ranks, mine)
+        # every rank decides alike (the flags are gathered), so no rank waits for a stopped one
+        checkpoints_lib.check_loss([0.0 if ok else math.nan for _, _, ok in ranks], f"step {step} or before", tc.lr)
         if not is_main:
             return
         ck.mkdir(parents=True, exist_ok=True)
@@ -290,8 +296,8 @@ def train(
             "config": config.to_dict(), "train": tc.to_dict(), "run": run, "step": step, "epoch": epoch,
             "batch_in_epoch": batch_in_epoch, "model": model.state_dict(),
             "ema": ema.module.state_dict(), "optimizer": opt.state_dict(),
-            "lr_schedule": sched.state_dict(), "rng": [r for r, _ in ranks],
-            "data_seen": [s for _, s in ranks],
+            "lr_schedule": sched.state_dict(), "rng": [r for r, _, _ in ranks],
+            "data_seen": [s for _, s, _ in ranks],
         }
         checkpoints_lib.save(state, ck / LATEST)
         if tc.keep_checkpoints > 0:
@@ -310,6 +316,7 @@ def train(
     autocast = torch.autocast(device.type, dtype=fast["autocast_dtype"] or torch.float32,
                               enabled=fast["autocast_dtype"] is not None)
     running = torch.zeros((), device=device)
+    finite = torch.ones((), device=device, dtype=torch.bool)  # every loss so far finite; read at checkpoints (a sync there anyway)
     n_running, images, t_last = 0, 0, time.perf_counter()
     model.train()
     while step < tc.steps:
@@ -346,10 +353,13 @@ def train(
             batch_in_epoch += 1
             ema.update(model, step=step)
             running += loss.detach()
+            finite &= torch.isfinite(loss.detach())
             n_running += 1
             images += b * dist_info.world
             if step % tc.log_every == 0 or step == tc.steps:
                 value = (running / n_running).item()  # the only sync
+                if dist_info.world == 1:  # under DDP the gathered check of the next checkpoint stops every rank alike
+                    checkpoints_lib.check_loss([value], f"step {step}", tc.lr)
                 now = time.perf_counter()
                 rate = images / max(now - t_last, 1e-9)
                 running.zero_(); n_running, images, t_last = 0, 0, now

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrsynth import labels
-from cxrsynth.config import Config
+from cxrsynth.config import MAX_BOOTSTRAP, Config, setting
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.evaluate.auroc import bootstrap_aurocs
 from cxrsynth.evaluate.metrics import (
@@ -55,8 +55,8 @@ class CompareConfig(Config):
 
     kind = "compare config"  # how errors name these settings (a class attribute, not a field)
 
-    alpha: float = 0.05
-    bootstrap: int | None = None
+    alpha: float = setting(0.05, gt=0, lt=1)
+    bootstrap: int | None = setting(None, ge=1, le=MAX_BOOTSTRAP)
     seed: int | None = None
 
 

@@ -107,7 +107,7 @@ def inception_extractor(weights: Path) -> torch.nn.Module:
     """
     from torchvision.models import inception_v3
 
-    from cxrsynth.safeload import load_torch
+    from cxrsynth.safeload import check_finite, load_torch
 
     weights = Path(weights)
     if not weights.exists():
@@ -116,6 +116,7 @@ def inception_extractor(weights: Path) -> torch.nn.Module:
     # network expects (x - 0.5) / 0.5 inputs and converts from ImageNet normalisation.
     net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
     state = load_torch(weights, "inception_v3 state dict")
+    check_finite(state, str(weights))
     try:
         net.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:  # not a dict, wrong keys or shapes
@@ -195,7 +196,7 @@ def classifier_extractor(model: str, checkpoint: Path, size: int = 256) -> torch
     """
     import timm
 
-    from cxrsynth.safeload import load_torch
+    from cxrsynth.safeload import check_finite, load_torch
 
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
@@ -207,6 +208,7 @@ def classifier_extractor(model: str, checkpoint: Path, size: int = 256) -> torch
             break
     if not isinstance(state, dict):
         raise CxrsynthError(f"{checkpoint} holds a {type(state).__name__}, not a state dict")
+    check_finite(state, str(checkpoint))
     if not timm.is_model(model):
         raise CxrsynthError(f"unknown timm model {model!r} (timm.list_models() lists the names)")
     net = timm.create_model(model, pretrained=False, num_classes=0, in_chans=1)

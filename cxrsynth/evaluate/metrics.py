@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth import __version__, labels, manifest
-from cxrsynth.config import Config, read_json
+from cxrsynth.config import MAX_BOOTSTRAP, Config, read_json, setting
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.evaluate import leakage
 from cxrsynth.evaluate.auroc import auroc, bootstrap_aurocs, summarize
@@ -64,7 +64,7 @@ class EvaluateConfig(Config):
 
     kind = "evaluate config"  # how errors name these settings (a class attribute, not a field)
 
-    bootstrap: int = 1000
+    bootstrap: int = setting(1000, ge=0, le=MAX_BOOTSTRAP)
     seed: int = 0
     by: tuple[str, ...] = ()
     cluster: str = "image"

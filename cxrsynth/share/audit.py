@@ -84,6 +84,7 @@ class AuditConfig(Config):
     device: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # every number finite
         if not 0 < self.quantile < 1:
             raise AuditError(f"quantile must be in (0, 1), got {self.quantile}")
         for name in ("k", "pixel_size", "pairs", "chunk", "batch"):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import pandas as pd
 
-from cxrsynth.config import Config
+from cxrsynth.config import Config, setting
 from cxrsynth.errors import CxrsynthError, UnknownNameError
 from cxrsynth.registry import Registry
 
@@ -206,14 +206,14 @@ class ReidConfig(Config):
 
     kind = "reid config"  # how errors name these settings (a class attribute, not a field)
 
-    size: int = 64
-    width: int = 16
-    dim: int = 64
-    steps: int = 300
-    patients: int = 32
-    lr: float = 2e-3
-    temperature: float = 0.1
-    shift: int = 4
+    size: int = setting(64, ge=1)
+    width: int = setting(16, ge=1)
+    dim: int = setting(64, ge=1)
+    steps: int = setting(300, ge=1)
+    patients: int = setting(32, ge=1)
+    lr: float = setting(2e-3, gt=0)
+    temperature: float = setting(0.1, gt=0)
+    shift: int = setting(4, ge=0)
     seed: int = 0
 
 
@@ -340,12 +340,16 @@ def load_reid(directory: str | Path, device: "torch.device") -> Embedding:
 
     from safetensors.torch import load_file
 
+    from cxrsynth.safeload import check_finite
+
     directory = Path(directory)
     if not (directory / "reid.json").is_file() or not (directory / "reid.safetensors").is_file():
         raise EmbeddingError(f"{directory}: no reid.json + reid.safetensors (save one with `share audit --embedding reid`)")
     info = json.loads((directory / "reid.json").read_text())
     config = ReidConfig.from_dict(info["config"])
     net = reid_network(config)
-    net.load_state_dict(load_file(str(directory / "reid.safetensors")))
+    state = load_file(str(directory / "reid.safetensors"))
+    check_finite(state, str(directory / "reid.safetensors"))
+    net.load_state_dict(state)
     net = net.to(device).eval()
     return Embedding(f"reid:{directory}", config.size, lambda im: net(_as_input(im)), {**info, "directory": str(directory)})

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth import __version__, imaging, manifest, shards
-from cxrsynth.config import SHARD_SIZE, Config
+from cxrsynth.config import SHARD_SIZE, Config, setting
 from cxrsynth.errors import CheckFailed
 from cxrsynth.share import audit as audit_lib
 from cxrsynth.share import datasheet, package
@@ -79,10 +79,10 @@ class ExportConfig(Config):
     kind = "export config"  # how errors name these settings (a class attribute, not a field)
 
     audit_against: str | None = None
-    max_flagged: int = 0
+    max_flagged: int = setting(0, ge=0)
     force: bool = False
     secret_file: Path | None = None
-    shard_size: int = SHARD_SIZE
+    shard_size: int = setting(SHARD_SIZE, ge=1)
     audit: audit_lib.AuditConfig = field(default_factory=audit_lib.AuditConfig)
     audit_split: str | None = None
     audit_out: Path | None = None

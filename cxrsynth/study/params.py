@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxrsynth.config import ConfigError, given, mapping, parse, setting, unknown
+from cxrsynth.config import MAX_BOOTSTRAP, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, ConfigError, given, mapping, parse, setting, unknown
 from cxrsynth.errors import CxrsynthError, UnknownNameError
 
 #: The experiment families, in the order of the pipeline (cxrsynth.study.plan describes each).
@@ -119,7 +119,7 @@ class Generator:
     """The conditional diffusion generator (``cxrsynth generator train``)."""
 
     preset: str
-    image_size: int = setting(ge=1)
+    image_size: int = setting(ge=MIN_IMAGE_SIDE, le=MAX_IMAGE_SIDE)
     steps: int = setting(ge=1)
     batch: int = setting(ge=1)
     lr: float = setting(gt=0)
@@ -176,10 +176,11 @@ class Classifier:
         data = dict(mapping(data, key, "a mapping: a preset and overrides of its fields"))
         preset = parse(str, data.pop("preset"), f"{key}.preset") if "preset" in data else cls.preset
         hints = {name: hint for name, hint in typing.get_type_hints(ClassifierConfig).items() if name != "name"}
+        ranges = {f.name: f.metadata for f in dataclasses.fields(ClassifierConfig)}  # setting(ge=..., le=...)
         for name in data:
             if name not in hints:
                 raise unknown(key, name, ["preset", *hints])
-        overrides = {name: parse(hints[name], value, f"{key}.{name}") for name, value in data.items()}
+        overrides = {name: parse(hints[name], value, f"{key}.{name}", ranges[name]) for name, value in data.items()}
         out = cls(preset, overrides)
         out.config(key)  # the preset exists and the overrides make a valid configuration
         return out
@@ -207,7 +208,7 @@ class Evaluate:
         alpha: Significance level of the family comparisons (Bonferroni-corrected).
     """
 
-    bootstrap: int | None = setting(None, ge=0)
+    bootstrap: int | None = setting(None, ge=0, le=MAX_BOOTSTRAP)
     seed: int | None = None
     alpha: float | None = setting(None, gt=0, lt=1)
 
@@ -309,7 +310,7 @@ class StudyParams:
     synthetic: Family | None = None
     external: External | None = None
     rebalance: Rebalance | None = None
-    image_size: int | None = setting(None, ge=1)
+    image_size: int | None = setting(None, ge=1, le=MAX_IMAGE_SIDE)
     shard_size: int | None = setting(None, ge=1)
     phantom: dict[str, int] | None = setting(None, ge=1)
     sources: Sources | None = None
