@@ -1248,7 +1248,7 @@ def _ingested_with_version(tmp: Path) -> dict:
     return {**paths, "version": manifest.read_meta(paths["root"], "cxp")["version"]}
 
 
-def _no_dataset(paths: dict, output: str) -> None:
+def _no_datasets(paths: dict, output: str) -> None:
     from cxrsynth import manifest
 
     assert manifest.list_names(paths["root"]) == []
@@ -1302,7 +1302,7 @@ CASES: tuple[Case, ...] = (
          check=_no_file("metrics/compare/supplement.json")),
     Case("name-trailing-newline", "a dataset name with a trailing newline (ingest --name 'cxp\\n')", _chexpert_tree,
          ("ingest", "chexpert", "{csv}", "--name", "cxp\n", "--size", str(SIDE), "--workers", "1", "--root", "{root}"), 2,
-         "must match", "clean error; nothing written", check=_no_dataset),
+         "must match", "clean error; nothing written", check=_no_datasets),
     Case("split-view-absent", "split --view XX (no image has that view)", _ingested_with_version,
          ("split", "cxp", "--seed", "0", "--view", "XX", "--root", "{root}"), 2, "views present: AP",
          "clean error naming the views present; the splits are kept", check=_split_unchanged),
