@@ -37,7 +37,7 @@ VOLATILE = ("report/index.html",)
 
 
 def tiny_params(params: dict) -> dict:
-    """The parameters of tests/test_pipeline.py: every stage, a few seconds each."""
+    """Every stage of the study, a few seconds each (also tests/test_pipeline.py's parameters)."""
     params.update(image_size=32, shard_size=40)
     params["phantom"] = {"cxp": 120, "mimic": 60, "emory": 40}
     params["generator"].update(preset="micro", steps=4, batch=4, warmup=1)
@@ -54,10 +54,11 @@ def tiny_params(params: dict) -> dict:
     return params
 
 
-def run(tree: Path, work: Path) -> dict[str, str]:
+def tiny_project(tree: Path, clone: Path) -> dict:
+    """Copy the project's files from ``tree`` (git's view: no tests, data, manifests, metrics or
+    dvc.lock) to ``clone`` with the tiny parameters; returns them."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=tree,
                            capture_output=True, text=True, check=True).stdout.split()
-    clone = work / "clone"
     for name in files:
         if (tree / name).is_file() and not name.startswith(("tests/", "manifests/", "metrics/")) and name != "dvc.lock":
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +67,12 @@ def run(tree: Path, work: Path) -> dict[str, str]:
     (clone / "metrics").mkdir(exist_ok=True)
     params = tiny_params(yaml.safe_load((clone / "params.yaml").read_text()))
     (clone / "params.yaml").write_text(yaml.safe_dump(params))
+    return params
+
+
+def run(tree: Path, work: Path) -> dict[str, str]:
+    clone = work / "clone"
+    tiny_project(tree, clone)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
            "PYTHONPATH": str(clone), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]

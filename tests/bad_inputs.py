@@ -1039,33 +1039,26 @@ def _split_with_test(tmp: Path) -> dict:
     return paths
 
 
-def _manifest_rewritten_by_duckdb(tmp: Path) -> dict:
-    """Every test row moved to train by DuckDB (``COPY (SELECT ...) TO``), which drops the
-    parquet metadata, the recorded checksum with it."""
+def _rewrite_by_duckdb(paths: dict, select: str) -> dict:
+    """Rewrite the manifest in place with DuckDB's ``COPY (SELECT {select} ...) TO``, which drops
+    the parquet metadata, the recorded checksum with it."""
     import duckdb
 
-    paths = _split_with_test(tmp)
     moved = paths["manifest"].with_name("moved.parquet")
-    con = duckdb.connect()
-    con.execute(f"COPY (SELECT * REPLACE ('train' AS split) FROM read_parquet('{paths['manifest']}')) TO '{moved}' "
-                f"(FORMAT parquet)")
-    con.close()
+    with duckdb.connect() as con:
+        con.execute(f"COPY (SELECT {select} FROM read_parquet('{paths['manifest']}')) TO '{moved}' (FORMAT parquet)")
     os.replace(moved, paths["manifest"])
     return paths
+
+
+def _manifest_rewritten_by_duckdb(tmp: Path) -> dict:
+    """Every test row moved to train by DuckDB."""
+    return _rewrite_by_duckdb(_split_with_test(tmp), "* REPLACE ('train' AS split)")
 
 
 def _manifest_columns_dropped(tmp: Path) -> dict:
     """The manifest rewritten by DuckDB without its key and shard columns."""
-    import duckdb
-
-    paths = _ingested(tmp)
-    moved = paths["manifest"].with_name("moved.parquet")
-    con = duckdb.connect()
-    con.execute(f"COPY (SELECT * EXCLUDE (key, shard) FROM read_parquet('{paths['manifest']}')) TO '{moved}' "
-                f"(FORMAT parquet)")
-    con.close()
-    os.replace(moved, paths["manifest"])
-    return paths
+    return _rewrite_by_duckdb(_ingested(tmp), "* EXCLUDE (key, shard)")
 
 
 def _manifest_checksum_dropped(tmp: Path) -> dict:

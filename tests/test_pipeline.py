@@ -6,6 +6,7 @@ replicas to the synthetic remote and nothing real; `dvc pull` brings them back, 
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -31,21 +32,12 @@ def ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def tiny_params(params: dict) -> dict:
-    params.update(image_size=32, shard_size=40)
-    params["phantom"] = {"cxp": 120, "mimic": 60, "emory": 40}
-    params["generator"].update(preset="micro", steps=4, batch=4, warmup=1)
-    params["generate"].update(steps=2, batch=16)
-    params["replicas"] = {"w1": {"guidance": 1.0, "replicas": 2}}
-    params["cfg"]["replicas"] = ["w1"]
-    for family in ("supplement", "synthetic", "external"):
-        params[family]["replica"] = "w1"
-    params["supplement"]["k"] = [0, 1]
-    params["synthetic"]["k"] = [1]
-    params["external"]["k"] = [0, 1]
-    params["classifier"].update(image_size=16, epochs=1, exclude_uncertain=False)
-    params["evaluate"]["bootstrap"] = 20
-    return params
+def _tiny_run():
+    """scripts/tiny-run.py, loaded by path (a script, not a module): its tiny parameters and project copy."""
+    spec = importlib.util.spec_from_file_location("tiny_run", REPO / "scripts" / "tiny-run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def git_commit(clone: Path) -> None:
@@ -55,17 +47,8 @@ def git_commit(clone: Path) -> None:
 
 @pytest.mark.slow
 def test_dvc_repro_runs_the_study_reruns_nothing_and_pushes_only_synthetic_data(tmp_path):
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
     clone = tmp_path / "repo" / "clone"
-    for name in files:
-        if (REPO / name).is_file() and not name.startswith(("tests/", "manifests/", "metrics/")) and name != "dvc.lock":
-            (clone / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, clone / name)
-    (clone / "manifests").mkdir(exist_ok=True)
-    (clone / "metrics").mkdir(exist_ok=True)
-    params = tiny_params(yaml.safe_load((clone / "params.yaml").read_text()))
-    (clone / "params.yaml").write_text(yaml.safe_dump(params))
+    params = _tiny_run().tiny_project(REPO, clone)
     sh("git", "init", "-q", cwd=clone)
     git_commit(clone)
 
