@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -164,18 +163,25 @@ def test_check_says_ok_and_reads_bad_yaml_as_one_line(tmp_path):
 
 
 def test_a_bad_params_yaml_fails_in_under_two_seconds_without_torch(tmp_path):
-    """The whole command, interpreter start included, in a fresh process; neither torch nor pandas is imported."""
+    """The whole command, interpreter start included, in a fresh process; neither torch nor pandas is imported.
+
+    Timed in the child's CPU seconds (user + system), not wall time: on a shared 2-core machine
+    the wall time of a process start swings with the load (3.1 s once while another test ran),
+    while the work the check does, which is what the 2 seconds bound, does not."""
+    import resource
+
     root = write_params(tmp_path / "proj", edited(lambda p: p["classifier"].update(epochs=1.5)))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "cxrsynth", "study", "check", "--root", str(root)],
                           capture_output=True, text=True, env=env, timeout=60)
-    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "error: params.yaml: classifier.epochs: expected an integer, got 1.5" in done.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "cxrsynth.study.params" in imported and not imported & {"torch", "pandas", "numpy"}
-    assert seconds < 2.0, f"{seconds:.2f} s"
+    assert seconds < 2.0, f"{seconds:.2f} CPU seconds"
 
 
 def manifest_with(root: Path, name: str, splits: list[str]) -> None:
