@@ -82,3 +82,10 @@ def test_views_sql_for_the_duckdb_cli(chexpert_tree, tmp_path, monkeypatch):
     con = duckdb.connect()
     con.execute(sql)
     assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 8
+
+
+def test_version_prints_the_package_version():
+    from cxrsynth import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"cxrsynth {__version__}"

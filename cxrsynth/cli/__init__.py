@@ -28,6 +28,24 @@ app = typer.Typer(
     help="Versioned real and synthetic chest X-ray datasets (WebDataset shards + parquet manifests) "
     "and the experiments of Khosravi et al., 'Synthetically enhanced'.",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from cxrsynth import __version__
+
+        typer.echo(f"cxrsynth {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print the cxrsynth version and exit."),
+) -> None:
+    """Versioned real and synthetic chest X-ray datasets and the experiments of 'Synthetically enhanced'."""
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures (not tests).")
 
 # data
