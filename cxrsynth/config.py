@@ -72,20 +72,33 @@ MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 8, 2048
 MAX_BOOTSTRAP = 100_000
 
 
-def read_json(path: str | Path, *, missing: str, invalid: str, error: type[CxrsynthError] = CxrsynthError) -> Any:
+def read_json(path: str | Path, *, missing: str, invalid: str, error: type[CxrsynthError] = CxrsynthError,
+              keys: tuple[str, ...] = ()) -> Any:
     """The value of the JSON file ``path`` (a config or record a stage wrote next to its output).
+
+    Args:
+        keys: When given, the value must be an object holding each of these keys.
 
     Raises:
         error: ``missing`` when ``path`` is not a file; ``"<invalid>: <why>"`` when it is not
-            UTF-8 JSON.
+            UTF-8 JSON (or nests too deep to parse), or lacks one of ``keys``.
     """
     path = Path(path)
     if not path.is_file():
         raise error(missing)
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise error(f"{invalid}: {exc}") from None
+    except RecursionError:
+        raise error(f"{invalid}: nested too deeply to parse") from None
+    if keys:
+        if not isinstance(value, dict):
+            raise error(f"{invalid}: expected a JSON object, got {type(value).__name__}")
+        absent = [k for k in keys if k not in value]
+        if absent:
+            raise error(f"{invalid}: lacks {', '.join(map(repr, absent))}")
+    return value
 
 
 def given(**options: Any) -> dict[str, Any]:

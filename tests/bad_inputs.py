@@ -163,6 +163,37 @@ def _garbage_site_nan_classifier(tmp: Path) -> dict:
     return {**_garbage_site(tmp), "model": tmp / "clf"}
 
 
+def _safetensors_bytes(tensors: dict) -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    return save({k: torch.tensor(v) for k, v in tensors.items()})
+
+
+def _classifier_dir(meta: bytes | None = None, weights: bytes | None = None):
+    """The site and ``clf/``: a valid classifier directory (small preset, 32 px, untrained), then
+    ``classifier.json`` replaced by ``meta`` and/or ``model.safetensors`` by ``weights``."""
+
+    def build(tmp: Path) -> dict:
+        from safetensors.torch import save_file
+
+        from cxrsynth.classify.model import META, WEIGHTS, build
+        from cxrsynth.classify.presets import get_preset
+
+        config = get_preset("small", image_size=SIDE)
+        (tmp / "clf").mkdir()
+        state = {k: v.contiguous() for k, v in build(config).net.state_dict().items()}
+        save_file(state, str(tmp / "clf" / WEIGHTS), metadata={"format": "pt"})
+        if weights is not None:
+            good = (tmp / "clf" / WEIGHTS).read_bytes()
+            (tmp / "clf" / WEIGHTS).write_bytes(good[: len(good) // 2] if weights == b"TRUNCATE" else weights)
+        text = json.dumps({"config": config.to_dict(), "classifier_id": "0" * 12}).encode()
+        (tmp / "clf" / META).write_bytes(text if meta is None else meta)
+        return {**_garbage_site(tmp), "model": tmp / "clf"}
+
+    return build
+
+
 def _ckpt_nan(tmp: Path) -> dict:
     """A Mediffusion checkpoint that fits :func:`_mediffusion_config` but holds a NaN weight."""
     adm = adm_state_dict(32)
@@ -1537,6 +1568,25 @@ CASES: tuple[Case, ...] = (
          _garbage_site_nan_classifier, ("classifier", "predict", "--model", "{model}", "--data", "cxp", "--out", "{tmp}/p.parquet",
                                         "--threads", "1", "--root", "{root}"), 2, "model.safetensors: NaN or infinite values",
          "refused when the model loads, naming the tensor; no predictions written", check=_wrote_none("p.parquet")),
+    *(Case(f"predict-model-{what}", f"classifier predict --model DIR whose {bad}", _classifier_dir(**spec),
+           ("classifier", "predict", "--model", "{model}", "--data", "cxp", "--out", "{tmp}/p.parquet", "--threads", "1",
+            "--root", "{root}"), 2, message, "refused when the model directory is read, naming the file; no predictions",
+           check=_wrote_none("p.parquet"))
+      for what, bad, spec, message in (
+          ("meta-not-json", "classifier.json is not JSON", {"meta": b"{not json"}, "classifier.json is not a cxrsynth classifier.json"),
+          ("meta-not-utf8", "classifier.json is not UTF-8", {"meta": b"\xff\xfe{}"}, "is not a cxrsynth classifier.json"),
+          ("meta-no-config", "classifier.json lacks its config", {"meta": b'{"classifier_id": "x"}'}, "lacks 'config'"),
+          ("meta-list", "classifier.json is a JSON list", {"meta": b"[1, 2]"}, "expected a JSON object, got list"),
+          ("meta-nested", "classifier.json is 200,000 nested brackets", {"meta": b"[" * 200_000}, "nested too deeply"),
+          ("meta-config-types", "classifier.json's config has a text image size",
+           {"meta": b'{"config": {"image_size": "big"}}'}, "image_size"),
+          ("weights-empty", "model.safetensors is empty", {"weights": b""}, "is not a readable safetensors file"),
+          ("weights-truncated", "model.safetensors is cut in half", {"weights": b"TRUNCATE"}, "is not a readable safetensors file"),
+          ("weights-garbage", "model.safetensors is random bytes", {"weights": bytes(range(256)) * 8},
+           "is not a readable safetensors file"),
+          ("weights-other-model", "model.safetensors holds another network's tensors",
+           {"weights": _safetensors_bytes({"fc.weight": [[0.0] * 3]})}, "does not fit the classifier"),
+      )),
     Case("uncertain-mask-all-uncertain", "classifier train --uncertain mask on data whose every finding is uncertain",
          _garbage_all_uncertain, (*_CLASSIFIER, "--uncertain", "mask", "--root", "{root}"), 2,
          "every finding of all 3 training rows is uncertain", "refused before training: no label to learn from",

@@ -19,7 +19,6 @@ dropped (re-initialised). Nothing is ever downloaded.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -162,15 +161,21 @@ def load_pretrained(model: Classifier, path: str | Path) -> dict[str, list[str]]
         elif any(key.startswith(h) for h in heads) and key in own and value.shape != own[key].shape:
             del state[key]
             dropped.append(key)
-    bad_shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
-    missing = [k for k in own if k not in state and k not in dropped]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected or bad_shapes:
-        raise CxrsynthError(
-            f"{path} does not fit timm model {type(net).__name__}: missing {missing[:4]}, unexpected {unexpected[:4]}, "
-            f"shape mismatch {bad_shapes[:4]}")
+    check_fits(own, state, path, f"timm model {type(net).__name__}", absent_ok=dropped)
     net.load_state_dict(state, strict=False)  # strict but for the dropped head
     return {"adapted": adapted, "dropped": dropped}
+
+
+def check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path, what: str,
+               absent_ok: list[str] = ()) -> None:
+    """Refuse ``state`` (read from ``path``) unless it has exactly ``own``'s tensor names and shapes
+    (``absent_ok`` may be missing), naming the first differences."""
+    bad_shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
+    missing = [k for k in own if k not in state and k not in absent_ok]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected or bad_shapes:
+        raise CxrsynthError(f"{path} does not fit the {what}: missing {missing[:4]}, unexpected {unexpected[:4]}, "
+                            f"shape mismatch {bad_shapes[:4]}")
 
 
 def save_weights(model: Classifier, path: str | Path) -> str:
@@ -204,10 +209,14 @@ def classifier_id(path: str | Path) -> str:
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
     """A trained classifier's ``classifier.json``."""
+    from cxrsynth.config import read_json
+
     path = Path(directory) / META
-    if not path.is_file():
-        raise CxrsynthError(f"{directory} is not a cxrsynth classifier (no {META})")
-    return json.loads(path.read_text())
+    meta = read_json(path, missing=f"{directory} is not a cxrsynth classifier (no {META})",
+                     invalid=f"{path} is not a cxrsynth classifier.json", keys=("config",))
+    if not isinstance(meta["config"], dict):
+        raise CxrsynthError(f"{path}: 'config' is {type(meta['config']).__name__}, not the classifier's settings")
+    return meta
 
 
 def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
@@ -225,6 +234,7 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
         raise CxrsynthError(f"{directory} has no {WEIGHTS}")
     model = build(ClassifierConfig.from_dict(meta["config"]))
     state = _load_safetensors(weights)
+    check_fits(model.net.state_dict(), state, weights, f"classifier its {META} describes")
     check_finite(state, str(weights))
     model.net.load_state_dict(state)
     return model.to(device).eval(), meta
