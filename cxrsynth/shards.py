@@ -152,7 +152,7 @@ def finished(directory: Path, dataset: str, index: int, inputs: str | None = Non
     try:
         stored = json.loads(record.read_text())
         result = ShardResult(**{k: v for k, v in stored.items() if k in ShardResult.__dataclass_fields__})
-    except (ValueError, TypeError):  # a damaged receipt: the unit is redone
+    except (ValueError, TypeError, RecursionError):  # a damaged receipt: the unit is redone
         return None
     if inputs is not None and result.inputs != inputs:
         return None
@@ -292,7 +292,7 @@ def verify(directory: Path, expected_counts: dict[str, int] | None = None) -> li
         entries = index["shards"]
         if not all({"name", "count", "bytes", "sha256"} <= set(e) for e in entries):
             raise ValueError("a shard entry lacks name, count, bytes or sha256")
-    except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not a shard index
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # not JSON, or not a shard index
         return [f"unreadable index: {path}: {type(exc).__name__}: {exc}"]
     problems = []
     for entry in entries:

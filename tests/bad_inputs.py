@@ -222,6 +222,15 @@ def _params_file(classifier: dict):
     return build
 
 
+def _truncated_cell(tmp: Path) -> dict:
+    """The repository's params.yaml and the real-only cell's metrics cut off mid-JSON."""
+    root = tmp / "proj"
+    (root / "metrics" / "study").mkdir(parents=True)
+    (root / "params.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text())
+    (root / "metrics" / "study" / "supplement_k0.json").write_text('{"cell": "supplement_k0", "evaluations": [{"auro')
+    return {"root": root}
+
+
 def _no_dataset(name: str):
     def check(paths: dict, output: str) -> None:
         from cxrsynth import manifest
@@ -1587,6 +1596,9 @@ CASES: tuple[Case, ...] = (
           ("weights-other-model", "model.safetensors holds another network's tensors",
            {"weights": _safetensors_bytes({"fc.weight": [[0.0] * 3]})}, "does not fit the classifier"),
       )),
+    Case("study-summary-truncated-cell", "a cell's metrics JSON cut off mid-file (study summary)", _truncated_cell,
+         ("study", "summary", "--root", "{root}"), 2, "supplement_k0.json is not a cell's metrics",
+         "refused naming the file and the cell to rerun"),
     Case("uncertain-mask-all-uncertain", "classifier train --uncertain mask on data whose every finding is uncertain",
          _garbage_all_uncertain, (*_CLASSIFIER, "--uncertain", "mask", "--root", "{root}"), 2,
          "every finding of all 3 training rows is uncertain", "refused before training: no label to learn from",

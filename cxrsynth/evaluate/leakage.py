@@ -28,13 +28,13 @@ generator was trained) is refused too: with ``allow_leak`` both are recorded ins
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from cxrsynth import manifest
+from cxrsynth.config import read_json
 from cxrsynth.errors import CxrsynthError
 
 #: Example patient ids named in a refusal.
@@ -126,10 +126,8 @@ def _generator_patients(c: _Collector, dataset: str) -> tuple[str, set[Patient]]
         return None
     split, conditions, gen_id = meta.get("split"), meta.get("conditions"), meta.get("generator_id", "?")
     gen_dir = _resolve_generator(c, str(meta.get("generator") or ""))
-    try:
-        info = json.loads((gen_dir / "generator.json").read_text()) if gen_dir is not None else {}
-    except json.JSONDecodeError as exc:
-        raise CxrsynthError(f"{gen_dir / 'generator.json'} is not valid JSON: {exc}") from None
+    info = read_json(gen_dir / "generator.json", missing=f"{gen_dir} has no generator.json",
+                     invalid=f"{gen_dir / 'generator.json'} is not valid JSON") if gen_dir is not None else {}
     data_version = info.get("data_version")
     if gen_dir is None:
         c.notes.append(f"generator {gen_id} of {dataset!r} ({meta.get('generator')!r}) not found: its training rows are "

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cxrsynth.config import read_json
 from cxrsynth.study.params import StudyParams
 from cxrsynth.study.plan import CAS_CELL, FAMILIES, family_cells, tests
 
@@ -25,7 +26,8 @@ def cell_summaries(root: str | Path, params: Params) -> list[dict]:
             path = c.metrics_path(root)
             if c.name not in seen and path.is_file():
                 seen.add(c.name)
-                out.append(json.loads(path.read_text()))
+                out.append(read_json(path, missing=f"{path} is missing",
+                                     invalid=f"{path} is not a cell's metrics (rerun `dvc repro` for cell {c.name})"))
     return out
 
 
