@@ -1247,6 +1247,29 @@ def _replicates_swapped(tmp: Path) -> dict:
     return paths
 
 
+def _predictions_meta(raw: bytes):
+    """An evaluation project whose predictions' ``cxrsynth`` metadata is replaced by ``raw``."""
+    def build(tmp: Path) -> dict:
+        import pyarrow.parquet as pq
+        from conftest import model_dict, scores_for, write_predictions
+
+        paths = _evaluation_project(tmp)
+        write_predictions(paths["pred"], paths["test"], scores_for(paths["test"]), model=model_dict())
+        table = pq.read_table(paths["pred"])
+        pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"cxrsynth": raw}), paths["pred"])
+        return paths
+
+    return build
+
+
+def _replicates_elsewhere(tmp: Path) -> dict:
+    """:func:`_metrics_pair`, then other.json's ``replicates`` pointing up and out of its folder."""
+    paths = _metrics_pair()(tmp)
+    doc = json.loads(paths["other"].read_text())
+    paths["other"].write_text(json.dumps({**doc, "replicates": "../../../../etc/passwd"}))
+    return paths
+
+
 def _predictions_without_version(tmp: Path) -> dict:
     from conftest import model_dict, scores_for, write_predictions
 
@@ -1329,6 +1352,19 @@ CASES: tuple[Case, ...] = (
     Case("evaluate-predictions-without-version", "predictions whose metadata records no dataset version (evaluate)",
          _predictions_without_version, ("evaluate", "{pred}", "--out", "{tmp}/m.json", "--root", "{root}"), 2,
          "records no version of cxp", "clean error: the version cannot be checked"),
+    Case("evaluate-predictions-meta-not-utf8", "predictions whose cxrsynth metadata is not UTF-8 (evaluate)",
+         _predictions_meta(b"\xff\xfe\x00{"), ("evaluate", "{pred}", "--out", "{tmp}/m.json", "--root", "{root}"), 2,
+         "the cxrsynth metadata is not UTF-8 JSON", "clean error naming the file"),
+    Case("evaluate-predictions-meta-list", "predictions whose cxrsynth metadata is a JSON list (evaluate)",
+         _predictions_meta(b"[1, 2]"), ("evaluate", "{pred}", "--out", "{tmp}/m.json", "--root", "{root}"), 2,
+         "is a JSON list, not an object", "clean error naming the file"),
+    Case("evaluate-predictions-meta-types", "predictions metadata with data.name a list and rows a text (evaluate)",
+         _predictions_meta(b'{"data": {"name": ["cxp"]}, "rows": "many"}'),
+         ("evaluate", "{pred}", "--out", "{tmp}/m.json", "--root", "{root}"), 2,
+         "names no test data", "clean error naming the fields"),
+    Case("compare-replicates-elsewhere", "compare with a metrics file whose replicates path is ../../../../etc/passwd",
+         _replicates_elsewhere, ("compare", "{base}", "{other}", "--out", "{tmp}/c.json", "--root", "{root}"), 2,
+         "must be a file name beside it, not a path", "refused: nothing outside the metrics folder is read"),
     Case("study-compare-baseline-only", "study compare of a family whose only run cell is the baseline",
          _study_baseline_only, ("study", "compare", "supplement", "--root", "{root}"), 2,
          "no cell to compare with the baseline supplement_k0", "clean error naming the cells not run; no file written",

@@ -127,6 +127,14 @@ def read(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise CxrsynthError(f"predictions file not found: {path}")
-    table = pq.read_table(path)
-    meta = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError: not parquet, truncated
+        raise CxrsynthError(f"{path} is not a predictions parquet: {' '.join(str(exc).split())[:200]}") from None
+    try:
+        meta = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}").decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CxrsynthError(f"{path}: its cxrsynth metadata is not UTF-8 JSON ({type(exc).__name__})") from None
+    if not isinstance(meta, dict):
+        raise CxrsynthError(f"{path}: its prediction metadata is {type(meta).__name__}, not a JSON object")
     return table.to_pandas(), meta

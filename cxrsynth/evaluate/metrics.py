@@ -117,14 +117,18 @@ def read_predictions(path: str | Path) -> Predictions:
     if raw is None:
         raise CxrsynthError(f"{path} has no cxrsynth metadata: not written by `cxrsynth classifier predict`")
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CxrsynthError(f"{path}: the cxrsynth metadata is not JSON ({exc})") from None
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CxrsynthError(f"{path}: the cxrsynth metadata is not UTF-8 JSON ({type(exc).__name__})") from None
+    if not isinstance(meta, dict):
+        raise CxrsynthError(f"{path}: the cxrsynth metadata is a JSON {type(meta).__name__}, not an object")
     missing = [c for c in ("key", "dataset", *labels.FINDING_COLUMNS) if c not in table.column_names]
     if missing:
         raise CxrsynthError(f"{path} lacks column(s) {', '.join(missing)}")
-    if not isinstance(meta.get("data"), dict) or not meta["data"].get("name"):
-        raise CxrsynthError(f"{path}: the metadata names no test data (data.name)")
+    data = meta.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not data["name"] \
+            or not isinstance(data.get("split"), (str, type(None))) or not isinstance(data.get("version"), (str, type(None))):
+        raise CxrsynthError(f"{path}: the metadata names no test data (data.name, data.split and data.version as text)")
     frame = table.select(["key", "dataset", *labels.FINDING_COLUMNS]).to_pandas()
     frame["key"] = frame["key"].astype("string")
     scores = frame.loc[:, list(labels.FINDING_COLUMNS)]
@@ -135,7 +139,7 @@ def read_predictions(path: str | Path) -> Predictions:
     if frame["key"].isna().any() or frame["key"].duplicated().any():
         dup = frame.loc[frame["key"].duplicated(), "key"].head(EXAMPLES).tolist()
         raise CxrsynthError(f"{path}: keys must be unique and non-null (duplicates: {', '.join(map(str, dup))})")
-    if meta.get("rows") is not None and int(meta["rows"]) != len(frame):
+    if meta.get("rows") is not None and (not isinstance(meta["rows"], int) or meta["rows"] != len(frame)):
         raise CxrsynthError(f"{path}: the metadata says {meta['rows']} rows, the file has {len(frame)}")
     return Predictions(path=path, frame=frame, meta=meta)
 
@@ -420,7 +424,10 @@ def read_metrics(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     metrics = read_json(path, missing=f"no metrics file {path}", invalid=f"{path} is not a metrics JSON")
     if not isinstance(metrics, dict) or not {"findings", "macro", "test", "bootstrap"} <= set(metrics):
         raise CxrsynthError(f"{path} is not written by `cxrsynth evaluate` (needs findings, macro, test, bootstrap)")
-    npz = path.with_name(str(metrics.get("replicates") or replicates_path(path).name))
+    name = str(metrics.get("replicates") or replicates_path(path).name)
+    if Path(name).name != name or name in (".", ".."):
+        raise CxrsynthError(f"{path}: its replicates {name!r} must be a file name beside it, not a path")
+    npz = path.with_name(name)
     if not npz.is_file():
         raise CxrsynthError(f"{path}: its bootstrap replicates {npz} are missing")
     try:
