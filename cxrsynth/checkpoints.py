@@ -69,13 +69,14 @@ def save(state: dict[str, Any], path: str | Path) -> Path:
     Raises:
         NonFiniteWeights: a tensor of ``state`` holds NaN or an infinity (nothing is written).
     """
-    from cxrsynth.safeload import check_finite
+    from cxrsynth.safeload import check_finite, writing
 
     path = Path(path)
     check_finite(state, f"not writing the checkpoint {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with writing(path, "the checkpoint", partial=tmp):
+        torch.save(state, tmp)
     os.replace(tmp, path)
     return path
 

@@ -25,10 +25,11 @@ outputs NaN, which becomes black images and constant probabilities downstream.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cxrsynth.errors import CxrsynthError
 
@@ -181,3 +182,30 @@ def load_torch(path: str | Path, what: str, *, allow: tuple = (), map_location: 
         raise CxrsynthError(f"{path} is not a PyTorch checkpoint ({what}): {message}") from None
     except Exception as exc:  # torch raises many types for damaged files (zip, EOF, struct, runtime)
         raise CxrsynthError(f"{path} is not a PyTorch checkpoint ({what}): {_unpickler_message(exc)}") from None
+
+
+class WriteFailed(CxrsynthError):
+    """Writing weights or a checkpoint failed (a full disk, a file-size limit, a read-only folder)."""
+
+    exit_code = 1
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, what: str, partial: str | Path | None = None) -> Iterator[None]:
+    """Around a library's write of ``path``: its failure becomes a :class:`WriteFailed` naming the file.
+
+    ``torch.save`` reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc]
+    ... unexpected pos``, safetensors as ``SafetensorError: ... I/O error``, neither with an
+    errno; both leave a partial file. ``partial`` (the temporary file being written, default
+    ``path``) is removed; a file renamed into place only after the write keeps the previous one.
+    """
+    try:
+        yield
+    except Exception as exc:  # torch's RuntimeError, SafetensorError, OSError: whatever the writer raises
+        if not isinstance(exc, (RuntimeError, OSError)) and type(exc).__name__ != "SafetensorError":
+            raise
+        Path(partial or path).unlink(missing_ok=True)
+        why = " ".join(str(exc).split())[:160]
+        kept = "nothing was replaced (a previous file there is kept)" if partial else "the partial file was removed"
+        raise WriteFailed(f"could not write {what} {path}: {why}. The disk may be full, a file-size limit reached or "
+                          f"the folder read-only; {kept}") from None

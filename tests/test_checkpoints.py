@@ -92,3 +92,42 @@ def test_generator_training_that_diverges_stops_before_writing(tmp_path: Path) -
               device="cpu")
     assert not (tmp_path / "g" / "checkpoints" / "latest.pt").exists()
     assert not list((tmp_path / "g").glob("*.safetensors"))
+
+
+_UNDER_FSIZE_LIMIT = """
+import resource, sys, torch
+from pathlib import Path
+from cxrsynth import checkpoints
+from cxrsynth.classify.model import build, save_weights
+from cxrsynth.classify.presets import get_preset
+from cxrsynth.errors import CxrsynthError
+out = Path(sys.argv[1])
+checkpoints.save({"w": torch.zeros(4)}, out / "latest.pt")  # a small good checkpoint first
+before = (out / "latest.pt").read_bytes()
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))  # Python ignores SIGXFSZ: writes fail with EFBIG
+for what, write in (("checkpoint", lambda: checkpoints.save({"w": torch.zeros(100_000)}, out / "latest.pt")),
+                    ("classifier", lambda: save_weights(build(get_preset("small", image_size=32)), out / "model.safetensors"))):
+    try:
+        write()
+        print(what, "WROTE")
+    except CxrsynthError as exc:
+        print(what, type(exc).__name__, exc.exit_code, exc)
+assert (out / "latest.pt").read_bytes() == before, "the previous checkpoint changed"
+print("leftovers", sorted(p.name for p in out.iterdir()))
+"""
+
+
+@pytest.mark.slow  # ~10 s: a subprocess importing torch and timm
+def test_a_write_cut_short_by_a_full_disk_is_a_clean_error_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    """torch.save and safetensors report a full disk (here: a file-size limit) as RuntimeError / SafetensorError
+    without an errno; the writers turn it into WriteFailed naming the file, remove the partial file and leave
+    the previous checkpoint as it was."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _UNDER_FSIZE_LIMIT, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("checkpoint WriteFailed 1 could not write the checkpoint") and "latest.pt" in lines[0]
+    assert lines[1].startswith("classifier WriteFailed 1 could not write the classifier's weights")
+    assert lines[2] == "leftovers ['latest.pt']"  # no .tmp left behind

@@ -198,3 +198,18 @@ def test_every_command_group_is_covered() -> None:
     for group in covered:
         kinds = {c.bad for c in CASES if c.group == group}
         assert "value" in kinds, group
+
+
+def test_a_file_size_limit_is_one_clean_line_and_no_truncated_image_is_left(tmp_path: Path) -> None:
+    """What the machine refuses (EFBIG here; a full disk, a read-only folder alike) is one line naming
+    the file, exit 1, no traceback; the phantom's JPEGs, which PIL's encoder truncated silently, fail too."""
+    import resource
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "cxrsynth", "phantom", "cxp", "--n", "3", "--out", "ph", "--root", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000)))
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "Traceback" not in run.stderr and "cannot access" in run.stderr and "File too large" in run.stderr
+    assert "a file size limit was reached" in run.stderr and ".jpg" in run.stderr

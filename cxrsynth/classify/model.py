@@ -186,14 +186,15 @@ def save_weights(model: Classifier, path: str | Path) -> str:
     """
     from safetensors.torch import save_file
 
-    from cxrsynth.safeload import check_finite
+    from cxrsynth.safeload import check_finite, writing
 
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.net.state_dict().items()}
     check_finite(state, f"not writing {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
+    with writing(path, "the classifier's weights", partial=tmp):
+        save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(path)
     return classifier_id(path)
 

@@ -10,6 +10,7 @@ its traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
@@ -62,6 +63,22 @@ def _usage_error(exc) -> NoReturn:
     fail(f"{exc.format_message()} (see: {path} --help)", exc.exit_code)
 
 
+#: What the machine refuses (permissions, a read-only or full disk, a size limit), not a defect: one line naming
+#: the file and what to do. Any other OSError is a defect and keeps its traceback.
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def environment_error(exc: OSError) -> str:
+    """The one line a user sees when the machine refuses a read or write."""
+    where = f" {exc.filename}" if exc.filename else ""
+    hint = {errno.ENOSPC: "free some space and rerun (finished work is kept; resumable jobs resume)",
+            errno.EDQUOT: "the disk quota is reached: free some space and rerun",
+            errno.EFBIG: "a file size limit was reached (ulimit -f): raise it and rerun",
+            errno.EROFS: "the file system is read-only: choose a writable --root or --out",
+            }.get(exc.errno, "check the permissions of that path, or choose another --root or --out")
+    return f"cannot access{where}: {exc.strerror or exc}; {hint}"
+
+
 class CleanErrors(TyperGroup):
     """A typer group whose commands' :class:`CxrsynthError`, and any usage error typer finds
     while parsing (a value out of range, an unknown option), print as one clean line.
@@ -97,6 +114,10 @@ class CleanErrors(TyperGroup):
                 return super().invoke(ctx)
             except CxrsynthError as exc:
                 fail(str(exc), exc.exit_code)
+            except OSError as exc:
+                if exc.errno not in _ENVIRONMENT_ERRNOS:
+                    raise
+                fail(environment_error(exc), 1)
             except usage as exc:
                 if isinstance(exc, help_only):
                     raise

@@ -166,12 +166,13 @@ def save_generator(
     Raises:
         NonFiniteWeights: a weight is NaN or infinite (nothing is written).
     """
-    from cxrsynth.safeload import check_finite
+    from cxrsynth.safeload import check_finite, writing
 
     out = Path(out)
     check_finite(model.state_dict(), f"not writing the generator {out}")
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    with writing(out / "diffusion_pytorch_model.safetensors", "the generator's weights"):
+        model.save_pretrained(out, safe_serialization=True)
     meta = {
         "format": "cxrsynth-generator/1",
         "preset": model.gen_config.name,

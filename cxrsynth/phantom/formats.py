@@ -71,7 +71,7 @@ def _label_text(labels: np.ndarray, explicit: np.ndarray, decimals: bool = True)
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(frame.to_csv(index=False, lineterminator="\n").encode())
+    _write(path, frame.to_csv(index=False, lineterminator="\n").encode())
     return path
 
 
@@ -81,13 +81,25 @@ def _write_csv_gz(frame: pd.DataFrame, path: Path) -> Path:
     buffer = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0, compresslevel=6) as gz:
         gz.write(frame.to_csv(index=False, lineterminator="\n").encode())
-    path.write_bytes(buffer.getvalue())
+    _write(path, buffer.getvalue())
     return path
 
 
 def _save_jpeg(image: np.ndarray, path: Path) -> None:
+    """Encode in memory, then write: PIL's JPEG encoder writing to a file ignores a failed write
+    (a full disk or a file-size limit left truncated JPEGs and exit 0); ``write_bytes`` raises."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image, mode="L").save(path, format="JPEG", quality=JPEG_QUALITY, optimize=False)
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=False)
+    _write(path, buffer.getvalue())
+
+
+def _write(path: Path, data: bytes) -> None:
+    """``path.write_bytes(data)``, naming ``path`` when the write fails (a failed write() names no file)."""
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def _unique_ids(rng: np.random.Generator, count: int, low: int, span: int) -> np.ndarray:
