@@ -267,6 +267,37 @@ def png_header(data: bytes) -> PngHeader:
     return PngHeader(int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), data[24], data[25])
 
 
+def png_chunks(data: bytes) -> tuple[list[tuple[bytes, int, int]], int]:
+    """Walk a PNG's chunks: ``([(type, start, end), ...] up to and including IEND, end of IEND)``.
+
+    Every chunk's length and CRC are checked; what follows IEND is not read (a caller that
+    must refuse trailing bytes compares the returned end with ``len(data)``).
+
+    Raises:
+        ImageError: no PNG signature, a chunk cut short, a CRC that fails, or no IEND.
+    """
+    import zlib
+
+    if not data.startswith(PNG_SIGNATURE):
+        raise ImageError("not a PNG (bad signature)")
+    chunks, pos = [], len(PNG_SIGNATURE)
+    while pos < len(data):
+        if pos + 12 > len(data):
+            raise ImageError("truncated PNG chunk")
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        end = pos + 12 + length
+        if end > len(data):
+            raise ImageError(f"truncated PNG chunk {kind!r}")
+        if zlib.crc32(data[pos + 4 : end - 4]).to_bytes(4, "big") != data[end - 4 : end]:
+            raise ImageError(f"PNG chunk {kind!r} fails its CRC")
+        chunks.append((kind, pos, end))
+        pos = end
+        if kind == b"IEND":
+            return chunks, end
+    raise ImageError("PNG without IEND (cut short)")
+
+
 def decode_png(data: bytes, size: int | None = None, *, key: str | None = None,
                shard: str | None = None) -> np.ndarray:
     """Decode PNG bytes to ``(H, W) uint8`` grayscale: the one decoder of stored images.

@@ -391,3 +391,118 @@ def test_png_metadata_chunks_are_dropped_pixels_kept():
     assert (decode_png(stripped) == image).all()
     with pytest.raises(package.ShareError, match="CRC"):
         package.strip_png(stripped[:40] + bytes([stripped[40] ^ 1]) + stripped[41:])
+
+
+def _manifest_cell(column: str, value):
+    """Set ``column`` of the package manifest's first row to ``value`` (its JSON member is left: the
+    row check comes first)."""
+    def mutate(pkg: Path) -> None:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(pkg / "manifest.parquet")
+        frame = manifest.conform(table.to_pandas()).to_pandas()
+        frame.loc[0, column] = value
+        pq.write_table(manifest.conform(frame).replace_schema_metadata(table.schema.metadata), pkg / "manifest.parquet")
+    return mutate
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("pleural_effusion", 7, "pleural_effusion outside 1, 0, -1 or blank"),
+    ("edema", -100, "edema outside 1, 0, -1 or blank"),
+    ("sex", "X", "sex outside F, M or blank"),
+    ("age", 1e9, "age outside 0..120 years"),
+    ("age", -50.0, "age outside 0..120 years"),
+    ("split", "train'; DROP TABLE images; --", "split outside train, tune, test"),
+    ("view", "<script>alert(1)</script>", "view outside upper-case letters"),
+    ("race", "Martian", "race outside"),
+    ("replica", -1, "replica outside 0..10000"),
+    ("guidance", float("inf"), "guidance outside 0..100"),
+    ("sampler", "ddim; rm -rf /", "sampler outside"),
+])
+def test_import_refuses_cells_outside_the_contract(exported, tmp_path, column, value, message):
+    """Each cell of a partner's manifest is checked against the label and demographics contract before
+    anything is published (training would otherwise use label 7, SQL views a split named like a query)."""
+    pkg = _reindexed(exported, tmp_path / "pkg", _manifest_cell(column, value))
+    with pytest.raises(package.UnsafePackage) as caught:
+        importer.import_package(tmp_path / "proj", pkg, "received")
+    assert message in str(caught.value) and "1 row(s)" in str(caught.value)
+    assert not manifest.manifest_path(tmp_path / "proj", "received").exists()
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    import zlib
+
+    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+
+def _swap_png(change):
+    """Replace the first PNG member of the first shard by ``change(png)`` (and fix the shard index)."""
+    def mutate(pkg: Path) -> None:
+        tar_path = sorted((pkg / "shards").glob("*.tar"))[0]
+        buffer, done = io.BytesIO(), False
+        with tarfile.open(tar_path) as src, tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as dst:
+            for m in src.getmembers():
+                data = src.extractfile(m).read()
+                if m.name.endswith(".png") and not done:
+                    data, done = change(data), True
+                m.size = len(data)
+                dst.addfile(m, io.BytesIO(data))
+        tar_path.write_bytes(buffer.getvalue())
+        index = json.loads((pkg / "shards/index.json").read_text())
+        for e in index["shards"]:
+            if e["name"] == tar_path.name:
+                e.update(bytes=tar_path.stat().st_size, sha256=shards.sha256_file(tar_path))
+        (pkg / "shards/index.json").write_text(json.dumps(index))
+    return mutate
+
+
+def _broken_idat(png: bytes) -> bytes:
+    """The same chunks, the image data replaced by 100 bytes that are not zlib (CRC fixed)."""
+    from cxrsynth.imaging import png_chunks
+
+    chunks, _ = png_chunks(png)
+    out = png[:8]
+    for kind, a, b in chunks:
+        out += _png_chunk(kind, bytes(range(100))) if kind == b"IDAT" else png[a:b]
+    return out
+
+
+def _resized(png: bytes) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png)).resize((16, 16)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda png: png[:-12] + _png_chunk(b"tEXt", b"Comment\0patient00004 MRN 123456") + png[-12:], "holds chunk(s) tEXt"),
+    (lambda png: png + b"\0" * 70_000, "bytes after its IEND chunk"),
+    (lambda png: png[:-30], "is not a well-formed PNG"),
+    (_broken_idat, "does not decode"),
+    (_resized, "is 16 px; the package records image_size"),
+])
+def test_import_refuses_pngs_that_are_not_plain_images(exported, tmp_path, change, message):
+    """A partner's PNG must be exactly an image of the recorded size: no text chunk (it may carry an
+    identifier), no junk after IEND (60 MB of padding passed before), pixels that decode."""
+    pkg = _reindexed(exported, tmp_path / "pkg", _swap_png(change))
+    with pytest.raises(package.UnsafePackage, match="its png member") as caught:
+        importer.import_package(tmp_path / "proj", pkg, "received")
+    assert message in str(caught.value)
+    assert not manifest.manifest_path(tmp_path / "proj", "received").exists()
+
+
+def test_import_refuses_a_manifest_of_more_rows_than_the_shards_hold_before_reading_it(exported, tmp_path):
+    """A small parquet file may claim millions of rows (5 million took 3.5 GB before refusing): the footer's
+    count is checked against what the package's shards can hold first."""
+    def mutate(pkg: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        n = 2_000_000
+        pq.write_table(pa.table({"key": pa.array(["k"] * n)}), pkg / "manifest.parquet", compression="zstd")
+
+    pkg = _reindexed(exported, tmp_path / "pkg", mutate)
+    assert (pkg / "manifest.parquet").stat().st_size < 100_000
+    with pytest.raises(package.UnsafePackage, match="2000000 rows, more than the package's shards can hold"):
+        importer.import_package(tmp_path / "proj", pkg, "received")

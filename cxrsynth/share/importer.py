@@ -37,7 +37,7 @@ from typing import Any
 
 import pandas as pd
 
-from cxrsynth import imaging, manifest, publish, shards
+from cxrsynth import imaging, labels, manifest, publish, shards
 from cxrsynth.share import package
 from cxrsynth.share.package import ShareError, UnsafePackage
 
@@ -46,12 +46,26 @@ IDENTIFIERS = ("patient_id", "study_id", "source_path", "source_key")
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: Largest image side accepted (the paper's images are 256 px).
 MAX_SIDE = 4096
+#: Fewest bytes a sample takes in a tar: two member headers and two data blocks.
+MIN_SAMPLE_BYTES = 4 * 512
+MAX_REPLICA = 10_000
+VIEW_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]{0,31}$")
+TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-def _read_manifest(directory: Path) -> tuple[pd.DataFrame, dict]:
+def _read_manifest(directory: Path, max_rows: int) -> tuple[pd.DataFrame, dict]:
+    """The package's manifest; refused before its rows are read when its footer claims more
+    rows than the package's shards could hold (a 405 KB file of 5 million rows took 3.5 GB)."""
     import pyarrow.parquet as pq
 
     path = directory / package.MANIFEST
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except Exception as exc:  # an untrusted file: any parse failure is a refusal, with its reason
+        raise UnsafePackage(f"{package.MANIFEST}: not a readable parquet file ({exc})") from None
+    if rows > max_rows:
+        raise UnsafePackage(f"{package.MANIFEST}: {rows} rows, more than the package's shards can hold ({max_rows} samples "
+                            f"of at least {MIN_SAMPLE_BYTES} bytes); refused before reading them")
     try:
         table = pq.read_table(path)
     except Exception as exc:  # an untrusted file: any parse failure is a refusal, with its reason
@@ -102,20 +116,84 @@ def check_rows(frame: pd.DataFrame, listed: set[str]) -> None:
                                 f"{package.SHARDS}/*.tar of the package")
 
 
-def _png_side(key: str, data: bytes) -> int:
-    """Width of an 8-bit grayscale PNG (its IHDR), refusing anything else."""
+def check_png(key: str, data: bytes, side: int | None) -> int:
+    """Side of a square 8-bit grayscale PNG that decodes, refusing anything else.
+
+    Refused: not a PNG, a failed CRC, bytes after IEND (a PNG padded with junk), any chunk
+    but the image's own (a text chunk may carry an identifier), another size than ``side``
+    (the package's recorded image size), more bytes than such an image can compress to, and
+    pixels that do not decode.
+    """
+    where = f"sample {key!r}: its png member"
     try:
         width, height, depth, colour = astuple(imaging.png_header(data))
-    except imaging.ImageError:
-        raise UnsafePackage(f"sample {key!r}: its png member is not a PNG") from None
-    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE) or (depth, colour) != (8, 0):
-        raise UnsafePackage(f"sample {key!r}: PNG {width}x{height}, bit depth {depth}, colour type {colour}; "
-                            f"expected 8-bit grayscale of at most {MAX_SIDE} px")
+        chunks, end = imaging.png_chunks(data)
+    except imaging.ImageError as exc:
+        raise UnsafePackage(f"{where} is not a well-formed PNG ({exc})") from None
+    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE) or (depth, colour) != (8, 0) or width != height:
+        raise UnsafePackage(f"{where} is {width}x{height}, bit depth {depth}, colour type {colour}; "
+                            f"expected square 8-bit grayscale of at most {MAX_SIDE} px")
+    if side is not None and width != side:
+        raise UnsafePackage(f"{where} is {width} px; the package records image_size {side}")
+    if end != len(data):
+        raise UnsafePackage(f"{where} has {len(data) - end} bytes after its IEND chunk")
+    extra = sorted({kind.decode("latin-1") for kind, _, _ in chunks} - {"IHDR", "IDAT", "IEND"})
+    if extra:
+        raise UnsafePackage(f"{where} holds chunk(s) {', '.join(extra)}: a package's images carry pixels only "
+                            f"(text chunks may carry identifiers)")
+    if len(data) > png_bound(width):
+        raise UnsafePackage(f"{where} is {len(data)} bytes, more than a {width} px grayscale PNG needs ({png_bound(width)})")
+    try:
+        imaging.decode_png(data, key=key)
+    except imaging.ImageError as exc:
+        raise UnsafePackage(f"{where} does not decode: {exc}") from None
     return width
 
 
-def check_shards(directory: Path, frame: pd.DataFrame, files: dict[str, dict]) -> list[shards.ShardResult]:
-    """Read every listed shard safely; match samples to rows one to one; the shards as results."""
+def png_bound(side: int) -> int:
+    """Most bytes an 8-bit grayscale ``side`` px PNG takes: stored (uncompressed) deflate blocks of
+    every row and its filter byte, plus chunk headers and a margin."""
+    raw = side * (side + 1)
+    return raw + 5 * (raw // 16_000 + 1) + 8_192
+
+
+def check_values(frame: pd.DataFrame) -> None:
+    """Refuse a cell no cxrsynth export writes: a label outside {1, 0, -1}, a sex, race, split or view
+    outside the contract, an age outside [0, 120], a replica, guidance, steps, sampler or
+    generator id that is not one. A partner's values flow into training and SQL views."""
+    keys = frame["key"].astype("string")
+
+    def refuse(column: str, bad, expected: str) -> None:
+        bad = pd.Series(bad, index=frame.index).fillna(False).to_numpy(dtype=bool)
+        if bad.any():
+            first = int(bad.argmax())
+            raise UnsafePackage(f"{package.MANIFEST}: {int(bad.sum())} row(s) have {column} outside {expected} "
+                                f"(e.g. row {keys.iloc[first]!r}: {frame[column].iloc[first]!r})")
+
+    for column in labels.FINDING_COLUMNS:
+        values = frame[column]
+        refuse(column, values.notna() & ~values.isin([1, 0, -1]), "1, 0, -1 or blank")
+    for column, allowed in (("sex", labels.SEXES), ("race", labels.RACES), ("split", labels.SPLITS)):
+        values = frame[column].astype("string")
+        refuse(column, values.notna() & ~values.isin(allowed), f"{', '.join(allowed)} or blank")
+    age = frame["age"].astype("Float64")
+    refuse("age", age.notna() & ~((age >= 0) & (age <= labels.AGE_MAX)), f"0..{labels.AGE_MAX} years or blank")
+    view = frame["view"].astype("string")
+    refuse("view", view.notna() & ~view.str.fullmatch(VIEW_PATTERN.pattern), "upper-case letters, digits and _ (AP, PA, LL)")
+    replica = frame["replica"].astype("Int64")
+    refuse("replica", replica.isna() | (replica < 0) | (replica > MAX_REPLICA), f"0..{MAX_REPLICA} (synthetic rows have one)")
+    guidance = frame["guidance"].astype("Float64")
+    refuse("guidance", guidance.notna() & ~((guidance >= 0) & (guidance <= 100)), "0..100 or blank")
+    steps = frame["steps"].astype("Int64")
+    refuse("steps", steps.notna() & ((steps < 1) | (steps > 100_000)), "1..100000 or blank")
+    for column in ("sampler", "generator_id"):
+        values = frame[column].astype("string")
+        refuse(column, values.notna() & ~values.str.fullmatch(TOKEN_PATTERN.pattern), "[A-Za-z0-9_.-]{1,64} or blank")
+
+
+def check_shards(directory: Path, frame: pd.DataFrame, files: dict[str, dict], side: int | None = None) -> list[shards.ShardResult]:
+    """Read every listed shard safely; match samples to rows one to one; check every PNG
+    (:func:`check_png`; all of one size, ``side`` when the package records it); the shards as results."""
     index_path = f"{package.SHARDS}/{shards.INDEX_NAME}"
     if index_path not in files:
         raise UnsafePackage(f"the package has no {index_path}")
@@ -156,7 +234,7 @@ def check_shards(directory: Path, frame: pd.DataFrame, files: dict[str, dict]) -
             if expected != member:
                 differ = sorted(k for k in set(expected) | set(member) if expected.get(k) != member.get(k))
                 raise UnsafePackage(f"{entry['name']}: member {key}.json differs from its manifest row in {', '.join(differ)}")
-            _png_side(key, sample["png"])
+            side = check_png(key, sample["png"], side)
             seen[key] = entry["name"]
             keys.append(key)
         if len(keys) != entry.get("count"):
@@ -208,9 +286,12 @@ def _import(root: Path, directory: Path, name: str, *, copy: bool, force: bool) 
     for required in (package.MANIFEST, package.DATASHEET):
         if required not in files:
             raise UnsafePackage(f"the package has no {required}")
-    frame, public = _read_manifest(directory)
+    tar_bytes = sum(int(e["bytes"]) for p, e in files.items() if p.startswith(f"{package.SHARDS}/") and p.endswith(".tar"))
+    frame, public = _read_manifest(directory, tar_bytes // MIN_SAMPLE_BYTES)
     check_rows(frame, set(files))
-    results = check_shards(directory, frame, files)
+    check_values(frame)
+    side = public.get("image_size") if isinstance(public.get("image_size"), int) else None
+    results = check_shards(directory, frame, files, side)
 
     rows = frame.assign(dataset=name, version=version)
     # the shards as checked now: verify holds them to this, not to what the package's index says later

@@ -187,36 +187,21 @@ def _complete(path: str | Path, sample: dict) -> dict:
     return sample
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: PNG chunks a grayscale image needs; every other (text, time, ICC, EXIF...) is dropped.
-_PNG_CRITICAL = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
+PNG_CRITICAL = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
 
 
 def strip_png(data: bytes) -> bytes:
-    """The PNG with only its image chunks (IHDR, PLTE, IDAT, IEND): no text, time or EXIF.
+    """The PNG with only its image chunks (IHDR, PLTE, IDAT, IEND): no text, time or EXIF,
+    nothing after IEND.
 
     The pixels are untouched (the same bytes for cxrsynth's own PNGs, which carry no other
     chunk). Raises :class:`ShareError` for data that is not a well-formed PNG.
     """
-    import zlib
+    from cxrsynth.imaging import ImageError, PNG_SIGNATURE, png_chunks
 
-    if not data.startswith(_PNG_SIGNATURE):
-        raise ShareError("not a PNG (bad signature)")
-    out, pos = [_PNG_SIGNATURE], len(_PNG_SIGNATURE)
-    while pos < len(data):
-        if pos + 12 > len(data):
-            raise ShareError("truncated PNG chunk")
-        length = int.from_bytes(data[pos : pos + 4], "big")
-        kind = data[pos + 4 : pos + 8]
-        end = pos + 12 + length
-        if end > len(data):
-            raise ShareError(f"truncated PNG chunk {kind!r}")
-        body, crc = data[pos + 8 : end - 4], data[end - 4 : end]
-        if zlib.crc32(kind + body).to_bytes(4, "big") != crc:
-            raise ShareError(f"PNG chunk {kind!r} fails its CRC")
-        if kind in _PNG_CRITICAL:
-            out.append(data[pos:end])
-        pos = end
-        if kind == b"IEND":
-            break
-    return b"".join(out)
+    try:
+        chunks, _ = png_chunks(data)
+    except ImageError as exc:
+        raise ShareError(str(exc)) from None
+    return PNG_SIGNATURE + b"".join(data[a:b] for kind, a, b in chunks if kind in PNG_CRITICAL)
