@@ -848,6 +848,11 @@ def _ingest_table(*options: str) -> tuple[str, ...]:
             "--size", str(SIDE), "--workers", "1", "--root", "{root}")
 
 
+def _path_leading_space(tmp: Path) -> dict:
+    """Rows 'a.png' and ' a.png': only a.png exists."""
+    return _table(tmp, ["a.png", "a.png", "b.png"], paths=["a.png", " a.png", "b.png"])
+
+
 def _keys_normalised_alike(tmp: Path) -> dict:
     return _table(tmp, ["a b é.png", "a_b_è.png", "clean_name.png"])
 
@@ -1493,6 +1498,10 @@ CASES: tuple[Case, ...] = (
     Case("keys-normalised-alike", "images 'a b é.png' and 'a_b_è.png' (ingest table)", _keys_normalised_alike,
          _ingest_table(), 0, "cxp @", "both kept under distinct keys (a short path hash appended)", rejected={}, kept=3,
          check=_keys(("clean_name",), 3)),
+    Case("table-path-leading-space", "a table row ' a.png' beside a row 'a.png'; only a.png exists (ingest table)",
+         _path_leading_space, _ingest_table(), 0, "missing_image",
+         "the path is taken verbatim: that row rejected as missing_image, not given a.png's pixels",
+         rejected={"missing_image": 1}, kept=2),
     Case("keys-extension-only", "images 'x.png' and 'x.jpg' (ingest table)", _keys_extension_only, _ingest_table(),
          0, "cxp @", "both kept: the first keeps key x, the second gets x-<hash>", rejected={}, kept=3,
          check=_keys(("x", "y"), 3)),

@@ -87,7 +87,7 @@ def read(
             return table[fields[field]].astype("string")
         return pd.Series(pd.NA, index=table.index, dtype="string")
 
-    source = column("path").str.strip()
+    source = column("path")  # verbatim: " a.png" is not a.png (stripped, it took that file's pixels)
     absolute = source.str.startswith("/").fillna(False).astype(bool)
     image_path = source.where(absolute, str(root.resolve()) + "/" + source)
     if "key" in fields:
