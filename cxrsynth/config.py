@@ -70,6 +70,14 @@ MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 8, 2048
 #: replicate keeps one AUROC per finding, model and subgroup; at 10^9 replicates those arrays
 #: alone need 112 GB per model (the run ended in a MemoryError), at this bound 11 MB.
 MAX_BOOTSTRAP = 100_000
+#: Upper bounds of counts a typo can blow up (a batch of 10^9 images, 10^6 replicas of a training
+#: split): far above the paper's settings (batch 32-256, 10 replicas, 200 sampler steps, 50
+#: epochs), low enough that the refusal comes before the allocation or the week-long run.
+MAX_BATCH = 65_536
+MAX_REPLICAS = 1_000
+MAX_EPOCHS = 100_000
+MAX_TRAIN_STEPS = 100_000_000
+MAX_SAMPLER_STEPS = 100_000
 
 
 def read_json(path: str | Path, *, missing: str, invalid: str, error: type[CxrsynthError] = CxrsynthError,
@@ -195,6 +203,11 @@ def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MI
     return dataclasses.field(default=default, default_factory=factory, metadata=meta)
 
 
+def _num(x: float) -> str:
+    """An int as written (1000000, not 1e+06), a float compactly."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def parse(hint: Any, value: Any, key: str, meta: Mapping[str, Any] | None = None) -> Any:
     """``value`` (parsed JSON or YAML) checked against the type ``hint`` and converted; ``key`` names it in errors.
 
@@ -296,7 +309,7 @@ def _in_range(value: float, key: str, meta: Mapping[str, Any]) -> float:
     for name, ok, words in (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<="),
                             ("lt", operator.lt, "<")):
         if name in meta and not ok(value, meta[name]):
-            raise ConfigError(key, f"expected a value {words} {meta[name]:g}, got {value:g}")
+            raise ConfigError(key, f"expected a value {words} {_num(meta[name])}, got {_num(value)}")
     return value
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth import manifest, shards
-from cxrsynth.config import Config, setting
+from cxrsynth.config import MAX_REPLICAS, Config, setting
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.publish import Metadata, check_target, publish
 
@@ -53,7 +53,7 @@ class MixParams(Config):
     kind = "mix"  # how errors name these settings (a class attribute, not a field)
 
     real: str
-    synthetic: float = setting(0.0, ge=0)  # replicas, e.g. 5.0 for 500%
+    synthetic: float = setting(0.0, ge=0, le=MAX_REPLICAS)  # replicas, e.g. 5.0 for 500%
     synthetic_from: str | None = None
     only_synthetic: bool = False
     real_split: str = "train"

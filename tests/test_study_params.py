@@ -89,7 +89,7 @@ def test_defaults_are_the_libraries_and_todays():
     (lambda p: p["replicas"]["w5"].pop("guidance"), "replicas.w5.guidance", "missing; expected a number"),
     (lambda p: p.pop("study"), "study", "missing; expected a mapping with keys real, tests"),
     (lambda p: p["classifier"].update(preset="huge"), "classifier.preset", "unknown classifier preset 'huge'; known: paper, small"),
-    (lambda p: p["classifier"].update(epochs=0), "classifier", "epochs must be >= 1, got 0"),
+    (lambda p: p["classifier"].update(epochs=0), "classifier.epochs", "expected a value >= 1, got 0"),
     (lambda p: p["replicas"]["w5"].update(replicas=0), "replicas.w5.replicas", "expected a value >= 1, got 0"),
     (lambda p: p["supplement"].update(k=[0, -1]), "supplement.k[1]", "expected a value >= 0, got -1"),
     (lambda p: p["supplement"].update(k=[0, 1, 1]), "supplement.k[2]", "1 is already in the list"),

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cxrsynth.config import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, SHUFFLE_BUFFER, Config, setting
+from cxrsynth.config import MAX_BATCH, MAX_EPOCHS, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, SHUFFLE_BUFFER, Config, setting
 from cxrsynth.errors import CxrsynthError, UnknownNameError
 from cxrsynth.registry import Registry
 
@@ -76,9 +76,9 @@ class ClassifierConfig(Config):
     model: str = "convnext_base"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     image_size: int = setting(256, ge=MIN_IMAGE_SIDE, le=MAX_IMAGE_SIDE)
-    epochs: int = 50
+    epochs: int = setting(50, ge=1, le=MAX_EPOCHS)
     patience: int = 0
-    batch_size: int = 32
+    batch_size: int = setting(32, ge=1, le=MAX_BATCH)
     optimizer: str = "lion"
     lr: float = setting(1e-5, gt=0)
     weight_decay: float = setting(3e-4, ge=0)

@@ -59,7 +59,7 @@ from typing import Any
 import pandas as pd
 
 from cxrsynth import labels, manifest, runtime, shards
-from cxrsynth.config import SHARD_SIZE, Config, setting
+from cxrsynth.config import MAX_BATCH, MAX_REPLICAS, MAX_SAMPLER_STEPS, SHARD_SIZE, Config, setting
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.publish import Metadata, check_target, publish, writer_lock
 
@@ -70,14 +70,14 @@ class GenerateConfig(Config):
 
     kind = "generate config"  # how errors name these settings (a class attribute, not a field)
 
-    replicas: int = 1
+    replicas: int = setting(1, ge=1, le=MAX_REPLICAS)
     guidance: float = setting(1.0, ge=0)  # standard formula: 1 = conditional model alone (the paper's "CFG 0")
     sampler: str = "ddim"
-    steps: int = 200
+    steps: int = setting(200, ge=1, le=MAX_SAMPLER_STEPS)
     eta: float = setting(0.0, ge=0, le=1)  # DDIM's eta: 1 is DDPM's variance; above it the step is NaN
     cfg_formula: str = "standard"
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = setting(16, ge=1, le=MAX_BATCH)
     shard_size: int = SHARD_SIZE
     compile: bool = False  # torch.compile the network (GPU throughput; may round differently from eager)
     rebalance: float | None = None  # draw conditions so rarer findings reach this prevalence (cxrsynth.diffusion.rebalance)

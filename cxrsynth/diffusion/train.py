@@ -59,7 +59,7 @@ from timm.utils import ModelEmaV3
 
 from cxrsynth import checkpoints as checkpoints_lib
 from cxrsynth import runtime
-from cxrsynth.config import Config, setting
+from cxrsynth.config import MAX_BATCH, MAX_TRAIN_STEPS, Config, setting
 from cxrsynth.diffusion.losses import ScheduleTensors, diffusion_loss
 from cxrsynth.diffusion.model import ConditionalUNet, save_generator
 from cxrsynth.diffusion.presets import GeneratorConfig
@@ -92,8 +92,8 @@ class TrainConfig(Config):
 
     kind = "generator training config"  # how errors name these settings (a class attribute, not a field)
 
-    steps: int = setting(1000, ge=1)
-    batch_size: int = setting(16, ge=1)
+    steps: int = setting(1000, ge=1, le=MAX_TRAIN_STEPS)
+    batch_size: int = setting(16, ge=1, le=MAX_BATCH)
     lr: float = setting(1e-4, gt=0)
     weight_decay: float = setting(0.0, ge=0)
     warmup_steps: int = setting(100, ge=0)

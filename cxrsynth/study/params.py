@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxrsynth.config import MAX_BOOTSTRAP, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, ConfigError, given, mapping, parse, setting, unknown
+from cxrsynth.config import (MAX_BATCH, MAX_BOOTSTRAP, MAX_IMAGE_SIDE, MAX_REPLICAS, MAX_SAMPLER_STEPS, MAX_TRAIN_STEPS,
+                             MIN_IMAGE_SIDE, ConfigError, given, mapping, parse, setting, unknown)
 from cxrsynth.errors import CxrsynthError, UnknownNameError
 
 #: The experiment families, in the order of the pipeline (cxrsynth.study.plan describes each).
@@ -120,8 +121,8 @@ class Generator:
 
     preset: str
     image_size: int = setting(ge=MIN_IMAGE_SIDE, le=MAX_IMAGE_SIDE)
-    steps: int = setting(ge=1)
-    batch: int = setting(ge=1)
+    steps: int = setting(ge=1, le=MAX_TRAIN_STEPS)
+    batch: int = setting(ge=1, le=MAX_BATCH)
     lr: float = setting(gt=0)
     warmup: int = setting(ge=0)
     ema: float = setting(ge=0, lt=1)
@@ -132,8 +133,8 @@ class Generate:
     """How every replica is sampled (``cxrsynth generate``)."""
 
     sampler: str
-    steps: int = setting(ge=1)
-    batch: int = setting(ge=1)
+    steps: int = setting(ge=1, le=MAX_SAMPLER_STEPS)
+    batch: int = setting(ge=1, le=MAX_BATCH)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class Replica:
     """
 
     guidance: float = setting(ge=0)
-    replicas: int = setting(ge=1)
+    replicas: int = setting(ge=1, le=MAX_REPLICAS)
 
 
 @dataclass(frozen=True)
