@@ -372,6 +372,8 @@ def train(
         The ``classifier.json`` dict once all epochs are done (None when stopped early).
     """
     root, out = Path(root), Path(out)
+    if out.exists() and not out.is_dir():
+        raise CxrsynthError(f"--out {out} is a file; the classifier is written to a folder (choose another --out)")
     dist = runtime.distributed()
     dev = runtime.device(device)
     fast = fast_paths(dev)

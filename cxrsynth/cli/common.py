@@ -63,9 +63,11 @@ def _usage_error(exc) -> NoReturn:
     fail(f"{exc.format_message()} (see: {path} --help)", exc.exit_code)
 
 
-#: What the machine refuses (permissions, a read-only or full disk, a size limit), not a defect: one line naming
-#: the file and what to do. Any other OSError is a defect and keeps its traceback.
-_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+#: What the machine refuses (permissions, a read-only or full disk, a size limit, a path that is a file where a
+#: folder is needed or the reverse), not a defect: one line naming the file and what to do. Any other OSError is
+#: a defect and keeps its traceback.
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG,
+                       errno.ENOTDIR, errno.EISDIR}
 
 
 def environment_error(exc: OSError) -> str:
@@ -75,6 +77,8 @@ def environment_error(exc: OSError) -> str:
             errno.EDQUOT: "the disk quota is reached: free some space and rerun",
             errno.EFBIG: "a file size limit was reached (ulimit -f): raise it and rerun",
             errno.EROFS: "the file system is read-only: choose a writable --root or --out",
+            errno.ENOTDIR: "a file stands where a folder is needed: choose another --out (or move the file)",
+            errno.EISDIR: "a folder stands where a file is needed: give --out a file name",
             }.get(exc.errno, "check the permissions of that path, or choose another --root or --out")
     return f"cannot access{where}: {exc.strerror or exc}; {hint}"
 

@@ -73,6 +73,30 @@ class Cell:
         return Path(root) / METRICS_DIR / f"{self.name}.json"
 
 
+def cell_metrics_problem(doc: Any) -> str | None:
+    """What makes ``doc`` not a cell's metrics as ``cxrsynth study cell`` writes them, or None.
+
+    Checked before anything reads a cell file (the summary, the report): a cell file cut
+    short, hand-edited or from another tool is named, not a ``KeyError``.
+    """
+    if not isinstance(doc, dict):
+        return f"a JSON {type(doc).__name__}, not an object"
+    if not isinstance(doc.get("cell"), str):
+        return "no 'cell' name"
+    train = doc.get("train")
+    if not isinstance(train, dict) or not all(isinstance(train.get(k), int) for k in ("real_images", "synthetic_images")):
+        return "no 'train' counts (real_images, synthetic_images)"
+    evaluations = doc.get("evaluations")
+    if not isinstance(evaluations, dict):
+        return "no 'evaluations' mapping"
+    for label, ev in evaluations.items():
+        macro = ev.get("macro") if isinstance(ev, dict) else None
+        auroc = macro.get("auroc", 0.0) if isinstance(macro, dict) else "absent"
+        if not (auroc is None or (isinstance(auroc, (int, float)) and 0 <= auroc <= 1)):
+            return f"evaluation {label!r} has no macro AUROC in [0, 1]"
+    return None
+
+
 def replica_dataset(params: StudyParams | Mapping[str, Any], replica: str) -> str:
     """The dataset name of a synthetic replica set (``rebalanced``: the rebalance family's)."""
     params = StudyParams.of(params)

@@ -9,7 +9,8 @@ from typing import Any
 
 from cxrsynth.config import read_json
 from cxrsynth.study.params import StudyParams
-from cxrsynth.study.plan import CAS_CELL, FAMILIES, family_cells, tests
+from cxrsynth.errors import CxrsynthError
+from cxrsynth.study.plan import CAS_CELL, FAMILIES, cell_metrics_problem, family_cells, tests
 
 Params = StudyParams | Mapping[str, Any]
 
@@ -26,8 +27,12 @@ def cell_summaries(root: str | Path, params: Params) -> list[dict]:
             path = c.metrics_path(root)
             if c.name not in seen and path.is_file():
                 seen.add(c.name)
-                out.append(read_json(path, missing=f"{path} is missing",
-                                     invalid=f"{path} is not a cell's metrics (rerun `dvc repro` for cell {c.name})"))
+                invalid = f"{path} is not a cell's metrics (rerun `dvc repro` for cell {c.name})"
+                doc = read_json(path, missing=f"{path} is missing", invalid=invalid)
+                problem = cell_metrics_problem(doc)
+                if problem:
+                    raise CxrsynthError(f"{invalid}: {problem}")
+                out.append(doc)
     return out
 
 

@@ -206,7 +206,11 @@ def load(root: str | Path, params: StudyParams | Mapping[str, Any]) -> Study:
         elif stem.startswith("fid_"):
             fid.setdefault(str(doc.get("replica") or stem[len("fid_"):]), doc)
         elif "evaluations" in doc:
-            cells[str(doc.get("cell") or stem)] = doc
+            problem = plan.cell_metrics_problem(doc)
+            if problem:
+                problems.append(f"{path.name}: not a cell's metrics ({problem}); left out")
+            else:
+                cells[doc["cell"]] = doc
         else:
             problems.append(f"{path.name}: neither a cell, a comparison nor an FID file; left out")
     tests = [f"{name}:{split}" for name, split in plan.tests(params)]
