@@ -249,3 +249,31 @@ def test_small_preset_learns_the_phantoms_visible_findings(phantom_project):
         keep = y != labels.UNCERTAIN
         auroc[finding] = roc_auc_score(y[keep], pred[finding].to_numpy()[keep])
     assert min(auroc.values()) > 0.6 and sum(auroc.values()) / 3 > 0.65, auroc
+
+
+def test_timm_alone_loads_a_trained_classifier_and_predicts_as_cxrsynth(project, trained):
+    """``timm.create_model("local-dir:DIR", pretrained=True)`` + timm's own transforms on the shard PNGs
+    give the probabilities ``classifier predict`` writes: no cxrsynth needed to use a shared classifier."""
+    import io
+
+    import timm
+    import torch
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from cxrsynth import shards
+
+    tmp, root = project
+    out = tmp / "pred-timm.parquet"
+    assert invoke("classifier", "predict", "--model", trained, "--data", "cxp", "--out", out, "--threads", 1,
+                  "--root", root).exit_code == 0
+    expected, _ = read_predictions(out)
+    model = timm.create_model(f"local-dir:{trained}", pretrained=True).eval()
+    assert model.pretrained_cfg["label_names"] == list(labels.FINDING_COLUMNS)
+    transform = create_transform(**resolve_data_config(model=model))
+    test = manifest.read(root, "cxp").query("split == 'test'")
+    keys, images = zip(*((k, transform(Image.open(io.BytesIO(png)).convert("L"))) for k, png in shards.images(root, test)))
+    with torch.no_grad():
+        probs = torch.sigmoid(model(torch.stack(images))).numpy()
+    mine = expected.set_index("key").loc[list(keys), list(labels.FINDING_COLUMNS)].to_numpy()
+    assert probs.shape == mine.shape and np.abs(probs - mine).max() < 1e-4

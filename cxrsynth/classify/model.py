@@ -30,6 +30,8 @@ from cxrsynth.labels import FINDINGS
 
 WEIGHTS = "model.safetensors"
 META = "classifier.json"
+#: timm's model config (``timm.create_model("local-dir:DIR", pretrained=True)`` reads it with WEIGHTS).
+TIMM_CONFIG = "config.json"
 
 
 class Classifier(torch.nn.Module):
@@ -88,6 +90,37 @@ def trained_classifier_extractor(directory: str | Path, size: int | None = None)
     model, meta = load_classifier(directory, "cpu")
     side = int(meta["config"]["image_size"]) if size is None else int(size)
     return ImageFeatures(model, side, meta.get("classifier_id")).eval()
+
+
+def timm_config(config: ClassifierConfig) -> dict[str, Any]:
+    """The ``config.json`` with which timm alone rebuilds a trained classifier from its folder.
+
+    ``timm.create_model("local-dir:DIR", pretrained=True)`` builds ``config.model`` with one
+    input channel and 14 outputs and loads ``model.safetensors`` (a plain timm state dict);
+    ``timm.data.resolve_data_config(model=m)`` + ``create_transform`` then give the input
+    pipeline :class:`Classifier` expects: grayscale pixels resized bilinearly to the
+    training side, scaled to [0, 1], normalised with mean 0.5 and std 0.5 (that is, to
+    [-1, 1], :meth:`Classifier.scale`). The outputs are logits of :data:`FINDING_COLUMNS`
+    in that order (``label_names``); a sigmoid gives the probabilities ``classifier
+    predict`` writes.
+    """
+    from cxrsynth.labels import FINDING_COLUMNS
+
+    side = int(config.image_size)
+    return {
+        "architecture": config.model,
+        "num_classes": len(FINDINGS),
+        "num_features": None,
+        "label_names": list(FINDING_COLUMNS),
+        "model_args": {"in_chans": 1, **config.model_kwargs},
+        "pretrained_cfg": {
+            "input_size": [1, side, side], "fixed_input_size": False, "interpolation": "bilinear",
+            "crop_pct": 1.0, "crop_mode": "center", "mean": [0.5], "std": [0.5], "num_classes": len(FINDINGS),
+            "label_names": list(FINDING_COLUMNS),
+            "description": "cxrsynth 14-finding chest X-ray classifier: multi-label logits, one sigmoid per finding",
+            "notes": "trained by cxrsynth on the user's data; classifier.json beside this file records what and how",
+        },
+    }
 
 
 def build(config: ClassifierConfig) -> Classifier:

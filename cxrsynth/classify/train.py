@@ -7,6 +7,8 @@ the lowest tuning loss is the model (the paper's rule); without a tuning split, 
 epoch. Outputs in ``out``:
 
 * ``model.safetensors`` — the best epoch's weights (EMA), a plain timm state dict;
+* ``config.json`` — timm's model config: ``timm.create_model("local-dir:OUT", pretrained=True)``
+  rebuilds the classifier with timm alone (:func:`cxrsynth.classify.model.timm_config`);
 * ``classifier.json`` — preset, resolved config, training data (name, version, split,
   the rows' datasets and versions, image counts), best epoch, per-epoch history,
   ``classifier_id`` (sha256 of the weights), the cxrsynth version;
@@ -59,7 +61,8 @@ import torch
 import torch.nn.functional as F
 
 from cxrsynth import __version__, checkpoints, loader, manifest, runtime
-from cxrsynth.classify.model import META, WEIGHTS, Classifier, build, classifier_id, load_pretrained, save_weights
+from cxrsynth.classify.model import (META, TIMM_CONFIG, WEIGHTS, Classifier, build, classifier_id, load_pretrained,
+                                     save_weights, timm_config)
 from cxrsynth.classify.presets import ClassifierConfig
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.labels import FINDINGS
@@ -517,9 +520,10 @@ def train(
                 "distinct_keys": len(set().union(*(set(k) for _, k in seen))),
             },
         }
-        tmp = out / (META + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, out / META)
+        for name, doc in ((TIMM_CONFIG, timm_config(config)), (META, meta)):  # classifier.json last: it marks a complete folder
+            tmp = out / (name + ".tmp")
+            tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+            os.replace(tmp, out / name)
     if dist.world > 1:
         from torch import distributed as tdist
 
