@@ -33,31 +33,55 @@ NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 NAME_MAX = 64
 
 #: Manifest columns and their arrow types, in order.
-SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("dataset", pa.string()),
-        ("version", pa.string()),
-        ("shard", pa.string()),
-        ("split", pa.string()),
-        ("patient_id", pa.string()),
-        ("study_id", pa.string()),
-        ("source_path", pa.string()),
-        ("sex", pa.string()),
-        ("age", pa.float64()),
-        ("race", pa.string()),
-        ("view", pa.string()),
-        *[(c, pa.int8()) for c in labels.FINDING_COLUMNS],
-        ("origin", pa.string()),
-        ("source_key", pa.string()),
-        ("replica", pa.int32()),
-        ("seed", pa.int64()),
-        ("guidance", pa.float64()),
-        ("sampler", pa.string()),
-        ("steps", pa.int32()),
-        ("generator_id", pa.string()),
-    ]
-)
+#: What each manifest column holds, written into the parquet schema (each field's ``description``
+#: metadata, kept in the file's arrow schema), so a reader without cxrsynth sees it:
+#: ``pyarrow.parquet.read_schema(path).field("age").metadata[b"description"]``.
+DESCRIPTIONS: dict[str, str] = {
+    "key": "the sample's unique key in its shards (<key>.png + <key>.json)",
+    "dataset": "the dataset (manifest) name", "version": "the dataset version the row belongs to",
+    "shard": "the WebDataset tar holding the image, relative to the project root; null for labels-only rows",
+    "split": "train, tune or test; null before `cxrsynth split`",
+    "patient_id": "the source's patient identifier (real rows; null for synthetic rows)",
+    "study_id": "the source's study identifier (real rows; null for synthetic rows)",
+    "source_path": "the image path as the source table gave it (real rows)",
+    "sex": "F, M or null (unknown)",
+    "age": "age in years; null when unknown (a source's 0, CheXpert's code for unknown, is stored as null)",
+    "race": "one of five categories or null (unknown or another answer)",
+    "view": "view position, upper case (AP, PA, LATERAL, LL...); null when unknown",
+    **{c: f"{f}: 1 positive, 0 negative (or blank in the source), -1 uncertain"
+       for f, c in zip(labels.FINDINGS, labels.FINDING_COLUMNS)},
+    "origin": "real or synthetic",
+    "source_key": "synthetic rows: the key of the real row whose labels and demographics conditioned the image",
+    "replica": "synthetic rows: which replica of the conditioning rows (0, 1, ...)",
+    "seed": "synthetic rows: the image's sampling seed",
+    "guidance": "synthetic rows: classifier-free guidance scale w (standard formula; the paper's CFG is w - 1)",
+    "sampler": "synthetic rows: the sampler (ddim, dpmpp...)", "steps": "synthetic rows: sampler steps",
+    "generator_id": "synthetic rows: short sha256 of the generator's weights",
+}
+_TYPES = [
+    ("key", pa.string()),
+    ("dataset", pa.string()),
+    ("version", pa.string()),
+    ("shard", pa.string()),
+    ("split", pa.string()),
+    ("patient_id", pa.string()),
+    ("study_id", pa.string()),
+    ("source_path", pa.string()),
+    ("sex", pa.string()),
+    ("age", pa.float64()),
+    ("race", pa.string()),
+    ("view", pa.string()),
+    *[(c, pa.int8()) for c in labels.FINDING_COLUMNS],
+    ("origin", pa.string()),
+    ("source_key", pa.string()),
+    ("replica", pa.int32()),
+    ("seed", pa.int64()),
+    ("guidance", pa.float64()),
+    ("sampler", pa.string()),
+    ("steps", pa.int32()),
+    ("generator_id", pa.string()),
+]
+SCHEMA = pa.schema([pa.field(name, kind, metadata={"description": DESCRIPTIONS[name]}) for name, kind in _TYPES])
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
 #: Metadata key of the row checksum (:func:`rows_checksum`) that :func:`write` records.
 CHECKSUM_KEY = "rows_sha256"

@@ -14,7 +14,8 @@ from cxrsynth.splits import SPLITS
 
 def cohort_stats(frame: pd.DataFrame) -> dict:
     """Images, patients, female patients (distinct, as in Table 1), age IQR over images,
-    and per finding the positive and uncertain image counts."""
+    and per finding the positive and uncertain image counts, keyed by the manifest's
+    snake_case column (``pleural_effusion``), as every other output names findings."""
     n = len(frame)
     female = frame.loc[frame["sex"] == "F", "patient_id"].nunique()
     ages = pd.to_numeric(frame["age"], errors="coerce").dropna().to_numpy(dtype=float)
@@ -27,7 +28,7 @@ def cohort_stats(frame: pd.DataFrame) -> dict:
         "age_iqr": iqr,
         "labels": {
             name: {"pos": int((findings[:, i] == labels.POSITIVE).sum()), "unc": int((findings[:, i] == labels.UNCERTAIN).sum())}
-            for i, name in enumerate(labels.FINDINGS)
+            for i, name in enumerate(labels.FINDING_COLUMNS)
         },
     }
 

@@ -77,10 +77,16 @@ def test_views_sql_for_the_duckdb_cli(chexpert_tree, tmp_path, monkeypatch):
     root = tmp_path / "proj"
     cli("ingest", "chexpert", chexpert_tree, "--name", "cxp", "--labels-only", "--root", root)
     sql = cli("query", "--views", "--root", root).output
-    assert "manifests/cxp.parquet" in sql and str(tmp_path) not in sql  # relative: runs where the CLI runs
-    monkeypatch.chdir(root)
+    assert str((root / "manifests" / "cxp.parquet").resolve()) in sql  # absolute: works from any folder
+    monkeypatch.chdir(tmp_path)
     con = duckdb.connect()
     con.execute(sql)
+    assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 8
+    relative = cli("query", "--views", "--relative", "--root", root).output
+    assert "'manifests/cxp.parquet'" in relative and str(tmp_path) not in relative  # for a DuckDB CLI started in root
+    monkeypatch.chdir(root)
+    con = duckdb.connect()
+    con.execute(relative)
     assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 8
 
 

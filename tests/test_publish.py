@@ -181,3 +181,16 @@ def test_check_target_rules(tmp_path) -> None:
     with pytest.raises(PublishError, match="one of its own sources"):
         publish(tmp_path, Metadata("cx", "v2", "mix", {"sources": {"cx": "v1"}}), _rows(2), force=True)
     assert manifest.read_meta(tmp_path, "cx")["kind"] == "test"  # nothing was written over it
+
+
+def test_every_manifest_column_is_described_in_the_parquet_schema(tmp_path):
+    """A reader without cxrsynth finds what each column means in the file itself."""
+    import pyarrow.parquet as pq
+
+    frame = pd.DataFrame({"key": ["a", "b"], "age": [34.0, None], "origin": ["real", "real"]})
+    path = manifest.write(tmp_path, "cxp", frame, {"dataset": "cxp", "version": "v1"})
+    schema = pq.read_schema(path)
+    assert schema.names == list(manifest.COLUMNS)
+    described = {f.name: (f.metadata or {}).get(b"description", b"").decode() for f in schema}
+    assert all(described.values()), [n for n, d in described.items() if not d]
+    assert "null when unknown" in described["age"] and "-1 uncertain" in described["pleural_effusion"]

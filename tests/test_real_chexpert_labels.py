@@ -47,7 +47,7 @@ def test_full_chexpert_labels_only_is_fast_and_exact(chexpert_csv, tmp_path):
     assert stats["images"] == len(raw) and stats["patients"] == patients.nunique() == 64_540
     assert stats["female_patients"] == patients[raw["Sex"] == "Female"].nunique()
     for finding in labels.FINDINGS:
-        assert stats["labels"][finding] == {"pos": int((raw[finding] == "1.0").sum()), "unc": int((raw[finding] == "-1.0").sum())}, finding
+        assert stats["labels"][labels.FINDING_COLUMNS[labels.FINDINGS.index(finding)]] == {"pos": int((raw[finding] == "1.0").sum()), "unc": int((raw[finding] == "-1.0").sum())}, finding
     ages = pd.to_numeric(raw["Age"]).where(lambda a: a > 0).dropna()
     assert stats["age_iqr"] == [ages.quantile(0.25), ages.quantile(0.75)]
 

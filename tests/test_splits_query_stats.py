@@ -66,4 +66,5 @@ def test_cohort_stats_table1_fields():
     s = cohort_stats(frame)
     assert (s["images"], s["patients"], s["female_patients"]) == (4, 3, 2)
     assert s["age_iqr"] == [25.0, 35.0]
-    assert s["labels"]["Edema"] == {"pos": 2, "unc": 1} and s["labels"]["Fracture"] == {"pos": 0, "unc": 0}
+    assert s["labels"]["edema"] == {"pos": 2, "unc": 1} and s["labels"]["fracture"] == {"pos": 0, "unc": 0}
+    assert list(s["labels"]) == list(labels.FINDING_COLUMNS)  # the manifest's columns, as every other output

@@ -203,8 +203,8 @@ def stats(
     table.add_row("Age (IQR, yrs.)", f"{iqr[0]:g}–{iqr[1]:g}" if iqr else "–")
     female_pct = 100 * result["female_patients"] / max(result["patients"], 1)
     table.add_row("Sex (female patients)", f"{result['female_patients']:,} ({female_pct:.2f}%)")
-    for finding in labels.FINDINGS:
-        c = result["labels"][finding]
+    for finding, column in zip(labels.FINDINGS, labels.FINDING_COLUMNS):
+        c = result["labels"][column]
         text = f"pos: {c['pos']:,} ({100 * c['pos'] / n:.2f}%)"
         if c["unc"]:
             text += f"  unc: {c['unc']:,} ({100 * c['unc'] / n:.2f}%)"
@@ -235,7 +235,9 @@ def split(
 def query(
     sql: Annotated[Optional[str], typer.Argument(help='SQL over the views "<dataset>" and "images".')] = None,
     views: Annotated[bool, typer.Option(
-        "--views", help="Print the CREATE VIEW statements (for `duckdb -init`) and exit.")] = False,
+        "--views", help="Print the CREATE VIEW statements (for `duckdb -init`) and exit; absolute paths.")] = False,
+    relative: Annotated[bool, typer.Option(
+        "--relative", help="With --views: paths relative to --root (for a DuckDB CLI started there).")] = False,
     format_: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the result here instead of printing.")] = None,
     root: Root = Path("."),
@@ -244,7 +246,7 @@ def query(
     from cxrsynth import manifest
 
     if views:
-        typer.echo(manifest.views_sql(root, relative=True), nl=False)
+        typer.echo(manifest.views_sql(root, relative=relative), nl=False)
         return
     if sql is None:
         fail("give a SQL statement (or --views)")
