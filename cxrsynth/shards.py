@@ -52,6 +52,8 @@ SAMPLE_FIELDS = tuple(c for c in manifest.COLUMNS if c not in ("shard", "split")
 
 SHARD_ROOT = Path("data") / "shards"
 INDEX_NAME = "index.json"
+#: Hugging Face ``datasets`` features of the samples (``Features.from_dict``), beside ``index.json``.
+HF_FEATURES_NAME = "features.json"
 PROGRESS_DIR = ".progress"
 TAR_OWNER = "cxrsynth"
 TAR_MTIME = 0
@@ -225,6 +227,28 @@ def _write_shard(directory: Path, dataset: str, index: int, samples: Iterable[di
     return result
 
 
+def hf_features() -> dict:
+    """The samples' types as Hugging Face ``datasets`` serialises ``Features`` (``Features.to_dict``).
+
+    A JSON member holds null where a row has no value (a real row's ``source_key``, a
+    synthetic row's ``patient_id``), and ``datasets`` infers each field's type from the
+    first shard it reads: a field null in every row there is typed null, and the first
+    shard of the other kind then fails (``Couldn't cast array of type string to null``).
+    Loading with these features types every field from the manifest schema, so real and
+    synthetic shards load together, nulls kept::
+
+        features = datasets.Features.from_dict(json.load(open(f"{shard_dir}/features.json")))
+        datasets.load_dataset("webdataset", data_files=[...], features=features, split="train")
+    """
+    import pyarrow as pa
+
+    def value(kind: pa.DataType) -> dict:
+        return {"dtype": str(kind).replace("double", "float64"), "_type": "Value"}
+
+    fields = {f.name: value(f.type) for f in manifest.SCHEMA if f.name in SAMPLE_FIELDS}
+    return {"__key__": value(pa.string()), "__url__": value(pa.string()), "png": {"_type": "Image"}, "json": fields}
+
+
 def write_index(directory: Path, dataset: str, version: str, results: list[ShardResult]) -> Path:
     """Write ``index.json`` (shard, count, bytes, sha256) and drop stale partial files.
 
@@ -238,6 +262,7 @@ def write_index(directory: Path, dataset: str, version: str, results: list[Shard
         "shards": [{"name": r.name, "count": r.count, "bytes": r.bytes, "sha256": r.sha256} for r in results],
     }
     path = directory / INDEX_NAME
+    _atomic_write_bytes(directory / HF_FEATURES_NAME, json.dumps(hf_features(), indent=1).encode() + b"\n")
     _atomic_write_bytes(path, json.dumps(index, indent=1, sort_keys=True).encode() + b"\n")
     for stale in directory.glob("*.partial"):
         if not _being_written(directory, stale.name[: -len(".partial")]):

@@ -506,3 +506,26 @@ def test_import_refuses_a_manifest_of_more_rows_than_the_shards_hold_before_read
     assert (pkg / "manifest.parquet").stat().st_size < 100_000
     with pytest.raises(package.UnsafePackage, match="2000000 rows, more than the package's shards can hold"):
         importer.import_package(tmp_path / "proj", pkg, "received")
+
+
+def test_hugging_face_datasets_loads_real_and_synthetic_shards_together(built, tmp_path, monkeypatch):
+    """Every shard folder holds ``features.json`` (``datasets.Features.to_dict``): with it, Hugging Face
+    ``datasets`` reads real and synthetic shards in one dataset, nulls kept and every field typed."""
+    datasets = pytest.importorskip("datasets")  # a test extra; the import guard only spares a partial install
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    files = []
+    for name in ("cxp", "syn"):
+        frame = manifest.read(built.root, name)
+        files += sorted({str(built.root / s) for s in frame["shard"].dropna()})
+    folder = Path(files[0]).parent
+    features = datasets.Features.from_dict(json.loads((folder / shards.HF_FEATURES_NAME).read_text()))
+    ds = datasets.load_dataset("webdataset", data_files={"train": files}, features=features, split="train")
+    rows = {r["json"]["key"]: r["json"] for r in ds}
+    real, syn = manifest.read(built.root, "cxp"), manifest.read(built.root, "syn")
+    assert len(ds) == len(real.dropna(subset=["shard"])) + len(syn)
+    a_real, a_syn = rows[str(real["key"].iloc[0])], rows[str(syn["key"].iloc[0])]
+    assert a_real["source_key"] is None and a_real["patient_id"] == real["patient_id"].iloc[0]
+    assert a_syn["source_key"] == syn["source_key"].iloc[0] and a_syn["patient_id"] is None
+    assert a_syn["replica"] == int(syn["replica"].iloc[0]) and ds.features["json"]["guidance"].dtype == "float64"
