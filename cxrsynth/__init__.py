@@ -9,7 +9,7 @@ checks every import):
    other module may rely on.
 2. data — the datasets and their plumbing: ``imaging``, ``shards``, ``manifest``,
    ``publish``, ``sources/``, ``ingest``, ``splits``, ``stats``, ``mix``, ``loader``,
-   ``checkpoints``, ``digests``, ``safeload``, ``sheet``, ``verify``.
+   ``checkpoints``, ``digests``, ``safeload``, ``sheet``, ``verify``, ``cards`` (model cards).
 3. stages — ``phantom/``, ``diffusion/``, ``classify/``, ``evaluate/``: each over the data
    floor, never importing another stage (sideways).
 4. consumers — ``share/`` (its audit embeds images with a trained classifier's
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 LAYERS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("contracts", ("cxrsynth", "errors", "labels", "registry", "config", "runtime"), True),
     ("data", ("imaging", "shards", "manifest", "publish", "sources", "ingest", "splits", "stats", "mix", "loader",
-              "checkpoints", "digests", "safeload", "sheet", "verify"), True),
+              "checkpoints", "digests", "safeload", "sheet", "verify", "cards"), True),
     ("stages", ("phantom", "diffusion", "classify", "evaluate"), False),
     ("consumers", ("share", "study"), False),
     ("benchmarks", ("bench",), False),

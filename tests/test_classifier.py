@@ -277,3 +277,26 @@ def test_timm_alone_loads_a_trained_classifier_and_predicts_as_cxrsynth(project,
         probs = torch.sigmoid(model(torch.stack(images))).numpy()
     mine = expected.set_index("key").loc[list(keys), list(labels.FINDING_COLUMNS)].to_numpy()
     assert probs.shape == mine.shape and np.abs(probs - mine).max() < 1e-4
+
+
+def test_a_trained_classifier_carries_a_model_card(project, trained):
+    """README.md with a YAML header: the data (name@version), the settings, intended use and limits;
+    a study cell adds its evaluation figures (cards.update)."""
+    from cxrsynth import cards
+
+    tmp, root = project
+    front, body = cards.read(trained)
+    meta = json.loads((trained / "classifier.json").read_text())
+    version = manifest.read_meta(root, "cxp")["version"]
+    assert front["library_name"] == "timm" and front["datasets"] == [f"cxp@{version}"]
+    assert front["cxrsynth"]["classifier_id"] == meta["classifier_id"] and front["cxrsynth"]["best_epoch"] == meta["best"]["epoch"]
+    titles = [line[3:] for line in body.splitlines() if line.startswith("## ")]
+    assert titles == ["Model", "Training data", "Settings", "Intended use", "Limits"]
+    assert "not a medical device" in body and f"cxp@{version}" in body
+    copy = tmp / "card-copy"
+    copy.mkdir(exist_ok=True)
+    (copy / cards.CARD).write_text((trained / cards.CARD).read_text())
+    cards.update(copy, {"evaluation": {"cxp:test": 0.71}}, ("Evaluation", "- cxp:test: macro AUROC 0.710"))
+    front2, body2 = cards.read(copy)
+    assert front2["cxrsynth"]["evaluation"] == {"cxp:test": 0.71} and front2["datasets"] == front["datasets"]
+    assert body2.count("## ") == 6 and body2.rstrip().endswith("- cxp:test: macro AUROC 0.710")

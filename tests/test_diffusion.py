@@ -157,6 +157,13 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert meta["preset"] == "micro" and meta["data_version"] == "demo@abc" and len(meta["conditioning"]) == 22
     c = torch.rand(2, CONDITION_SIZE)
     assert torch.equal(sample(model, c, [1, 2], steps=2), sample(loaded, c, [1, 2], steps=2))
+    from cxrsynth import cards
+
+    front, body = cards.read(tmp_path / "g")  # the model card: data, settings, use, memorisation, limits
+    assert front["datasets"] == ["demo@abc"] and front["cxrsynth"]["preset"] == "micro"
+    assert [line[3:] for line in body.splitlines() if line.startswith("## ")] == \
+        ["Model", "Training data", "Intended use", "Memorisation", "Limits"]
+    assert "cxrsynth share audit" in body and "22 values" in body
 
 
 def test_training_runs_and_resume_is_bit_identical(tmp_path: Path) -> None:

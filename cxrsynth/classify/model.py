@@ -123,6 +123,41 @@ def timm_config(config: ClassifierConfig) -> dict[str, Any]:
     }
 
 
+def classifier_card(meta: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The model card (header, sections) of a trained classifier from its ``classifier.json``."""
+    from cxrsynth import cards
+    from cxrsynth.labels import FINDING_COLUMNS
+
+    config, data = meta["config"], meta["data"]
+    trained_on = f"{data['name']}@{data['version']}"
+    front = {
+        "library_name": "timm", "pipeline_tag": "image-classification",
+        "tags": ["chest-x-ray", "multi-label", "cxrsynth", config["model"]],
+        "datasets": [trained_on],
+        "cxrsynth": {"version": meta.get("cxrsynth"), "classifier_id": meta.get("classifier_id"), "preset": meta.get("preset"),
+                     "trained_on": trained_on, "split": data.get("split"), "tune_split": data.get("tune_split"),
+                     "train_images": data.get("train_images"), "tune_images": data.get("tune_images"),
+                     "source_datasets": data.get("datasets"), "best_epoch": meta["best"]["epoch"],
+                     "best_tune_loss": meta["best"]["tune_loss"], "trained_steps": meta.get("trained_steps")},
+    }
+    settings = ", ".join(f"{k} {config[k]}" for k in ("image_size", "epochs", "batch_size", "optimizer", "lr", "weight_decay",
+                                                       "schedule", "ema_decay", "exclude_uncertain", "augment", "seed"))
+    sections = [
+        ("Model", f"A timm `{config['model']}` with one input channel and {len(FINDING_COLUMNS)} sigmoid outputs, one per "
+                  f"CheXpert finding, in this order: {', '.join(FINDING_COLUMNS)}. Load it with timm alone: "
+                  f"`timm.create_model(\"local-dir:<this folder>\", pretrained=True)` (see config.json)."),
+        ("Training data", f"{data.get('train_images')} images of {trained_on} split {data.get('split')!r} (datasets and "
+                          f"versions: {data.get('datasets')}); the epoch with the lowest loss on "
+                          f"{data.get('tune_images')} images of split {data.get('tune_split')!r} was kept "
+                          f"(epoch {meta['best']['epoch']}, tuning loss {meta['best']['tune_loss']})."),
+        ("Settings", f"Preset `{meta.get('preset')}`: {settings}. classifier.json records every setting."),
+        ("Intended use", "Research on chest X-ray classification and on synthetic training data (Khosravi et al., "
+                         "eBioMedicine 2024): comparing training sets by AUROC on held-out and external test sets."),
+        ("Limits", cards.bullet_list(cards.LIMITS)),
+    ]
+    return front, sections
+
+
 def build(config: ClassifierConfig) -> Classifier:
     """A freshly initialised classifier (seed the global torch RNG around it for repeatable weights)."""
     import timm

@@ -61,8 +61,9 @@ import torch
 import torch.nn.functional as F
 
 from cxrsynth import __version__, checkpoints, loader, manifest, runtime
-from cxrsynth.classify.model import (META, TIMM_CONFIG, WEIGHTS, Classifier, build, classifier_id, load_pretrained,
-                                     save_weights, timm_config)
+from cxrsynth import cards
+from cxrsynth.classify.model import (META, TIMM_CONFIG, WEIGHTS, Classifier, build, classifier_card, classifier_id,
+                                     load_pretrained, save_weights, timm_config)
 from cxrsynth.classify.presets import ClassifierConfig
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.labels import FINDINGS
@@ -520,6 +521,7 @@ def train(
                 "distinct_keys": len(set().union(*(set(k) for _, k in seen))),
             },
         }
+        cards.write(out, *classifier_card(meta))
         for name, doc in ((TIMM_CONFIG, timm_config(config)), (META, meta)):  # classifier.json last: it marks a complete folder
             tmp = out / (name + ".tmp")
             tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")

@@ -181,8 +181,44 @@ def save_generator(
         "data_version": data_version,
         **(extra or {}),
     }
+    from cxrsynth import cards
+
+    cards.write(out, *generator_card(meta))
     (out / GENERATOR_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def generator_card(meta: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The model card (header, sections) of a generator from its :data:`GENERATOR_JSON` content."""
+    from cxrsynth import cards
+
+    config = meta["config"]
+    data = meta.get("data_version") or "unknown (imported weights)"
+    front = {
+        "library_name": "cxrsynth", "pipeline_tag": "unconditional-image-generation",
+        "tags": ["chest-x-ray", "diffusion", "synthetic-data", "cxrsynth"],
+        **({"datasets": [meta["data_version"]]} if meta.get("data_version") else {}),
+        "cxrsynth": {"preset": meta.get("preset"), "trained_on": meta.get("data_version"),
+                     "trained_steps": meta.get("trained_steps"), "image_size": config.get("image_size"),
+                     "conditioning": meta.get("conditioning"), "source": meta.get("source")},
+    }
+    sections = [
+        ("Model", f"A conditional diffusion UNet (preset `{meta.get('preset')}`, {config.get('image_size')} px, "
+                  f"{config.get('prediction_type')}, {config.get('beta_schedule')} schedule of {config.get('num_train_timesteps')} "
+                  f"steps, condition dropout {config.get('cond_drop_prob')} for classifier-free guidance) conditioned on "
+                  f"{len(meta.get('conditioning') or [])} values: {', '.join(meta.get('conditioning') or [])}. "
+                  "Sample with `cxrsynth generate --generator <this folder>`."),
+        ("Training data", f"{data}; {meta.get('trained_steps', 'an unrecorded number of')} steps. The generator saw ages "
+                          "as decades, sex, race and the 14 findings of each training image."),
+        ("Intended use", "Making synthetic chest X-rays with given findings and demographics to supplement or replace "
+                         "real training data of classifiers (Khosravi et al., eBioMedicine 2024)."),
+        ("Memorisation", "A generator can reproduce training radiographs. Audit every replica before it leaves the "
+                         "hospital: `cxrsynth share audit` (and `share export`, which refuses what the audit flags "
+                         "beyond chance). These weights were learnt from patients' images: share them only where the "
+                         "training data's terms allow."),
+        ("Limits", cards.bullet_list(cards.LIMITS)),
+    ]
+    return front, sections
 
 
 def load_generator(path: Path, *, device: str | torch.device = "cpu") -> ConditionalUNet:

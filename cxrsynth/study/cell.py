@@ -82,10 +82,24 @@ def run_cell(root: str | Path, params: StudyParams | Mapping[str, Any], family: 
                          for f, r in m["findings"].items()},
         }
         log(f"{c.name} on {label}: macro AUROC {_fmt(m['macro']['auroc'])} (SD {_fmt(m['macro'].get('sd'))})")
+    _card_evaluations(directory / "model", summary)
     out = c.metrics_path(root)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return summary
+
+
+def _card_evaluations(model_dir: Path, summary: dict[str, Any]) -> None:
+    """Add the cell's macro AUROCs to the classifier's model card (header and an "Evaluation" section)."""
+    from cxrsynth import cards
+
+    rows = {label: ev["macro"] for label, ev in summary["evaluations"].items()}
+    lines = [f"{label}: macro AUROC {_fmt(m.get('auroc'))} (bootstrap SD {_fmt(m.get('sd'))}), {ev['images']} images"
+             for (label, m), ev in zip(rows.items(), summary["evaluations"].values())]
+    text = (f"Study cell `{summary['cell']}` ({summary['train']['real_images']} real + {summary['train']['synthetic_images']} "
+            f"synthetic training images), macro AUROC over the 14 findings (uncertain labels masked):\n\n"
+            + cards.bullet_list(lines))
+    cards.update(model_dir, {"evaluation": {label: m.get("auroc") for label, m in rows.items()}}, ("Evaluation", text))
 
 
 def _fmt(value) -> str:
