@@ -195,6 +195,7 @@ def select(root: str | Path, name: str, split: str | None, *, exclude_uncertain:
         if missing_shard.any():
             raise LoaderError(f"{name}/{split}: {int(missing_shard.sum())} of {len(frame)} rows have no shard (a labels-only "
                               f"manifest?), e.g. {frame.loc[missing_shard, 'key'].iloc[0]!r}; the loader needs images")
+        shards.check_imported(root, frame)  # a package used in place, changed since its import: refused
     if exclude_uncertain:
         frame = frame.loc[~labels.has_uncertain(frame)]
     return frame.reset_index(drop=True)

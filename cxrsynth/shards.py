@@ -582,6 +582,46 @@ def _checked_members(f, path: str, select: Callable[[str], bool] | None) -> Iter
             yield member.name, read_member(f, member, path)
 
 
+def check_imported(root: str | Path, rows: pd.DataFrame) -> None:
+    """Refuse rows whose shards belong to a package imported in place and differ from what was
+    recorded at import (``imported.package.shards``: size and sha256 per shard).
+
+    A package used in place stays writable by whoever sent or copied it; ``cxrsynth verify``
+    reports a change, and every reader of pixels (the loader's selection, :func:`images`)
+    refuses it too, so nothing trains on, audits or shows images nobody checked. The sha256
+    comes from the digest cache (:mod:`cxrsynth.digests`: re-read only when a file's size,
+    mtime, ctime or inode changed), so the check costs a ``stat`` per shard once hashed.
+
+    Raises:
+        ShardError: naming the shard, the dataset and what differs.
+    """
+    from cxrsynth import digests
+
+    root = Path(root)
+    if "dataset" not in rows or rows.empty:
+        return
+    for name in sorted(rows["dataset"].dropna().astype(str).unique()):
+        try:
+            meta = manifest.read_meta(root, name)
+        except CxrsynthError:
+            continue  # not a dataset of this project (rows built by hand): nothing recorded to hold them to
+        package = (meta.get("imported") or {}).get("package") if isinstance(meta.get("imported"), dict) else None
+        if not isinstance(package, dict) or package.get("copied"):
+            continue
+        recorded = {str(e.get("name")): e for e in package.get("shards") or [] if isinstance(e, dict)}
+        used = sorted(set(rows.loc[(rows["dataset"] == name).fillna(False).to_numpy(dtype=bool), "shard"].dropna().astype(str)))
+        paths = [str(root / s) for s in used]
+        sha = digests.digests(paths, digests.cache_path(root, f"{name}.import"))
+        for shard, path, digest in zip(used, paths, sha):
+            entry = recorded.get(Path(shard).name)
+            if entry is None:
+                raise ShardError(f"{name}: shard {shard} was not among the shards recorded when the package was imported")
+            if digest != entry.get("sha256"):
+                raise ShardError(f"{name}: shard {path} changed since the package was imported (sha256 {digest[:12]}…, "
+                                 f"recorded {str(entry.get('sha256'))[:12]}…); `cxrsynth verify {name}` lists every change; "
+                                 f"import the package again if the change is wanted")
+
+
 def images(root: str | Path, rows: pd.DataFrame, *, strict: bool = True) -> Iterator[tuple[str, bytes]]:
     """``(key, PNG bytes)`` of manifest ``rows`` from their shards: images for these rows.
 
@@ -604,6 +644,7 @@ def images(root: str | Path, rows: pd.DataFrame, *, strict: bool = True) -> Iter
     if missing.any():
         raise ShardError(f"{int(missing.sum())} of {len(rows)} rows have no shard (a labels-only manifest?), "
                          f"e.g. {keys[missing][0]!r}; their images cannot be read")
+    check_imported(root, rows)
     wanted: dict[str, set[str]] = {}
     for key, shard in zip(keys, where.astype(str)):
         wanted.setdefault(shard, set()).add(key)

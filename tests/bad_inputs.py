@@ -1159,7 +1159,7 @@ def _import_changed_by_sender(tmp: Path) -> dict:
     old = json.loads((pkg / package.INDEX).read_text())
     package.write_index(pkg, {k: v for k, v in old.items() if k not in ("format", "files")})
     assert package.verify(pkg) == []  # the package itself looks intact
-    return {**paths, "shard": tar_path.name}
+    return {**paths, "shard": tar_path.name, "work": tmp}
 
 
 def _save_png_to(handle, image) -> None:
@@ -1333,6 +1333,16 @@ CASES: tuple[Case, ...] = (
          "indexes re-hashed (verify)", _import_changed_by_sender, ("verify", "imp", "--root", "{root}"), 1,
          "recorded at import", "a failed check naming the shard: held to the hashes recorded at import",
          check=_names("{shard}")),
+    Case("sheet-import-changed-by-sender", "the same changed package, read for a contact sheet (sheet)",
+         _import_changed_by_sender, ("sheet", "imp", "--out", "{tmp}/s.png", "--root", "{root}"), 2,
+         "changed since the package was imported", "refused before any pixel is read, naming the shard",
+         check=_wrote_none("s.png")),
+    Case("train-import-changed-by-sender", "the same changed package as training data (classifier train)",
+         _import_changed_by_sender, ("classifier", "train", "--data", "imp", "--split", "train", "--tune-split", "none",
+                                     "--out", "{tmp}/clf", "--preset", "small", "--image-size", "32", "--epochs", "1",
+                                     "--batch", "2", "--threads", "1", "--root", "{root}"), 2,
+         "changed since the package was imported", "refused before training: every reader of pixels holds an in-place "
+         "package to its import record", check=_wrote_none("clf/model.safetensors")),
     Case("evaluate-scores-outside-0-1", "predictions whose scores are in [-3, 7] (evaluate)", _scores_outside,
          ("evaluate", "{pred}", "--out", "{tmp}/m.json", "--root", "{root}"), 2, "not probabilities in [0, 1]",
          "clean error naming each column and its count", check=_names("outside [0, 1]")),
