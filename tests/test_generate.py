@@ -2,6 +2,7 @@
 
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +219,27 @@ def test_a_shard_whose_recorded_inputs_differ_is_redone(project):
     assert {p.name: p.read_bytes() for p in d.glob("*.tar")} == reference
     assert json.loads(path.read_text())["inputs"] == receipts[1]["inputs"]
     assert run(root, gen)["written"] == 0
+
+
+@pytest.mark.slow  # ~10 s: two CLI processes
+def test_the_slurm_array_script_writes_the_same_bytes_as_one_run(project):
+    """scripts/generate-array.slurm as two array tasks (SLURM_ARRAY_TASK_ID 0 and 1 of 2) gives the replica
+    set one `generate` run writes."""
+    import os
+    import subprocess
+    import sys
+
+    root, gen = project
+    whole = run(root, gen, batch_size=8)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "generate-array.slurm"
+    env = {**os.environ, "PROJECT": str(root), "GENERATOR": str(gen), "CONDITIONS": "cxp", "SPLIT": "train", "NAME": "arr",
+           "REPLICAS": "2", "GUIDANCE": "2", "STEPS": "2", "BATCH": "8", "SEED": "5", "SHARD_SIZE": "3",
+           "SLURM_ARRAY_TASK_COUNT": "2",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    for task in ("0", "1"):
+        done = subprocess.run(["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": task}, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert "complete" in done.stdout
+    arr = manifest.read_meta(root, "arr")
+    assert pngs(shards.shard_dir(root, "arr", arr["version"])) == pngs(shards.shard_dir(root, "syn", whole["version"]))
