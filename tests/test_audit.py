@@ -68,14 +68,23 @@ def test_a_planted_near_copy_is_flagged_and_the_threshold_is_calibrated_on_heldo
     summary = audit_lib.audit(project.root, "syn", "cxp", tmp_path / "audit", audit_lib.AuditConfig())
     assert [(f["synthetic_key"], f["training_key"]) for f in summary["flagged"]] == [(syn_key, train_key)]
     assert summary["flagged"][0]["distance"] < 1e-3 < summary["threshold"]["distance"]
-    # the threshold is the 1% quantile of held-out → train nearest distances, recomputed here by brute force
+    # the default (combined) criterion: the 0.5% quantiles of the held-out images' nearest distance and of their
+    # nearest / mean(next 4) ratio, recomputed here by brute force
     real = manifest.read(project.root, "cxp")
     train = real.loc[real["split"] == "train"].reset_index(drop=True)
     heldout = real.loc[~real["patient_id"].isin(train["patient_id"])].reset_index(drop=True)
     assert summary["heldout"]["images"] == len(heldout) == 9 and summary["training"]["images"] == len(train)
-    nn = 1 - (pixel_vectors(project.root, heldout) @ pixel_vectors(project.root, train).T).max(axis=1)
-    assert summary["threshold"]["distance"] == pytest.approx(np.quantile(nn, 0.01), abs=1e-5)
-    assert summary["counts"] == {"synthetic": 21, "flagged": 1, "expected_by_chance": 0.21}
+    dist = np.sort(1 - pixel_vectors(project.root, heldout) @ pixel_vectors(project.root, train).T, axis=1)[:, :5]
+    assert summary["threshold"]["distance"] == pytest.approx(np.quantile(dist[:, 0], 0.005), abs=1e-5)
+    assert summary["threshold"]["ratio"] == pytest.approx(np.quantile(dist[:, 0] / dist[:, 1:].mean(1), 0.005), abs=1e-4)
+    flagged_new = ((dist[:, 0] < summary["threshold"]["distance"] - 1e-6)
+                   | (dist[:, 0] / dist[:, 1:].mean(1) < summary["threshold"]["ratio"] - 1e-6)).mean()
+    counts = summary["counts"]
+    assert counts["chance_rate"] == pytest.approx(flagged_new, abs=1e-6)  # the criterion's rate on new patients
+    assert (counts["synthetic"], counts["flagged"], counts["copies"]) == (21, 1, 1)  # the near-copy is a hard copy
+    assert counts["expected_by_chance"] == pytest.approx(21 * counts["chance_rate"], abs=0.01)
+    assert counts["synthetic_flagged_fraction"] == pytest.approx(1 / 21, abs=1e-6)
+    assert counts["training_copied_fraction"] == pytest.approx(1 / len(train), abs=1e-6)
     # patient textures repeat across studies: the pixel embedding re-identifies patients
     assert summary["reid"]["training_split"]["auroc"] > 0.9 and summary["reid"]["heldout"]["auroc"] > 0.9
     assert summary["reid"]["training_split"]["positives"] == "images of one patient from different studies"
@@ -95,19 +104,49 @@ def test_flagged_pairs_block_the_export_unless_forced(planted, tmp_path):
     assert "1 of 21 flagged" in out and "re-identification AUROC" in out
     assert len(json.loads((tmp_path / "cli/audit.json").read_text())["flagged"][0]["neighbours"]) == 3
     out = project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-out", tmp_path / "a", code=1)
-    assert "flagged 1 synthetic image(s)" in out and "--force" in out and not (tmp_path / "pkg").exists()
-    assert not (tmp_path / "pkg.partial").exists()
-    project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-out", tmp_path / "a", "--max-flagged", 1)
-    assert "Passed: 1 flagged pair(s), limit 1." in (tmp_path / "pkg/DATASHEET.md").read_text()
+    assert "refused by the memorisation gate" in out and "1 hard copy" in out and "--force" in out
+    assert f"{syn_key} -> {train_key}: distance" in " ".join(out.split())  # the closest pair, named
+    assert not (tmp_path / "pkg").exists() and not (tmp_path / "pkg.partial").exists()
     project.cli("share", "export", "syn", "--out", tmp_path / "forced", "--audit-out", tmp_path / "a", "--force")
     sheet = (tmp_path / "forced/DATASHEET.md").read_text()
-    assert "Exported with --force although 1 pair(s) were flagged (limit 0)" in sheet
+    assert "Exported with --force although the gate refused: 1 hard copy" in sheet
+    assert "one-sided binomial test of 1 flagged of 21 synthetic images" in sheet and "re-identification AUROC" in sheet
     import pyarrow.parquet as pq
 
     meta = json.loads(pq.read_schema(tmp_path / "forced/manifest.parquet").metadata[b"cxrsynth"])
     assert meta["forced"] is True and meta["audit"]["counts"]["flagged"] == 1
     assert meta["audit"]["training"]["name"] == "cxp" and "generator's training data cxp@" in meta["audit"]["target"]
     assert train_key not in json.dumps(meta)
+
+
+def test_a_clean_replica_passes_the_gate(built, tmp_path):
+    """The unplanted replica: its flagged count is what chance explains, no hard copy; the export passes and says so."""
+    project = built.copy(tmp_path / "proj")
+    project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-out", tmp_path / "a")
+    sheet = (tmp_path / "pkg/DATASHEET.md").read_text()
+    assert "Passed the memorisation gate" in sheet and "no hard copy" in sheet
+
+
+@pytest.mark.parametrize("flagged, n, rate, copies, passed", [
+    (5, 1000, 0.005, 0, True),     # what chance gives
+    (10, 1000, 0.005, 0, True),    # p = 0.032: within chance at alpha 0.01
+    (13, 1000, 0.005, 0, False),   # p = 0.0017: more than chance explains
+    (0, 1000, 0.005, 1, False),    # one hard copy refuses whatever the count
+    (1, 21, 0.0, 0, False),        # a criterion that flags no new patient's image: any flag is significant
+])
+def test_the_gate_is_a_binomial_test_against_the_criterion_s_chance_rate(flagged, n, rate, copies, passed):
+    from scipy.stats import binom
+
+    from cxrsynth.share import gate
+
+    summary = {"counts": {"synthetic": n, "flagged": flagged, "chance_rate": rate, "copies": copies}, "threshold": {},
+               "flagged": [{"synthetic_key": f"s{i}", "training_key": f"t{i}", "distance": 0.01 * i, "ratio_to_next": 0.1,
+                            "hard_copy": i < copies} for i in range(max(flagged, copies))]}
+    decision = gate.decide(summary, alpha=0.01)
+    assert decision.passed is passed and decision.expected == pytest.approx(n * rate)
+    assert decision.p_value == pytest.approx(binom.sf(flagged - 1, n, rate) if rate > 0 else float(flagged == 0), abs=1e-12)
+    if not passed and decision.closest:
+        assert "s0 -> t0: distance 0" in gate.pairs_text(decision)
 
 
 def test_nearest_in_chunks_equals_the_full_product():

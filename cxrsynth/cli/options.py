@@ -44,6 +44,7 @@ REGISTRIES: dict[str, Callable[[], list[str]]] = {
     "classifier_presets": _names("cxrsynth.classify.presets", "PRESETS"),
     "sites": _names("cxrsynth.phantom.sites", "SITES"),
     "embeddings": _names("cxrsynth.share.embed", "EMBEDDINGS"),
+    "criteria": _names("cxrsynth.share.copies", "CRITERIA"),
     "cfg_formulas": _names("cxrsynth.diffusion.sample", "CFG_FORMULAS"),
     "compile_modes": _names("cxrsynth.diffusion.sample", "COMPILE_MODES"),
     "optimizers": _names("cxrsynth.classify.presets", "OPTIMIZERS"),

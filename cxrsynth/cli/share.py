@@ -20,7 +20,10 @@ share_app = typer.Typer(no_args_is_help=True, help="Share synthetic data with ot
 Embedding = Annotated[Optional[str], typer.Option("--embedding", help="{embeddings} (default {AuditConfig.embedding}).")]
 K = Annotated[Optional[int], typer.Option("--k", min=1, help="Nearest training images kept per synthetic image.")]
 Quantile = Annotated[Optional[float], typer.Option("--quantile", min=0.0, max=1.0,
-                                                   help="Flag below this quantile of held-out real → train distances.")]
+                                                   help="The criterion's false-flag rate on held-out new patients' images "
+                                                        "(default {AuditConfig.quantile}).")]
+Criterion = Annotated[Optional[str], typer.Option("--criterion", help="{criteria}: when a nearest training image is a copy "
+                                                  "(default {AuditConfig.criterion}).")]
 Split = Annotated[Optional[str], typer.Option("--split", help="Training split of the real dataset.")]
 ExportSplit = Annotated[Optional[str], typer.Option("--split", help="Training split of the real dataset (default: the split the "
                                                                    "replicas were conditioned on, else train).")]
@@ -50,6 +53,7 @@ def audit(
     split: Split = None,
     heldout_split: Heldout = None,
     embedding: Embedding = None,
+    criterion: Criterion = None,
     k: K = None,
     quantile: Quantile = None,
     reid_steps: ReidSteps = None,
@@ -62,15 +66,15 @@ def audit(
     """
     from cxrsynth.share.audit import audit as audit_lib
 
-    config = _audit_config(split=split, heldout_split=heldout_split, embedding=embedding, k=k, quantile=quantile,
-                           reid_steps=reid_steps, device=device)
+    config = _audit_config(split=split, heldout_split=heldout_split, embedding=embedding, criterion=criterion, k=k,
+                           quantile=quantile, reid_steps=reid_steps, device=device)
     summary = audit_lib(root, name, against, root / out, config, progress=_say)
-    reid = summary["reid"]
+    reid, c = summary["reid"], summary["counts"]
     console.print(
-        f"{name} vs {against}/{summary['training']['split']} ({summary['embedding']['name']}): "
-        f"{summary['counts']['flagged']} of {summary['counts']['synthetic']} flagged "
-        f"(threshold {summary['threshold']['distance']:.4f}, the {summary['threshold']['quantile']:g} quantile of "
-        f"{summary['heldout']['images']} held-out images; {summary['counts']['expected_by_chance']} expected by chance); "
+        f"{name} vs {against}/{summary['training']['split']} ({summary['embedding']['name']}, "
+        f"{summary['threshold']['criterion']}): {c['flagged']} of {c['synthetic']} flagged, {c['copies']} hard "
+        f"cop{'y' if c['copies'] == 1 else 'ies'} ({c['expected_by_chance']} expected by chance: the criterion flags "
+        f"{100 * c['chance_rate']:.2f}% of {summary['heldout']['images']} held-out new patients' images); "
         f"re-identification AUROC {reid['training_split'].get('auroc')} (training pairs), "
         f"{reid['heldout'].get('auroc')} (held-out pairs); {summary['seconds']:.1f} s; wrote {out}",
         highlight=False, soft_wrap=True)
@@ -80,12 +84,14 @@ def audit(
 def export(
     name: Annotated[str, typer.Argument(help="Synthetic dataset to export.")],
     out: Annotated[Path, typer.Option("--out", help="Package folder to create (must not exist; relative to --root).")],
-    force: Annotated[bool, typer.Option("--force", help="Export even if the audit flags more than --max-flagged "
-                                                        "or cannot run; the datasheet records it.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Export even if the memorisation gate refuses or no audit can "
+                                                        "run; the datasheet records it.")] = False,
     audit_against: Annotated[Optional[str], typer.Option("--audit-against", help="Real dataset the generator learnt from "
                                                          "(default: the generator's recorded training data).")] = None,
-    max_flagged: Annotated[Optional[int], typer.Option("--max-flagged", min=0,
-                                                       help="Most flagged pairs an export accepts.")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", min=1e-9, max=0.5, help="Level of the gate's one-sided "
+                                                   "binomial test of the flagged count against chance (default 0.01).")] = None,
+    max_flagged: Annotated[Optional[int], typer.Option("--max-flagged", min=0, help="An extra cap on flagged pairs "
+                                                       "(default: none; the binomial test decides).")] = None,
     key_secret: Annotated[Optional[Path], typer.Option("--key-secret", help="File with the key-renumbering secret, for "
                                                        "repeatable exports (default: a random secret, kept nowhere).")] = None,
     keymap: Annotated[Optional[Path], typer.Option("--keymap",
@@ -104,7 +110,7 @@ def export(
     from cxrsynth.share.export import export as export_lib
 
     audit_config = _audit_config(embedding=embedding, quantile=quantile, reid_steps=reid_steps, device=device)
-    config = ExportConfig().override(audit_against=audit_against, max_flagged=max_flagged, force=force or None,
+    config = ExportConfig().override(audit_against=audit_against, alpha=alpha, max_flagged=max_flagged, force=force or None,
                                      secret_file=key_secret, keymap=keymap, audit_out=root / audit_out if audit_out else None,
                                      audit_split=split, audit=audit_config)
     result = export_lib(root, name, root / out, config, progress=_say)

@@ -37,7 +37,7 @@ import pandas as pd
 from cxrsynth import manifest
 from cxrsynth.config import Config
 from cxrsynth.errors import CxrsynthError
-from cxrsynth.share import embed
+from cxrsynth.share import copies, embed
 
 AUDIT_JSON = "audit.json"
 
@@ -54,11 +54,13 @@ class AuditConfig(Config):
         split: The training split of ``against`` (the rows the generator learnt from).
         heldout_split: Split of ``against`` whose images calibrate the threshold; None: every
             row with an image whose patient is not in ``split``. Training patients are never used.
-        embedding: ``pixels``, ``classifier:DIR``, ``reid`` or ``reid:DIR``.
-        k: Neighbours kept per synthetic image.
-        quantile: Flag below this quantile of the held-out → train nearest distances.
+        embedding: ``pixels``, ``classifier:DIR``, ``reid[:DIR]`` or ``sscd[:DIR]``.
+        criterion: ``absolute``, ``relative`` or ``combined`` (:mod:`cxrsynth.share.copies`).
+        k: Neighbours kept per image (the relative score uses 2..k).
+        quantile: The criterion's false-flag rate on new patients' images (its calibration quantile).
         pixel_size: Side of the ``pixels`` embedding.
         reid: The ``reid`` network's settings.
+        sscd: The ``sscd`` copy-detection network's settings.
         pairs: Most same-patient (and as many different-patient) pairs for each AUROC.
         seed: Seeds the pair sample and the reid network.
         chunk: Query rows per similarity block.
@@ -72,10 +74,12 @@ class AuditConfig(Config):
     split: str = "train"
     heldout_split: str | None = None
     embedding: str = "pixels"
+    criterion: str = "combined"
     k: int = 5
     quantile: float = 0.01
     pixel_size: int = 32
     reid: embed.ReidConfig = embed.ReidConfig()
+    sscd: embed.SscdConfig = embed.SscdConfig()
     pairs: int = 20000
     seed: int = 0
     chunk: int = 4096
@@ -90,6 +94,9 @@ class AuditConfig(Config):
         for name in ("k", "pixel_size", "pairs", "chunk", "batch"):
             if getattr(self, name) < 1:
                 raise AuditError(f"audit config: {name} must be >= 1, got {getattr(self, name)}")
+        copies.CRITERIA[self.criterion]  # a clean error naming the known criteria
+        if self.criterion != "absolute" and self.k < 2:
+            raise AuditError(f"audit config: the {self.criterion} criterion needs k >= 2 neighbours, got {self.k}")
 
 
 def _rows_with_images(root: Path, name: str) -> pd.DataFrame:
@@ -231,20 +238,24 @@ def audit(
     train, heldout, heldout_how = real_sets(root, against, config)
     device = runtime.device(config.device)
 
-    def train_reid() -> embed.Embedding:
-        size = config.reid.size
-        say(f"training the reid network on {len(train)} images of split {config.split!r} ({config.reid.steps} steps)")
-        images = _load_array(root, train, size, config.batch)
-        return embed.train_reid(images, train["patient_id"], config.reid, device, out=out / "reid")
+    def train_network(kind: str) -> embed.Embedding:
+        cfg = config.reid if kind == "reid" else config.sscd
+        say(f"training the {kind} network on {len(train)} images of split {config.split!r} ({cfg.steps} steps)")
+        images = _load_array(root, train, cfg.size, config.batch)
+        if kind == "reid":
+            return embed.train_reid(images, train["patient_id"], cfg, device, out=out / "reid")
+        return embed.train_sscd(images, cfg, device, out=out / "sscd")
 
     out.mkdir(parents=True, exist_ok=True)
-    emb = embed.build(config.embedding, device=device, train=train_reid, pixel_size=config.pixel_size)
+    emb = embed.build(config.embedding, device=device, train=train_network, pixel_size=config.pixel_size)
     say(f"embedding {len(train)} training and {len(heldout)} held-out images ({emb.name})")
     train_keys, bank = embed.embed_rows(root, train, emb, device, config.batch)
     _, held = embed.embed_rows(root, heldout, emb, device, config.batch)
-    held_dist, held_idx = embed.nearest(held, bank, 1, config.chunk)
-    held_nn = held_dist[:, 0].cpu().numpy()
-    threshold = float(np.quantile(held_nn, config.quantile))
+    held_dist_t, _ = embed.nearest(held, bank, config.k, config.chunk)
+    held_dist = held_dist_t.cpu().numpy()
+    held_nn = held_dist[:, 0]
+    rule = copies.calibrate(held_dist, config.criterion, config.quantile)
+    threshold = rule.thresholds.get("absolute", float("nan"))
 
     say(f"nearest training images of {len(syn)} synthetic images")
     syn_keys, dists, idx = [], [], []
@@ -256,8 +267,10 @@ def audit(
     dist = np.concatenate(dists)  # (N_s, k)
     index = np.concatenate(idx)
     nn = dist[:, 0]
-    flagged_rows = np.flatnonzero(nn < threshold)
+    flagged_mask, hard_mask = rule.flag(dist), rule.is_hard(dist)
+    flagged_rows = np.flatnonzero(flagged_mask)
     flagged_rows = flagged_rows[np.argsort(nn[flagged_rows], kind="stable")]
+    syn_scores, held_scores = copies.scores(dist), copies.scores(held_dist)
 
     say("re-identification AUROC on real pairs")
     reid_train = reid_auroc(train, bank, config.pairs, config.seed)
@@ -266,15 +279,16 @@ def audit(
     def pair(row: int) -> dict[str, Any]:
         neighbours = [{"training_key": train_keys[index[row, r]], "distance": round(float(dist[row, r]), 6)}
                       for r in range(dist.shape[1])]
-        rest = dist[row, 1:].mean() if dist.shape[1] > 1 else float("nan")
+        ratio = syn_scores["relative"][row]
         return {"synthetic_key": syn_keys[row], "training_key": neighbours[0]["training_key"],
                 "distance": neighbours[0]["distance"],
                 "heldout_below": round(float((held_nn < nn[row]).mean()), 6),  # share of new patients even closer
-                "ratio_to_next": round(float(nn[row] / rest), 4) if rest > 0 else None,
-                "neighbours": neighbours}
+                "ratio_to_next": None if not np.isfinite(ratio) else round(float(ratio), 4),
+                "hard_copy": bool(hard_mask[row]), "neighbours": neighbours}
 
+    copied = {train_keys[index[r, 0]] for r in flagged_rows}
     summary: dict[str, Any] = {
-        "format": "cxrsynth-audit/1",
+        "format": "cxrsynth-audit/2",
         "synthetic": {"name": synthetic, "version": manifest.read_meta(root, synthetic).get("version"), "images": len(syn)},
         "training": {"name": against, "version": manifest.read_meta(root, against).get("version"), "split": config.split,
                      "images": len(train), "patients": int(train["patient_id"].nunique())},
@@ -283,25 +297,33 @@ def audit(
                       **({"config": emb.info["config"]} if "config" in emb.info else {}), "dim": int(bank.shape[1])},
         "reid": {"training_split": reid_train, "heldout": reid_held},
         "threshold": {
-            "distance": round(threshold, 6), "quantile": config.quantile, "metric": "cosine distance (1 - cosine similarity)",
-            "calibration": f"the {config.quantile:g} quantile of the distances from each of {len(heldout)} held-out "
-                           f"real images ({heldout_how}) to its nearest training image: a flagged synthetic image is closer "
-                           f"to a training image than {100 * (1 - config.quantile):g}% of genuinely new real images are",
+            "distance": round(threshold, 6) if np.isfinite(threshold) else None,
+            "ratio": round(rule.thresholds["relative"], 6) if "relative" in rule.thresholds else None,
+            "criterion": config.criterion, "quantile": config.quantile,
+            "metric": "cosine distance (1 - cosine similarity)",
+            "calibration": f"on {len(heldout)} held-out real images ({heldout_how}): {rule.describe()}",
+            "copy": rule.to_dict()["hard_rule"], "rule": rule.to_dict(),
         },
-        "distances": {"synthetic_to_train": _summary(nn), "heldout_to_train": _summary(held_nn)},
+        "distances": {"synthetic_to_train": _summary(nn), "heldout_to_train": _summary(held_nn),
+                      "synthetic_ratio": _summary(syn_scores["relative"][np.isfinite(syn_scores["relative"])]),
+                      "heldout_ratio": _summary(held_scores["relative"][np.isfinite(held_scores["relative"])])},
         "counts": {"synthetic": len(syn), "flagged": int(len(flagged_rows)),
-                   "expected_by_chance": round(config.quantile * len(syn), 2)},
+                   "expected_by_chance": round(rule.chance_rate * len(syn), 2), "chance_rate": round(rule.chance_rate, 6),
+                   "copies": int(hard_mask.sum()),
+                   # Dar et al. (2024)'s terms: the share of synthetic images that are copies, of training images copied
+                   "synthetic_flagged_fraction": round(len(flagged_rows) / max(len(syn), 1), 6),
+                   "training_copied_fraction": round(len(copied) / max(len(train), 1), 6)},
         "flagged": [pair(int(r)) for r in flagged_rows],
         "config": config.to_dict(),
         "device": str(device),
     }
     _write_neighbours(out / "neighbours.parquet", syn_keys, dist, index, train_keys)
-    plot_distances(out / "distances.png", nn, held_nn, threshold, emb.name)
+    plot_distances(out / "distances.png", nn, held_nn, threshold if np.isfinite(threshold) else None, emb.name)
     shown = flagged_rows if len(flagged_rows) else np.argsort(nn, kind="stable")
     title = f"{len(flagged_rows)} flagged pair(s)" if len(flagged_rows) else "no pair flagged: the closest pairs"
     drawn = [(syn_keys[r], train_keys[index[r, 0]], float(nn[r])) for r in shown[: config.show]]
     plot_pairs(root, out / "pairs.png", syn, train, drawn,
-               title=f"{synthetic} vs {against}/{config.split} ({emb.name}): {title}; threshold {threshold:.4f}")
+               title=f"{synthetic} vs {against}/{config.split} ({emb.name}, {config.criterion}): {title}")
     summary["seconds"] = round(time.perf_counter() - started, 3)
     (out / AUDIT_JSON).write_text(json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n")
     return summary
@@ -321,8 +343,9 @@ def _write_neighbours(path: Path, syn_keys: list[str], dist: np.ndarray, index: 
     pq.write_table(table, path, compression="zstd")
 
 
-def plot_distances(path: Path, synthetic: np.ndarray, heldout: np.ndarray, threshold: float, embedding: str) -> Path:
-    """Histograms of synthetic→train and held-out→train nearest distances, with the threshold."""
+def plot_distances(path: Path, synthetic: np.ndarray, heldout: np.ndarray, threshold: float | None, embedding: str) -> Path:
+    """Histograms of synthetic→train and held-out→train nearest distances, with the distance threshold (when the
+    criterion has one)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,10 +353,11 @@ def plot_distances(path: Path, synthetic: np.ndarray, heldout: np.ndarray, thres
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     both = np.concatenate([synthetic, heldout])
-    bins = np.linspace(0.0, max(float(both.max()), threshold) * 1.05 + 1e-9, 50)
+    bins = np.linspace(0.0, max(float(both.max()), threshold or 0.0) * 1.05 + 1e-9, 50)
     ax.hist(heldout, bins=bins, density=True, alpha=0.6, label=f"held-out real → train (n={len(heldout)})")
     ax.hist(synthetic, bins=bins, density=True, alpha=0.6, label=f"synthetic → train (n={len(synthetic)})")
-    ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:.4f}")
+    if threshold is not None:
+        ax.axvline(threshold, color="red", linestyle="--", label=f"distance threshold {threshold:.4f}")
     ax.set_xlabel(f"cosine distance to the nearest training image ({embedding})")
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
@@ -388,9 +412,9 @@ def public_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "embedding": {"name": emb["name"].split(":", 1)[0], "dim": emb.get("dim"), "size": emb.get("size")},
         "reid_auroc": {"training_split": summary["reid"]["training_split"].get("auroc"),
                        "heldout": summary["reid"]["heldout"].get("auroc")},
-        "threshold": {k: summary["threshold"][k] for k in ("distance", "quantile", "metric")},
-        "calibration": (f"{summary['threshold']['quantile']:g} quantile of {summary['heldout']['images']} held-out real "
-                        f"images' distances to their nearest training image"),
+        "threshold": {k: summary["threshold"].get(k) for k in ("distance", "ratio", "criterion", "quantile", "metric", "copy")},
+        "calibration": (f"{summary['heldout']['images']} held-out real images of patients outside the training split: "
+                        + summary["threshold"].get("rule", {}).get("rule", f"{summary['threshold']['quantile']:g} quantile")),
         "counts": summary["counts"],
         "distances": summary["distances"],
     }

@@ -58,16 +58,22 @@ def _audit_section(meta: dict[str, Any]) -> str:
         return f"Not audited. {audit.get('why', '')} {decision}".strip()
     c, t, r = audit["counts"], audit["threshold"], audit["reid_auroc"]
     tr = audit["training"]
-    rows = [
+    rows: list[list[Any]] = [
         ["real training images compared", f"{tr['name']}@{tr['version']} split {tr['split']}: {tr['images']} images, "
                                           f"{tr['patients']} patients"],
         ["embedding", f"{audit['embedding']['name']} ({audit['embedding'].get('dim')} dimensions)"],
         ["embedding's patient re-identification AUROC", f"{r.get('training_split')} on training pairs, "
                                                         f"{r.get('heldout')} on held-out patients' pairs"],
-        ["threshold", f"cosine distance {t['distance']} ({audit['calibration']})"],
+        ["copy criterion", f"{t.get('criterion', 'absolute')}: distance below {t.get('distance')}"
+                           + (f" or nearest/next ratio below {t['ratio']}" if t.get("ratio") is not None else "")
+                           + f" ({audit['calibration']})"],
         ["synthetic images audited", c["synthetic"]],
-        ["flagged (nearest training image closer than the threshold)", c["flagged"]],
-        ["flagged by chance alone (quantile x images)", c["expected_by_chance"]],
+        ["flagged as likely copies", c["flagged"]],
+        ["flagged by chance alone (the criterion's rate on new patients x images)", c["expected_by_chance"]],
+        ["hard copies (closer than any new patient's image, by a wide margin)", c.get("copies", "not counted")],
+        ["share of synthetic images flagged (Dar et al.: copies)", c.get("synthetic_flagged_fraction", "n/a")],
+        ["share of training images copied at least once (Dar et al.)", c.get("training_copied_fraction", "n/a")],
+        ["gate", (audit.get("gate") or {}).get("test", "not tested")],
         ["median nearest distance, synthetic / held-out real",
          f"{(audit['distances']['synthetic_to_train'] or {}).get('median')} / "
          f"{(audit['distances']['heldout_to_train'] or {}).get('median')}"],

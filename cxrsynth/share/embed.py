@@ -12,6 +12,9 @@ so the cosine distance of two images is ``1 - a @ b``. Registered by name
 * ``reid`` — a small siamese network trained on the training set's patients to tell
   whether two radiographs show the same patient (the idea of Packhäuser et al., Sci Rep
   2022): :func:`train_reid`. ``reid:DIR`` reuses a saved one (``reid.json`` + ``reid.safetensors``).
+* ``sscd`` — a small copy-detection network trained on the training images in the manner of
+  SSCD (Pizzi et al., CVPR 2022): two copy-style edits of each image embed together, every
+  other image apart (InfoNCE + KoLeo): :func:`train_sscd`. ``sscd:DIR`` reuses a saved one.
 
 :func:`nearest` finds each query's ``k`` nearest bank rows by chunked matrix products on
 the embeddings' device (a GPU when there is one): memory is ``chunk x bank`` similarities.
@@ -92,29 +95,33 @@ def classifier(directory: str | Path, device: "torch.device") -> Embedding:
     return Embedding(f"classifier:{directory}", size, fn, info)
 
 
-def _reid(arg: str, device: "torch.device", train: Callable[[], Any] | None, pixel_size: int) -> Embedding:
-    if arg:
-        return load_reid(arg, device)
-    if train is None:
-        raise EmbeddingError("the reid embedding is trained on the training set's patients; no training data given")
-    return train()
+def _trained(kind: str):
+    """Builder of a network embedding trained on the audit's training images (``kind``) or loaded (``kind:DIR``)."""
+    def build_(arg: str, device: "torch.device", train: Callable[[str], Any] | None, pixel_size: int) -> Embedding:
+        if arg:
+            return load_network(arg, kind, device)
+        if train is None:
+            raise EmbeddingError(f"the {kind} embedding is trained on the training images; no training data given")
+        return train(kind)
+    return build_
 
 
 #: ``kind`` of ``kind[:ARG]`` → ``builder(arg, device, train, pixel_size)``; the label says which take an argument.
 EMBEDDINGS: Registry[Callable[[str, "torch.device", Callable[[], Any] | None, int], Embedding]] = Registry("embedding")
 EMBEDDINGS.register("pixels", lambda arg, device, train, pixel_size: pixels(pixel_size))
 EMBEDDINGS.register("classifier", lambda arg, device, train, pixel_size: classifier(arg, device), label="classifier:DIR")
-EMBEDDINGS.register("reid", _reid, label="reid[:DIR]")
+EMBEDDINGS.register("reid", _trained("reid"), label="reid[:DIR]")
+EMBEDDINGS.register("sscd", _trained("sscd"), label="sscd[:DIR]")
 _NEEDS_ARG, _NO_ARG = {"classifier"}, {"pixels"}
 
 
-def build(spec: str, *, device: "torch.device", train: Callable[[], Any] | None = None, pixel_size: int = 32) -> Embedding:
-    """The embedding named by ``spec``: ``pixels``, ``classifier:DIR``, ``reid`` or ``reid:DIR`` (:data:`EMBEDDINGS`).
+def build(spec: str, *, device: "torch.device", train: Callable[[str], Any] | None = None, pixel_size: int = 32) -> Embedding:
+    """The embedding named by ``spec``: ``pixels``, ``classifier:DIR``, ``reid[:DIR]`` or ``sscd[:DIR]`` (:data:`EMBEDDINGS`).
 
     Args:
         spec: The name (and directory) of the embedding.
         device: Where it runs.
-        train: For ``reid``: a callable that trains the network and returns the embedding.
+        train: For ``reid`` and ``sscd``: ``train(kind)`` trains that network and returns the embedding.
         pixel_size: Side of the ``pixels`` embedding.
     """
     kind, _, arg = spec.partition(":")
@@ -324,32 +331,197 @@ def train_reid(images: np.ndarray, patient_ids: pd.Series, config: ReidConfig, d
 
 def save_reid(net: "torch.nn.Module", info: dict, out: Path) -> Path:
     """Write ``reid.safetensors`` and ``reid.json`` (its config and training facts)."""
-    import json
-
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(out / "reid.safetensors"))
-    (out / "reid.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-    return out
+    return save_network(net, info, out, "reid")
 
 
 def load_reid(directory: str | Path, device: "torch.device") -> Embedding:
     """A re-identification network saved by :func:`train_reid`."""
+    return load_network(directory, "reid", device)
+
+
+# --- the copy-detection network (SSCD-style) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class SscdConfig(Config):
+    """A small copy-detection network trained in the manner of SSCD (Pizzi et al., CVPR 2022).
+
+    Contrastive (InfoNCE) training between two strongly augmented views of the same training
+    image, with the KoLeo entropy regulariser spreading the embeddings apart, so that an
+    image and its edited copies (shifted, cropped, rotated, rescaled, re-exposed, noisy,
+    blurred, re-sampled) embed together and other images, even of the same patient, do not.
+    The augmentations are the family the planted-copy bench tests (``bench audit --planted``).
+
+    Attributes:
+        size: Input side (px).
+        width: Channels of the first convolution (doubling twice).
+        dim: Embedding size.
+        steps: Optimizer steps.
+        batch: Images per step (two views each).
+        lr: Adam learning rate.
+        temperature: Of the InfoNCE loss.
+        koleo: Weight of the KoLeo (entropy) regulariser.
+        seed: Seeds the initial weights, the batches and the augmentation.
+    """
+
+    kind = "sscd config"  # how errors name these settings (a class attribute, not a field)
+
+    size: int = setting(64, ge=8, le=512)
+    width: int = setting(16, ge=1)
+    dim: int = setting(128, ge=1)
+    steps: int = setting(400, ge=1)
+    batch: int = setting(64, ge=2)
+    lr: float = setting(2e-3, gt=0)
+    temperature: float = setting(0.1, gt=0)
+    koleo: float = setting(0.1, ge=0)
+    seed: int = 0
+
+
+def copy_augment(x: "torch.Tensor", gen: "torch.Generator") -> "torch.Tensor":
+    """Strong copy-style edits of ``(B, 1, S, S)`` images in [-1, 1], one draw per image.
+
+    Geometry in one resampling (shift up to 1/32 of the side each way, scale 0.85-1.15,
+    rotation +-8 degrees, a crop of 85-100% resized back), then brightness, contrast and gamma
+    +-12%, a blur (half of the images), down- and up-sampling by 2 (a quarter), Gaussian noise.
+    """
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    b, _, s, _ = x.shape
+
+    def u(lo: float, hi: float) -> "torch.Tensor":
+        return lo + (hi - lo) * torch.rand(b, generator=gen)
+
+    angle = u(-8, 8) * math.pi / 180
+    zoom = u(0.85, 1.0) / u(0.87, 1.15)  # crop then rescale, in one factor
+    tx, ty = u(-1 / 16, 1 / 16), u(-1 / 16, 1 / 16)  # normalised coordinates: 2 units span the image
+    cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    y = (x + 1) / 2  # [0, 1]
+    y = y.clamp(0, 1) ** u(0.88, 1.12).to(x)[:, None, None, None]
+    y = (y - 0.5) * u(0.88, 1.12).to(x)[:, None, None, None] + 0.5 + u(-0.12, 0.12).to(x)[:, None, None, None]
+    blur = torch.rand(b, generator=gen) < 0.5
+    if blur.any():
+        k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], device=x.device) / 16
+        kernel = (k[:, None] * k[None, :])[None, None]
+        y = torch.where(blur.to(x.device)[:, None, None, None], F.conv2d(F.pad(y, (2, 2, 2, 2), mode="replicate"), kernel), y)
+    resample = torch.rand(b, generator=gen) < 0.25
+    if resample.any():
+        small = F.interpolate(y, scale_factor=0.5, mode="bilinear", align_corners=False)
+        y = torch.where(resample.to(x.device)[:, None, None, None],
+                        F.interpolate(small, size=(s, s), mode="bilinear", align_corners=False), y)
+    y = y + u(0.0, 0.04).to(x)[:, None, None, None] * torch.randn(y.shape, generator=gen).to(x)
+    return y * 2 - 1
+
+
+def koleo_loss(z: "torch.Tensor") -> "torch.Tensor":
+    """KoLeo entropy regulariser (Sablayrolles et al. 2019, SSCD's): ``-mean log(distance to the nearest other row)``."""
+    import torch
+
+    with torch.no_grad():
+        sims = z @ z.T
+        sims.fill_diagonal_(-2.0)
+        nearest = sims.argmax(dim=1)
+    return -torch.log((z - z[nearest]).norm(dim=1) + 1e-8).mean()
+
+
+def info_nce(a: "torch.Tensor", b: "torch.Tensor", temperature: float) -> "torch.Tensor":
+    """Symmetric InfoNCE: each view's positive is the other view of its image; every other view a negative."""
+    import torch
+
+    z = torch.cat([a, b])  # (2B, D), unit rows
+    n = len(a)
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return torch.nn.functional.cross_entropy(logits, target)
+
+
+def train_sscd(images: np.ndarray, config: SscdConfig, device: "torch.device", out: Path | None = None,
+               progress: Callable[[int], None] | None = None) -> Embedding:
+    """Train the copy-detection network on ``(N, size, size) uint8`` images (the training split's).
+
+    Each step draws ``config.batch`` images, two :func:`copy_augment` views of each, and
+    minimises InfoNCE + ``koleo`` x KoLeo. Seeded: the same images and config give the same
+    weights on one device type. ``out``: ``sscd.json`` + ``sscd.safetensors`` (``sscd:OUT``).
+    """
+    import torch
+
+    if len(images) < 2:
+        raise EmbeddingError(f"the sscd network needs at least 2 training images, got {len(images)}")
+    gen = torch.Generator().manual_seed(config.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        net = reid_network(ReidConfig(size=config.size, width=config.width, dim=config.dim))
+    net = net.to(device).train()
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
+    data = torch.from_numpy(images)
+    per = min(config.batch, len(images))
+    for _ in range(config.steps):
+        rows = torch.randperm(len(images), generator=gen)[:per]
+        x = _as_input(data[rows])
+        views = [torch.nn.functional.normalize(net(copy_augment(x, gen).to(device)), dim=1) for _ in range(2)]
+        loss = info_nce(*views, config.temperature) + config.koleo * koleo_loss(torch.cat(views))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress:
+            progress(1)
+    net.eval()
+    info = {"kind": "sscd", "size": config.size, "dim": config.dim, "config": config.to_dict(), "images": int(len(images)),
+            "final_loss": float(loss.detach())}
+    if out is not None:
+        save_network(net, info, Path(out), "sscd")
+        info["directory"] = str(out)
+    return Embedding("sscd", config.size, lambda im: net(_as_input(im)), info)
+
+
+def save_network(net: "torch.nn.Module", info: dict, out: Path, kind: str) -> Path:
+    """Write ``<kind>.safetensors`` and ``<kind>.json`` (its config and training facts)."""
     import json
 
+    from safetensors.torch import save_file
+
+    from cxrsynth.safeload import writing
+
+    out.mkdir(parents=True, exist_ok=True)
+    with writing(out / f"{kind}.safetensors", f"the {kind} network's weights"):
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(out / f"{kind}.safetensors"))
+    (out / f"{kind}.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    return out
+
+
+def load_network(directory: str | Path, kind: str, device: "torch.device") -> Embedding:
+    """A ``reid`` or ``sscd`` network saved by :func:`train_reid` / :func:`train_sscd`."""
     from safetensors.torch import load_file
 
+    from cxrsynth.config import read_json
     from cxrsynth.safeload import check_finite
 
     directory = Path(directory)
-    if not (directory / "reid.json").is_file() or not (directory / "reid.safetensors").is_file():
-        raise EmbeddingError(f"{directory}: no reid.json + reid.safetensors (save one with `share audit --embedding reid`)")
-    info = json.loads((directory / "reid.json").read_text())
-    config = ReidConfig.from_dict(info["config"])
-    net = reid_network(config)
-    state = load_file(str(directory / "reid.safetensors"))
-    check_finite(state, str(directory / "reid.safetensors"))
+    weights = directory / f"{kind}.safetensors"
+    if not weights.is_file():
+        raise EmbeddingError(f"{directory}: no {kind}.json + {kind}.safetensors (save one with `share audit --embedding {kind}`)")
+    info = read_json(directory / f"{kind}.json", missing=f"{directory}: no {kind}.json", invalid=f"{directory / f'{kind}.json'}",
+                     error=EmbeddingError, keys=("config",))
+    if kind == "sscd":
+        c = SscdConfig.from_dict(info["config"])
+        net = reid_network(ReidConfig(size=c.size, width=c.width, dim=c.dim))
+    else:
+        c = ReidConfig.from_dict(info["config"])
+        net = reid_network(c)
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # SafetensorError: truncated, empty or not safetensors
+        raise EmbeddingError(f"{weights} is not a readable safetensors file: {' '.join(str(exc).split())[:200]}") from None
+    check_finite(state, str(weights))
+    own = net.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        raise EmbeddingError(f"{weights} does not fit the {kind} network its {kind}.json describes")
     net.load_state_dict(state)
     net = net.to(device).eval()
-    return Embedding(f"reid:{directory}", config.size, lambda im: net(_as_input(im)), {**info, "directory": str(directory)})
+    return Embedding(f"{kind}:{directory}", c.size, lambda im: net(_as_input(im)), {**info, "directory": str(directory)})

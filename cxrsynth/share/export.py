@@ -47,7 +47,7 @@ from cxrsynth import __version__, imaging, manifest, shards
 from cxrsynth.config import SHARD_SIZE, Config, setting
 from cxrsynth.errors import CheckFailed
 from cxrsynth.share import audit as audit_lib
-from cxrsynth.share import datasheet, package
+from cxrsynth.share import datasheet, gate, package
 from cxrsynth.share.package import ShareError
 
 #: Manifest columns an export never fills (real identifiers and links back to real rows).
@@ -65,8 +65,9 @@ class ExportConfig(Config):
 
     Attributes:
         audit_against: Real dataset the generator learnt from; None: read it from the metadata.
-        max_flagged: Most flagged pairs an export accepts.
-        force: Export even when the audit flags more, or cannot run (the datasheet says so).
+        alpha: Level of the gate's one-sided binomial test (:mod:`cxrsynth.share.gate`).
+        max_flagged: An extra cap on flagged pairs (None: the binomial test alone decides).
+        force: Export even when the gate refuses, or no audit can run (the datasheet says so).
         secret_file: File with the key-renumbering secret (>= 16 bytes); None: a random one.
         shard_size: Samples per exported shard.
         audit: The audit's settings (its ``split`` becomes ``audit_split``).
@@ -79,7 +80,8 @@ class ExportConfig(Config):
     kind = "export config"  # how errors name these settings (a class attribute, not a field)
 
     audit_against: str | None = None
-    max_flagged: int = setting(0, ge=0)
+    alpha: float = setting(0.01, gt=0, lt=1)
+    max_flagged: int | None = setting(None, ge=0)
     force: bool = False
     secret_file: Path | None = None
     shard_size: int = setting(SHARD_SIZE, ge=1)
@@ -240,7 +242,7 @@ def export(
 
     Raises:
         ShareError: ``name`` has real rows or no images, ``out`` exists, or no audit can run unforced.
-        MemorizationError: more flagged pairs than ``config.max_flagged`` (without ``force``).
+        MemorizationError: the gate refuses (without ``force``): more flagged pairs than chance explains, or a hard copy.
     """
     from cxrsynth.verify import verify_dataset
 
@@ -264,6 +266,7 @@ def export(
     if problems:
         raise CheckFailed(f"{name} does not match its index; fix it before exporting: " + "; ".join(problems))
 
+    secret, secret_how = read_secret(config.secret_file)  # before the audit: a missing secret file fails in a second
     gen = generator_facts(root, meta)
     if config.audit_against:
         against, split, how = config.audit_against, meta.get("split") or "train", "given with --audit-against"
@@ -283,19 +286,20 @@ def export(
         summary = audit_lib.audit(root, name, against, audit_dir, audit_config, progress=say)
         public = audit_lib.public_summary(summary)
         public["target"] = how
-        flagged = summary["counts"]["flagged"]
-        if flagged > config.max_flagged:
+        verdict = gate.decide(summary, config.alpha, config.max_flagged)
+        public["gate"] = {k: v for k, v in verdict.to_dict().items() if k != "closest"}  # no key leaves
+        public["gate"]["test"] = verdict.test_text()
+        if not verdict.passed:
             if not config.force:
                 raise MemorizationError(
-                    f"{name}: the audit flagged {flagged} synthetic image(s) as closer to a training image of {against} than "
-                    f"the threshold {summary['threshold']['distance']:.4g} (limit --max-flagged {config.max_flagged}); "
-                    f"see {audit_dir / 'pairs.png'} and {audit_dir / audit_lib.AUDIT_JSON}; --force exports anyway")
-            decision = (f"Exported with --force although {flagged} pair(s) were flagged (limit {config.max_flagged}); "
-                        "the sender reviewed them.")
+                    f"{name}: refused by the memorisation gate against {against} split {split}: {verdict.reason}. "
+                    f"Closest pairs:\n{gate.pairs_text(verdict)}\n"
+                    f"See {audit_dir / 'pairs.png'} and {audit_dir / audit_lib.AUDIT_JSON}; --force exports anyway "
+                    "(the datasheet records it)")
+            decision = f"Exported with --force although the gate refused: {verdict.reason}; the sender reviewed the pairs."
         else:
-            decision = f"Passed: {flagged} flagged pair(s), limit {config.max_flagged}."
+            decision = f"Passed the memorisation gate: {verdict.reason}."
 
-    secret, secret_how = read_secret(config.secret_file)
     version = hmac.new(secret, f"export:{meta.get('version')}:{config.shard_size}".encode(), hashlib.sha256).hexdigest()[:10]
     rows = scrub(frame, name, version, secret)
     training_meta = manifest.read_meta(root, against) if against else None
