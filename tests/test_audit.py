@@ -94,18 +94,21 @@ def test_flagged_pairs_block_the_export_unless_forced(planted, tmp_path):
     out = project.cli("share", "audit", "syn", "--against", "cxp", "--out", tmp_path / "cli", "--k", 3)
     assert "1 of 21 flagged" in out and "re-identification AUROC" in out
     assert len(json.loads((tmp_path / "cli/audit.json").read_text())["flagged"][0]["neighbours"]) == 3
+    # 1 of 21 flagged is within chance (0.21 expected, p ~ 0.19), but the pair is a copy outright
     out = project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-out", tmp_path / "a", code=1)
-    assert "flagged 1 synthetic image(s)" in out and "--force" in out and not (tmp_path / "pkg").exists()
+    assert "export refused: 1 pair(s) closer than the hard copy threshold" in out and f"{syn_key} -> {train_key}" in out
+    assert "p = 0.19" in out and "--force" in out and not (tmp_path / "pkg").exists()
     assert not (tmp_path / "pkg.partial").exists()
-    project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-out", tmp_path / "a", "--max-flagged", 1)
-    assert "Passed: 1 flagged pair(s), limit 1." in (tmp_path / "pkg/DATASHEET.md").read_text()
     project.cli("share", "export", "syn", "--out", tmp_path / "forced", "--audit-out", tmp_path / "a", "--force")
     sheet = (tmp_path / "forced/DATASHEET.md").read_text()
-    assert "Exported with --force although 1 pair(s) were flagged (limit 0)" in sheet
+    assert "Exported with --force although the gate refused it: 1 pair(s) closer than the hard copy threshold" in sheet
+    assert "| decision | refused: 1 pair(s) closer than the hard copy threshold |" in sheet
+    assert "| synthetic images flagged as copies (Dar et al.) | 4.76% |" in sheet  # 1 of 21
     import pyarrow.parquet as pq
 
     meta = json.loads(pq.read_schema(tmp_path / "forced/manifest.parquet").metadata[b"cxrsynth"])
     assert meta["forced"] is True and meta["audit"]["counts"]["flagged"] == 1
+    assert meta["audit"]["gate"]["passed"] is False and meta["audit"]["gate"]["training_copied"] == 1
     assert meta["audit"]["training"]["name"] == "cxp" and "generator's training data cxp@" in meta["audit"]["target"]
     assert train_key not in json.dumps(meta)
 
@@ -145,3 +148,21 @@ def test_audit_refuses_a_training_set_without_heldout_patients(built, tmp_path):
     manifest.write(project.root, "cxp", frame.assign(split="train"), manifest.read_meta(project.root, "cxp"))
     out = project.cli("share", "audit", "syn", "--against", "cxp", "--out", tmp_path / "a", code=2)
     assert "no held-out real images" in out and "cxrsynth split" in out
+
+
+@pytest.mark.slow  # a 210-image replica, two audits: ~10 s
+def test_a_clean_replica_passes_the_gate_and_half_a_percent_of_copies_fails_it(built, tmp_path):
+    from conftest import replica
+
+    project = built.copy(tmp_path / "proj")
+    replica(project.root, project.gen, "big", replicas=10, sampler="ddim", steps=1, seed=6, shard_size=64, batch_size=64)
+    assert len(manifest.read(project.root, "big")) == 210
+    project.cli("share", "export", "big", "--out", tmp_path / "clean", "--audit-out", tmp_path / "a_clean")
+    sheet = (tmp_path / "clean/DATASHEET.md").read_text()
+    assert "Passed the gate: one-sided binomial test of" in sheet and "| decision | passed |" in sheet
+    assert "re-identification AUROC" in sheet and "training images copied at least once (Dar et al.)" in sheet
+
+    syn_key, train_key = plant_copy(project.root, synthetic="big")  # 1 of 210: 0.48%
+    out = project.cli("share", "export", "big", "--out", tmp_path / "planted", "--audit-out", tmp_path / "a_planted", code=1)
+    assert "export refused" in out and f"{syn_key} -> {train_key} (distance" in out and "p = " in out
+    assert not (tmp_path / "planted").exists()

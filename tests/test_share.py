@@ -108,7 +108,7 @@ def test_export_holds_no_identifier_of_the_source_rows(built, exported):
     sheet = (exported / "DATASHEET.md").read_text()
     for section in ("## Motivation", "## Composition", "## Collection process", "## Preprocessing", "## Uses",
                     "## Distribution", "## Maintenance", "## Known limits", "## Memorization audit",
-                    "| Pleural Effusion |", "generator id", syn["generator_id"].iloc[0], "Passed: 0 flagged"):
+                    "| Pleural Effusion |", "generator id", syn["generator_id"].iloc[0], "Passed the gate: one-sided binomial test of 0 flagged"):
         assert section in sheet, section
     assert package.verify(exported) == []
 
@@ -364,7 +364,7 @@ def test_export_without_a_known_training_set_needs_audit_against_or_force(projec
     out = project.cli("share", "export", "syn", "--out", tmp_path / "pkg", code=2)
     assert "--audit-against" in out and not (tmp_path / "pkg").exists()
     project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-against", "cxp", "--audit-out", tmp_path / "a")
-    assert "Passed: 0 flagged" in (tmp_path / "pkg/DATASHEET.md").read_text()
+    assert "Passed the gate: one-sided binomial test of 0 flagged" in (tmp_path / "pkg/DATASHEET.md").read_text()
     project.cli("share", "export", "syn", "--out", tmp_path / "pkg2", "--force")
     assert "Exported unaudited with --force" in (tmp_path / "pkg2/DATASHEET.md").read_text()
     assert package.verify(tmp_path / "pkg2") == []
