@@ -57,3 +57,24 @@ def test_dar_fractions_synthetic_copies_and_training_images_copied_at_least_once
     assert d.synthetic_copied_fraction == pytest.approx(4 / 200)
     assert d.training_copied == 2 and d.training_copied_fraction == pytest.approx(2 / 50)  # t0 and t1
     assert d.public()["training_copied_fraction"] == pytest.approx(0.04)
+
+
+def test_in_dvc_yaml_only_the_gated_packages_are_pushed():
+    """Every cached output of dvc.yaml is `push: false` except the package stages' exports, which
+    `cxrsynth share export` writes only after the gate (or a recorded --force)."""
+    from pathlib import Path
+
+    import yaml
+
+    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]
+    pushed = {}
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        for out in body.get("outs", []):
+            path, options = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+            if options.get("cache", True) and options.get("push", True):
+                pushed[name] = (path, body["cmd"])
+    assert set(pushed) == {"package", "package_rebalanced"}, pushed
+    for path, cmd in pushed.values():
+        assert path.startswith("data/packages/") and "share export" in cmd and f"--out {path}" in cmd
+        assert "--force" not in cmd and "--key-secret data/.cxrsynth/" in cmd

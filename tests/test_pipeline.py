@@ -101,6 +101,9 @@ def test_dvc_repro_runs_the_study_reruns_nothing_and_pushes_only_synthetic_data(
     package = [p for p in sorted((clone / "data/packages/cxp_w1").rglob("*")) if p.is_file()]
     assert real_tars and syn_tars and any(p.suffix == ".tar" for p in package)
     assert all(md5(p)[2:] in pushed for p in package)
+    # ...and nothing but packages (the report's real-vs-synthetic grid, the real sites' label statistics stay)
+    packages = {md5(p)[2:] for p in (clone / "data/packages").rglob("*") if p.is_file()}
+    assert {name for name in pushed if not name.endswith(".dir")} == packages
     kept = real_tars + syn_tars + [clone / "manifests/cxp.parquet", clone / "manifests/cxp_w1.parquet"]
     assert not any(md5(t)[2:] in pushed for t in kept)
     # dvc pull brings the package back, byte for byte
