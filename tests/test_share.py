@@ -391,3 +391,12 @@ def test_png_metadata_chunks_are_dropped_pixels_kept():
     assert (decode_png(stripped) == image).all()
     with pytest.raises(package.ShareError, match="CRC"):
         package.strip_png(stripped[:40] + bytes([stripped[40] ^ 1]) + stripped[41:])
+
+
+def test_the_datasheet_age_table_counts_an_unknown_age_after_scrubbing():
+    # scrub leaves ages as nullable Float64, where a missing age is pd.NA (not NaN): the demo's phantom has some
+    from cxrsynth.share import datasheet
+
+    frame = pd.DataFrame({"age": pd.array([40.0, None, 60.0], dtype="Float64")})
+    table = datasheet.age_table(frame)
+    assert "| 40-49 | 1 |" in table and "| unknown | 1 |" in table

@@ -46,7 +46,7 @@ def counts_table(frame: pd.DataFrame, column: str, title: str, order: list[str] 
 
 def age_table(frame: pd.DataFrame) -> str:
     ages = pd.to_numeric(frame["age"], errors="coerce")
-    decade = ages.map(lambda a: f"{int(a)}-{int(a) + 9}" if a == a else "unknown").astype("string")
+    decade = ages.map(lambda a: f"{int(a)}-{int(a) + 9}" if not pd.isna(a) else "unknown").astype("string")
     return counts_table(frame.assign(age_band=decade), "age_band", "age (decade)",
                         order=[f"{d}-{d + 9}" for d in range(0, 120, 10)] + ["unknown"])
 
