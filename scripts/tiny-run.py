@@ -36,6 +36,8 @@ UNPUBLISHED = ("data/checkpoints/", "data/.cxrsynth/")
 TINY_SECRET = "data/.cxrsynth/export-secret"
 #: Files whose bytes legitimately carry the run's time or machine (left out of the comparison).
 VOLATILE = ("report/index.html",)
+#: File names whose bytes carry the run's time wherever they are (an audit records its seconds).
+VOLATILE_NAMES = ("audit.json",)
 
 
 def tiny_params(params: dict) -> dict:
@@ -94,7 +96,7 @@ def run(tree: Path, work: Path) -> dict[str, str]:
         base = clone / top
         for path in sorted([base] if base.is_file() else base.rglob("*") if base.is_dir() else []):
             rel = path.relative_to(clone).as_posix()
-            if (path.is_file() and rel not in VOLATILE and "/.progress/" not in f"/{rel}"
+            if (path.is_file() and rel not in VOLATILE and path.name not in VOLATILE_NAMES and "/.progress/" not in f"/{rel}"
                     and not rel.startswith(UNPUBLISHED)):
                 hashes[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return hashes
