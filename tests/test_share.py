@@ -400,3 +400,16 @@ def test_the_datasheet_age_table_counts_an_unknown_age_after_scrubbing():
     frame = pd.DataFrame({"age": pd.array([40.0, None, 60.0], dtype="Float64")})
     table = datasheet.age_table(frame)
     assert "| 40-49 | 1 |" in table and "| unknown | 1 |" in table
+
+
+def test_share_secret_is_drawn_once_owner_only_and_kept(tmp_path):
+    from conftest import cli
+
+    path = tmp_path / "data/.cxrsynth/export-secret"
+    assert "a new secret" in cli(tmp_path, "share", "secret", "data/.cxrsynth/export-secret")
+    first = path.read_bytes()
+    assert len(first.strip()) == 64 and path.stat().st_mode & 0o077 == 0
+    assert "the existing secret kept" in cli(tmp_path, "share", "secret", "data/.cxrsynth/export-secret")
+    assert path.read_bytes() == first and export_lib.read_secret(path)[0] == first.strip()
+    path.write_text("short")
+    assert "at least 16 bytes" in cli(tmp_path, "share", "secret", "data/.cxrsynth/export-secret", code=2)
