@@ -32,8 +32,12 @@ REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = ("data", "manifests", "metrics", "report/metrics.json", "report/plots")
 #: Working state under data/ that is not published (resume checkpoints, digest caches, locks).
 UNPUBLISHED = ("data/checkpoints/", "data/.cxrsynth/")
+#: The export secret of dvc.yaml's package stages (local state, never pushed).
+TINY_SECRET = "data/.cxrsynth/export-secret"
 #: Files whose bytes legitimately carry the run's time or machine (left out of the comparison).
 VOLATILE = ("report/index.html",)
+#: File names whose bytes carry the run's time wherever they are (an audit records its seconds).
+VOLATILE_NAMES = ("audit.json",)
 
 
 def tiny_params(params: dict) -> dict:
@@ -67,6 +71,11 @@ def tiny_project(tree: Path, clone: Path) -> dict:
     (clone / "metrics").mkdir(exist_ok=True)
     params = tiny_params(yaml.safe_load((clone / "params.yaml").read_text()))
     (clone / "params.yaml").write_text(yaml.safe_dump(params))
+    # the package stages' key-renumbering secret, fixed so that two runs' packages compare byte for byte
+    # (a real project draws a random one once: `cxrsynth share secret`)
+    secret = clone / TINY_SECRET
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    secret.write_text("tiny-run: a fixed export secret, for comparing runs only\n")
     return params
 
 
@@ -87,7 +96,7 @@ def run(tree: Path, work: Path) -> dict[str, str]:
         base = clone / top
         for path in sorted([base] if base.is_file() else base.rglob("*") if base.is_dir() else []):
             rel = path.relative_to(clone).as_posix()
-            if (path.is_file() and rel not in VOLATILE and "/.progress/" not in f"/{rel}"
+            if (path.is_file() and rel not in VOLATILE and path.name not in VOLATILE_NAMES and "/.progress/" not in f"/{rel}"
                     and not rel.startswith(UNPUBLISHED)):
                 hashes[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return hashes

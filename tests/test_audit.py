@@ -103,18 +103,21 @@ def test_flagged_pairs_block_the_export_unless_forced(planted, tmp_path):
     out = project.cli("share", "audit", "syn", "--against", "cxp", "--out", tmp_path / "cli", "--k", 3)
     assert "1 of 21 flagged" in out and "re-identification AUROC" in out
     assert len(json.loads((tmp_path / "cli/audit.json").read_text())["flagged"][0]["neighbours"]) == 3
+    # 1 of 21 flagged is within chance (0.21 expected, p ~ 0.19), but the pair is a copy outright
     out = project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-out", tmp_path / "a", code=1)
-    assert "refused by the memorisation gate" in out and "1 hard copy" in out and "--force" in out
-    assert f"{syn_key} -> {train_key}: distance" in " ".join(out.split())  # the closest pair, named
-    assert not (tmp_path / "pkg").exists() and not (tmp_path / "pkg.partial").exists()
+    assert "export refused: 1 pair(s) closer than the hard copy threshold" in out and f"{syn_key} -> {train_key}" in out
+    assert "p = " in out and "--force" in out and not (tmp_path / "pkg").exists()
+    assert not (tmp_path / "pkg.partial").exists()
     project.cli("share", "export", "syn", "--out", tmp_path / "forced", "--audit-out", tmp_path / "a", "--force")
     sheet = (tmp_path / "forced/DATASHEET.md").read_text()
-    assert "Exported with --force although the gate refused: 1 hard copy" in sheet
-    assert "one-sided binomial test of 1 flagged of 21 synthetic images" in sheet and "re-identification AUROC" in sheet
+    assert "Exported with --force although the gate refused it: 1 pair(s) closer than the hard copy threshold" in sheet
+    assert "| decision | refused: 1 pair(s) closer than the hard copy threshold |" in sheet
+    assert "| synthetic images flagged as copies (Dar et al.) | 4.76% |" in sheet  # 1 of 21
     import pyarrow.parquet as pq
 
     meta = json.loads(pq.read_schema(tmp_path / "forced/manifest.parquet").metadata[b"cxrsynth"])
     assert meta["forced"] is True and meta["audit"]["counts"]["flagged"] == 1
+    assert meta["audit"]["gate"]["passed"] is False and meta["audit"]["gate"]["training_copied"] == 1
     assert meta["audit"]["training"]["name"] == "cxp" and "generator's training data cxp@" in meta["audit"]["target"]
     assert train_key not in json.dumps(meta)
 
@@ -124,7 +127,8 @@ def test_a_clean_replica_passes_the_gate(built, tmp_path):
     project = built.copy(tmp_path / "proj")
     project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-out", tmp_path / "a")
     sheet = (tmp_path / "pkg/DATASHEET.md").read_text()
-    assert "Passed the memorisation gate" in sheet and "no hard copy" in sheet
+    assert "Passed the gate: one-sided binomial test" in sheet and "| decision | passed |" in sheet
+    assert "0 pair(s) below the hard copy threshold" in sheet
 
 
 @pytest.mark.parametrize("flagged, n, rate, copies, passed", [
@@ -142,11 +146,11 @@ def test_the_gate_is_a_binomial_test_against_the_criterion_s_chance_rate(flagged
     summary = {"counts": {"synthetic": n, "flagged": flagged, "chance_rate": rate, "copies": copies}, "threshold": {},
                "flagged": [{"synthetic_key": f"s{i}", "training_key": f"t{i}", "distance": 0.01 * i, "ratio_to_next": 0.1,
                             "hard_copy": i < copies} for i in range(max(flagged, copies))]}
-    decision = gate.decide(summary, alpha=0.01)
+    decision = gate.decide(summary, gate.GateConfig(alpha=0.01))
     assert decision.passed is passed and decision.expected == pytest.approx(n * rate)
     assert decision.p_value == pytest.approx(binom.sf(flagged - 1, n, rate) if rate > 0 else float(flagged == 0), abs=1e-12)
     if not passed and decision.closest:
-        assert "s0 -> t0: distance 0" in gate.pairs_text(decision)
+        assert "s0 -> t0 (distance 0" in decision.refusal("syn", "audit.json")
 
 
 def test_nearest_in_chunks_equals_the_full_product():
@@ -184,3 +188,21 @@ def test_audit_refuses_a_training_set_without_heldout_patients(built, tmp_path):
     manifest.write(project.root, "cxp", frame.assign(split="train"), manifest.read_meta(project.root, "cxp"))
     out = project.cli("share", "audit", "syn", "--against", "cxp", "--out", tmp_path / "a", code=2)
     assert "no held-out real images" in out and "cxrsynth split" in out
+
+
+@pytest.mark.slow  # a 210-image replica, two audits: ~10 s
+def test_a_clean_replica_passes_the_gate_and_half_a_percent_of_copies_fails_it(built, tmp_path):
+    from conftest import replica
+
+    project = built.copy(tmp_path / "proj")
+    replica(project.root, project.gen, "big", replicas=10, sampler="ddim", steps=1, seed=6, shard_size=64, batch_size=64)
+    assert len(manifest.read(project.root, "big")) == 210
+    project.cli("share", "export", "big", "--out", tmp_path / "clean", "--audit-out", tmp_path / "a_clean")
+    sheet = (tmp_path / "clean/DATASHEET.md").read_text()
+    assert "Passed the gate: one-sided binomial test of" in sheet and "| decision | passed |" in sheet
+    assert "re-identification AUROC" in sheet and "training images copied at least once (Dar et al.)" in sheet
+
+    syn_key, train_key = plant_copy(project.root, synthetic="big")  # 1 of 210: 0.48%
+    out = project.cli("share", "export", "big", "--out", tmp_path / "planted", "--audit-out", tmp_path / "a_planted", code=1)
+    assert "export refused" in out and f"{syn_key} -> {train_key} (distance" in out and "p = " in out
+    assert not (tmp_path / "planted").exists()

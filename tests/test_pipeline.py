@@ -1,8 +1,9 @@
 """`dvc repro` of the project's own dvc.yaml on a tiny parameter set, in a temporary clone.
 
 Every stage runs and the report is written with its figures; a second repro runs nothing;
-one more k runs only that cell (and what reads every cell); `dvc push` sends the synthetic
-replicas to the synthetic remote and nothing real; `dvc pull` brings them back, the same bytes.
+one more k runs only that cell (and what reads every cell); `dvc push` sends the replicas'
+audited, scrubbed packages to the synthetic remote and nothing real (not the replicas themselves,
+whose rows link to real ones); `dvc pull` brings them back, the same bytes.
 """
 
 import hashlib
@@ -55,7 +56,7 @@ def test_dvc_repro_runs_the_study_reruns_nothing_and_pushes_only_synthetic_data(
     first = sh("dvc", "repro", cwd=clone).stdout
     stages = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
     expected = {"phantom@cxp", "ingest_cxp", "ingest_mimic", "ingest_emory", "generator_cxp", "replica@w1",
-                "replica_rebalanced", "cfg@w1-real", "cfg@w1-synthetic", "cfg_real@w1", "supplement@0", "supplement@1",
+                "replica_rebalanced", "package@w1", "package_rebalanced", "cfg@w1-real", "cfg@w1-synthetic", "cfg_real@w1", "supplement@0", "supplement@1",
                 "synthetic@1", "external@0", "external@1", "rebalance", "compare@supplement", "compare@cfg",
                 "distance@w1", "cooccurrence", "stats@emory", "report"}
     assert expected <= set(stages) and expected <= ran(first)
@@ -86,7 +87,7 @@ def test_dvc_repro_runs_the_study_reruns_nothing_and_pushes_only_synthetic_data(
                                                         "replica", "generator_cxp") or s.startswith("ingest")}
     assert trained == {"supplement@2"} and "report" in more
 
-    # dvc push: the synthetic remote receives the replicas and nothing real
+    # dvc push: the synthetic remote receives the replicas' packages and nothing real
     remote = clone.parent / "cxrsynth-remote-synthetic"  # .dvc/config: ../../cxrsynth-remote-synthetic (from .dvc/)
     sh("dvc", "push", cwd=clone)
     pushed = {p.name for p in remote.rglob("*") if p.is_file()}
@@ -96,13 +97,19 @@ def test_dvc_repro_runs_the_study_reruns_nothing_and_pushes_only_synthetic_data(
         return hashlib.md5(path.read_bytes()).hexdigest()
 
     real_tars = list((clone / "data/shards/cxp").rglob("*.tar"))
-    syn_tars = list((clone / "data/shards/cxp_w1").rglob("*.tar"))
-    assert real_tars and syn_tars
-    assert all(md5(t)[2:] in pushed for t in syn_tars)
-    assert not any(md5(t)[2:] in pushed for t in real_tars + [clone / "manifests/cxp.parquet"])
-    # dvc pull brings the synthetic shards back, byte for byte
-    before = {t.relative_to(clone): t.read_bytes() for t in syn_tars}
-    shutil.rmtree(clone / "data/shards/cxp_w1")
+    syn_tars = list((clone / "data/shards/cxp_w1").rglob("*.tar"))  # rows with source_key and exact ages: kept here
+    package = [p for p in sorted((clone / "data/packages/cxp_w1").rglob("*")) if p.is_file()]
+    assert real_tars and syn_tars and any(p.suffix == ".tar" for p in package)
+    assert all(md5(p)[2:] in pushed for p in package)
+    # ...and nothing but packages (the report's real-vs-synthetic grid, the real sites' label statistics stay)
+    packages = {md5(p)[2:] for p in (clone / "data/packages").rglob("*") if p.is_file()}
+    assert {name for name in pushed if not name.endswith(".dir")} == packages
+    kept = real_tars + syn_tars + [clone / "manifests/cxp.parquet", clone / "manifests/cxp_w1.parquet"]
+    assert not any(md5(t)[2:] in pushed for t in kept)
+    # dvc pull brings the package back, byte for byte
+    before = {p.relative_to(clone): p.read_bytes() for p in package}
+    shutil.rmtree(clone / "data/packages/cxp_w1")
     shutil.rmtree(clone / ".dvc/cache")
-    sh("dvc", "pull", "replica@w1", cwd=clone)
-    assert {t.relative_to(clone): t.read_bytes() for t in (clone / "data/shards/cxp_w1").rglob("*.tar")} == before
+    sh("dvc", "pull", "data/packages/cxp_w1", cwd=clone)  # the out, not the stage: its audit is push: false
+    after = {p.relative_to(clone): p.read_bytes() for p in (clone / "data/packages/cxp_w1").rglob("*") if p.is_file()}
+    assert after == before

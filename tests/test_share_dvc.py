@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import Project
 
-from cxrsynth import manifest
+from cxrsynth import manifest, shards
 from cxrsynth.share import export as export_lib
 from cxrsynth.share import package
 
@@ -40,8 +40,8 @@ def new_repo(path: Path) -> Path:
     return path
 
 
-def md5s(folder: Path) -> set[str]:
-    return {hashlib.md5(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+def md5s(folder: Path, skip: tuple[str, ...] = ()) -> set[str]:
+    return {hashlib.md5(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file() and p.name not in skip}
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -96,3 +96,99 @@ def test_synthetic_remote_and_dvc_import_round_trip(share_project: Project, tmp_
     out = sh("cxrsynth", "share", "import", "incoming/syn_pkg", "--name", "remote_syn", "--copy", cwd=receiver)
     assert "remote_syn @" in out
     assert len(manifest.read(receiver, "remote_syn")) == len(manifest.read(project.root, "syn"))
+
+
+# ------------------------------------------------------------------ every byte the synthetic remote receives
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_run():
+    """scripts/tiny-run.py, loaded by path: the study's tiny parameters and project copy."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_run", REPO / "scripts" / "tiny-run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def received(data: bytes, where: str):
+    """(where, bytes) of a pushed file and of everything inside it: tar members, and every parquet cell and
+    the parquet metadata as text; JSON members and parquet rows also yield ``(where, {"age": ...})``."""
+    import io
+    import json
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    yield where, data
+    if data[:4] == b"PAR1":
+        parquet = pq.ParquetFile(io.BytesIO(data))
+        yield f"{where} (metadata)", json.dumps({k.decode(): v.decode() for k, v in
+                                                 (parquet.schema_arrow.metadata or {}).items()}).encode()
+        for row in parquet.read().to_pylist():
+            yield f"{where} row", json.dumps(row, default=str).encode()
+            yield f"{where} row", row
+        return
+    try:
+        tar = tarfile.open(fileobj=io.BytesIO(data))
+    except tarfile.TarError:
+        return
+    with tar:
+        for member in tar.getmembers():
+            body = tar.extractfile(member).read() if member.isfile() else b""
+            yield f"{where}:{member.name}", member.name.encode() + b"\0" + body
+            if member.name.endswith(".json"):
+                yield f"{where}:{member.name}", json.loads(body)
+
+
+@pytest.mark.slow  # the tiny study's data stages, one package stage and a push: ~45 s
+def test_dvc_push_sends_only_the_gated_scrubbed_package_no_real_identifier_or_exact_age(tmp_path):
+    clone = tmp_path / "repo" / "clone"
+    tiny_run().tiny_project(REPO, clone)
+    sh(*GIT, "init", "-q", cwd=clone)
+    sh(*GIT, "add", "-A", cwd=clone)
+    sh(*GIT, "commit", "-qm", "tiny", cwd=clone)
+    env = {"PYTHONPATH": str(clone)}
+    out = subprocess.run(["dvc", "repro", "package@w1"], cwd=clone, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                              "DVC_NO_ANALYTICS": "1"})
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "Passed the gate" in out.stdout
+    sh("dvc", "push", cwd=clone)
+    remote = clone.parent / "cxrsynth-remote-synthetic"  # .dvc/config: ../../cxrsynth-remote-synthetic (from .dvc/)
+    pushed = {p.relative_to(remote).as_posix(): p.read_bytes() for p in sorted(remote.rglob("*")) if p.is_file()}
+
+    # what must never leave: every real key, patient, study and path; the replica's links to them
+    real = manifest.read(clone, "cxp")
+    syn = manifest.read(clone, "cxp_w1")
+    words = set(real["key"].astype(str)) | set(real["patient_id"].astype(str)) | set(real["study_id"].astype(str))
+    words |= set(real["source_path"].dropna().astype(str)) | set(syn["source_key"].astype(str))
+    words |= set(syn["seed"].dropna().astype(str))
+    exact_ages = {float(a) for a in real["age"].dropna() if a % 10}
+    assert set(syn["source_key"]) <= set(real["key"]) and len(exact_ages) > 20  # the scan has something to find
+    assert set(syn["age"].dropna().astype(float)) & exact_ages  # ...and the replica carries exact ages locally
+
+    # the remote holds the package (every file of it) and nothing of the replica itself
+    package_md5 = md5s(clone / "data/packages/cxp_w1")
+    remote_md5 = {"".join(Path(name).parts[-2:]).removesuffix(".dir") for name in pushed}
+    assert package_md5 <= remote_md5
+    # features.json (the Hugging Face schema: column names and types, no value) is the same file in every shard folder
+    schema = (shards.HF_FEATURES_NAME,)
+    local = md5s(clone / "data/shards/cxp_w1", schema) | md5s(clone / "data/audits/cxp_w1") | md5s(clone / "data/shards/cxp", schema)
+    local |= {hashlib.md5((clone / f"manifests/{n}.parquet").read_bytes()).hexdigest() for n in ("cxp", "cxp_w1")}
+    assert not local & remote_md5
+
+    leaks, ages, kinds = [], [], set()
+    for name, data in pushed.items():
+        for where, part in received(data, name):
+            if isinstance(part, dict):
+                if part.get("age") is not None:
+                    ages.append((where, float(part["age"])))
+                continue
+            kinds.add("tar" if ":" in where else "parquet" if " row" in where else "file")
+            leaks += [(where, word) for word in words if word.encode() in part]
+    assert not leaks, leaks[:10]
+    assert {"tar", "parquet", "file"} <= kinds and len(ages) >= 2 * len(syn)  # each row in the parquet and a JSON member
+    assert not [(w, a) for w, a in ages if a % 10 or a in exact_ages], ages[:10]

@@ -84,14 +84,15 @@ def audit(
 def export(
     name: Annotated[str, typer.Argument(help="Synthetic dataset to export.")],
     out: Annotated[Path, typer.Option("--out", help="Package folder to create (must not exist; relative to --root).")],
-    force: Annotated[bool, typer.Option("--force", help="Export even if the memorisation gate refuses or no audit can "
-                                                        "run; the datasheet records it.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Export even if the gate refuses (more flagged than chance "
+                                                        "explains, or a copy) or the audit cannot run; the datasheet "
+                                                        "records it.")] = False,
     audit_against: Annotated[Optional[str], typer.Option("--audit-against", help="Real dataset the generator learnt from "
                                                          "(default: the generator's recorded training data).")] = None,
-    alpha: Annotated[Optional[float], typer.Option("--alpha", min=1e-9, max=0.5, help="Level of the gate's one-sided "
-                                                   "binomial test of the flagged count against chance (default 0.01).")] = None,
-    max_flagged: Annotated[Optional[int], typer.Option("--max-flagged", min=0, help="An extra cap on flagged pairs "
-                                                       "(default: none; the binomial test decides).")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", min=0.0, max=1.0, help="Level of the one-sided binomial test "
+                                                   "of the flagged count against chance (default {GateConfig.alpha}).")] = None,
+    max_flagged: Annotated[Optional[int], typer.Option("--max-flagged", min=0, help="Optional extra cap on the flagged "
+                                                       "count (default: the binomial test alone).")] = None,
     key_secret: Annotated[Optional[Path], typer.Option("--key-secret", help="File with the key-renumbering secret, for "
                                                        "repeatable exports (default: a random secret, kept nowhere).")] = None,
     keymap: Annotated[Optional[Path], typer.Option("--keymap",
@@ -108,15 +109,27 @@ def export(
     """Package a synthetic dataset for another site: shards, a manifest without real identifiers, sha256 index, DATASHEET.md."""
     from cxrsynth.share.export import ExportConfig
     from cxrsynth.share.export import export as export_lib
+    from cxrsynth.share.gate import GateConfig
 
     audit_config = _audit_config(embedding=embedding, quantile=quantile, reid_steps=reid_steps, device=device)
-    config = ExportConfig().override(audit_against=audit_against, alpha=alpha, max_flagged=max_flagged, force=force or None,
+    gate = GateConfig().override(alpha=alpha, max_flagged=max_flagged)
+    config = ExportConfig().override(audit_against=audit_against, gate=gate, force=force or None,
                                      secret_file=key_secret, keymap=keymap, audit_out=root / audit_out if audit_out else None,
                                      audit_split=split, audit=audit_config)
     result = export_lib(root, name, root / out, config, progress=_say)
     console.print(f"{result['out']}: {result['images']:,} images in {result['shards']} shard(s), version {result['version']}; "
                   f"{result['decision']}" + (f" Audit files: {result['audit_dir']}" if result["audit_dir"] else ""),
                   highlight=False, soft_wrap=True)
+
+
+@share_app.command("secret")
+def secret(path: Annotated[Path, typer.Argument(help="Secret file (relative to --root); left as it is when it exists.")],
+           root: Root = Path(".")) -> None:
+    """Draw the key-renumbering secret once (for `share export --key-secret`): repeatable exports, never exported."""
+    from cxrsynth.share.export import ensure_secret
+
+    created = ensure_secret(root / path)
+    console.print(f"{root / path}: {'a new secret' if created else 'the existing secret kept'}", highlight=False)
 
 
 @share_app.command("verify")

@@ -46,7 +46,7 @@ def counts_table(frame: pd.DataFrame, column: str, title: str, order: list[str] 
 
 def age_table(frame: pd.DataFrame) -> str:
     ages = pd.to_numeric(frame["age"], errors="coerce")
-    decade = ages.map(lambda a: f"{int(a)}-{int(a) + 9}" if a == a else "unknown").astype("string")
+    decade = ages.map(lambda a: f"{int(a)}-{int(a) + 9}" if not pd.isna(a) else "unknown").astype("string")
     return counts_table(frame.assign(age_band=decade), "age_band", "age (decade)",
                         order=[f"{d}-{d + 9}" for d in range(0, 120, 10)] + ["unknown"])
 
@@ -78,6 +78,21 @@ def _audit_section(meta: dict[str, Any]) -> str:
          f"{(audit['distances']['synthetic_to_train'] or {}).get('median')} / "
          f"{(audit['distances']['heldout_to_train'] or {}).get('median')}"],
     ]
+    gate = audit.get("gate")
+    if gate:
+        fraction = gate.get("training_copied_fraction")
+        rows += [
+            ["test", gate["test"]],
+            ["result", f"{gate['flagged']} flagged of {gate['synthetic']}, {gate['expected']} expected by chance "
+                       f"(chance rate {gate['chance_rate']}); p = {gate['p_value']}, alpha {gate['alpha']}; "
+                       f"{gate['copies']} pair(s) below the hard copy threshold"
+                       + (f"; cap {gate['max_flagged']} flagged" if gate.get("max_flagged") is not None else "")],
+            ["decision", "passed" if gate["passed"] else "refused: " + "; ".join(gate["reasons"])],
+            ["synthetic images flagged as copies (Dar et al.)", f"{100 * gate['synthetic_flagged_fraction']:.2f}%"],
+            ["training images copied at least once (Dar et al.)",
+             f"{gate['training_copied']} of {gate['training_images']}"
+             + (f" ({100 * fraction:.2f}%)" if fraction is not None else "")],
+        ]
     text = _table(["", ""], rows)
     return (text + "\n\n" + decision).strip()
 

@@ -23,8 +23,10 @@ What a synthetic row carries today and what the export does with it:
 Before writing, the memorization audit (:mod:`cxrsynth.share.audit`) runs against the real
 images the generator learnt from (``audit_against``, or by default the training data named
 in the generator's ``generator.json``, else the conditions dataset, each at the split the
-replicas were conditioned on) and the export is refused when more pairs are flagged than
-``max_flagged`` unless ``force``; the datasheet records the result and the decision. The
+replicas were conditioned on) and the gate (:mod:`cxrsynth.share.gate`) refuses the export
+when more pairs are flagged than chance explains (a one-sided binomial test at ``gate.alpha``)
+or any pair is a copy outright, unless ``force``; the datasheet records the test, its result
+and the decision (an override included). The
 package is written to ``OUT.partial`` and renamed when complete (``index.json`` last), so an
 interrupted export leaves nothing that ``share verify`` accepts.
 """
@@ -47,16 +49,13 @@ from cxrsynth import __version__, imaging, manifest, shards
 from cxrsynth.config import SHARD_SIZE, Config, setting
 from cxrsynth.errors import CheckFailed
 from cxrsynth.share import audit as audit_lib
-from cxrsynth.share import datasheet, gate, package
+from cxrsynth.share import datasheet, package
+from cxrsynth.share.gate import GateConfig, MemorizationError, decide
 from cxrsynth.share.package import ShareError
 
 #: Manifest columns an export never fills (real identifiers and links back to real rows).
 DROPPED = ("patient_id", "study_id", "source_path", "source_key", "seed")
 AUDIT_ROOT = Path("data") / "audits"
-
-
-class MemorizationError(CheckFailed):
-    """The audit flagged more synthetic images as likely copies than the export allows."""
 
 
 @dataclass(frozen=True)
@@ -65,9 +64,8 @@ class ExportConfig(Config):
 
     Attributes:
         audit_against: Real dataset the generator learnt from; None: read it from the metadata.
-        alpha: Level of the gate's one-sided binomial test (:mod:`cxrsynth.share.gate`).
-        max_flagged: An extra cap on flagged pairs (None: the binomial test alone decides).
-        force: Export even when the gate refuses, or no audit can run (the datasheet says so).
+        gate: When the audit refuses the export (binomial test level, optional cap on the flagged count).
+        force: Export even when the gate refuses, or the audit cannot run (the datasheet says so).
         secret_file: File with the key-renumbering secret (>= 16 bytes); None: a random one.
         shard_size: Samples per exported shard.
         audit: The audit's settings (its ``split`` becomes ``audit_split``).
@@ -80,8 +78,7 @@ class ExportConfig(Config):
     kind = "export config"  # how errors name these settings (a class attribute, not a field)
 
     audit_against: str | None = None
-    alpha: float = setting(0.01, gt=0, lt=1)
-    max_flagged: int | None = setting(None, ge=0)
+    gate: GateConfig = field(default_factory=GateConfig)
     force: bool = False
     secret_file: Path | None = None
     shard_size: int = setting(SHARD_SIZE, ge=1)
@@ -99,6 +96,24 @@ def read_secret(path: Path | None) -> tuple[bytes, str]:
     if len(data) < 16:
         raise ShareError(f"{path}: a key secret needs at least 16 bytes, it has {len(data)}")
     return data, "a secret kept by the sender (not exported)"
+
+
+def ensure_secret(path: str | Path) -> bool:
+    """Write a fresh random renumbering secret (64 hex digits, owner-only) to ``path`` unless it exists.
+
+    Returns whether it was created. A pipeline draws it once and passes it as ``secret_file``
+    to every later export, so repeated exports of the same data are byte-identical; the file
+    stays local (never a pushed output), which is what keeps exported keys unlinkable.
+    """
+    path = Path(path)
+    if path.exists():
+        read_secret(path)  # an existing one must be usable
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(os.urandom(32).hex() + "\n")
+    return True
 
 
 def _resolve_generator(root: Path, path: str | None) -> Path | None:
@@ -242,7 +257,7 @@ def export(
 
     Raises:
         ShareError: ``name`` has real rows or no images, ``out`` exists, or no audit can run unforced.
-        MemorizationError: the gate refuses (without ``force``): more flagged pairs than chance explains, or a hard copy.
+        MemorizationError: the gate refused (more flagged than chance explains, or a copy; without ``force``).
     """
     from cxrsynth.verify import verify_dataset
 
@@ -286,19 +301,16 @@ def export(
         summary = audit_lib.audit(root, name, against, audit_dir, audit_config, progress=say)
         public = audit_lib.public_summary(summary)
         public["target"] = how
-        verdict = gate.decide(summary, config.alpha, config.max_flagged)
-        public["gate"] = {k: v for k, v in verdict.to_dict().items() if k != "closest"}  # no key leaves
-        public["gate"]["test"] = verdict.test_text()
+        verdict = decide(summary, config.gate)
+        public["gate"] = verdict.public()
         if not verdict.passed:
+            where = f"{audit_dir / 'pairs.png'} and {audit_dir / audit_lib.AUDIT_JSON}"
             if not config.force:
-                raise MemorizationError(
-                    f"{name}: refused by the memorisation gate against {against} split {split}: {verdict.reason}. "
-                    f"Closest pairs:\n{gate.pairs_text(verdict)}\n"
-                    f"See {audit_dir / 'pairs.png'} and {audit_dir / audit_lib.AUDIT_JSON}; --force exports anyway "
-                    "(the datasheet records it)")
-            decision = f"Exported with --force although the gate refused: {verdict.reason}; the sender reviewed the pairs."
+                raise MemorizationError(verdict.refusal(name, where))
+            decision = (f"Exported with --force although the gate refused it: {' and '.join(verdict.reasons)}; "
+                        f"the sender reviewed the pairs ({verdict.test_text()}).")
         else:
-            decision = f"Passed the memorisation gate: {verdict.reason}."
+            decision = f"Passed the gate: {verdict.test_text()}."
 
     version = hmac.new(secret, f"export:{meta.get('version')}:{config.shard_size}".encode(), hashlib.sha256).hexdigest()[:10]
     rows = scrub(frame, name, version, secret)

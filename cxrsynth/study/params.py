@@ -138,6 +138,17 @@ class Generate:
 
 
 @dataclass(frozen=True)
+class Share:
+    """The gate in front of the synthetic remote: each replica's ``package`` stage audits and exports it.
+
+    Attributes:
+        alpha: Level of the export gate's one-sided binomial test (flagged count above chance).
+    """
+
+    alpha: float = setting(0.01, gt=0, lt=1)
+
+
+@dataclass(frozen=True)
 class Replica:
     """One synthetic replica set of the real site's training and tuning splits.
 
@@ -296,7 +307,7 @@ class StudyParams:
         classifier: The classifier every cell trains.
         evaluate: Evaluation and comparison settings.
         cfg, supplement, synthetic, external, rebalance: The experiment families (``None``: not in the study).
-        image_size, shard_size, phantom, sources, split, generator, generate: dvc.yaml's other stages.
+        image_size, shard_size, phantom, sources, split, generator, generate, share: dvc.yaml's other stages.
         mapping: The mapping this was parsed from (params.yaml as written; not a key of it).
         file: The file it was read from, if any (not a key either).
     """
@@ -318,6 +329,7 @@ class StudyParams:
     split: Split | None = None
     generator: Generator | None = None
     generate: Generate | None = None
+    share: Share | None = None
     mapping: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata={"parsed": False})
     file: str | None = field(default=None, compare=False, repr=False, metadata={"parsed": False})
 
