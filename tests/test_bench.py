@@ -267,3 +267,61 @@ def test_bench_phantom_reports_the_project_classifier_and_evaluation(tmp_path) -
     assert r["render_images_per_second_per_core"] > 0 and r["passed"] in (True, False)
     bad = runner.invoke(app, ["phantom", "--uncertain", "drop"])
     assert bad.exit_code == 2 and "exclude or mask" in bad.output
+
+
+def test_fabricated_chexpert_has_the_real_label_marginals_and_reads_as_chexpert(tmp_path) -> None:
+    from cxrsynth import labels
+    from cxrsynth.bench.scale import IMAGES_PER_PATIENT, MARGINALS, fabricate_chexpert
+    from cxrsynth.sources import chexpert
+
+    csv = fabricate_chexpert(tmp_path / "CheXpert-v1.0" / "train.csv", 20_000)
+    source = chexpert.read(csv)
+    records = source.records
+    assert len(records) == 20_000 and records["key"].is_unique
+    assert abs(records["patient_id"].nunique() - 20_000 / IMAGES_PER_PATIENT) < 0.02 * 20_000 / IMAGES_PER_PATIENT
+    for finding, (pos, unc, _) in MARGINALS.items():
+        column = records[labels.COLUMN_OF[finding]]
+        assert abs((column == 1).mean() - pos) < 0.012 and abs((column == -1).mean() - unc) < 0.012, finding
+
+
+@pytest.mark.slow
+def test_bench_scale_times_every_stage_beside_its_plain_equivalent(tmp_path) -> None:
+    from conftest import cli
+
+    from cxrsynth import manifest
+    from cxrsynth.bench.scale import PAPER
+
+    out = tmp_path / "scale.json"
+    text = cli(None, "bench", "scale", "--scale", "0.002", "--threads", "1", "--work", tmp_path / "work", "--out", out)
+    assert "cohort query" in text and "ratio" in text
+    result = json.loads(out.read_text())
+    stages = {s["stage"]: s for s in result["stages"]}
+    assert list(stages) == ["labels-only ingest", "split", "mix 1000%", "cohort query", "evaluate, image bootstrap",
+                            "evaluate, patient bootstrap", "compare, 11 cells", "co-occurrence", "report, 30 cells",
+                            "neighbours, dim 256", "neighbours, dim 1024", "image ingest"]
+    try:
+        import faiss  # noqa: F401
+        has_faiss = True
+    except ImportError:
+        has_faiss = False
+    for name, s in stages.items():
+        assert s["seconds"] > 0 and s["peak_rss_gib"] > 0, name
+        if name.startswith("neighbours") and not has_faiss:
+            assert s["ratio"] is None and "faiss not installed" in s["note"]
+            continue
+        assert s["plain_seconds"] > 0 and s["ratio"] == pytest.approx(s["seconds"] / s["plain_seconds"]), name
+    if has_faiss:  # the same search: the same nearest bank row (random unit vectors have no ties)
+        assert all(stages[f"neighbours, dim {d}"]["note"].startswith("top-1 agrees with faiss on 100.0%") for d in (256, 1024))
+    # The sizes are the paper's times the scale, and the rows are what the library calls wrote.
+    root = tmp_path / "work" / "proj"
+    assert stages["labels-only ingest"]["rows"] == round(PAPER["chexpert"] * 0.002) == len(manifest.read(root, "cxp"))
+    assert len(manifest.read(root, "cxp_w1")) == 10 * round(PAPER["replica"] * 0.002)
+    assert stages["mix 1000%"]["rows"] == len(manifest.read(root, "cxp_k10"))
+    assert stages["cohort query"]["rows"] == sum(len(manifest.read(root, n)) for n in ("cxp", "mimic", "cxp_w1", "cxp_k10"))
+    assert stages["evaluate, image bootstrap"]["rows"] == int((manifest.read(root, "mimic")["split"] == "test").sum())
+    assert len(json.loads((root / "metrics" / "compare" / "supplement.json").read_text())["cells"]) == 10
+    assert len(list((root / "metrics" / "study").glob("*.json"))) == 30 and (root / "report" / "index.html").is_file()
+    assert stages["neighbours, dim 256"]["rows"] == round(PAPER["queries"] * 0.002) * round(PAPER["bank"] * 0.002)
+    t = result["total"]
+    assert t["seconds"] == pytest.approx(sum(s["seconds"] for s in stages.values()))
+    assert t["ratio"] > 0 and result["setup_seconds"] > 0

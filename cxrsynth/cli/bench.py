@@ -410,3 +410,40 @@ def bench_audit(
     console.print(f"audit search {r.queries:,} x {r.bank:,} pairs, dim {r.dim}, k {r.k} on {r.device} ({r.threads} threads): "
                   f"{r.seconds:.3f} s = {r.seconds_per_million_pairs * 1e3:.3f} ms per million pairs; the paper's 720K x 72K: "
                   f"{r.paper_scale_hours:.2f} h; pixels embedding {r.embed_images_per_s:,.0f} images/s", highlight=False, soft_wrap=True)
+
+
+def bench_scale(
+    scale: Annotated[float, typer.Option("--scale", min=0.0001, max=1.0,
+                                         help="Fraction of the paper's sizes (1.0: 223,414 CheXpert, 377,110 MIMIC, 10 x 72K replicas).")] = 1.0,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch, faiss and bootstrap threads (default: the CPUs available).")] = None,
+    chexpert_csv: Annotated[Optional[Path], typer.Option(
+        "--chexpert-csv", help="CheXpert's real train.csv(.gz) for the labels (default: fabricated with its label marginals).")] = None,
+    images: Annotated[Optional[int], typer.Option("--images", min=1, help="Phantom images of the image-ingest stage (default: 400 at scale >= 0.1).")] = None,
+    work: Annotated[Optional[Path], typer.Option("--work", file_okay=False, help="Keep the tables and outputs here (default: a temporary folder).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", dir_okay=False, help="Also write the result as JSON here.")] = None,
+) -> None:
+    """Every non-GPU stage of the study at the paper's sizes, each beside its plain-library equivalent (ratio = ours / plain).
+
+    Stages: labels-only ingest, split, mix at 1000%, a DuckDB cohort query, evaluate (1,000 image and patient bootstrap replicates), compare of 11 cells, co-occurrence, the report of 30 cells, the audit's neighbour search (dims 256, 1024) and image ingest. * = timed on a slice and extrapolated.
+    """
+    import platform
+
+    from rich.table import Table
+
+    from cxrsynth.bench.scale import run, table_lines
+
+    result = run(scale=scale, threads=threads, chexpert_csv=chexpert_csv, work=work, images=images,
+                 log=lambda line: console.print(line, highlight=False))
+    m = result["machine"]
+    table = Table(title=f"cxrsynth bench scale --scale {scale:g}: {platform.machine()}, {m['cpus']} CPUs, "
+                        f"{m['memory_gib']:g} GiB, {result['threads']} threads")
+    for col in ("stage", "rows", "seconds", "peak GiB", "plain equivalent", "plain seconds", "ratio"):
+        table.add_column(col, justify="left" if col in ("stage", "plain equivalent") else "right")
+    for row in table_lines(result):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"* timed on a slice and extrapolated; ratio = ours / plain; setup (fabricating the inputs) "
+                  f"{result['setup_seconds']:.1f} s, not counted", highlight=False)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
