@@ -5,7 +5,8 @@ The package is built in floors (:data:`LAYERS`); a module imports only from its 
 or the floors below it, lazy imports inside functions included (``tests/test_layers.py``
 checks every import):
 
-1. contracts — ``errors``, ``labels``, ``registry``, ``config``, ``runtime``: what every
+1. contracts — ``errors``, ``labels``, ``registry``, ``config``, ``runtime``,
+   ``progress``: what every
    other module may rely on.
 2. data — the datasets and their plumbing: ``imaging``, ``shards``, ``manifest``,
    ``publish``, ``sources/``, ``ingest``, ``splits``, ``stats``, ``mix``, ``loader``,
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 #: The floors, bottom first: (name, the top-level modules and packages on it, whether
 #: packages on it may import each other). ``cxrsynth`` itself (``__version__``) is a contract.
 LAYERS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
-    ("contracts", ("cxrsynth", "errors", "labels", "registry", "config", "runtime"), True),
+    ("contracts", ("cxrsynth", "errors", "labels", "registry", "config", "runtime", "progress"), True),
     ("data", ("imaging", "shards", "manifest", "publish", "sources", "ingest", "splits", "stats", "mix", "loader",
               "checkpoints", "digests", "safeload", "sheet", "verify", "cards"), True),
     ("stages", ("phantom", "diffusion", "classify", "evaluate"), False),

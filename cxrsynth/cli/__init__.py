@@ -13,7 +13,7 @@ from cxrsynth.cli import bench as _bench
 from cxrsynth.cli import data as _data
 from cxrsynth.cli import evaluate as _evaluate
 from cxrsynth.cli.classifier import classifier_app
-from cxrsynth.cli.common import CleanErrors
+from cxrsynth.cli.common import CleanErrors, set_verbosity
 from cxrsynth.cli.generate import generate
 from cxrsynth.cli.generator import generator_app
 from cxrsynth.cli.options import LazyHelp
@@ -42,8 +42,14 @@ def _print_version(value: bool) -> None:
 def _main(
     version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
                                  help="Print the cxrsynth version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors and results (no progress)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print per-step detail where a command has it."),
 ) -> None:
-    """Versioned real and synthetic chest X-ray datasets and the experiments of 'Synthetically enhanced'."""
+    """Versioned real and synthetic chest X-ray datasets and the experiments of 'Synthetically enhanced'.
+
+    Progress goes to stderr: a bar on a terminal, plain lines (every CXRSYNTH_LOG_EVERY seconds, default 10)
+    when stderr is a file or pipe."""
+    set_verbosity(quiet, verbose)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures (not tests).")

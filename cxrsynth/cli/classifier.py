@@ -10,49 +10,76 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cxrsynth.cli.common import Device, Root, Threads, console, err_console, progress_bar, set_threads
+from cxrsynth.cli.common import Device, Root, Threads, console, err_console, info, progress_bar, quiet, set_threads, verbose
 from cxrsynth.cli.options import LazyHelp
 
 classifier_app = typer.Typer(no_args_is_help=True, help="Train 14-finding classifiers (any timm model) and predict with them.")
 
 
 class _TrainBar:
-    """A rich progress bar over all steps of the run, with loss and images/s; epoch lines below it."""
+    """Progress over all steps of the run, with loss and images/s; epoch lines below it.
+
+    A rich bar on a terminal; plain lines (:class:`cxrsynth.progress.Ticker`) when stderr is a file or
+    pipe; nothing with ``--quiet``; every logged step as a line with ``--verbose``."""
 
     def __init__(self) -> None:
+        from cxrsynth.progress import stderr_is_terminal
+
         self.progress: Any = None
+        self.ticker: Any = None
+        self.plain = not stderr_is_terminal()
+
+    def _note(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(message, highlight=False)
+        else:
+            info(message)
 
     def __call__(self, event: dict[str, Any]) -> None:
+        if quiet():
+            return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from cxrsynth.progress import Ticker
 
         kind = event["event"]
         if kind == "start":
             total = event["epochs"] * event["steps_per_epoch"]
-            self.progress = Progress(
-                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("epoch {task.fields[epoch]}"),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} img/s"),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
-            )
-            self.task = self.progress.add_task("train", total=total, completed=event["step"], epoch=event["epoch"] + 1,
-                                               loss="-", rate="-")
-            self.progress.start()
             what = "resuming at epoch {} step {}".format(event["epoch"] + 1, event["step"]) if event["resumed"] else "new run"
-            self.progress.console.print(
-                f"{event['train_images']:,} training / {event['tune_images']:,} tuning images, "
-                f"{event['steps_per_epoch']} steps per epoch on {event['world']} process(es); {what}", highlight=False)
+            if self.plain:
+                self.ticker = Ticker("train", total, done=event["step"], unit=" steps/s")
+            else:
+                self.progress = Progress(
+                    TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("epoch {task.fields[epoch]}"),
+                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} img/s"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
+                )
+                self.task = self.progress.add_task("train", total=total, completed=event["step"], epoch=event["epoch"] + 1,
+                                                   loss="-", rate="-")
+                self.progress.start()
+            self._note(f"{event['train_images']:,} training / {event['tune_images']:,} tuning images, "
+                       f"{event['steps_per_epoch']} steps per epoch on {event['world']} process(es); {what}")
         elif kind == "step":
-            self.progress.update(self.task, completed=event["step"], epoch=event["epoch"], loss=f"{event['loss']:.4f}",
-                                 rate=f"{event['images_per_s']:.0f}")
+            if self.ticker is not None:
+                self.ticker.update(event["step"], epoch=event["epoch"], loss=f"{event['loss']:.4f}",
+                                   img_per_s=f"{event['images_per_s']:.0f}")
+            else:
+                self.progress.update(self.task, completed=event["step"], epoch=event["epoch"], loss=f"{event['loss']:.4f}",
+                                     rate=f"{event['images_per_s']:.0f}")
+            if verbose():
+                self._note(f"step {event['step']} (epoch {event['epoch']}): loss {event['loss']:.4f}, "
+                           f"{event['images_per_s']:.0f} img/s")
         elif kind == "epoch":
             tune = "n/a" if event["tune_loss"] is None else f"{event['tune_loss']:.4f}"
             best = "n/a" if event["best_tune_loss"] is None else f"{event['best_tune_loss']:.4f}"
-            self.progress.console.print(
-                f"epoch {event['epoch']}/{event['epochs']}: train loss {event['train_loss']:.4f}, tune loss {tune}; "
-                f"best epoch {event['best_epoch']} ({best}); {event['seconds']:.1f} s", highlight=False)
+            self._note(f"epoch {event['epoch']}/{event['epochs']}: train loss {event['train_loss']:.4f}, tune loss {tune}; "
+                       f"best epoch {event['best_epoch']} ({best}); {event['seconds']:.1f} s")
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+        if self.ticker is not None:
+            self.ticker.close()
 
 
 @classifier_app.command("train", cls=LazyHelp)

@@ -128,9 +128,49 @@ class CleanErrors(TyperGroup):
                 _usage_error(exc)
 
 
+#: How much a command prints besides errors and its result: 0 ``--quiet`` (no progress),
+#: 1 the default, 2 ``--verbose`` (per-step detail where a command has it). Set once by the
+#: root command's callback; :func:`progress_bar`, :func:`info` and the training bars read it.
+VERBOSITY = {"level": 1}
+
+
+def set_verbosity(quiet: bool, verbose: bool) -> None:
+    """The root command's ``--quiet`` / ``--verbose`` (both: an error)."""
+    if quiet and verbose:
+        fail("--quiet and --verbose exclude each other")
+    VERBOSITY["level"] = 0 if quiet else 2 if verbose else 1
+
+
+def quiet() -> bool:
+    return VERBOSITY["level"] <= 0
+
+
+def verbose() -> bool:
+    return VERBOSITY["level"] >= 2
+
+
+def info(message: str, *, detail: bool = False) -> None:
+    """A progress note on stderr: hidden by ``--quiet``; ``detail`` notes only with ``--verbose``."""
+    if quiet() or (detail and not verbose()):
+        return
+    err_console.print(message, soft_wrap=True, highlight=False)
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None):
-    """A rich progress bar; yields ``advance(n)``."""
+    """Progress of a loop; yields ``advance(n)``. A rich bar on a terminal; periodic plain lines
+    with rate and ETA (:class:`cxrsynth.progress.Ticker`) when stderr is a file or pipe; nothing
+    with ``--quiet``."""
+    if quiet():
+        yield lambda n=1: None
+        return
+    from cxrsynth.progress import Ticker, stderr_is_terminal
+
+    if not stderr_is_terminal():
+        ticker = Ticker(description, total)
+        yield ticker.advance
+        ticker.close()
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())

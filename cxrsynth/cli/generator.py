@@ -13,7 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import Device, Root, Threads, console, err_console, fail, set_threads
+from cxrsynth.cli.common import Device, Root, Threads, console, fail, quiet, set_threads
+from cxrsynth.cli.common import info as note
 from cxrsynth.cli.options import LazyHelp, given
 
 generator_app = typer.Typer(no_args_is_help=True, help="Train, import and inspect conditional diffusion generators.")
@@ -73,12 +74,12 @@ def train(
 
     def started(event: dict) -> None:
         others = event["other_runs"]
-        err_console.print(f"checkpoints: {event['checkpoints']} ({'resuming' if event['resuming'] else 'new run'})"
-                          + (f"; other runs there: {', '.join(others)}" if others else ""), highlight=False, soft_wrap=True)
+        note(f"checkpoints: {event['checkpoints']} ({'resuming' if event['resuming'] else 'new run'})"
+             + (f"; other runs there: {', '.join(others)}" if others else ""))
 
     dist_info = runtime.distributed()
     train_dataset(root, data, config, tc, out, split=split, checkpoints=checkpoints, resume=resume, device=device,
-                  callback=started)
+                  callback=started, progress=not quiet())
     if dist_info.world > 1:
         import torch.distributed as dist
 

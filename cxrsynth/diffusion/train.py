@@ -65,6 +65,7 @@ from cxrsynth.diffusion.model import ConditionalUNet, save_generator
 from cxrsynth.diffusion.presets import GeneratorConfig
 from cxrsynth.diffusion.schedule import training_scheduler
 from cxrsynth.errors import CxrsynthError
+from cxrsynth.progress import LOG_FILE, JsonlLog, Ticker, stderr_is_terminal
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.pt"
@@ -204,7 +205,8 @@ def train(
         data: ``epoch -> iterable of batches`` for this process (already sharded by
             rank); called again with epoch + 1 when exhausted.
         out: Output directory: EMA generator (``save_pretrained``), ``train.json``.
-        checkpoints: Checkpoint directory (``latest.pt``, ``step-*.pt``); defaults to
+        checkpoints: Checkpoint directory (``latest.pt``, ``step-*.pt``, the history
+            ``log.jsonl``: one line per logged step with step, epoch, loss, lr, images/s); defaults to
             ``out / "checkpoints"``. Keep it outside a DVC output.
         resume: True to continue from ``checkpoints/latest.pt`` when present, or a
             checkpoint path. The checkpoint must come from the same generator config and
@@ -212,7 +214,8 @@ def train(
         device: Default :func:`cxrsynth.runtime.device` (CUDA, ``cuda:LOCAL_RANK`` under
             torchrun, when available, else CPU).
         data_version: Recorded in ``generator.json``.
-        progress: Show a rich progress bar (rank 0).
+        progress: Show progress on rank 0: a rich bar on a terminal, plain lines
+            (:class:`cxrsynth.progress.Ticker`) when stderr is a file or pipe.
         on_step: Called as ``on_step(step, loss)`` at each log interval.
 
     Returns:
@@ -311,8 +314,9 @@ def train(
             for old in stale + ours[: -tc.keep_checkpoints]:
                 old.unlink()
 
-    # 2. The loop.
+    # 2. The loop; the history (step, loss, lr) beside the checkpoints, kept up to the resumed step.
     bar = _progress(progress and is_main, total=tc.steps, done=step)
+    history = JsonlLog(ck / LOG_FILE, resume_from=step if ckpt_path is not None else None) if is_main else None
     autocast = torch.autocast(device.type, dtype=fast["autocast_dtype"] or torch.float32,
                               enabled=fast["autocast_dtype"] is not None)
     running = torch.zeros((), device=device)
@@ -364,6 +368,8 @@ def train(
                 rate = images / max(now - t_last, 1e-9)
                 running.zero_(); n_running, images, t_last = 0, 0, now
                 bar.update(step, value, rate)
+                if history is not None:
+                    history.write(step=step, epoch=epoch, loss=value, lr=sched.get_last_lr()[0], images_per_s=rate)
                 if on_step is not None:
                     on_step(step, value)
             if step % tc.save_every == 0 or step == tc.steps:
@@ -399,6 +405,7 @@ def train_dataset(
     resume: bool = True,
     device: str | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = True,
 ) -> ConditionalUNet:
     """Train (or resume) a generator on dataset ``name``'s ``split``: ``cxrsynth generator train``.
 
@@ -423,6 +430,7 @@ def train_dataset(
         device: ``cpu``, ``cuda``, ``cuda:1``; default CUDA when available.
         callback: Called on rank 0 before training with ``{"event": "start",
             "checkpoints": Path, "resuming": bool, "other_runs": [names under the root]}``.
+        progress: Show progress on rank 0 (as :func:`train`).
 
     Returns:
         The EMA network (eval mode); rank 0 has written it to ``out`` when any rank returns.
@@ -451,7 +459,8 @@ def train_dataset(
                   "other_runs": others})
 
     # 3. The loop.
-    model = train(config, tc, data.batches, out, checkpoints=ck, resume=resume, device=device, data_version=data_version)
+    model = train(config, tc, data.batches, out, checkpoints=ck, resume=resume, device=device, data_version=data_version,
+                  progress=progress)
     if dist_info.world > 1:
         import torch.distributed
 
@@ -482,11 +491,13 @@ def _data_seen(images: int, keys: set[str], dist_info: runtime.Distributed) -> d
 
 
 class _progress:
-    """A rich progress bar with loss and images/s (or nothing when disabled)."""
+    """Progress with loss and images/s: a rich bar on a terminal, plain lines otherwise (or nothing when disabled)."""
 
     def __init__(self, enabled: bool, total: int, done: int) -> None:
-        self.bar = None
-        if enabled:
+        self.bar = self.ticker = None
+        if enabled and not stderr_is_terminal():
+            self.ticker = Ticker("train", total, done=done, unit=" steps/s")
+        elif enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
@@ -498,10 +509,14 @@ class _progress:
             self.bar.start()
 
     def update(self, step: int, loss: float, rate: float) -> None:
+        shown = f"{loss:.4f}" if math.isfinite(loss) else "nan"
+        if self.ticker is not None:
+            self.ticker.update(step, loss=shown, img_per_s=f"{rate:.1f}")
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}" if math.isfinite(loss) else "nan",
-                            rate=f"{rate:.1f}")
+            self.bar.update(self.task, completed=step, loss=shown, rate=f"{rate:.1f}")
 
     def close(self) -> None:
+        if self.ticker is not None:
+            self.ticker.close()
         if self.bar is not None:
             self.bar.stop()
