@@ -1168,6 +1168,12 @@ def _save_png_to(handle, image) -> None:
     Image.fromarray(image).save(handle, format="PNG")
 
 
+def pd_concat(frames):
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)
+
+
 def _evaluation_project(tmp: Path) -> dict:
     """Dataset cxp (manifest only: 6 train, 12 test patients) and a model's predictions of its test split."""
     import pandas as pd
@@ -1313,6 +1319,58 @@ def _no_datasets(paths: dict, output: str) -> None:
     from cxrsynth import manifest
 
     assert manifest.list_names(paths["root"]) == []
+
+
+def _predictions_edited(edit):
+    """:func:`_evaluation_project`, its predictions rewritten by ``edit(frame) -> frame`` (metadata kept)."""
+    def build(tmp: Path) -> dict:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        paths = _evaluation_project(tmp)
+        table = pq.read_table(paths["pred"])
+        frame = edit(table.to_pandas())
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(table.schema.metadata),
+                       paths["pred"])
+        return paths
+
+    return build
+
+
+def _not_parquet(tmp: Path) -> dict:
+    paths = _evaluation_project(tmp)
+    paths["pred"].write_text("key,edema\nx,0.5\n")
+    return paths
+
+
+def _metrics_edited(edit):
+    """:func:`_metrics_pair`, the second metrics JSON's text replaced by ``edit(text) -> text``."""
+    def build(tmp: Path) -> dict:
+        paths = _metrics_pair()(tmp)
+        paths["other"].write_text(edit(paths["other"].read_text()))
+        return paths
+
+    return build
+
+
+def _without_edema(text: str) -> str:
+    data = json.loads(text)
+    for value in data.values():
+        if isinstance(value, dict):
+            value.pop("edema", None)
+    return json.dumps(data)
+
+
+def _warned_once(warning: str):
+    def check(paths: dict, output: str) -> None:
+        text = " ".join(output.split())
+        assert text.count("warning:") >= 1 and warning in text, output
+
+    return check
+
+
+_EVALUATE = ("evaluate", "{pred}", "--out", "{tmp}/m.json")
+_COMPARE = ("compare", "{base}", "{other}", "--out", "{tmp}/c.json", "--root", "{root}")
 
 
 CASES: tuple[Case, ...] = (
@@ -1701,4 +1759,53 @@ CASES: tuple[Case, ...] = (
     Case("evaluate-bootstrap-huge", "evaluate --bootstrap 1000000000", _nothing,
          ("evaluate", "{tmp}/p.parquet", "--out", "{tmp}/m.json", "--bootstrap", "1000000000", "--root", "{root}"), 2,
          "evaluate config: bootstrap: expected a value <= 100000", "refused before reading anything (it ended in a MemoryError)"),
+    Case("evaluate-duplicate-keys", "predictions holding two rows twice (evaluate)",
+         _predictions_edited(lambda f: pd_concat([f, f.iloc[:2]])), (*_EVALUATE, "--root", "{root}"), 2,
+         "keys must be unique and non-null", "clean error naming the duplicated keys", check=_no_file("../m.json")),
+    Case("evaluate-column-missing", "predictions without the edema column (evaluate)",
+         _predictions_edited(lambda f: f.drop(columns=["edema"])), (*_EVALUATE, "--root", "{root}"), 2,
+         "lacks column(s) edema", "clean error naming the column"),
+    Case("evaluate-column-extra", "predictions with a column that is no finding (evaluate)",
+         _predictions_edited(lambda f: f.assign(notes=1.0)), (*_EVALUATE, "--root", "{root}"), 0,
+         "macro AUROC", "evaluated; the column is named in a warning as ignored",
+         check=_warned_once("column(s) notes are not predictions of a finding and are ignored")),
+    Case("evaluate-key-in-no-manifest", "predictions with a key the test split does not hold (evaluate)",
+         _predictions_edited(lambda f: f.assign(key=f["key"].where(f.index != 0, "nobody_here"))),
+         (*_EVALUATE, "--root", "{root}"), 2, "1 prediction key(s) not found in cxp split test: nobody_here",
+         "clean error naming the key"),
+    Case("evaluate-dataset-renamed", "predictions whose dataset column names another dataset (evaluate)",
+         _predictions_edited(lambda f: f.assign(dataset="mimic")), (*_EVALUATE, "--root", "{root}"), 2,
+         "name another dataset than their manifest row", "clean error naming a key and both names"),
+    Case("evaluate-rows-dropped", "predictions file emptied by another tool, metadata kept (evaluate)",
+         _predictions_edited(lambda f: f.iloc[:0]), (*_EVALUATE, "--root", "{root}"), 2,
+         "the metadata says 24 rows, the file has 0", "clean error: rows lost since predict"),
+    Case("evaluate-not-parquet", "a CSV named .parquet given as predictions (evaluate)", _not_parquet,
+         (*_EVALUATE, "--root", "{root}"), 2, "is not a parquet file", "clean error naming the file"),
+    Case("evaluate-bootstrap-0", "evaluate --bootstrap 0", _evaluation_project,
+         (*_EVALUATE, "--bootstrap", "0", "--root", "{root}"), 0, "macro AUROC 0.",
+         "accepted: point estimates only, no SD or CI (shown as -)"),
+    Case("evaluate-by-unknown-column", "evaluate --by a column no manifest has", _evaluation_project,
+         (*_EVALUATE, "--by", "nonexistent", "--root", "{root}"), 2,
+         "--by column 'nonexistent' is neither a manifest column nor derived", "clean error listing the known columns"),
+    Case("compare-metrics-not-json", "compare with a metrics file that is not JSON",
+         _metrics_edited(lambda text: "{not json"), _COMPARE, 2, "is not a metrics JSON", "clean error naming the file"),
+    Case("compare-metrics-foreign", "compare with a JSON file not written by evaluate",
+         _metrics_edited(lambda text: "{}"), _COMPARE, 2, "is not written by `cxrsynth evaluate`",
+         "clean error naming what it lacks"),
+    Case("compare-other-findings", "compare of metrics of other findings (edema dropped from one)",
+         _metrics_edited(_without_edema), _COMPARE, 2, "has metrics of other findings",
+         "clean error naming both finding lists"),
+    Case("classifier-finding-without-positive", "classifier train on data where 13 findings have no positive label",
+         _garbage_site, (*_CLASSIFIER, "--root", "{root}"), 0, "written to",
+         "trained; each finding without a positive (or negative) label is named in a warning",
+         check=_warned_once("13 finding(s) have no positive training label")),
+    Case("classifier-preset-unknown", "classifier train --preset huge9", _garbage_site,
+         (*_CLASSIFIER, "--preset", "huge9", "--root", "{root}"), 2, "unknown classifier preset 'huge9'; known:",
+         "clean error listing the presets"),
+    Case("classifier-data-unknown", "classifier train --data of a dataset that does not exist", _garbage_site,
+         ("classifier", "train", "--data", "nope", "--out", "{tmp}/clf", "--root", "{root}"), 2,
+         "no manifest named 'nope'", "clean error listing the datasets"),
+    Case("study-compare-unknown-family", "study compare of a family params.yaml does not define", _study_baseline_only,
+         ("study", "compare", "nofamily", "--root", "{root}"), 2, "unknown study family 'nofamily'; known:",
+         "clean error listing the families"),
 )

@@ -288,6 +288,28 @@ def check_splits(split: str, tune_split: str | None) -> None:
                             "on. Tune on another split, or give no tuning split (--tune-split none) to keep the last epoch")
 
 
+def warn_unlearnable(where: str, frame: pd.DataFrame) -> None:
+    """Warn (:class:`CxrsynthWarning`) about findings with no positive or no negative training label.
+
+    Training still runs (small pilot sets have them), but such a finding's output learns a
+    constant: its AUROC on any test set says nothing about the model, and the user should
+    know before reading one.
+    """
+    import warnings
+
+    from cxrsynth.errors import CxrsynthWarning
+
+    values, mask = loader.label_arrays(frame)
+    known = mask.astype(bool)
+    positive = ((values == 1) & known).sum(axis=0)
+    negative = ((values == 0) & known).sum(axis=0)
+    for kind, counts in (("positive", positive), ("negative", negative)):
+        lacking = [f for f, n in zip(FINDINGS, counts) if n == 0]
+        if lacking:
+            warnings.warn(f"{where}: {len(lacking)} finding(s) have no {kind} training label ({', '.join(lacking)}): "
+                          "their outputs can only learn a constant", CxrsynthWarning, stacklevel=2)
+
+
 def check_data(name: str, split: str, rows: pd.DataFrame, tune_split: str | None, tune_rows: pd.DataFrame | None,
                exclude_uncertain: bool) -> None:
     """Refuse training rows that leave a finding without a certain label, and tuning rows without any.
@@ -304,6 +326,8 @@ def check_data(name: str, split: str, rows: pd.DataFrame, tune_split: str | None
             raise CxrsynthError(f"{where}: no {which} rows without an uncertain finding: every image has one, and "
                                 "uncertain images are excluded (the paper's rule); --uncertain mask keeps them and "
                                 "leaves only their uncertain findings out of the loss")
+        if which == "training":
+            warn_unlearnable(where, frame)
         if exclude_uncertain:
             continue  # every finding of every row kept is certain
         _, mask = loader.label_arrays(frame)

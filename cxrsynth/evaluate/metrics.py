@@ -125,6 +125,14 @@ def read_predictions(path: str | Path) -> Predictions:
     missing = [c for c in ("key", "dataset", *labels.FINDING_COLUMNS) if c not in table.column_names]
     if missing:
         raise CxrsynthError(f"{path} lacks column(s) {', '.join(missing)}")
+    extra = [c for c in table.column_names if c not in ("key", "dataset", *labels.FINDING_COLUMNS)]
+    if extra:  # a misspelt finding would also be missing (refused above); an extra one is read past, said aloud
+        import warnings
+
+        from cxrsynth.errors import CxrsynthWarning
+
+        warnings.warn(f"{path}: column(s) {', '.join(extra[:EXAMPLES])}{' ...' if len(extra) > EXAMPLES else ''} "
+                      "are not predictions of a finding and are ignored", CxrsynthWarning, stacklevel=2)
     data = meta.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not data["name"] \
             or not isinstance(data.get("split"), (str, type(None))) or not isinstance(data.get("version"), (str, type(None))):
