@@ -577,9 +577,26 @@ def _checked_members(f, path: str, select: Callable[[str], bool] | None) -> Iter
         if why is not None:
             raise UnsafeTar(f"{Path(path).name}: member {member.name!r} refused: {why}")
         seen.add(member.name)
+    _refuse_trailing_data(f, path, max((m.offset + ((m.size + 511) & ~511) for m in listed), default=0))
     for member in listed:
         if select is None or select(member.name):
             yield member.name, read_member(f, member, path)
+
+
+def _refuse_trailing_data(f, path: str, end: int) -> None:
+    """Refuse anything but zeros after the last member's data (a tar ends in zero blocks).
+
+    Bytes there are read by no tar tool, so nothing checks them, yet an import would copy
+    them into the project: a hiding place for anything, identifiers included.
+    """
+    f.seek(end)
+    position = end
+    while chunk := f.read(1 << 20):
+        if chunk.count(0) != len(chunk):
+            at = position + next(i for i, b in enumerate(chunk) if b)
+            raise UnsafeTar(f"{Path(path).name}: data after the tar's last member (non-zero byte at offset {at}; "
+                            f"the members end at {end})")
+        position += len(chunk)
 
 
 def check_imported(root: str | Path, rows: pd.DataFrame) -> None:

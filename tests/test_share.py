@@ -222,6 +222,29 @@ def test_import_refuses_unsafe_tar_members(exported, tmp_path, member, why):
     assert member.name in out and "refused" in out
 
 
+def test_import_refuses_data_hidden_after_the_tar_s_last_member(exported, tmp_path):
+    """Bytes after a tar's end-of-archive blocks are read by no tar tool, so nothing would check
+    them, yet an import copied them into the project: only zero padding may follow the members."""
+    def hide(pkg: Path) -> None:
+        tar_path = sorted((pkg / "shards").glob("*.tar"))[0]
+        with open(tar_path, "ab") as f:
+            f.write(b"patient00004 MRN 123456".ljust(512, b"\0"))
+        index = json.loads((pkg / "shards/index.json").read_text())
+        for e in index["shards"]:
+            if e["name"] == tar_path.name:
+                e.update(bytes=tar_path.stat().st_size, sha256=shards.sha256_file(tar_path))
+        (pkg / "shards/index.json").write_text(json.dumps(index))
+
+    pkg = _reindexed(exported, tmp_path / "pkg", hide)
+    with pytest.raises(package.UnsafePackage, match="data after the tar's last member"):
+        importer.import_package(tmp_path / "proj", pkg, "received")
+    assert not manifest.manifest_path(tmp_path / "proj", "received").exists()
+    padded = _reindexed(exported, tmp_path / "padded", lambda pkg: None)
+    tar_path = sorted((padded / "shards").glob("*.tar"))[0]
+    assert tar_path.read_bytes().endswith(b"\0" * 1024)  # zero blocks after the members stay fine
+    importer.import_package(tmp_path / "proj", padded, "received")
+
+
 def test_read_tar_refuses_before_reading_any_data(tmp_path):
     """The hardened reader: an oversize member (its header only: the file is sparse), a compressed tar, and a
     link in a tar the fast parser hands to ``tarfile`` (a PAX header) are refused, naming the member."""
