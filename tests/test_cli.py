@@ -8,6 +8,7 @@ import pandas as pd
 from conftest import chexpert_rows, write_chexpert
 from typer.testing import CliRunner
 
+import cxrsynth
 from cxrsynth.cli import app
 
 runner = CliRunner()
@@ -33,7 +34,9 @@ def test_ingest_stats_split_query_verify(chexpert_tree, tmp_path):
     assert "kept" in r.output and "8" in r.output
     r = cli("stats", "cxp", "--json", "--root", root)
     stats = json.loads(r.output)
-    assert set(stats) == {"images", "patients", "female_patients", "age_iqr", "labels"}
+    assert set(stats) == {"images", "patients", "female_patients", "age_iqr", "labels", "dataset", "version", "split",
+                          "cxrsynth"}
+    assert stats["dataset"] == "cxp" and stats["version"] and stats["cxrsynth"] == cxrsynth.__version__
     assert (stats["images"], stats["patients"], stats["female_patients"]) == (8, 4, 2)
     r = cli("stats", "cxp", "--root", root)
     assert "Number of patients" in r.output and "Pleural Effusion" in r.output

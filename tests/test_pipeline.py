@@ -71,6 +71,14 @@ def test_dvc_repro_runs_the_study_reruns_nothing_and_pushes_only_synthetic_data(
     headline = next(iter(shown.values()))["data"]["report/metrics.json"]["data"]
     assert headline["supplement_k1"]["cxp:test"] == round(cell["evaluations"]["cxp:test"]["macro"]["auroc"], 4)
     assert set(headline["cas"]) == {"cxp:test", "mimic:test", "emory:test"}
+    # every JSON document the study wrote names the cxrsynth version that wrote it (plot data are point lists)
+    from cxrsynth import __version__
+
+    for path in [*clone.glob("metrics/**/*.json"), clone / "report/metrics.json", *clone.glob("data/study/**/*.json"),
+                 *clone.glob("data/generators/**/*.json"), *clone.glob("data/audits/**/*.json")]:
+        doc = json.loads(path.read_text())
+        if isinstance(doc, dict) and path.name not in ("config.json", "features.json"):
+            assert __version__ in json.dumps(doc), path  # as "cxrsynth" or in its metadata
     sh("dvc", "plots", "show", "-o", str(tmp_path / "plots"), cwd=clone)
     assert "supplement" in (tmp_path / "plots" / "index.html").read_text()
     git_commit(clone)

@@ -301,12 +301,13 @@ def test_figure3_and_4_panels_are_the_test_sets_and_the_plot_data_match_the_cell
 
 @pytest.mark.slow
 def test_headline_metrics_are_one_macro_auroc_per_cell_and_evaluation_and_the_cas(built):
+    from cxrsynth import __version__
     from cxrsynth.study.summary import write_headline
 
     root, _, _ = built
     study = _study(root)
     data = json.loads(write_headline(root, PARAMS, "out/metrics.json").read_text())
-    assert set(data) == set(study.cells) | {"cas"}
+    assert set(data) == set(study.cells) | {"cas", "cxrsynth"} and data["cxrsynth"] == __version__
     for name, cell in study.cells.items():
         assert data[name] == {label: round(e["macro"]["auroc"], 4) for label, e in cell["evaluations"].items()}
     # CAS: the synthetic_k1 cell (100% synthetic alone, as the report's CAS section), test sets only

@@ -191,7 +191,11 @@ def stats(
 
     result = dataset_stats(root, name, split)
     if as_json:
-        typer.echo(json.dumps(result))
+        from cxrsynth import __version__, manifest
+
+        who = {"dataset": name, "version": manifest.read_meta(root, name).get("version"), "split": split,
+               "cxrsynth": __version__}
+        typer.echo(json.dumps({**result, **who}))
         return
     n = max(result["images"], 1)
     table = Table(title=f"{name}" + (f" ({split})" if split else ""))

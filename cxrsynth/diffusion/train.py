@@ -57,8 +57,8 @@ from typing import Any
 import torch
 from timm.utils import ModelEmaV3
 
+from cxrsynth import __version__, runtime
 from cxrsynth import checkpoints as checkpoints_lib
-from cxrsynth import runtime
 from cxrsynth.config import MAX_BATCH, MAX_TRAIN_STEPS, Config, setting
 from cxrsynth.diffusion.losses import ScheduleTensors, diffusion_loss
 from cxrsynth.diffusion.model import ConditionalUNet, save_generator
@@ -280,7 +280,7 @@ def train(
     if is_main:
         (out / "train.json").write_text(json.dumps(
             {"generator": config.to_dict(), "train": tc.to_dict(), "world": dist_info.world,
-             "data_version": data_version}, indent=2) + "\n")
+             "data_version": data_version, "cxrsynth": __version__}, indent=2) + "\n")
 
     def save_checkpoint() -> None:
         mine = (checkpoints_lib.rng_state(device, gen), (seen_images, sorted(seen_keys)), bool(finite))

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from cxrsynth import manifest
+from cxrsynth import __version__, manifest
 from cxrsynth.config import Config
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.share import copies, embed
@@ -325,7 +325,7 @@ def audit(
     plot_pairs(root, out / "pairs.png", syn, train, drawn,
                title=f"{synthetic} vs {against}/{config.split} ({emb.name}, {config.criterion}): {title}")
     summary["seconds"] = round(time.perf_counter() - started, 3)
-    (out / AUDIT_JSON).write_text(json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n")
+    (out / AUDIT_JSON).write_text(json.dumps({**summary, "cxrsynth": __version__}, indent=1, sort_keys=True, default=str) + "\n")
     return summary
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import pandas as pd
 
+from cxrsynth import __version__
 from cxrsynth.config import Config, setting
 from cxrsynth.errors import CxrsynthError, UnknownNameError
 from cxrsynth.registry import Registry
@@ -491,7 +492,7 @@ def save_network(net: "torch.nn.Module", info: dict, out: Path, kind: str) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     with writing(out / f"{kind}.safetensors", f"the {kind} network's weights"):
         save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(out / f"{kind}.safetensors"))
-    (out / f"{kind}.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    (out / f"{kind}.json").write_text(json.dumps({**info, "cxrsynth": __version__}, indent=1, sort_keys=True) + "\n")
     return out
 
 

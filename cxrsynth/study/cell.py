@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
+from cxrsynth import __version__
 from cxrsynth.study.params import StudyParams
 from cxrsynth.study.plan import Cell, cell, check_data, tests
 
@@ -85,7 +86,7 @@ def run_cell(root: str | Path, params: StudyParams | Mapping[str, Any], family: 
     _card_evaluations(directory / "model", summary)
     out = c.metrics_path(root)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    out.write_text(json.dumps({**summary, "cxrsynth": __version__}, indent=1, sort_keys=True) + "\n")
     return summary
 
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cxrsynth import __version__
 from cxrsynth.config import read_json
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.study.params import StudyParams
@@ -57,7 +58,7 @@ def compare_family(root: str | Path, params: StudyParams | Mapping[str, Any], fa
                             f"baseline {base.name} and one of {', '.join(out['cells'])} were evaluated: nothing to compare")
     path = root / COMPARE_DIR / f"{family}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, sort_keys=True, default=str) + "\n")
+    path.write_text(json.dumps({**out, "cxrsynth": __version__}, indent=1, sort_keys=True, default=str) + "\n")
     return out
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrsynth import __version__
 from cxrsynth.study.params import StudyParams
 from cxrsynth.study.plan import DISTANCE_DIR, baseline, replica_dataset
 
@@ -60,5 +61,5 @@ def replica_distance(root: str | Path, params: StudyParams | dict[str, Any], rep
     }
     path = root / DISTANCE_DIR / f"{replica}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    path.write_text(json.dumps({**result, "cxrsynth": __version__}, indent=1, sort_keys=True) + "\n")
     return result

@@ -7,9 +7,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cxrsynth import __version__
 from cxrsynth.config import read_json
-from cxrsynth.study.params import StudyParams
 from cxrsynth.errors import CxrsynthError
+from cxrsynth.study.params import StudyParams
 from cxrsynth.study.plan import CAS_CELL, FAMILIES, cell_metrics_problem, family_cells, tests
 
 Params = StudyParams | Mapping[str, Any]
@@ -84,5 +85,5 @@ def headline(root: str | Path, params: Params) -> dict:
 def write_headline(root: str | Path, params: Params, path: str | Path | None = None) -> Path:
     path = Path(root) / (HEADLINE if path is None else path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(headline(root, params), indent=1, sort_keys=True) + "\n")
+    path.write_text(json.dumps({**headline(root, params), "cxrsynth": __version__}, indent=1, sort_keys=True) + "\n")
     return path
