@@ -190,6 +190,7 @@ def ingest(
     rehash: bool = False,
     allow_outside_root: bool = False,
     force: bool = False,
+    store: str | None = None,
 ) -> IngestResult:
     """Write a source's records as a dataset version: shards (unless labels-only) + manifest.
 
@@ -209,6 +210,8 @@ def ingest(
         rehash: Re-read every image for its digest instead of trusting the stat cache.
         allow_outside_root: Keep rows whose image lies outside the images root.
         force: Write over an existing dataset of another kind (a mix, a synthetic set).
+        store: Publish the shards to this fsspec URL (``s3://bucket/prefix``; see
+            :func:`cxrsynth.publish.publish`); None keeps them on the local disk.
 
     Raises:
         CxrsynthError: a bad name, version name, shard size or worker count; the dataset
@@ -227,14 +230,14 @@ def ingest(
         try:
             return _ingest(source, root=root, name=name, kind=kind, inputs=inputs, labels_only=labels_only, params=params,
                            shard_size=shard_size, pool=pool, version=version, progress=progress, rehash=rehash,
-                           allow_outside_root=allow_outside_root, force=force)
+                           allow_outside_root=allow_outside_root, force=force, store=store)
         finally:
             pool.close()
 
 
 def _ingest(source: SourceTable, *, root: Path, name: str, kind: str, inputs: dict, labels_only: bool, params: Preprocess,
             shard_size: int, pool: _Workers, version: str | None, progress, rehash: bool, allow_outside_root: bool,
-            force: bool) -> IngestResult:
+            force: bool, store: str | None = None) -> IngestResult:
     source = reject_outside_root(source, allow=allow_outside_root, follow_links=not labels_only)
     records = source.records.copy()
     records.insert(1, "dataset", name)
@@ -290,7 +293,7 @@ def _ingest(source: SourceTable, *, root: Path, name: str, kind: str, inputs: di
     if allow_outside_root:
         made_by["allow_outside_root"] = True
     done = publish(root, Metadata(name, version, "real", made_by, source=kind), records, rows_in=source.rows_in,
-                   shard_results=results, rejects=source.rejects, force=force)
+                   shard_results=results, rejects=source.rejects, force=force, store=store)
     return IngestResult(
         name=name,
         version=version,

@@ -39,6 +39,11 @@ AllowOutside = Annotated[Optional[bool], typer.Option(
                                  "symbolic links); default: such rows are rejected as outside_root.")]
 Force = Annotated[Optional[bool], typer.Option(
     "--force", help="Write over an existing dataset of another kind (a mix, a synthetic set).")]
+#: ``--store URL`` of every writer (default: the project setting CXRSYNTH_STORE).
+Store = Annotated[Optional[str], typer.Option(
+    "--store", envvar="CXRSYNTH_STORE", show_envvar=True,
+    help="Publish the shards to this fsspec URL (s3://bucket/prefix, gs://..., file:///...); credentials come from the "
+         "environment or the store's config files, never the URL. Default: the local disk.")]
 
 
 def _option(name: str, annotation, default=inspect.Parameter.empty) -> inspect.Parameter:
@@ -58,6 +63,7 @@ INGEST_OPTIONS: tuple[inspect.Parameter, ...] = (
     _option("rehash", Rehash, None),
     _option("allow_outside_root", AllowOutside, None),
     _option("force", Force, None),
+    _option("store", Store, None),
     _option("root", Root, Path(".")),
 )
 
@@ -90,7 +96,8 @@ def ingest_command(read: Callable[..., tuple[Callable, str, dict]]):
                 source, root=root, name=name, kind=kind, inputs=inputs, params=params, progress=advance,
                 **given(labels_only=options["labels_only"], shard_size=options["shard_size"],
                         workers=options["workers"], version=options["version"], rehash=options["rehash"],
-                        allow_outside_root=options["allow_outside_root"], force=options["force"]),
+                        allow_outside_root=options["allow_outside_root"], force=options["force"],
+                        store=options["store"]),
             )
         _print_ingest(result)
 
