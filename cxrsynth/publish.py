@@ -45,6 +45,7 @@ top level beside the common fields.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 from collections import Counter
@@ -363,3 +364,56 @@ def republish(root: str | Path, name: str, rows: pd.DataFrame, version: str, mad
         path = manifest.write(root, name, rows.assign(version=version), record)
         return Published(manifest=path, rejects=manifest.rejects_path(root, name), rows_in=rows_in, kept=kept,
                          rejected=rejected)
+
+
+def move_to_store(root: str | Path, name: str, url: str, *, keep_local: bool = False) -> list[str]:
+    """Put dataset ``name``'s published local shards on the store ``url`` and record it there.
+
+    For a dataset published before it had a store (or moved between stores after copying
+    its objects with the store's own tools: then the folders are already there and only
+    the metadata changes, ``keep_local`` or not). Each of its shard folders
+    (``data/shards/<name>/<version>/``: its shards, ``features.json``, ``index.json``) is
+    checked against its index and uploaded; the manifest is rewritten with the same rows
+    and ``store`` set, so its rows checksum is unchanged. Holds the dataset's writer lock.
+
+    Returns:
+        The URLs of the version folders on the store.
+
+    Raises:
+        PublishError: a mix or labels-only dataset (no shards of its own), a package used
+            in place, or shards that do not match their index.
+    """
+    url = store_lib.check_url(url)
+    with writer_lock(root, name):
+        root = Path(root)
+        stored, frame = manifest.read_meta(root, name), manifest.read(root, name)
+        if stored.get("kind") == "mix" or stored.get("labels_only"):
+            raise PublishError(f"{name} has no shards of its own to put on a store (a mix or a labels-only dataset)")
+        folders = sorted({Path(s).parent for s in frame["shard"].dropna().astype(str)})
+        own = shards.SHARD_ROOT / name
+        if any(f.is_absolute() or f.parent != own for f in folders):
+            raise PublishError(f"{name}: its shards are not under {own}/ (a package imported in place?); import it with "
+                               f"--copy first")
+        current = stored.get("store")
+        urls = []
+        for folder in folders:
+            target = store_lib.join(url, folder.as_posix())
+            if current and store_lib.check_url(current) == url:
+                urls.append(target)
+                continue
+            if current:  # moved by the store's own tools: the objects must be there, as indexed
+                problems = shards.verify(target)
+                if problems:
+                    raise PublishError(f"{name}: cannot point it at {target}: {problems[0]}")
+                urls.append(target)
+                continue
+            directory = root / folder
+            problems = shards.verify(directory)
+            if problems:
+                raise PublishError(f"{name}: {problems[0]}; `cxrsynth verify {name}` lists every problem")
+            index = json.loads((directory / shards.INDEX_NAME).read_text())
+            store_lib.publish_version(directory, target, [e["name"] for e in index["shards"]],
+                                      (shards.HF_FEATURES_NAME, shards.INDEX_NAME), keep_local=keep_local)
+            urls.append(target)
+        manifest.write(root, name, frame, {**{k: v for k, v in stored.items() if k != manifest.CHECKSUM_KEY}, "store": url})
+        return urls

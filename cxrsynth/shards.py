@@ -537,6 +537,12 @@ def read_member(f, member: Member, path: str = "") -> bytes:
     return data
 
 
+def open_tar(path: str | Path):
+    """A tar opened for :func:`read_member`: a local file, or a store's object read whole (checked
+    against its index) into a seekable temporary copy."""
+    return _open(str(path))
+
+
 def _open(path: str):
     """A local tar opened for reading, or a store object read whole into a seekable copy."""
     if store.is_remote(path):

@@ -350,7 +350,6 @@ def spooled(url: str):
             copy.write(block)
         reader.finish()
     copy.seek(0)
-    copy.name = url
     return copy
 
 

@@ -142,3 +142,52 @@ def test_store_going_away_mid_epoch_fails_cleanly(tmp_path, monkeypatch):
         assert time.monotonic() - started < 30  # bounded retries and timeouts, not a hang
     finally:
         server.stop()
+
+
+def test_generate_publishes_to_the_store(tmp_path, s3):
+    from conftest import micro_generator
+
+    from cxrsynth.diffusion import replicas as generate
+
+    root = _site(tmp_path)
+    gen = micro_generator(tmp_path / "gen")
+    config = generate.GenerateConfig(replicas=1, sampler="ddim", steps=1, seed=5, shard_size=4, batch_size=8)
+    common = {"root": root, "generator_dir": gen, "conditions": "cxp", "split": "train", "config": config, "device": "cpu"}
+    generate.generate(name="syn", **common)
+    summary = generate.generate(name="syn_s", store=f"{s3}/g", **common)
+    assert summary["complete"]
+    assert manifest.read_meta(root, "syn_s")["store"] == f"{s3}/g"
+    assert verify_dataset(root, "syn_s")[0] == []
+    local, remote = manifest.read(root, "syn"), manifest.read(root, "syn_s")
+    assert list(dict(shards.images(root, local)).values()) == list(dict(shards.images(root, remote)).values())
+
+
+@pytest.mark.slow
+def test_share_export_from_the_store_and_import_to_it(share_project, tmp_path, s3):
+    from cxrsynth.share import export as export_lib
+    from cxrsynth.share import package
+
+    url = f"{s3}/site"
+    local, remote = share_project.copy(tmp_path / "local"), share_project.copy(tmp_path / "remote")
+    for name in ("cxp", "syn"):
+        assert url in remote.cli("push", name, url)
+    assert not list((remote.root / "data" / "shards").rglob("*.tar"))
+    assert verify_dataset(remote.root, "syn")[0] == []
+    packages, secret = {}, tmp_path / "secret"
+    secret.write_bytes(b"0123456789abcdef0123")  # one key secret: repeatable exports
+    for side, project in (("local", local), ("remote", remote)):
+        out = tmp_path / side / "syn_pkg"
+        export_lib.export(project.root, "syn", out, export_lib.ExportConfig(shard_size=8, audit_out=tmp_path / side / "audit",
+                                                                          secret_file=secret))
+        packages[side] = out
+    files = {side: {e["path"]: e["sha256"] for e in package.read_index(p)["files"]} for side, p in packages.items()}
+    tars = {side: {k: v for k, v in f.items() if k.endswith(".tar")} for side, f in files.items()}
+    assert tars["local"] and tars["local"] == tars["remote"]  # the same package, audit included, from the store
+    out = remote.cli("share", "import", packages["remote"], "--name", "received", "--copy", "--store", f"{url}/in")
+    assert f"{url}/in" in out
+    assert manifest.read_meta(remote.root, "received")["store"] == f"{url}/in"
+    assert "shard(s) match" in remote.cli("verify", "received")
+    from cxrsynth.share import importer
+
+    with pytest.raises(importer.ShareError, match="add --copy"):
+        importer.import_package(remote.root, packages["remote"], "again", store=f"{url}/in")

@@ -1,4 +1,4 @@
-"""Data commands: ``ingest chexpert|mimic|table``, ``stats``, ``split``, ``query``, ``verify``, ``sheet``, ``mix``.
+"""Data commands: ``ingest chexpert|mimic|table``, ``stats``, ``split``, ``query``, ``verify``, ``push``, ``sheet``, ``mix``.
 
 The three ingest commands differ only in what they read: each is an adapter call wrapped
 by :func:`ingest_command`, which adds the options every ingest shares
@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import Root, console, fail, progress_bar
+from cxrsynth.cli.common import Root, Store, console, fail, progress_bar
 from cxrsynth.cli.options import LazyHelp, given
 
 ingest_app = typer.Typer(no_args_is_help=True, help="Ingest a real dataset in its native format into shards + a manifest.")
@@ -39,11 +39,6 @@ AllowOutside = Annotated[Optional[bool], typer.Option(
                                  "symbolic links); default: such rows are rejected as outside_root.")]
 Force = Annotated[Optional[bool], typer.Option(
     "--force", help="Write over an existing dataset of another kind (a mix, a synthetic set).")]
-#: ``--store URL`` of every writer (default: the project setting CXRSYNTH_STORE).
-Store = Annotated[Optional[str], typer.Option(
-    "--store", envvar="CXRSYNTH_STORE", show_envvar=True,
-    help="Publish the shards to this fsspec URL (s3://bucket/prefix, gs://..., file:///...); credentials come from the "
-         "environment or the store's config files, never the URL. Default: the local disk.")]
 
 
 def _option(name: str, annotation, default=inspect.Parameter.empty) -> inspect.Parameter:
@@ -306,6 +301,23 @@ def verify(
                           f"index.json record it")
     console.print(f"[green]✓[/green] {name}: {checked} shard(s) match index.json, every row its sample, the manifest its "
                   f"checksum", highlight=False)
+
+
+def push(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    store: Annotated[str, typer.Argument(help="fsspec URL (s3://bucket/prefix, gs://..., file:///...).")],
+    keep_local: Annotated[bool, typer.Option("--keep-local", help="Keep the local shard files after the upload.")] = False,
+    root: Root = Path("."),
+) -> None:
+    """Put a published dataset's shards on an object store and record the store in its manifest (rows unchanged).
+
+    Credentials come from the environment or the store's config files (AWS_ACCESS_KEY_ID, AWS_PROFILE,
+    ~/.aws/, AWS_ENDPOINT_URL_S3 for an S3-compatible server), never from the URL.
+    """
+    from cxrsynth.publish import move_to_store
+
+    for url in move_to_store(root, name, store, keep_local=keep_local):
+        console.print(f"[green]✓[/green] {name}: {url}", highlight=False, soft_wrap=True)
 
 
 def mix(
