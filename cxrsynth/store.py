@@ -221,10 +221,12 @@ def index_entries(folder: str, *, fresh: bool = False) -> dict[str, dict]:
     if fresh or folder not in _INDEXES:
         url = join(folder, "index.json")
         try:
-            index = json.loads(read_bytes(url))
-            entries = {str(e["name"]): e for e in index["shards"]}
+            data = read_bytes(url)
         except ObjectMissing:
             raise ObjectMissing(f"missing index: {url} (a version folder on a store holds its shards' index.json)") from None
+        try:
+            index = json.loads(data)
+            entries = {str(e["name"]): e for e in index["shards"]}
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreError(f"unreadable index: {url}: {type(exc).__name__}: {exc}") from None
         _INDEXES[folder] = entries

@@ -374,9 +374,10 @@ def share_project(tmp_path_factory) -> Project:
 
 class S3Server:
     """moto's S3 server in its own process on 127.0.0.1 (a free port), started within ``timeout``
-    seconds or failing; :meth:`stop` kills it (the tests of a store going away call it mid-read)."""
+    seconds or failing; :meth:`stop` kills it (the tests of a store going away call it mid-read).
+    ``auth``: the server checks credentials (moto's IAM), refusing the tests' dummy ones."""
 
-    def __init__(self, timeout: float = 30.0) -> None:
+    def __init__(self, timeout: float = 30.0, auth: bool = False) -> None:
         import socket
         import subprocess
         import sys
@@ -386,8 +387,9 @@ class S3Server:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if auth else {})}
         self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -7,6 +7,7 @@ the project's code runs unchanged against it through s3fs, as against AWS.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,6 +125,21 @@ def test_missing_object_and_missing_bucket(tmp_path, s3):
         store.index_entries("s3://no-such-bucket-here/p")
 
 
+def test_denied_request_names_the_credentials(tmp_path, s3, monkeypatch):
+    root = _site(tmp_path, f"{s3}/p")
+    guarded = S3Server(auth=True)  # checks credentials: the dummy ones are refused
+    try:
+        guarded.configure(monkeypatch)
+        monkeypatch.setattr(store, "_INDEXES", {})
+        problems, _ = verify_dataset(root, "cxp")
+        assert problems and all("access denied" in p and "credentials" in p for p in problems), problems
+        with pytest.raises(store.AccessDenied, match="access denied: s3://.*check the credentials"):
+            dict(shards.images(root, manifest.read(root, "cxp")))
+    finally:
+        guarded.stop()
+
+
+@pytest.mark.slow
 def test_store_going_away_mid_epoch_fails_cleanly(tmp_path, monkeypatch):
     pytest.importorskip("moto.server")
     server = S3Server()
@@ -144,6 +160,7 @@ def test_store_going_away_mid_epoch_fails_cleanly(tmp_path, monkeypatch):
         server.stop()
 
 
+@pytest.mark.slow
 def test_generate_publishes_to_the_store(tmp_path, s3):
     from conftest import micro_generator
 
@@ -191,3 +208,37 @@ def test_share_export_from_the_store_and_import_to_it(share_project, tmp_path, s
 
     with pytest.raises(importer.ShareError, match="add --copy"):
         importer.import_package(remote.root, packages["remote"], "again", store=f"{url}/in")
+
+
+@pytest.mark.slow
+def test_dvc_push_and_pull_through_an_s3_remote(tmp_path, s3, s3_server):
+    """The synthetic data's DVC remote on the S3 server (dvc-s3): push, drop every local copy, pull, same bytes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("dvc_s3")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+
+    def sh(*args, cwd):
+        result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"{args}:\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    repo = tmp_path / "repo"
+    shutil.copytree(_site(tmp_path / "site"), repo)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    sh(*git, "init", "-q", cwd=repo)
+    sh("dvc", "init", "-q", cwd=repo)
+    sh("dvc", "remote", "add", "-d", "synthetic", f"{s3}/dvc", cwd=repo)
+    sh("dvc", "remote", "modify", "synthetic", "endpointurl", s3_server.url, cwd=repo)  # the server, not credentials
+    sh("dvc", "add", "data/shards/cxp", cwd=repo)
+    before = {p.relative_to(repo).as_posix(): p.read_bytes() for p in sorted((repo / "data/shards/cxp").rglob("*.tar"))}
+    sh("dvc", "push", cwd=repo)
+    shutil.rmtree(repo / "data/shards/cxp")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    sh("dvc", "pull", cwd=repo)
+    after = {p.relative_to(repo).as_posix(): p.read_bytes() for p in sorted((repo / "data/shards/cxp").rglob("*.tar"))}
+    assert before and after == before
+    assert verify_dataset(repo, "cxp")[0] == []
