@@ -242,3 +242,25 @@ def test_dvc_push_and_pull_through_an_s3_remote(tmp_path, s3, s3_server):
     after = {p.relative_to(repo).as_posix(): p.read_bytes() for p in sorted((repo / "data/shards/cxp").rglob("*.tar"))}
     assert before and after == before
     assert verify_dataset(repo, "cxp")[0] == []
+
+
+@pytest.mark.slow
+def test_classifier_trains_from_the_store_to_the_same_weights(tmp_path, s3):
+    """`classifier train` with 2 DataLoader workers on a dataset on the store: the weights of the same run on disk."""
+    from conftest import tiny_classifier
+
+    remote, local = _site(tmp_path / "remote", f"{s3}/p"), _site(tmp_path / "local")
+    weights = {}
+    for tag, root in (("remote", remote), ("local", local)):
+        out = tiny_classifier(root, tmp_path / f"clf_{tag}", "--workers", 2, image_size=24)
+        weights[tag] = (out / "model.safetensors").read_bytes()
+    assert weights["remote"] == weights["local"]
+
+
+def test_generator_order_streams_the_same_from_the_store(tmp_path, s3):
+    """The generator's loader (one shuffle buffer, this process) reads the store's shards as the disk's."""
+    remote, local = _site(tmp_path / "remote", f"{s3}/p"), _site(tmp_path / "local")
+    config = loader.LoaderConfig(batch_size=4, image_size=24, augment=None, seed=1, order="buffer", cond=True, uint8=True)
+    got, want = ([b["key"] for b in loader.ShardLoader(r, loader.select(r, "cxp", "train"), config).batches(2)]
+                 for r in (remote, local))
+    assert got == want and len(got) > 1
