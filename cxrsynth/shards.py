@@ -312,7 +312,7 @@ def verify(directory: Path | str, expected_counts: dict[str, int] | None = None)
     """
     if store.is_remote(directory):
         return _verify_remote(str(directory), expected_counts)
-    directory = Path(directory)
+    directory = store.local_path(directory)  # a path, or a file:// store's folder
     path = directory / INDEX_NAME
     if not path.is_file():
         return [f"missing index: {path}"]

@@ -142,7 +142,8 @@ def locations(root: str | Path, rows: pd.DataFrame) -> dict[str, str]:
             stores[dataset] = dataset_store(root, dataset) if dataset else None
         base = stores[dataset]
         if base is not None and not Path(shard).is_absolute():
-            out[shard] = join(base, shard)
+            url = join(base, shard)
+            out[shard] = url if is_remote(url) else str(local_path(url))  # file://: the plain-file fast path
         else:
             out[shard] = str(Path(shard) if Path(shard).is_absolute() else root / shard)
     return out
@@ -365,6 +366,8 @@ def put_files(directory: Path, names: Iterable[str], folder: str) -> list[str]:
     not yet there.
     """
     fs, base = filesystem(check_url(folder))
+    if urlsplit(folder).scheme == "file":  # object stores have no folders; a file:// store (a shared disk) does
+        fs.makedirs(base, exist_ok=True)
     urls = []
     for name in names:
         local, url = directory / name, join(folder, name)

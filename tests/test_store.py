@@ -264,3 +264,38 @@ def test_generator_order_streams_the_same_from_the_store(tmp_path, s3):
     got, want = ([b["key"] for b in loader.ShardLoader(r, loader.select(r, "cxp", "train"), config).batches(2)]
                  for r in (remote, local))
     assert got == want and len(got) > 1
+
+
+def test_file_store_then_moved_to_an_http_server(tmp_path):
+    """A ``file://`` store (a shared disk), then the same objects served over plain HTTP (no ranged reads,
+    read-only): ``push`` checks them there and changes only the manifest's ``store``; readers follow."""
+    import functools
+    import http.server
+    import threading
+
+    from cxrsynth import publish
+
+    folder = tmp_path / "shared"
+    root = _site(tmp_path, f"file://{folder}")
+    before = manifest.read(root, "cxp")
+    assert verify_dataset(root, "cxp")[0] == [] and (folder / "data" / "shards" / "cxp").is_dir()
+    pngs = dict(shards.images(root, before))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert publish.move_to_store(root, "cxp", url)[0].startswith(url)
+        assert manifest.read_meta(root, "cxp")["store"] == url
+        assert manifest.read(root, "cxp").equals(before)  # the rows are not rewritten
+        assert verify_dataset(root, "cxp")[0] == []
+        assert dict(shards.images(root, before)) == pngs
+        rows = loader.select(root, "cxp", "train")
+        data = loader.ShardLoader(root, rows, loader.LoaderConfig(batch_size=4, image_size=24, workers=2, streams=4))
+        assert sum(len(b["key"]) for b in data.batches()) == len(rows) // 4 * 4
+        with pytest.raises(publish.PublishError, match="missing index"):
+            publish.move_to_store(root, "cxp", f"{url}/elsewhere")  # nothing there: refused, the record kept
+        assert manifest.read_meta(root, "cxp")["store"] == url
+    finally:
+        server.shutdown()
