@@ -172,7 +172,9 @@ def test_generate_publishes_to_the_store(tmp_path, s3):
     common = {"root": root, "generator_dir": gen, "conditions": "cxp", "split": "train", "config": config, "device": "cpu"}
     generate.generate(name="syn", **common)
     summary = generate.generate(name="syn_s", store=f"{s3}/g", **common)
-    assert summary["complete"]
+    assert summary["complete"] and summary["written"] == summary["units"] > 1
+    again = generate.generate(name="syn_s", store=f"{s3}/g/", **common)  # published: nothing is sampled again
+    assert again["complete"] and again["written"] == 0
     assert manifest.read_meta(root, "syn_s")["store"] == f"{s3}/g"
     assert verify_dataset(root, "syn_s")[0] == []
     local, remote = manifest.read(root, "syn"), manifest.read(root, "syn_s")

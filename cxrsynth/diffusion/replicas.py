@@ -62,6 +62,7 @@ from cxrsynth import labels, manifest, runtime, shards
 from cxrsynth.config import MAX_BATCH, MAX_REPLICAS, MAX_SAMPLER_STEPS, SHARD_SIZE, Config, setting
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.publish import Metadata, check_target, publish, writer_lock
+from cxrsynth.store import check_url
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,7 @@ def prepare(
     """
     manifest.check_name(name)
     config.check_names()
+    store = check_url(store) if store else None
     check_target(root, name, "synthetic", (conditions,), force)
     root = Path(root)
     index, count = _parse_part(part) if part is not None else (0, 1)
@@ -311,9 +313,12 @@ def prepare(
     inputs = [unit_inputs(records[start:stop], params) for start, stop in units]
     todo = [(u, start, stop) for u, (start, stop) in enumerate(units)
             if u % count == index and shards.finished(directory, name, u, inputs=inputs[u]) is None]
-    return Job(root=root, name=name, version=version, generator_dir=generator_dir, config=config, params=params,
+    job = Job(root=root, name=name, version=version, generator_dir=generator_dir, config=config, params=params,
                rows=rows, units=units, inputs=inputs, todo=todo, rank=index, world=count, model=model, device=dev,
                force=force, store=store)
+    if store is not None and _published(job):  # on its store already: its local shards are gone, nothing to redo
+        job.todo = []
+    return job
 
 
 def run(job: Job, progress: Callable[[int], None] | None = None) -> dict:
