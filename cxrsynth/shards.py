@@ -512,14 +512,15 @@ def _tarfile_headers(f, path: str, error: type[CxrsynthError]) -> list[Member]:
         raise error(f"{path}: not an uncompressed tar ({exc})") from None
 
 
-def headers(path: str | Path) -> list[Member]:
+def headers(path: str | Path, handle=None) -> list[Member]:
     """The regular members' headers of a (trusted) tar, in order, no data read.
 
     For a reader that reads members later, out of order (``share export`` gathers each
     package shard's images from many source shards): :func:`read_member` reads one.
+    ``handle``: the tar already open (:func:`open_tar`; a store's object is then read once).
     """
     path = str(path)
-    with _open(path) as f:
+    with contextlib.nullcontext(handle) if handle is not None else _open(path) as f:
         try:
             return list(_ustar_headers(f))
         except _NotPlainTar:

@@ -347,7 +347,7 @@ def spooled(url: str):
     needs every header before any data (an untrusted tar) or reads members out of order."""
     import tempfile
 
-    copy = tempfile.SpooledTemporaryFile(max_size=64 << 20)
+    copy = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # larger ones go to a temporary file
     with open_shard(url) as reader:
         while block := reader.read(BLOCK):
             copy.write(block)

@@ -60,6 +60,9 @@ def test_publish_to_store_keeps_relative_names_and_verifies(tmp_path, s3):
     assert "cxp: 4 shard(s) match index.json" in cli(root, "verify", "cxp")
     # images for these rows (sheet, audit, export): the same bytes from the store as from disk
     assert dict(shards.images(root, frame)) == dict(shards.images(local, manifest.read(local, "cxp")))
+    cli(root, "sheet", "cxp", "--n", 4, "--out", root / "sheet.png")
+    cli(local, "sheet", "cxp", "--n", 4, "--out", local / "sheet.png")
+    assert (root / "sheet.png").read_bytes() == (local / "sheet.png").read_bytes()
 
 
 def test_cli_ingest_store_option_and_credentials_refused(tmp_path, s3):

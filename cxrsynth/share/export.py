@@ -162,13 +162,16 @@ def scrub(frame: pd.DataFrame, name: str, version: str, secret: bytes) -> pd.Dat
     return out.sort_values("key", kind="stable").reset_index(drop=True)
 
 
-def _locate(located: dict[str, str], shard_paths: pd.Series) -> dict[str, tuple[str, shards.Member]]:
+def _locate(located: dict[str, str], shard_paths: pd.Series, handles: dict) -> dict[str, tuple[str, shards.Member]]:
     """Original key → (shard location, header) of its PNG member, from the tar headers
-    (``located``: shard → local path or store URL, :func:`cxrsynth.store.locations`)."""
+    (``located``: shard → local path or store URL, :func:`cxrsynth.store.locations`). A store's
+    shard is opened here, once (a checked temporary copy), and kept in ``handles`` for the reads."""
     where: dict[str, tuple[str, shards.Member]] = {}
     for shard in sorted(shard_paths.astype(str).unique()):
         path = located[shard]
-        for member in shards.headers(path):
+        if store.is_remote(path):
+            handles[path] = shards.open_tar(path)
+        for member in shards.headers(path, handles.get(path)):
             key, _, ext = member.name.partition(".")
             if ext == "png":
                 where[key] = (str(path), member)
@@ -191,9 +194,10 @@ def _samples(rows: pd.DataFrame, where: dict[str, tuple[str, shards.Member]], ha
 
 def _write_shards(located: dict[str, str], rows: pd.DataFrame, directory: Path, name: str, version: str, shard_size: int,
                   progress: Callable[[int], None] | None) -> list[shards.ShardResult]:
-    where = _locate(located, rows["original_shard"])
-    results, handles = [], {}
+    handles: dict = {}
     try:
+        where = _locate(located, rows["original_shard"], handles)
+        results = []
         for unit, start in enumerate(range(0, len(rows), shard_size)):
             part = rows.iloc[start : start + shard_size]
             results.append(shards.write_shard(directory, name, unit, _samples(part, where, handles)))
