@@ -280,12 +280,12 @@ class RemoteReader:
         return handle
 
     def _read(self, n: int) -> bytes:
+        if self._file is None:  # the last attempt broke: reopen at the byte reached
+            self._file = self._open()
         try:
             return self._file.read(n)
         except Exception:
-            with _quiet():
-                self._file.close()
-            self._file = self._open()  # a failure here is retried by retrying() too
+            self.close()
             raise
 
     def read(self, n: int = -1) -> bytes:
