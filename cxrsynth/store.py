@@ -182,7 +182,7 @@ def _final(exc: BaseException, url: str, what: str) -> CxrsynthError | None:
     return None
 
 
-def retrying(url: str, what: str, action, attempts: int = ATTEMPTS):
+def retrying(url: str, what: str, action, attempts: int | None = None):
     """``action()``, retried up to ``attempts`` times on failures that may pass (a refused
     connection, a timeout, a 5xx); missing objects and denied requests are raised at once.
 
@@ -190,6 +190,7 @@ def retrying(url: str, what: str, action, attempts: int = ATTEMPTS):
         ObjectMissing, AccessDenied: at the first such answer.
         StoreUnreachable: every attempt failed, naming the URL, what was done and the last error.
     """
+    attempts = ATTEMPTS if attempts is None else attempts
     last: BaseException | None = None
     for attempt in range(1, attempts + 1):
         try:

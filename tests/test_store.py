@@ -304,3 +304,80 @@ def test_file_store_then_moved_to_an_http_server(tmp_path):
         assert manifest.read_meta(root, "cxp")["store"] == url
     finally:
         server.shutdown()
+
+
+class _CuttingProxy:
+    """A TCP proxy to the S3 server that, while armed, cuts each connection that has passed ``after``
+    bytes server → client, ``times`` times (a network that drops a shard's download midway)."""
+
+    def __init__(self, port: int, after: int, times: int = 1) -> None:
+        import socket
+        import threading
+
+        self.port, self.after, self.times, self.armed, self.cuts = port, after, times, False, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.port))
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source, sink, downstream: bool) -> None:
+        import socket
+
+        passed = 0
+        try:
+            while data := source.recv(1024):
+                passed += len(data)
+                if downstream and self.armed and passed > self.after:
+                    self.cuts += 1
+                    self.armed = self.cuts < self.times
+                    for s in (source, sink):
+                        s.shutdown(socket.SHUT_RDWR)
+                    return
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("times", [1, pytest.param(6, marks=pytest.mark.slow)])
+def test_a_dropped_download_is_retried_to_the_same_bytes(tmp_path, s3, s3_server, monkeypatch, times):
+    """Cut once, the client's own retries read it again; cut 6 times, more than s3fs retries (5),
+    the reader reopens the object at the byte it had reached (ranged read) and goes on (with
+    ``ATTEMPTS = 1`` the 6-cut case fails: these are the reader's retries)."""
+    import fsspec.config
+
+    root = _site(tmp_path, f"{s3}/p")
+    frame = manifest.read(root, "cxp")
+    want = dict(shards.images(root, frame))
+    monkeypatch.setattr(store, "BLOCK", 4096)  # ranged reads of 4 KiB: cuts fall inside the object, not only at its start
+    proxy = _CuttingProxy(s3_server.port, after=4000, times=times)
+    try:
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": proxy.url})
+        monkeypatch.setattr(store, "_INDEXES", {})
+        store.index_entries(f"{s3}/p/data/shards/cxp/{manifest.read_meta(root, 'cxp')['split_of']}")  # before arming
+        proxy.armed = True
+        assert dict(shards.images(root, frame)) == want  # a shard's download was cut, and read again
+        assert proxy.cuts == times
+        assert verify_dataset(root, "cxp")[0] == []
+    finally:
+        proxy.close()
