@@ -13,6 +13,11 @@ changes the rows of a published version, finishes its new version with :func:`re
    the rows' checksum, :func:`cxrsynth.manifest.rows_checksum`), and the rejects ledger
    beside it (rows in input order, each with its reason).
 
+Given a ``store`` (an fsspec URL: ``--store`` or ``CXRSYNTH_STORE``), step 1 also puts the
+version's shards there (index last) and removes their local files, and the metadata records
+the URL; the rows keep their store-relative ``shard`` names (:mod:`cxrsynth.store`).
+:func:`move_to_store` does the same for a version published before (``cxrsynth push``).
+
 Rules every writer inherits (:func:`check_target`, run by :func:`publish` and, before any
 work, by each writer):
 

@@ -26,6 +26,9 @@ parser for cxrsynth's own shards, webdataset's expander for any other tar, and w
 ``untrusted=True`` the checks a partner's package needs: no link, device, folder, path
 outside, oversize or duplicate member), and :func:`images` gives the PNG bytes of
 manifest rows from their shards. Pixels are decoded by :func:`cxrsynth.imaging.decode_png`.
+A shard on an object store (a URL, :mod:`cxrsynth.store`) is read by the same iterator,
+streamed front to back without seeking and checked against its index's size and sha256;
+a local file keeps the seek-based fast path.
 """
 
 from __future__ import annotations
