@@ -99,8 +99,8 @@ def check_url(url: str) -> str:
     """``url`` without a trailing slash, refused when it carries credentials or no scheme.
 
     Raises:
-        StoreError: user info in the URL (credentials belong in the environment or the
-            usual config files, never in a manifest), or not a URL.
+        StoreError: user info or a query string in the URL (credentials belong in the
+            environment or the usual config files, never in a manifest), or not a URL.
     """
     parts = urlsplit(url)
     if not parts.scheme or "://" not in url:
@@ -109,6 +109,9 @@ def check_url(url: str) -> str:
         raise StoreError(f"store URL {parts.scheme}://…@{parts.hostname}…: credentials may not be part of a URL, which a "
                          f"manifest records; give them through the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE...) or the "
                          f"store's config file")
+    if parts.query or parts.fragment:
+        raise StoreError(f"store URL {parts.scheme}://{parts.netloc}{parts.path}?…: a query string (a signed URL's token, "
+                         f"an access key) may not be part of a store URL, which a manifest records")
     return url.rstrip("/")
 
 

@@ -76,6 +76,9 @@ def test_cli_ingest_store_option_and_credentials_refused(tmp_path, s3):
     out = cli(None, "ingest", "chexpert", csv, "--name", "cxq", "--size", 16, "--workers", 1, "--store",
               "s3://AKIAXX:secret@bucket/p", "--root", root, code=2)
     assert "credentials may not be part of a URL" in out and "secret" not in out
+    for url in ("https://host/p?X-Amz-Signature=abc", "data/shards"):
+        with pytest.raises(store.StoreError, match="query string|not a URL"):
+            store.check_url(url)
 
 
 def test_loader_streams_the_same_batches_from_the_store(tmp_path, s3):
