@@ -235,6 +235,29 @@ def ingest(
             pool.close()
 
 
+def _on_store(root: Path, name: str, version: str, store: str, source: SourceTable) -> IngestResult | None:
+    """The result of an ingest already published at ``version`` to ``store``, or None.
+
+    Its local shards were removed once put on the store, so a rerun with the same inputs
+    would write and upload every shard again; instead it changes nothing (``cxrsynth verify``
+    checks the objects).
+    """
+    from cxrsynth import store as store_lib
+
+    try:
+        meta = manifest.read_meta(root, name)
+    except CxrsynthError:
+        return None
+    if meta.get("version") != version or meta.get("store") != store_lib.check_url(store):
+        return None
+    folder = store_lib.join(meta["store"], shards.SHARD_ROOT.as_posix(), name, version)
+    count = len(store_lib.index_entries(folder, fresh=True))
+    return IngestResult(name=name, version=version, rows_in=int(meta.get("rows_in", 0)), kept=int(meta.get("kept", 0)),
+                        rejected=dict(meta.get("rejected") or {}), shards=count, manifest=manifest.manifest_path(root, name),
+                        rejects=manifest.rejects_path(root, name), info=source.info, resumed_shards=count,
+                        normalized=source.normalized)
+
+
 def _ingest(source: SourceTable, *, root: Path, name: str, kind: str, inputs: dict, labels_only: bool, params: Preprocess,
             shard_size: int, pool: _Workers, version: str | None, progress, rehash: bool, allow_outside_root: bool,
             force: bool, store: str | None = None) -> IngestResult:
@@ -249,6 +272,10 @@ def _ingest(source: SourceTable, *, root: Path, name: str, kind: str, inputs: di
                                             rehash=rehash, map_chunks=pool.map_chunks)
     version = version or content_version(records, run_params, image_digests)
     records["version"] = version
+    if store and not labels_only:
+        done = _on_store(root, name, version, store, source)
+        if done is not None:
+            return done
     resumed = 0
     results: list[shards.ShardResult] | None = None
 

@@ -65,7 +65,7 @@ def test_publish_to_store_keeps_relative_names_and_verifies(tmp_path, s3):
     assert (root / "sheet.png").read_bytes() == (local / "sheet.png").read_bytes()
 
 
-def test_cli_ingest_store_option_and_credentials_refused(tmp_path, s3):
+def test_cli_ingest_store_option_and_credentials_refused(tmp_path, s3, monkeypatch):
     from conftest import write_chexpert
 
     csv = write_chexpert(tmp_path / "raw", chexpert_rows(n_patients=2, studies=1, uncertain=False))
@@ -73,6 +73,12 @@ def test_cli_ingest_store_option_and_credentials_refused(tmp_path, s3):
     cli(None, "ingest", "chexpert", csv, "--name", "cxp", "--size", 16, "--workers", 1, "--store", f"{s3}/p", "--root", root)
     assert manifest.read_meta(root, "cxp")["store"] == f"{s3}/p"
     assert verify_dataset(root, "cxp")[0] == []
+    written = manifest.manifest_path(root, "cxp").stat().st_mtime_ns
+    monkeypatch.setenv("CXRSYNTH_STORE", f"{s3}/p/")  # the project setting; published there already: nothing rewritten
+    cli(None, "ingest", "chexpert", csv, "--name", "cxp", "--size", 16, "--workers", 1, "--root", root)
+    assert manifest.manifest_path(root, "cxp").stat().st_mtime_ns == written
+    assert not list((root / "data" / "shards").rglob("*.tar"))
+    monkeypatch.delenv("CXRSYNTH_STORE")
     out = cli(None, "ingest", "chexpert", csv, "--name", "cxq", "--size", 16, "--workers", 1, "--store",
               "s3://AKIAXX:secret@bucket/p", "--root", root, code=2)
     assert "credentials may not be part of a URL" in out and "secret" not in out
