@@ -10,7 +10,8 @@ checks every import):
    other module may rely on.
 2. data — the datasets and their plumbing: ``imaging``, ``shards``, ``manifest``,
    ``publish``, ``sources/``, ``ingest``, ``splits``, ``stats``, ``mix``, ``loader``,
-   ``checkpoints``, ``digests``, ``safeload``, ``sheet``, ``verify``, ``cards`` (model cards).
+   ``checkpoints``, ``digests``, ``safeload``, ``sheet``, ``verify``, ``cards`` (model cards),
+   ``store`` (shards on an object store: fsspec URLs).
 3. stages — ``phantom/``, ``diffusion/``, ``classify/``, ``evaluate/``: each over the data
    floor, never importing another stage (sideways).
 4. consumers — ``share/`` (its audit embeds images with a trained classifier's
@@ -30,7 +31,7 @@ __version__ = "0.1.0"
 LAYERS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("contracts", ("cxrsynth", "errors", "labels", "registry", "config", "runtime", "progress"), True),
     ("data", ("imaging", "shards", "manifest", "publish", "sources", "ingest", "splits", "stats", "mix", "loader",
-              "checkpoints", "digests", "safeload", "sheet", "verify", "cards"), True),
+              "checkpoints", "digests", "safeload", "sheet", "verify", "cards", "store"), True),
     ("stages", ("phantom", "diffusion", "classify", "evaluate"), False),
     ("consumers", ("share", "study"), False),
     ("benchmarks", ("bench",), False),

@@ -190,6 +190,7 @@ def ingest(
     rehash: bool = False,
     allow_outside_root: bool = False,
     force: bool = False,
+    store: str | None = None,
 ) -> IngestResult:
     """Write a source's records as a dataset version: shards (unless labels-only) + manifest.
 
@@ -209,6 +210,8 @@ def ingest(
         rehash: Re-read every image for its digest instead of trusting the stat cache.
         allow_outside_root: Keep rows whose image lies outside the images root.
         force: Write over an existing dataset of another kind (a mix, a synthetic set).
+        store: Publish the shards to this fsspec URL (``s3://bucket/prefix``; see
+            :func:`cxrsynth.publish.publish`); None keeps them on the local disk.
 
     Raises:
         CxrsynthError: a bad name, version name, shard size or worker count; the dataset
@@ -227,14 +230,37 @@ def ingest(
         try:
             return _ingest(source, root=root, name=name, kind=kind, inputs=inputs, labels_only=labels_only, params=params,
                            shard_size=shard_size, pool=pool, version=version, progress=progress, rehash=rehash,
-                           allow_outside_root=allow_outside_root, force=force)
+                           allow_outside_root=allow_outside_root, force=force, store=store)
         finally:
             pool.close()
 
 
+def _on_store(root: Path, name: str, version: str, store: str, source: SourceTable) -> IngestResult | None:
+    """The result of an ingest already published at ``version`` to ``store``, or None.
+
+    Its local shards were removed once put on the store, so a rerun with the same inputs
+    would write and upload every shard again; instead it changes nothing (``cxrsynth verify``
+    checks the objects).
+    """
+    from cxrsynth import store as store_lib
+
+    try:
+        meta = manifest.read_meta(root, name)
+    except CxrsynthError:
+        return None
+    if meta.get("version") != version or meta.get("store") != store_lib.check_url(store):
+        return None
+    folder = store_lib.join(meta["store"], shards.SHARD_ROOT.as_posix(), name, version)
+    count = len(store_lib.index_entries(folder, fresh=True))
+    return IngestResult(name=name, version=version, rows_in=int(meta.get("rows_in", 0)), kept=int(meta.get("kept", 0)),
+                        rejected=dict(meta.get("rejected") or {}), shards=count, manifest=manifest.manifest_path(root, name),
+                        rejects=manifest.rejects_path(root, name), info=source.info, resumed_shards=count,
+                        normalized=source.normalized)
+
+
 def _ingest(source: SourceTable, *, root: Path, name: str, kind: str, inputs: dict, labels_only: bool, params: Preprocess,
             shard_size: int, pool: _Workers, version: str | None, progress, rehash: bool, allow_outside_root: bool,
-            force: bool) -> IngestResult:
+            force: bool, store: str | None = None) -> IngestResult:
     source = reject_outside_root(source, allow=allow_outside_root, follow_links=not labels_only)
     records = source.records.copy()
     records.insert(1, "dataset", name)
@@ -246,6 +272,10 @@ def _ingest(source: SourceTable, *, root: Path, name: str, kind: str, inputs: di
                                             rehash=rehash, map_chunks=pool.map_chunks)
     version = version or content_version(records, run_params, image_digests)
     records["version"] = version
+    if store and not labels_only:
+        done = _on_store(root, name, version, store, source)
+        if done is not None:
+            return done
     resumed = 0
     results: list[shards.ShardResult] | None = None
 
@@ -290,7 +320,7 @@ def _ingest(source: SourceTable, *, root: Path, name: str, kind: str, inputs: di
     if allow_outside_root:
         made_by["allow_outside_root"] = True
     done = publish(root, Metadata(name, version, "real", made_by, source=kind), records, rows_in=source.rows_in,
-                   shard_results=results, rejects=source.rejects, force=force)
+                   shard_results=results, rejects=source.rejects, force=force, store=store)
     return IngestResult(
         name=name,
         version=version,

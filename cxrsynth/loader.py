@@ -84,7 +84,7 @@ import pandas as pd
 import torch
 import torch.utils.data
 
-from cxrsynth import labels, manifest, shards
+from cxrsynth import labels, manifest, shards, store
 from cxrsynth.config import SHUFFLE_BUFFER
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.imaging import decode_png
@@ -356,8 +356,8 @@ def buffer_samples(root: Path, rows: _Rows, config: LoaderConfig, epoch: int) ->
     rng = random.Random(f"{config.seed}:{epoch}")
     if config.train:
         rng.shuffle(order)
-    spans = [(str(root / shard), Span(shard, 0, len(rows.wanted[shard]))) for shard in order]
-    samples = read_spans(spans, {str(root / shard): rows.wanted[shard] for shard in order})
+    spans = [(rows.where[shard], Span(shard, 0, len(rows.wanted[shard]))) for shard in order]
+    samples = read_spans(spans, {rows.where[shard]: rows.wanted[shard] for shard in order})
     return buffer_shuffle(samples, config.shuffle_buffer, rng) if config.train else samples
 
 
@@ -418,6 +418,7 @@ class _Rows:
     mask: np.ndarray  # (N, 14) float32
     dataset: np.ndarray  # (N,) object
     wanted: dict[str, set[str]]  # shard (relative path) -> keys selected in it
+    where: dict[str, str]  # shard (relative path) -> what to open: a local path or a store URL
     cond: np.ndarray | None = None  # (N, 22) float32, when the batches carry conditioning vectors
 
 
@@ -493,8 +494,8 @@ def _stream_pipeline(root: Path, stream: Stream, rows: _Rows, config: LoaderConf
     """The webdataset pipeline of one stream, skipping its first ``skip`` batches."""
     import webdataset as wds
 
-    spans = [(str(root / span.shard), span) for span in stream.spans]  # the stream's shard list, in order
-    wanted = {str(root / span.shard): rows.wanted[span.shard] for span in stream.spans}
+    spans = [(rows.where[span.shard], span) for span in stream.spans]  # the stream's shard list, in order
+    wanted = {rows.where[span.shard]: rows.wanted[span.shard] for span in stream.spans}
     stages: list[Any] = [lambda: read_spans(spans, wanted)]
     if config.train:
         rng = random.Random(derive_seed("buffer", config.seed, epoch, stream.rank, stream.index))
@@ -548,7 +549,8 @@ class ShardLoader:
     """Batches of manifest rows streamed from their shards (see the module docstring).
 
     Args:
-        root: Project root (the rows' ``shard`` paths are relative to it).
+        root: Project root (the rows' ``shard`` paths are relative to it; a dataset published
+            to a store streams from there, :func:`cxrsynth.store.locations`).
         rows: Manifest rows to stream (:func:`select`); needs ``key``, ``dataset``,
             ``shard`` and the 14 finding columns.
         config: How to stream them.
@@ -587,6 +589,7 @@ class ShardLoader:
         y, mask = label_arrays(rows)
         self.rows = _Rows(row_of={k: i for i, k in enumerate(keys)}, labels=y, mask=mask,
                           dataset=rows["dataset"].astype(str).to_numpy(dtype=object), wanted=wanted,
+                          where=store.locations(root, rows),
                           cond=labels.conditioning_vectors(rows) if config.cond else None)
         self.counts = [(s, len(k)) for s, k in wanted.items()]
         self.n_rows = len(keys)

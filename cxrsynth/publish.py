@@ -13,6 +13,11 @@ changes the rows of a published version, finishes its new version with :func:`re
    the rows' checksum, :func:`cxrsynth.manifest.rows_checksum`), and the rejects ledger
    beside it (rows in input order, each with its reason).
 
+Given a ``store`` (an fsspec URL: ``--store`` or ``CXRSYNTH_STORE``), step 1 also puts the
+version's shards there (index last) and removes their local files, and the metadata records
+the URL; the rows keep their store-relative ``shard`` names (:mod:`cxrsynth.store`).
+:func:`move_to_store` does the same for a version published before (``cxrsynth push``).
+
 Rules every writer inherits (:func:`check_target`, run by :func:`publish` and, before any
 work, by each writer):
 
@@ -45,6 +50,7 @@ top level beside the common fields.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 from collections import Counter
@@ -56,6 +62,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from cxrsynth import __version__, manifest, shards
+from cxrsynth import store as store_lib
 from cxrsynth.errors import CxrsynthError, UnknownNameError
 
 Kind = Literal["real", "synthetic", "mix"]
@@ -63,7 +70,7 @@ KINDS: tuple[str, ...] = ("real", "synthetic", "mix")
 #: Stored ``kind`` values that are not a real dataset's adapter name.
 _STORED_KINDS = ("synthetic", "mix")
 #: Top-level metadata keys :func:`publish` fills in; ``made_by`` may not use them.
-RESERVED = ("dataset", "version", "kind", "rows_in", "kept", "rejected", "cxrsynth", manifest.CHECKSUM_KEY)
+RESERVED = ("dataset", "version", "kind", "rows_in", "kept", "rejected", "cxrsynth", "store", manifest.CHECKSUM_KEY)
 LOCK_DIR = Path("data") / ".cxrsynth" / "locks"
 
 
@@ -269,6 +276,7 @@ def publish(
     shard_results: list[shards.ShardResult] | None = None,
     rejects: pd.DataFrame | None = None,
     force: bool = False,
+    store: str | None = None,
 ) -> Published:
     """Finish dataset version ``meta``: shard index, shard column, manifest, rejects.
 
@@ -283,6 +291,11 @@ def publish(
             Rows whose key no shard holds were rejected by the shards.
         rejects: Rows rejected before the shards (an adapter's ledger); default none.
         force: Write over an existing dataset of another kind (:func:`check_target`).
+        store: An fsspec URL (``s3://bucket/prefix``): the version's shards, written
+            locally, are put there (:func:`cxrsynth.store.publish_version`: shards, then
+            ``features.json`` and ``index.json``), the local shard files removed, and the
+            metadata records the URL as ``store`` (never credentials: a URL with user info
+            is refused). The rows keep their store-relative ``shard`` names. None: local.
 
     Returns:
         The files written and the counts.
@@ -291,18 +304,25 @@ def publish(
         PublishError: :func:`check_target` refuses, or another process writes the dataset.
         AssertionError: rows in != rows kept + rows rejected (a bug in the writer).
     """
+    store = store_lib.check_url(store) if store else None
     with writer_lock(root, meta.dataset):
         check_target(root, meta.dataset, meta.kind, meta.sources, force)
-        return _publish(Path(root), meta, rows, rows_in=rows_in, shard_results=shard_results, rejects=rejects)
+        return _publish(Path(root), meta, rows, rows_in=rows_in, shard_results=shard_results, rejects=rejects,
+                        store=store)
 
 
 def _publish(root: Path, meta: Metadata, rows: pd.DataFrame, *, rows_in: int | None,
-             shard_results: list[shards.ShardResult] | None, rejects: pd.DataFrame | None) -> Published:
+             shard_results: list[shards.ShardResult] | None, rejects: pd.DataFrame | None,
+             store: str | None = None) -> Published:
     rows_in = len(rows) if rows_in is None else rows_in
     ledger = [empty_rejects() if rejects is None else rejects]
     if shard_results is not None:
         directory = shards.shard_dir(root, meta.dataset, meta.version)
         shards.write_index(directory, meta.dataset, meta.version, shard_results)
+        if store is not None:  # the shards' home is the store: put them there before any manifest names them
+            folder = store_lib.join(store, shards.SHARD_ROOT.as_posix(), meta.dataset, meta.version)
+            store_lib.publish_version(directory, folder, [r.name for r in shard_results],
+                                      (shards.HF_FEATURES_NAME, shards.INDEX_NAME))
         shard_of = {k: shards.shard_path(meta.dataset, meta.version, r.name) for r in shard_results for k in r.keys}
         rows = rows.assign(shard=rows["key"].map(shard_of).astype("string"))
         rows = rows.loc[rows["shard"].notna()]
@@ -315,7 +335,10 @@ def _publish(root: Path, meta: Metadata, rows: pd.DataFrame, *, rows_in: int | N
     if kept + len(ledger_frame) != rows_in:
         raise AssertionError(f"accounting error: {kept} kept + {len(ledger_frame)} rejected != {rows_in} rows in")
     by_reason = dict(sorted(Counter(ledger_frame["reason"].astype(str)).items()))
-    manifest_file = manifest.write(root, meta.dataset, rows, meta.to_dict(rows_in, kept, by_reason))
+    stored = meta.to_dict(rows_in, kept, by_reason)
+    if store is not None and shard_results is not None:
+        stored["store"] = store
+    manifest_file = manifest.write(root, meta.dataset, rows, stored)
     rejects_file = manifest.write_rejects(root, meta.dataset, ledger_frame)
     return Published(manifest=manifest_file, rejects=rejects_file, rows_in=rows_in, kept=kept, rejected=by_reason)
 
@@ -340,6 +363,62 @@ def republish(root: str | Path, name: str, rows: pd.DataFrame, version: str, mad
         if len(rows) != kept:
             raise AssertionError(f"{name}: {len(rows)} rows republished, {kept} published")
         rows_in, rejected = int(stored.get("rows_in", kept)), dict(stored.get("rejected") or {})
-        path = manifest.write(root, name, rows.assign(version=version), meta.to_dict(rows_in, kept, rejected))
+        record = meta.to_dict(rows_in, kept, rejected)
+        if stored.get("store"):  # the rows keep their shards, and so where those live
+            record["store"] = stored["store"]
+        path = manifest.write(root, name, rows.assign(version=version), record)
         return Published(manifest=path, rejects=manifest.rejects_path(root, name), rows_in=rows_in, kept=kept,
                          rejected=rejected)
+
+
+def move_to_store(root: str | Path, name: str, url: str, *, keep_local: bool = False) -> list[str]:
+    """Put dataset ``name``'s published local shards on the store ``url`` and record it there.
+
+    For a dataset published before it had a store (or moved between stores after copying
+    its objects with the store's own tools: then the folders are already there and only
+    the metadata changes, ``keep_local`` or not). Each of its shard folders
+    (``data/shards/<name>/<version>/``: its shards, ``features.json``, ``index.json``) is
+    checked against its index and uploaded; the manifest is rewritten with the same rows
+    and ``store`` set, so its rows checksum is unchanged. Holds the dataset's writer lock.
+
+    Returns:
+        The URLs of the version folders on the store.
+
+    Raises:
+        PublishError: a mix or labels-only dataset (no shards of its own), a package used
+            in place, or shards that do not match their index.
+    """
+    url = store_lib.check_url(url)
+    with writer_lock(root, name):
+        root = Path(root)
+        stored, frame = manifest.read_meta(root, name), manifest.read(root, name)
+        if stored.get("kind") == "mix" or stored.get("labels_only"):
+            raise PublishError(f"{name} has no shards of its own to put on a store (a mix or a labels-only dataset)")
+        folders = sorted({Path(s).parent for s in frame["shard"].dropna().astype(str)})
+        own = shards.SHARD_ROOT / name
+        if any(f.is_absolute() or f.parent != own for f in folders):
+            raise PublishError(f"{name}: its shards are not under {own}/ (a package imported in place?); import it with "
+                               f"--copy first")
+        current = stored.get("store")
+        urls = []
+        for folder in folders:
+            target = store_lib.join(url, folder.as_posix())
+            if current and store_lib.check_url(current) == url:
+                urls.append(target)
+                continue
+            if current:  # moved by the store's own tools: the objects must be there, as indexed
+                problems = shards.verify(target)
+                if problems:
+                    raise PublishError(f"{name}: cannot point it at {target}: {problems[0]}")
+                urls.append(target)
+                continue
+            directory = root / folder
+            problems = shards.verify(directory)
+            if problems:
+                raise PublishError(f"{name}: {problems[0]}; `cxrsynth verify {name}` lists every problem")
+            index = json.loads((directory / shards.INDEX_NAME).read_text())
+            store_lib.publish_version(directory, target, [e["name"] for e in index["shards"]],
+                                      (shards.HF_FEATURES_NAME, shards.INDEX_NAME), keep_local=keep_local)
+            urls.append(target)
+        manifest.write(root, name, frame, {**{k: v for k, v in stored.items() if k != manifest.CHECKSUM_KEY}, "store": url})
+        return urls

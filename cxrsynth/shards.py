@@ -26,6 +26,9 @@ parser for cxrsynth's own shards, webdataset's expander for any other tar, and w
 ``untrusted=True`` the checks a partner's package needs: no link, device, folder, path
 outside, oversize or duplicate member), and :func:`images` gives the PNG bytes of
 manifest rows from their shards. Pixels are decoded by :func:`cxrsynth.imaging.decode_png`.
+A shard on an object store (a URL, :mod:`cxrsynth.store`) is read by the same iterator,
+streamed front to back without seeking and checked against its index's size and sha256;
+a local file keeps the seek-based fast path.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from cxrsynth import manifest
+from cxrsynth import manifest, store
 from cxrsynth.errors import CheckFailed, CxrsynthError
 from cxrsynth.imaging import encode_png
 
@@ -299,16 +302,20 @@ def file_mismatch(path: Path, entry: dict, shown: str | Path, against: str = "in
     return None
 
 
-def verify(directory: Path, expected_counts: dict[str, int] | None = None) -> list[str]:
+def verify(directory: Path | str, expected_counts: dict[str, int] | None = None) -> list[str]:
     """Re-hash every shard listed in ``index.json``; return the problems found.
 
     Args:
-        directory: A version folder holding ``index.json``.
+        directory: A version folder holding ``index.json``, or its URL on a store (each
+            object streamed and hashed, :func:`cxrsynth.store.open_shard`).
         expected_counts: Optional shard name → sample count from the manifest.
 
     Returns:
         Human-readable problems (empty when everything matches).
     """
+    if store.is_remote(directory):
+        return _verify_remote(str(directory), expected_counts)
+    directory = store.local_path(directory)  # a path, or a file:// store's folder
     path = directory / INDEX_NAME
     if not path.is_file():
         return [f"missing index: {path}"]
@@ -328,12 +335,34 @@ def verify(directory: Path, expected_counts: dict[str, int] | None = None) -> li
         problem = file_mismatch(shard, entry, shard)
         if problem is not None:
             problems.append(problem)
-    if expected_counts is not None:
-        listed = {e["name"]: e["count"] for e in index["shards"]}
-        for name, count in sorted(expected_counts.items()):
-            if listed.get(name) != count:
-                problems.append(f"count mismatch: {name}: manifest has {count} rows, index says {listed.get(name)}")
-    return problems
+    return problems + _count_mismatches(entries, expected_counts)
+
+
+def _count_mismatches(entries: list[dict], expected_counts: dict[str, int] | None) -> list[str]:
+    if expected_counts is None:
+        return []
+    listed = {e["name"]: e["count"] for e in entries}
+    return [f"count mismatch: {name}: manifest has {count} rows, index says {listed.get(name)}"
+            for name, count in sorted(expected_counts.items()) if listed.get(name) != count]
+
+
+def _verify_remote(folder: str, expected_counts: dict[str, int] | None) -> list[str]:
+    """:func:`verify` of a version folder on a store: every listed object streamed and hashed."""
+    try:
+        entries = list(store.index_entries(folder, fresh=True).values())
+    except store.StoreError as exc:
+        return [str(exc)]
+    problems = []
+    for entry in entries:
+        url = store.join(folder, entry["name"])
+        try:
+            with store.open_shard(url) as reader:
+                reader.finish()
+        except store.ObjectMissing:
+            problems.append(f"missing shard: {url}")
+        except (store.StoreError, store.ObjectChanged) as exc:
+            problems.append(str(exc))
+    return problems + _count_mismatches(entries, expected_counts)
 
 
 # Reading ---------------------------------------------------------------------------------
@@ -412,24 +441,66 @@ def _ustar_headers(f, every_type: bool = False) -> Iterator[Member]:
         header = f.read(512)
         if not header or header == _ZERO_BLOCK:
             return
-        if len(header) < 512:
-            raise _NotPlainTar  # a cut header, or not a tar at all
-        checksum = sum(header) - sum(header[148:156]) + 8 * 32
-        try:
-            recorded = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            kind = header[156:157]
-            if checksum != recorded or kind not in (_PLAIN if every_type else _REGULAR):
-                raise _NotPlainTar
-            name = header[:100].split(b"\0", 1)[0].decode()
-            prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\0" else b""
-            linkname = header[157:257].split(b"\0", 1)[0].decode()
-        except (ValueError, UnicodeDecodeError):
-            raise _NotPlainTar from None
-        if prefix:
-            name = f"{prefix.decode(errors='surrogateescape')}/{name}"
-        yield Member(name, kind, size, position + 512, linkname)
-        position += 512 + ((size + 511) & ~511)
+        member = _parse_header(header, position, every_type)
+        yield member
+        position += 512 + ((member.size + 511) & ~511)
+
+
+def _parse_header(header: bytes, position: int, every_type: bool = False) -> Member:
+    """The :class:`Member` of one 512-byte ustar header at byte ``position`` (see :func:`_ustar_headers`)."""
+    if len(header) < 512:
+        raise _NotPlainTar  # a cut header, or not a tar at all
+    checksum = sum(header) - sum(header[148:156]) + 8 * 32
+    try:
+        recorded = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        kind = header[156:157]
+        if checksum != recorded or kind not in (_PLAIN if every_type else _REGULAR):
+            raise _NotPlainTar
+        name = header[:100].split(b"\0", 1)[0].decode()
+        prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\0" else b""
+        linkname = header[157:257].split(b"\0", 1)[0].decode()
+    except (ValueError, UnicodeDecodeError):
+        raise _NotPlainTar from None
+    if prefix:
+        name = f"{prefix.decode(errors='surrogateescape')}/{name}"
+    return Member(name, kind, size, position + 512, linkname)
+
+
+def _read_exact(f, n: int) -> bytes:
+    """``n`` bytes from a stream (fewer only at its end): a stream's ``read`` may return less."""
+    data = f.read(n)
+    if len(data) == n or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n and (more := f.read(n - got)):
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _streamed_members(f, path: str, select: Callable[[str], bool] | None) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of a plain ustar archive's selected regular members, read front to back
+    without seeking (a store object, a pipe): the other members are read past, not kept."""
+    position = 0
+    while True:
+        header = _read_exact(f, 512)
+        if not header or header == _ZERO_BLOCK:
+            return
+        member = _parse_header(header, position)
+        padded = (member.size + 511) & ~511
+        wanted = select is None or select(member.name)
+        if wanted:
+            data = _read_exact(f, padded)
+            if len(data) < member.size:
+                raise ShardError(f"{path}: member {member.name!r} is cut short ({len(data)} of its {member.size} bytes)")
+            yield member.name, data[: member.size]
+        else:
+            for start in range(0, padded, 1 << 20):
+                if len(_read_exact(f, min(1 << 20, padded - start))) < min(1 << 20, padded - start):
+                    raise ShardError(f"{path}: member {member.name!r} is cut short")
+        position += 512 + padded
 
 
 def _tarfile_headers(f, path: str, error: type[CxrsynthError]) -> list[Member]:
@@ -444,14 +515,15 @@ def _tarfile_headers(f, path: str, error: type[CxrsynthError]) -> list[Member]:
         raise error(f"{path}: not an uncompressed tar ({exc})") from None
 
 
-def headers(path: str | Path) -> list[Member]:
+def headers(path: str | Path, handle=None) -> list[Member]:
     """The regular members' headers of a (trusted) tar, in order, no data read.
 
     For a reader that reads members later, out of order (``share export`` gathers each
     package shard's images from many source shards): :func:`read_member` reads one.
+    ``handle``: the tar already open (:func:`open_tar`; a store's object is then read once).
     """
     path = str(path)
-    with _open(path) as f:
+    with contextlib.nullcontext(handle) if handle is not None else _open(path) as f:
         try:
             return list(_ustar_headers(f))
         except _NotPlainTar:
@@ -469,7 +541,16 @@ def read_member(f, member: Member, path: str = "") -> bytes:
     return data
 
 
+def open_tar(path: str | Path):
+    """A tar opened for :func:`read_member`: a local file, or a store's object read whole (checked
+    against its index) into a seekable temporary copy."""
+    return _open(str(path))
+
+
 def _open(path: str):
+    """A local tar opened for reading, or a store object read whole into a seekable copy."""
+    if store.is_remote(path):
+        return store.spooled(path)
     try:
         return open(path, "rb")
     except FileNotFoundError:
@@ -518,7 +599,8 @@ def _webdataset_members(f, path: str, select: Callable[[str], bool] | None) -> I
 
     import webdataset as wds
 
-    f.seek(0)
+    if hasattr(f, "seek"):  # a store's stream is read once, from its start
+        f.seek(0)
     try:
         for item in wds.tariterators.tar_file_expander([{"url": path, "stream": f}], select_files=select, eof_value=None):
             yield item["fname"], item["data"]
@@ -548,6 +630,9 @@ def members(path: str | Path, select: Callable[[str], bool] | None = None, *,
         UnsafeTar: (untrusted) A refused member, naming the tar, the member and why.
     """
     path = str(path)
+    if store.is_remote(path) and not untrusted:
+        yield from _remote_members(path, select)
+        return
     with _open(path) as f:
         if untrusted:
             yield from _checked_members(f, path, select)
@@ -562,6 +647,33 @@ def members(path: str | Path, select: Callable[[str], bool] | None = None, *,
         except _NotPlainTar:
             pass
         yield from islice(_webdataset_members(f, path, select), done, None)
+
+
+def _remote_members(url: str, select: Callable[[str], bool] | None) -> Iterator[tuple[str, bytes]]:
+    """:func:`members` of a shard on a store: streamed front to back (:func:`_streamed_members`),
+    checked against its index's size and sha256 (:class:`cxrsynth.store.RemoteReader`).
+
+    A reader that stops early (the loader, once its span is read) still gets the check:
+    closing this generator reads the rest of the object and raises
+    :class:`cxrsynth.store.ObjectChanged` if it is not the one indexed. A tar the plain
+    parser does not read is streamed again, through webdataset's expander.
+    """
+    done = 0
+    with store.open_shard(url) as f:
+        try:
+            for item in _streamed_members(f, url, select):
+                yield item
+                done += 1
+            f.finish()
+            return
+        except GeneratorExit:
+            f.finish()
+            raise
+        except _NotPlainTar:
+            pass
+    with store.open_shard(url) as f:
+        yield from islice(_webdataset_members(f, url, select), done, None)
+        f.finish()
 
 
 def _checked_members(f, path: str, select: Callable[[str], bool] | None) -> Iterator[tuple[str, bytes]]:
@@ -646,8 +758,9 @@ def images(root: str | Path, rows: pd.DataFrame, *, strict: bool = True) -> Iter
     (only the rows' PNG members are read). ``dict(images(root, rows))`` maps key to PNG.
 
     Args:
-        root: Project root (the ``shard`` paths are relative to it, or absolute).
-        rows: Manifest rows with ``key`` and ``shard``.
+        root: Project root (the ``shard`` paths are relative to it, or absolute; a dataset
+            published to a store is read from there, :func:`cxrsynth.store.locations`).
+        rows: Manifest rows with ``key``, ``shard`` (and ``dataset``).
         strict: Raise when a row's sample is not in its shard (False: leave it out, for
             a caller that shows the gap).
 
@@ -665,9 +778,10 @@ def images(root: str | Path, rows: pd.DataFrame, *, strict: bool = True) -> Iter
     wanted: dict[str, set[str]] = {}
     for key, shard in zip(keys, where.astype(str)):
         wanted.setdefault(shard, set()).add(key)
+    located = store.locations(root, rows)  # a dataset on a store: its objects, streamed
     for shard in sorted(wanted):
         found = set()
-        for name, data in members(root / shard, pngs_of(wanted[shard])):
+        for name, data in members(located[shard], pngs_of(wanted[shard])):
             key = split_name(name)[0]
             found.add(key)
             yield key, data

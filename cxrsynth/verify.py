@@ -11,7 +11,8 @@ What is checked, for dataset ``name``:
 2. every shard folder the ``shard`` column points at (``data/shards/<name>/<version>/``,
    or a package's ``shards/`` folder for a dataset imported in place): its ``index.json``,
    each listed shard's size and sha256, and the manifest's rows per shard against the
-   index counts; for an imported dataset, each shard also against the size and sha256
+   index counts (for a dataset published to a store, ``<store>/data/shards/...``, each
+   object streamed and hashed); for an imported dataset, each shard also against the size and sha256
    recorded at import (``imported.package.shards``), so a package changed in place after
    its import (a swapped image, its index re-hashed by the sender) shows;
 3. every manifest row against its shard's sample: the key is there, and the JSON member's
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxrsynth import labels, manifest, shards
+from cxrsynth import labels, manifest, shards, store
 
 #: Columns of a row that its shard's JSON member must hold unchanged.
 CHECKED_COLUMNS: tuple[str, ...] = ("sex", "age", "race", "view", *labels.FINDING_COLUMNS)
@@ -72,7 +73,12 @@ def verify_dataset(root: str | Path, name: str, _path: tuple[str, ...] = ()) -> 
     if recorded is None and _imported_in_place(meta):
         problems.append(f"{name} was imported in place before cxrsynth recorded a package's shard hashes at import: its "
                         f"shards can only be checked against the sender's own index; import the package again")
+    remote = store.dataset_store(root, name)
     for folder, counts in sorted(folders.items()):
+        if remote is not None and not folder.is_absolute():  # published to a store: its objects, streamed
+            problems += shards.verify(store.join(remote, folder.as_posix()), counts)
+            checked += len(counts)
+            continue
         directory = folder if folder.is_absolute() else root / folder
         problems += shards.verify(directory, counts)
         if recorded is not None:
@@ -175,8 +181,9 @@ def check_rows(root: str | Path, frame: pd.DataFrame) -> list[str]:
     """
     root = Path(root)
     problems = []
+    located = store.locations(root, frame)
     for shard, rows in frame.groupby(frame["shard"].astype(str), sort=True):
-        path = Path(shard) if Path(shard).is_absolute() else root / shard
+        path = located[shard]
         try:
             members = _json_members(path)
         except FileNotFoundError:
@@ -197,7 +204,7 @@ def check_rows(root: str | Path, frame: pd.DataFrame) -> list[str]:
     return problems
 
 
-def _json_members(path: Path) -> dict[str, dict]:
+def _json_members(path: str | Path) -> dict[str, dict]:
     """Key → parsed ``<key>.json`` member of a shard."""
     out = {}
     for name, data in shards.members(path, lambda name: name.endswith(".json")):

@@ -6,6 +6,8 @@
 - a tiny classifier (:func:`tiny_classifier`: ``classifier train --preset small`` for one epoch);
 - manifests without images for the evaluation tests (:func:`make_rows`, :func:`write_dataset`,
   :func:`write_predictions`);
+- a local S3-compatible server (:class:`S3Server`, moto in server mode on 127.0.0.1; the
+  ``s3`` fixture: a fresh bucket on it, fsspec configured to reach it);
 - the shared project of the share and audit tests (``share_project``: a site whose patients'
   studies look alike, and one replica of its training split; read-only, :meth:`Project.copy` it).
 
@@ -178,10 +180,11 @@ def torchrun(*args, cwd: Path, timeout: int = 300) -> str:
 
 def ingest_site(base: Path, rows: list[dict] | None = None, *, name: str = "cxp", size: int = 32,
                 shard_size: int | None = None, images: bool = True, labels_only: bool = False,
-                split: dict | None = None, raw: str = "raw") -> Path:
+                split: dict | None = None, raw: str = "raw", store: str | None = None) -> Path:
     """CheXpert ``rows`` (default :func:`chexpert_rows`) written under ``base/raw``, ingested as
-    ``name`` into the project ``base/proj`` (``size`` px, one worker) and, given ``split`` (the
-    :class:`~cxrsynth.splits.SplitParams` fields), split; returns the project root."""
+    ``name`` into the project ``base/proj`` (``size`` px, one worker; its shards published to
+    ``store``, a URL, when given) and, given ``split`` (the :class:`~cxrsynth.splits.SplitParams`
+    fields), split; returns the project root."""
     from cxrsynth import ingest, splits
     from cxrsynth.imaging import Preprocess
     from cxrsynth.sources import chexpert
@@ -193,7 +196,7 @@ def ingest_site(base: Path, rows: list[dict] | None = None, *, name: str = "cxp"
         ingest.ingest(chexpert.read(csv), root=root, name=name, kind="chexpert", inputs={}, labels_only=True, **options)
     else:
         ingest.ingest(chexpert.read(csv), root=root, name=name, kind="chexpert", inputs={}, params=Preprocess(size=size),
-                      workers=1, **options)
+                      workers=1, store=store, **options)
     if split is not None:
         splits.split(root, name, splits.SplitParams(**split))
     return root
@@ -364,3 +367,80 @@ def build_share_project(base: Path) -> Project:
 def share_project(tmp_path_factory) -> Project:
     """:func:`build_share_project`, built once per worker; read-only (tests that change it copy it)."""
     return build_share_project(tmp_path_factory.mktemp("share"))
+
+
+# ------------------------------------------------------------------ a local S3-compatible server
+
+
+class S3Server:
+    """moto's S3 server in its own process on 127.0.0.1 (a free port), started within ``timeout``
+    seconds or failing; :meth:`stop` kills it (the tests of a store going away call it mid-read).
+    ``auth``: the server checks credentials (moto's IAM), refusing the tests' dummy ones."""
+
+    def __init__(self, timeout: float = 30.0, auth: bool = False) -> None:
+        import socket
+        import subprocess
+        import sys
+        import time
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if auth else {})}
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto's S3 server did not start on port {self.port} within {timeout} s")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def configure(self, monkeypatch) -> None:
+        """Point fsspec's ``s3://`` at this server (its configuration, as a user's would) with dummy credentials."""
+        import fsspec.config
+
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("AWS_PROFILE", raising=False)
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": self.url})
+
+    def bucket(self, name: str) -> str:
+        """Create bucket ``name``; returns ``s3://name``."""
+        import fsspec
+
+        fsspec.filesystem("s3", endpoint_url=self.url).mkdir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server per test process, stopped at the end."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request) -> str:
+    """A fresh bucket (named after the test) on the session's S3 server, fsspec configured to reach it: ``s3://<bucket>``."""
+    import hashlib
+    import re
+
+    s3_server.configure(monkeypatch)
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    tag = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:6]  # parametrized names differ past the cut
+    return s3_server.bucket(f"{name}-{tag}-{os.getpid()}")

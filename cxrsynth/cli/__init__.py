@@ -61,6 +61,7 @@ app.command("stats")(_data.stats)
 app.command("split", cls=LazyHelp)(_data.split)
 app.command("query")(_data.query)
 app.command("verify")(_data.verify)
+app.command("push")(_data.push)
 app.command("sheet")(_data.sheet)
 app.command("mix")(_data.mix)
 # generator

@@ -24,6 +24,11 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 Root = Annotated[Path, typer.Option("--root", help="Project root holding manifests/ and data/.")]
+#: ``--store URL`` of every writer (default: the project setting CXRSYNTH_STORE).
+Store = Annotated[Optional[str], typer.Option(
+    "--store", envvar="CXRSYNTH_STORE", show_envvar=True,
+    help="Publish the shards to this fsspec URL (s3://bucket/prefix, gs://..., file:///...); credentials come from the "
+         "environment or the store's config files, never the URL. Default: the local disk.")]
 
 
 def threads_option(help: str = "CPU threads (torch.set_num_threads); default: torch's. On a shared 2-core machine "

@@ -1,4 +1,4 @@
-"""Data commands: ``ingest chexpert|mimic|table``, ``stats``, ``split``, ``query``, ``verify``, ``sheet``, ``mix``.
+"""Data commands: ``ingest chexpert|mimic|table``, ``stats``, ``split``, ``query``, ``verify``, ``push``, ``sheet``, ``mix``.
 
 The three ingest commands differ only in what they read: each is an adapter call wrapped
 by :func:`ingest_command`, which adds the options every ingest shares
@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import Root, console, fail, progress_bar
+from cxrsynth.cli.common import Root, Store, console, fail, progress_bar
 from cxrsynth.cli.options import LazyHelp, given
 
 ingest_app = typer.Typer(no_args_is_help=True, help="Ingest a real dataset in its native format into shards + a manifest.")
@@ -58,6 +58,7 @@ INGEST_OPTIONS: tuple[inspect.Parameter, ...] = (
     _option("rehash", Rehash, None),
     _option("allow_outside_root", AllowOutside, None),
     _option("force", Force, None),
+    _option("store", Store, None),
     _option("root", Root, Path(".")),
 )
 
@@ -90,7 +91,8 @@ def ingest_command(read: Callable[..., tuple[Callable, str, dict]]):
                 source, root=root, name=name, kind=kind, inputs=inputs, params=params, progress=advance,
                 **given(labels_only=options["labels_only"], shard_size=options["shard_size"],
                         workers=options["workers"], version=options["version"], rehash=options["rehash"],
-                        allow_outside_root=options["allow_outside_root"], force=options["force"]),
+                        allow_outside_root=options["allow_outside_root"], force=options["force"],
+                        store=options["store"]),
             )
         _print_ingest(result)
 
@@ -303,6 +305,23 @@ def verify(
                           f"index.json record it")
     console.print(f"[green]✓[/green] {name}: {checked} shard(s) match index.json, every row its sample, the manifest its "
                   f"checksum", highlight=False)
+
+
+def push(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    store: Annotated[str, typer.Argument(help="fsspec URL (s3://bucket/prefix, gs://..., file:///...).")],
+    keep_local: Annotated[bool, typer.Option("--keep-local", help="Keep the local shard files after the upload.")] = False,
+    root: Root = Path("."),
+) -> None:
+    """Put a published dataset's shards on an object store and record the store in its manifest (rows unchanged).
+
+    Credentials come from the environment or the store's config files (AWS_ACCESS_KEY_ID, AWS_PROFILE,
+    ~/.aws/, AWS_ENDPOINT_URL_S3 for an S3-compatible server), never from the URL.
+    """
+    from cxrsynth.publish import move_to_store
+
+    for url in move_to_store(root, name, store, keep_local=keep_local):
+        console.print(f"[green]✓[/green] {name}: {url}", highlight=False, soft_wrap=True)
 
 
 def mix(

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import Device, Root, console, progress_bar, set_threads, threads_option
+from cxrsynth.cli.common import Device, Root, Store, console, progress_bar, set_threads, threads_option
 from cxrsynth.cli.options import given
 
 GenerateThreads = threads_option("CPU threads (torch.set_num_threads); default: torch's. Part of the version on CPU (kernels "
@@ -57,6 +57,7 @@ def generate(
     threads: GenerateThreads = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Write over an existing dataset of another kind (never over --conditions).")] = False,
+    store: Store = None,
     root: Root = Path("."),
 ) -> None:
     """Write K synthetic replicas of a dataset's split, conditioned row by row, as new shards.
@@ -71,7 +72,7 @@ def generate(
                                     cfg_formula=cfg_formula, seed=seed, batch_size=batch, shard_size=shard_size,
                                     compile=compile_, rebalance=rebalance))
     job = prepare(root=root, generator_dir=generator, conditions=conditions, split=split, name=name,
-                  config=config, part=part, device=device, force=force)
+                  config=config, part=part, device=device, force=force, store=store)
     with progress_bar(f"generate {name}", total=job.images_todo) as advance:
         summary = run(job, progress=advance)
     if summary["complete"]:

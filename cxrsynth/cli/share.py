@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import Device, Root, console, err_console
+from cxrsynth.cli.common import Device, Root, Store, console, err_console
 from cxrsynth.cli.options import LazyHelp
 
 share_app = typer.Typer(no_args_is_help=True, help="Share synthetic data with other sites: export, verify, import, audit.")
@@ -156,12 +156,13 @@ def import_(
     copy: Annotated[bool, typer.Option("--copy", help="Copy the shards under data/shards/NAME/<version>/ "
                                                       "(default: use them where they are).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing dataset NAME.")] = False,
+    store: Store = None,
     root: Root = Path("."),
 ) -> None:
     """Verify a package, check every tar member and manifest row, and register it as a synthetic dataset."""
     from cxrsynth.share.importer import import_package
 
-    result = import_package(root, root / package, name, copy=copy, force=force)
+    result = import_package(root, root / package, name, copy=copy, force=force, store=store if copy else None)
     console.print(f"{name} @ {result['version']}: {result['images']:,} synthetic images in {result['shards']} shard(s) "
                   f"({'copied to ' if copy else 'in place at '}{result['shard_dir']}); manifest {result['manifest']}",
                   highlight=False, soft_wrap=True)

@@ -62,6 +62,7 @@ from cxrsynth import labels, manifest, runtime, shards
 from cxrsynth.config import MAX_BATCH, MAX_REPLICAS, MAX_SAMPLER_STEPS, SHARD_SIZE, Config, setting
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.publish import Metadata, check_target, publish, writer_lock
+from cxrsynth.store import check_url
 
 
 @dataclass(frozen=True)
@@ -248,6 +249,7 @@ class Job:
     model: Any = field(repr=False)
     device: Any
     force: bool = False
+    store: str | None = None  # publish the shards to this fsspec URL (cxrsynth.store)
 
     @property
     def directory(self) -> Path:
@@ -270,6 +272,7 @@ def prepare(
     part: str | None = None,
     device: str | None = None,
     force: bool = False,
+    store: str | None = None,
 ) -> Job:
     """Plan a replica set (arguments as :func:`generate`) and load its generator; nothing is sampled yet.
 
@@ -280,6 +283,7 @@ def prepare(
     """
     manifest.check_name(name)
     config.check_names()
+    store = check_url(store) if store else None
     check_target(root, name, "synthetic", (conditions,), force)
     root = Path(root)
     index, count = _parse_part(part) if part is not None else (0, 1)
@@ -309,9 +313,12 @@ def prepare(
     inputs = [unit_inputs(records[start:stop], params) for start, stop in units]
     todo = [(u, start, stop) for u, (start, stop) in enumerate(units)
             if u % count == index and shards.finished(directory, name, u, inputs=inputs[u]) is None]
-    return Job(root=root, name=name, version=version, generator_dir=generator_dir, config=config, params=params,
+    job = Job(root=root, name=name, version=version, generator_dir=generator_dir, config=config, params=params,
                rows=rows, units=units, inputs=inputs, todo=todo, rank=index, world=count, model=model, device=dev,
-               force=force)
+               force=force, store=store)
+    if store is not None and _published(job):  # on its store already: its local shards are gone, nothing to redo
+        job.todo = []
+    return job
 
 
 def run(job: Job, progress: Callable[[int], None] | None = None) -> dict:
@@ -359,7 +366,9 @@ def _run(job: Job, progress: Callable[[int], None] | None) -> dict:
         if complete:  # idempotent: a second finisher rewrites the same bytes, after the first
             made_by = {"generator": str(job.generator_dir), **job.params}
             publish(job.root, Metadata(name, job.version, "synthetic", made_by), rows, shard_results=results,
-                    force=job.force)
+                    force=job.force, store=job.store)
+        elif job.store is not None:  # a first finisher put the shards on the store (their local files are gone)
+            complete = _published(job)
     return {"name": name, "version": job.version, "images": len(rows), "units": len(job.units), "written": len(job.todo),
             "complete": complete, "rank": job.rank, "world": job.world}
 
@@ -376,6 +385,7 @@ def generate(
     device: str | None = None,
     progress: Callable[[int], None] | None = None,
     force: bool = False,
+    store: str | None = None,
 ) -> dict:
     """Write ``config.replicas`` synthetic replicas of ``conditions`` (one split) as dataset ``name``.
 
@@ -393,14 +403,25 @@ def generate(
         device: Torch device (:func:`cxrsynth.runtime.device`); default cuda when available.
         progress: Optional callable ``progress(images)``.
         force: Write over an existing dataset of another kind (never over the conditions).
+        store: Publish the shards to this fsspec URL (:func:`cxrsynth.publish.publish`);
+            every part of a job must name the same one. None: the local disk.
 
     Returns:
         A summary: version, images planned, units done by this call, and whether the
         dataset is complete (index and manifest written).
     """
     job = prepare(root=root, generator_dir=generator_dir, conditions=conditions, split=split, name=name,
-                  config=config, part=part, device=device, force=force)
+                  config=config, part=part, device=device, force=force, store=store)
     return run(job, progress)
+
+
+def _published(job: Job) -> bool:
+    """Whether the job's version is already published to its store (by another part, or an earlier run)."""
+    try:
+        meta = manifest.read_meta(job.root, job.name)
+    except CxrsynthError:
+        return False
+    return meta.get("version") == job.version and meta.get("store") == job.store
 
 
 @contextlib.contextmanager

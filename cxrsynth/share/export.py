@@ -45,7 +45,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from cxrsynth import __version__, imaging, manifest, shards
+from cxrsynth import __version__, imaging, manifest, shards, store
 from cxrsynth.config import SHARD_SIZE, Config, setting
 from cxrsynth.errors import CheckFailed
 from cxrsynth.share import audit as audit_lib
@@ -177,12 +177,16 @@ def scrub(frame: pd.DataFrame, name: str, version: str, secret: bytes) -> pd.Dat
     return out.sort_values("key", kind="stable").reset_index(drop=True)
 
 
-def _locate(root: Path, shard_paths: pd.Series) -> dict[str, tuple[str, shards.Member]]:
-    """Original key → (shard path, header) of its PNG member, from the tar headers."""
+def _locate(located: dict[str, str], shard_paths: pd.Series, handles: dict) -> dict[str, tuple[str, shards.Member]]:
+    """Original key → (shard location, header) of its PNG member, from the tar headers
+    (``located``: shard → local path or store URL, :func:`cxrsynth.store.locations`). A store's
+    shard is opened here, once (a checked temporary copy), and kept in ``handles`` for the reads."""
     where: dict[str, tuple[str, shards.Member]] = {}
     for shard in sorted(shard_paths.astype(str).unique()):
-        path = root / shard
-        for member in shards.headers(path):
+        path = located[shard]
+        if store.is_remote(path):
+            handles[path] = shards.open_tar(path)
+        for member in shards.headers(path, handles.get(path)):
             key, _, ext = member.name.partition(".")
             if ext == "png":
                 where[key] = (str(path), member)
@@ -196,18 +200,19 @@ def _samples(rows: pd.DataFrame, where: dict[str, tuple[str, shards.Member]], ha
             raise ShareError(f"image of {original} not found in its shard")
         path, member = where[original]
         if path not in handles:
-            handles[path] = open(path, "rb")
+            handles[path] = shards.open_tar(path)  # a store's object: one checked download, then read in place
         png = package.strip_png(shards.read_member(handles[path], member, path))
         meta = {k: record[k] for k in shards.SAMPLE_FIELDS}
         out.append({"__key__": record["key"], "png": png, "json": shards.json_bytes(meta)})
     return out
 
 
-def _write_shards(root: Path, rows: pd.DataFrame, directory: Path, name: str, version: str, shard_size: int,
+def _write_shards(located: dict[str, str], rows: pd.DataFrame, directory: Path, name: str, version: str, shard_size: int,
                   progress: Callable[[int], None] | None) -> list[shards.ShardResult]:
-    where = _locate(root, rows["original_shard"])
-    results, handles = [], {}
+    handles: dict = {}
     try:
+        where = _locate(located, rows["original_shard"], handles)
+        results = []
         for unit, start in enumerate(range(0, len(rows), shard_size)):
             part = rows.iloc[start : start + shard_size]
             results.append(shards.write_shard(directory, name, unit, _samples(part, where, handles)))
@@ -325,7 +330,8 @@ def export(
         shutil.rmtree(partial)  # an interrupted export of ours: never trusted, never resumed
     partial.mkdir(parents=True)
     say(f"writing {len(rows)} images to {partial}")
-    results = _write_shards(root, rows, partial / package.SHARDS, name, version, config.shard_size, None)
+    results = _write_shards(store.locations(root, frame), rows, partial / package.SHARDS, name, version, config.shard_size,
+                            None)
     shard_of = {k: f"{package.SHARDS}/{r.name}" for r in results for k in r.keys}
     rows["shard"] = rows["key"].map(shard_of).astype("string")  # relative to the package folder
     table = manifest.conform(rows.drop(columns=["original_key", "original_shard"]))

@@ -38,6 +38,7 @@ from typing import Any
 import pandas as pd
 
 from cxrsynth import imaging, labels, manifest, publish, shards
+from cxrsynth import store as store_lib
 from cxrsynth.share import package
 from cxrsynth.share.package import ShareError, UnsafePackage
 
@@ -248,7 +249,7 @@ def check_shards(directory: Path, frame: pd.DataFrame, files: dict[str, dict], s
 
 
 def import_package(root: str | Path, directory: str | Path, name: str, *, copy: bool = False,
-                   force: bool = False) -> dict[str, Any]:
+                   force: bool = False, store: str | None = None) -> dict[str, Any]:
     """Verify and check package ``directory``, then register it as synthetic dataset ``name``.
 
     Holds the dataset's writer lock (:func:`cxrsynth.publish.writer_lock`) for the whole import.
@@ -259,6 +260,8 @@ def import_package(root: str | Path, directory: str | Path, name: str, *, copy: 
         name: Dataset name (must not exist yet, unless ``force``).
         copy: Copy the shards to ``data/shards/<name>/<version>/``; else use them in place.
         force: Replace an existing dataset ``name`` (of any kind).
+        store: With ``copy``: publish the copied shards to this fsspec URL
+            (:func:`cxrsynth.publish.publish`); a package used in place stays where it is.
 
     Returns:
         ``{"name", "version", "images", "shards", "shard_dir", "manifest"}``.
@@ -270,11 +273,14 @@ def import_package(root: str | Path, directory: str | Path, name: str, *, copy: 
     """
     root, directory = Path(root), Path(directory)
     manifest.check_name(name)
+    if store and not copy:
+        raise ShareError(f"--store {store}: only a copied package is published to a store (add --copy); a package "
+                         f"imported in place is used where it is")
     with publish.writer_lock(root, name):
-        return _import(root, directory, name, copy=copy, force=force)
+        return _import(root, directory, name, copy=copy, force=force, store=store or None)
 
 
-def _import(root: Path, directory: Path, name: str, *, copy: bool, force: bool) -> dict[str, Any]:
+def _import(root: Path, directory: Path, name: str, *, copy: bool, force: bool, store: str | None = None) -> dict[str, Any]:
     if manifest.manifest_path(root, name).exists() and not force:
         raise ShareError(f"a dataset named {name!r} exists already; choose another --name (or --force to replace it)")
     publish.check_target(root, name, "synthetic", force=force)
@@ -313,8 +319,8 @@ def _import(root: Path, directory: Path, name: str, *, copy: bool, force: bool) 
             if shards.sha256_file(tmp) != r.sha256:
                 raise package.CheckFailed(f"{r.name} changed while it was copied")
             os.replace(tmp, target / r.name)
-        published = publish.publish(root, meta, rows, shard_results=results, force=force)
-        shard_dir = target
+        published = publish.publish(root, meta, rows, shard_results=results, force=force, store=store)
+        shard_dir = store_lib.join(store, shards.SHARD_ROOT.as_posix(), name, version) if store else target
     else:
         shard_dir = (directory / package.SHARDS).resolve()
         base = root.resolve()
