@@ -58,6 +58,11 @@ def test_diffusers_samples_the_same_images(tmp_path):
     diff = (ours - theirs).abs().max().item()
     assert ours.std() > 0.1 and diff < 1e-5, diff
     assert torch.equal(to_uint8(ours), to_uint8(theirs))
+    # Mediffusion's sampler settings: leading spacing, stochastic DDIM (eta 1) with each image's generator.
+    cli(None, "generator", "export-diffusers", str(gen), str(tmp_path / "hf_leading"), "--timestep-spacing", "leading")
+    ours = sample_batch(model, cond, seeds, steps=4, guidance=2.5, eta=1.0, timestep_spacing="leading")
+    theirs = diffusers_sample(tmp_path / "hf_leading", cond, seeds, steps=4, guidance=2.5, eta=1.0)
+    assert (ours - theirs).abs().max().item() < 1e-5
     # The scheduler config loads in any diffusers scheduler class, the folder as a pipeline.
     assert DDPMScheduler.from_pretrained(tmp_path / "hf", subfolder="scheduler").config.prediction_type == "v_prediction"
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "hf")

@@ -28,7 +28,8 @@ The mapping, exact up to floating-point reassociation:
   (its ``add_k_proj`` / ``add_v_proj`` are written as zeros and never reached);
 * the learned null embedding of classifier-free guidance is not the projection of any
   condition, so it is saved beside the weights; the unconditional branch replaces the
-  class embedding's output by it (a forward hook; :func:`null_embedding_hook`, the README).
+  class embedding's output by it (a forward hook, as the README and
+  tests/test_diffusers_export.py show).
 
 A generator with a learned missing-value parameter (``missing_value`` set) has no diffusers
 equivalent and is refused.
@@ -44,11 +45,13 @@ import torch
 
 from cxrsynth.diffusion.model import ConditionalUNet, conditioning_layout, generator_info, load_generator
 from cxrsynth.diffusion.presets import GeneratorConfig
-from cxrsynth.errors import CxrsynthError
+from cxrsynth.errors import CxrsynthError, UnknownNameError
 
 #: File, in ``OUT/unet``, of the learned null embedding (key :data:`NULL_KEY`, shape (1, emb)).
 NULL_FILE = "null_class_embedding.safetensors"
 NULL_KEY = "null_class_embedding"
+#: diffusers' timestep spacings (``timestep_spacing`` of its schedulers).
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
 #: cxrsynth's notes in an exported folder.
 EXPORT_JSON = "cxrsynth_export.json"
 
@@ -105,7 +108,7 @@ def unet_config(config: GeneratorConfig) -> dict[str, Any]:
         "layers_per_block": config.num_res_blocks,
         "norm_num_groups": config.norm_groups,
         "norm_eps": 1e-5,
-        "dropout": 0.0,
+        "dropout": config.dropout,
         "cross_attention_dim": mid,
         "attention_head_dim": head_dims(config),
         "resnet_time_scale_shift": "scale_shift" if config.scale_shift_norm else "default",
@@ -145,21 +148,6 @@ def scheduler_config(config: GeneratorConfig, sampler: str = "ddim", timestep_sp
     return cls.__name__, dict(scheduler.config)
 
 
-def null_embedding_hook(unet: torch.nn.Module, null: torch.Tensor, uncond: torch.Tensor | None = None):
-    """Make ``unet``'s class embedding return ``null`` (rows where ``uncond`` is True, or all).
-
-    What a diffusers user does for the unconditional branch of guidance (the README shows
-    the same three lines); returns the hook handle (``.remove()`` it).
-    """
-
-    def hook(module, inputs, output):
-        if uncond is None:
-            return null.to(output.dtype).expand_as(output)
-        return torch.where(uncond[:, None], null.to(output.dtype), output)
-
-    return unet.class_embedding.register_forward_hook(hook)
-
-
 def export_diffusers(generator_dir: Path, out: Path, *, sampler: str = "ddim",
                      timestep_spacing: str = "trailing") -> dict[str, Any]:
     """Write ``generator_dir``'s generator as a diffusers folder ``out`` (see the module docstring).
@@ -179,10 +167,13 @@ def export_diffusers(generator_dir: Path, out: Path, *, sampler: str = "ddim",
     generator_dir, out = Path(generator_dir), Path(out)
     if out.exists() and any(out.iterdir()):
         raise CxrsynthError(f"{out} exists and is not empty; export into a new folder")
+    if timestep_spacing not in TIMESTEP_SPACINGS:
+        raise UnknownNameError("timestep spacing", timestep_spacing, TIMESTEP_SPACINGS)
     meta = generator_info(generator_dir)
     model = load_generator(generator_dir)
     cfg = model.gen_config
     kwargs = unet_config(cfg)
+    scheduler_class, scheduler = scheduler_config(cfg, sampler, timestep_spacing)
     with torch.random.fork_rng(devices=[]):
         unet = UNet2DConditionModel(**kwargs)
     state = convert_state_dict(model)
@@ -198,7 +189,6 @@ def export_diffusers(generator_dir: Path, out: Path, *, sampler: str = "ddim",
     out.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out / "unet", safe_serialization=True)
     save_file({NULL_KEY: model.null_embed.detach().contiguous()}, str(out / "unet" / NULL_FILE))
-    scheduler_class, scheduler = scheduler_config(cfg, sampler, timestep_spacing)
     (out / "scheduler").mkdir()
     (out / "scheduler" / "scheduler_config.json").write_text(
         json.dumps({"_class_name": scheduler_class, **scheduler}, indent=2, sort_keys=True) + "\n")
