@@ -63,12 +63,16 @@ def test_diffusers_samples_the_same_images(tmp_path):
     ours = sample_batch(model, cond, seeds, steps=4, guidance=2.5, eta=1.0, timestep_spacing="leading")
     theirs = diffusers_sample(tmp_path / "hf_leading", cond, seeds, steps=4, guidance=2.5, eta=1.0)
     assert (ours - theirs).abs().max().item() < 1e-5
+    for name in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/null_class_embedding.safetensors"):
+        assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "hf_leading" / name).read_bytes(), name
     # The scheduler config loads in any diffusers scheduler class, the folder as a pipeline.
     assert DDPMScheduler.from_pretrained(tmp_path / "hf", subfolder="scheduler").config.prediction_type == "v_prediction"
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "hf")
     assert type(pipe.unet).__name__ == "UNet2DConditionModel" and type(pipe.scheduler).__name__ == "DDIMScheduler"
     info = json.loads((tmp_path / "hf" / "cxrsynth_export.json").read_text())
     assert len(info["conditioning"]) == 22 and info["unet"]["class"] == "UNet2DConditionModel"
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "library_name: diffusers" in card and "## Use with diffusers" in card
 
 
 def test_paper_layout_as_mediffusion_imports_it(tmp_path):

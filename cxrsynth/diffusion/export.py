@@ -163,6 +163,7 @@ def export_diffusers(generator_dir: Path, out: Path, *, sampler: str = "ddim",
     from safetensors.torch import save_file
 
     from cxrsynth import __version__
+    from cxrsynth.diffusion.replicas import generator_id
 
     generator_dir, out = Path(generator_dir), Path(out)
     if out.exists() and any(out.iterdir()):
@@ -201,7 +202,7 @@ def export_diffusers(generator_dir: Path, out: Path, *, sampler: str = "ddim",
     info = {
         "format": "cxrsynth-diffusers-export/1",
         "cxrsynth_version": __version__,
-        "source": str(generator_dir),
+        "source": {"folder": generator_dir.name, "generator_id": generator_id(generator_dir)},
         "preset": meta.get("preset"),
         "data_version": meta.get("data_version"),
         "conditioning": conditioning_layout(),
@@ -211,6 +212,29 @@ def export_diffusers(generator_dir: Path, out: Path, *, sampler: str = "ddim",
                  "encoder_hidden_states": f"zeros (B, 0, {kwargs['cross_attention_dim']})",
                  "prediction_channels": cfg.in_channels, "null_class_embedding": f"unet/{NULL_FILE}"},
         "parameters": sum(p.numel() for p in unet.parameters()),
+        "scheduler": scheduler_class,
     }
     (out / EXPORT_JSON).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    return {**info, "out": str(out), "scheduler": scheduler_class}
+    _write_card(out, meta, info)
+    return {**info, "out": str(out)}
+
+
+def _write_card(out: Path, meta: dict[str, Any], info: dict[str, Any]) -> None:
+    """The generator's model card, as a diffusers model (``library_name: diffusers``), with how to call it."""
+    from cxrsynth import cards
+    from cxrsynth.diffusion.model import generator_card
+
+    front, sections = generator_card(meta)
+    front = {**front, "library_name": "diffusers", "tags": [*front["tags"], "diffusers"]}
+    use = (f"`UNet2DConditionModel.from_pretrained(DIR, subfolder=\"unet\")` and "
+           f"`{info['scheduler']}.from_pretrained(DIR, "
+           "subfolder=\"scheduler\")`. Call the UNet with `class_labels` = the (B, "
+           f"{len(info['conditioning'])}) condition (layout in `{EXPORT_JSON}`) and `encoder_hidden_states` = "
+           f"{info['unet']['encoder_hidden_states']} (no tokens: plain self-attention in the middle block); keep the "
+           f"first {info['unet']['prediction_channels']} output channel(s) (v-prediction; the other is the learned "
+           "variance). For classifier-free guidance, the unconditional branch replaces the class embedding's output by "
+           f"`{NULL_KEY}` of `unet/{NULL_FILE}` (a forward hook on `unet.class_embedding`); cxrsynth's README shows "
+           "the loop, whose images equal `cxrsynth generate`'s for the same seeds.")
+    model = " Exported by `cxrsynth generator export-diffusers`."
+    sections = [(title, text.split(" Sample with")[0] + model if title == "Model" else text) for title, text in sections]
+    cards.write(out, front, [*sections, ("Use with diffusers", use)])
