@@ -10,12 +10,14 @@ standard diffusers ``UNet2DConditionModel`` plus the sampler's scheduler config:
     OUT/unet/null_class_embedding.safetensors   the learned null embedding (guidance)
     OUT/scheduler/scheduler_config.json         DDIMScheduler (or DPMSolverMultistepScheduler)
     OUT/cxrsynth_export.json        conditioning layout, source generator, how to call
+    OUT/README.md                   the model card (``library_name: diffusers``)
 
 Why ``UNet2DConditionModel`` and not ``UNet2DModel``: ADM (and so the paper's generator
 and every ``import-mediffusion`` output) uses a fixed number of heads per attention block,
 so the head width changes with the level, and ``UNet2DModel`` takes one head width for all
 blocks (the 0.06 difference of a hand rebuild). ``UNet2DConditionModel`` takes one per block.
-The mapping, exact up to floating-point reassociation:
+The mapping (on the CPU the outputs are bit-identical: micro and tiny presets, the 256 px
+``paper`` preset, and the images of a whole guided DDIM run, tests/test_diffusers_export.py):
 
 * condition MLP ``Linear -> SiLU -> Linear`` = ``class_embed_type="projection"``
   (``TimestepEmbedding(22, emb)``; ``class_labels`` takes the 22-value condition);
