@@ -1,4 +1,4 @@
-"""`cxrsynth generator train | import-mediffusion | info | fid`.
+"""`cxrsynth generator train | import-mediffusion | export-diffusers | info | fid`.
 
 Thin commands over :mod:`cxrsynth.diffusion`; torch and diffusers are imported inside
 the command bodies so ``cxrsynth --help`` stays instant. Training options that only
@@ -101,6 +101,21 @@ def import_mediffusion(
     model = import_lib(checkpoint, config, out, ema=ema)
     n = sum(p.numel() for p in model.parameters())
     console.print(f"imported {checkpoint} -> [bold]{out}[/bold] ({n / 1e6:.1f}M parameters)")
+
+
+@generator_app.command("export-diffusers")
+def export_diffusers(
+    directory: Annotated[Path, typer.Argument(help="Generator directory (generator train / import-mediffusion).")],
+    out: Annotated[Path, typer.Argument(help="New folder for the diffusers layout (unet/, scheduler/).")],
+    sampler: Annotated[str, typer.Option("--sampler", help="Sampler whose scheduler config to write (ddim, dpmpp...).")] = "ddim",
+    timestep_spacing: Annotated[str, typer.Option("--timestep-spacing", help="trailing (cxrsynth's default) or leading (Mediffusion).")] = "trailing",
+) -> None:
+    """Write the generator as a folder plain diffusers loads: UNet2DConditionModel + scheduler config."""
+    from cxrsynth.diffusion.export import export_diffusers as export_lib
+
+    info = export_lib(directory, out, sampler=sampler, timestep_spacing=timestep_spacing)
+    console.print(f"exported {directory} -> [bold]{out}[/bold] (UNet2DConditionModel, {info['parameters'] / 1e6:.2f}M "
+                  f"parameters; {info['scheduler']}); load with UNet2DConditionModel.from_pretrained(OUT, subfolder='unet')")
 
 
 @generator_app.command("info")
