@@ -107,6 +107,19 @@ def report(
     console.print(f"wrote {path}", highlight=False)
 
 
+@study_app.command("plots-template")
+def plots_template(
+    out: Annotated[Path | None, typer.Option("--out", help="Where to write the page (default: .dvc/plots-template.html "
+                                                          "under --root, the page .dvc/config names).")] = None,
+    root: Root = Path("."),
+) -> None:
+    """Write the page `dvc plots show` fills, with vega, vega-lite and vega-embed inlined: the plots draw offline."""
+    from cxrsynth.study.report.dvc_page import write_page_template
+
+    path = write_page_template(root, out)
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); `dvc plots show` uses it (.dvc/config)", highlight=False)
+
+
 @study_app.command("summary")
 def summary(
     params: Params = PARAMS_FILE,
