@@ -31,8 +31,9 @@ TESTS = ("cxp", "mimic", "emory")
 PARAMS = {"study": {"real": "cxp", "tests": list(TESTS)}, "replicas": {"w1": {"guidance": 1.0, "replicas": 2}},
           "supplement": {"replica": "w1", "k": [0, 1, 2]}, "synthetic": {"replica": "w1", "k": [1, 2]},
           "external": {"real": "mimic", "replica": "w1", "k": [0, 1, 2]}}
-#: Encoding channels that split a line mark into series; ``rev`` is the field DVC adds to every row.
-SERIES_CHANNELS = ("color", "strokeDash", "shape", "detail")
+#: Encoding channels that split a line mark into lines (``shape`` does not: it styles the points only);
+#: ``rev`` is the field DVC adds to every row (the revision: ``workspace``, or each one ``dvc plots diff`` reads).
+SERIES_CHANNELS = ("color", "strokeDash", "detail", "opacity", "size")
 
 
 def _plot_data(root: Path) -> dict[str, list[dict]]:
@@ -71,7 +72,9 @@ def test_each_dvc_plot_draws_one_line_per_test_set_and_family(tmp_path):
         x, y = props["x"], props["y"]
         assert all(x in r and y in r for r in rows)
         assert encoding["color"]["field"] in rows[0], f"{path}: colour field {encoding['color']['field']!r} not in its data"
-        fields = [encoding[c]["field"] for c in SERIES_CHANNELS if c in encoding and encoding[c]["field"] != "rev"]
+        split = [encoding[c]["field"] for c in SERIES_CHANNELS if c in encoding]
+        assert "rev" in split, f"{path}: `dvc plots diff` would join its revisions into one line"
+        fields = [f for f in split if f != "rev"]
         assert all(f in r for r in rows for f in fields), (path, fields)
         series = defaultdict(list)
         for r in rows:
