@@ -117,7 +117,8 @@ def plots_template(
     from cxrsynth.study.report.dvc_page import write_page_template
 
     path = write_page_template(root, out)
-    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); `dvc plots show` uses it (.dvc/config)", highlight=False)
+    use = "`dvc plots show` uses it (.dvc/config)" if out is None else f"`dvc plots show --html-template {path}` uses it"
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); {use}", highlight=False)
 
 
 @study_app.command("summary")
