@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,plots]'
 	touch $(STAMP)
 
-# The page `dvc plots show` fills (.dvc/config: plots.html_template): vega inlined from
-# vl-convert-python so the plots draw offline; generated (0.9 MB), ignored by git.
+# The page `dvc plots show` fills, named in .dvc/config.local (plots.html_template): vega inlined
+# from vl-convert-python so the plots draw offline; generated (0.9 MB), ignored by git.
 PLOTS_PAGE = .dvc/plots-template.html
 $(PLOTS_PAGE): $(STAMP)
 	$(BIN)/cxrsynth study plots-template

@@ -112,7 +112,7 @@ def page(tmp_path_factory):
     root = tmp_path_factory.mktemp("page")
     out = cli(root, "study", "plots-template")
     path = root / dvc_page.PAGE_TEMPLATE
-    assert path.is_file() and "wrote" in out
+    assert path.is_file() and "--html-template" in out and not (root / ".dvc" / "config.local").exists()  # not a DVC project
     return path
 
 
@@ -138,9 +138,11 @@ def _render_offline(binary: str, html: Path) -> tuple[str, list[str]]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (apt-get install -y chromium)")
-def test_dvc_plots_show_draws_offline_one_line_per_series(page, tmp_path):
+def test_dvc_plots_show_draws_offline_one_line_per_series(tmp_path):
     root, data = _project(tmp_path)
-    shutil.copy(page, root / dvc_page.PAGE_TEMPLATE)
+    assert "html_template" not in (root / ".dvc" / "config").read_text()  # a fresh clone: DVC's own page
+    cli(root, "study", "plots-template")  # what `make install` runs: the page, named in .dvc/config.local
+    assert f"html_template = {dvc_page.PAGE_TEMPLATE.name}" in (root / ".dvc" / "config.local").read_text()
     out = Path(_dvc(root, "plots", "show", "-o", "offline").strip().removeprefix("file://"))
     assert out.name == "index.html" and not re.search(r"<script[^>]*\bsrc=", out.read_text())
     binary = _chromium()
@@ -155,8 +157,7 @@ def test_dvc_plots_show_draws_offline_one_line_per_series(page, tmp_path):
         assert len(lines) == len({(r["test"], r["family"]) for r in rows})  # a path per test set and family
         assert svg.count("mark-symbol") >= 1 and all(f"{t}:test" in svg for t in TESTS)  # points and the legend
     # DVC's own page (vega from a CDN) draws nothing offline: what the template fixes
-    (root / dvc_page.PAGE_TEMPLATE).unlink()
-    _dvc(root, "config", "--local", "plots.html_template", "")
+    _dvc(root, "config", "--local", "--unset", "plots.html_template")
     cdn = Path(_dvc(root, "plots", "show", "-o", "cdn").strip().removeprefix("file://"))
     dom, console = _render_offline(binary, cdn)
     assert 'class="marks"' not in dom and any("vegaEmbed is not defined" in c for c in console), console

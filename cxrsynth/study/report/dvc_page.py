@@ -11,8 +11,10 @@ inlines, in ``<head>`` before those divs run, the JavaScript bundle of ``vl-conv
 one classic script that sets ``window.vegaEmbed``; about 0.9 MB).
 
 The page is generated, not committed (``make install`` writes ``.dvc/plots-template.html``,
-ignored by git; ``cxrsynth study plots-template`` writes it again). The same vl-convert version
-writes the same bytes. Vega-Lite is pinned to :data:`VEGA_LITE`, the v5 line the plot
+ignored by git; ``cxrsynth study plots-template`` writes it again) and named in
+``.dvc/config.local`` (per machine, ignored by git) when written there: a fresh clone without it
+keeps DVC's own page rather than a setting that points at a missing file (DVC then fails with
+"HTML template has to contain '{plot_divs}'"). The same vl-convert version writes the same bytes. Vega-Lite is pinned to :data:`VEGA_LITE`, the v5 line the plot
 templates' ``$schema`` (DVC's and ``.dvc/plots/test_sets.json``) names.
 """
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from cxrsynth.errors import CxrsynthError
 
-#: Where the page goes, relative to the project root (``.dvc/config``: ``plots.html_template``).
+#: Where the page goes, relative to the project root (named in ``.dvc/config.local``: ``plots.html_template``).
 PAGE_TEMPLATE = Path(".dvc/plots-template.html")
 
 #: The Vega-Lite version bundled: the newest 5.x vl-convert ships (the specs say ``v5.json``).
@@ -74,9 +76,24 @@ def page_template() -> str:
 
 
 def write_page_template(root: str | Path = ".", out: str | Path | None = None) -> Path:
-    """Write :func:`page_template` to ``out`` (default ``root/.dvc/plots-template.html``); return its path."""
+    """Write :func:`page_template` to ``out`` (default ``root/.dvc/plots-template.html``); return its path.
+
+    At the default place in a DVC project, also set ``plots.html_template`` in ``.dvc/config.local``
+    (:func:`use_page_template`), so a plain ``dvc plots show`` uses it."""
     path = Path(out) if out is not None else Path(root) / PAGE_TEMPLATE
+    dvc_project = (Path(root) / ".dvc").is_dir()  # before the page makes .dvc/
     text = page_template()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
+    if out is None and dvc_project:
+        use_page_template(root)
     return path
+
+
+def use_page_template(root: str | Path = ".") -> None:
+    """Name :data:`PAGE_TEMPLATE` as ``plots.html_template`` in ``root/.dvc/config.local`` (DVC's own
+    config API, so the file's other settings stay; the path is relative to ``.dvc/``, as DVC reads it)."""
+    from dvc.config import Config
+
+    with Config(dvc_dir=str(Path(root) / ".dvc")).edit("local") as conf:
+        conf["plots"]["html_template"] = PAGE_TEMPLATE.name
