@@ -107,6 +107,23 @@ def report(
     console.print(f"wrote {path}", highlight=False)
 
 
+@study_app.command("plots-template")
+def plots_template(
+    out: Annotated[Path | None, typer.Option("--out", help="Where to write the page (default: .dvc/plots-template.html "
+                                                          "under --root, then named in .dvc/config.local).")] = None,
+    root: Root = Path("."),
+) -> None:
+    """Write the page `dvc plots show` fills, with vega, vega-lite and vega-embed inlined: the plots draw offline
+    (at the default place, also name it in .dvc/config.local)."""
+    from cxrsynth.study.report.dvc_page import write_page_template
+
+    named = out is None and (root / ".dvc").is_dir()
+    path = write_page_template(root, out)
+    use = ("named in .dvc/config.local: `dvc plots show` uses it" if named
+           else f"`dvc plots show --html-template {path.resolve()}` uses it")
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); {use}", highlight=False)
+
+
 @study_app.command("summary")
 def summary(
     params: Params = PARAMS_FILE,

@@ -38,6 +38,9 @@ parsed and checked first). The package reads in four modules, each using the one
 * :mod:`~cxrsynth.study.report.prose` — the sentences, the glossary and the captions;
 * :mod:`~cxrsynth.study.report.plots` — the data of Figures 3 and 4 and the ``dvc plots`` files;
 * :mod:`~cxrsynth.study.report.html` — tables, CSS, figures and image grids: the page.
+
+Beside them, :mod:`~cxrsynth.study.report.dvc_page` writes the page ``dvc plots show`` fills
+(vega inlined, so the ``dvc plots`` files draw offline).
 """
 
 from pathlib import Path
