@@ -287,9 +287,9 @@ def test_cli_phantom(tmp_path):
 #: sha256 of the pixels of ``sample_site(site, 6, seed=3)``: the embedded default is the same
 #: bytes on every x86 CPU (no BLAS, float64 transcendentals rounded to float32 in the renderer).
 RENDER_SHA256 = {
-    "cxp": "330c7056ca70413643b431d40e34149b198824e1323dcd449fc129e93f53bcbf",
-    "mimic": "8dfc965a01751f3705763bed0d1274dcb7258cf74cb0fd036129179f6895dece",
-    "emory": "1f0f2087c33fc18e7a70283dd4e2c7df5b7e73d1770e2910d14a80ea8f87915a",
+    "cxp": "361e9b73357a58a4f23b0cd4dc6aa8850f1fdcb5079527a9c9738583055917f8",
+    "mimic": "8b164bb42054765aeda43b89ef843fd7067dae3880e7b7bb3990750dac8fe6a4",
+    "emory": "adff6c6b2c5112c5d6453940b2ca8d72815e25734dc4d85610f6adaa47348ef8",
 }
 
 _RENDER_HASHES = (

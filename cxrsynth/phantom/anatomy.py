@@ -3,7 +3,7 @@
 A real patient brings the same body to every study: thorax width and height, the slope and
 spacing of the ribs, the clavicles, the heart's and mediastinum's shape, the domes of the
 diaphragm, the spine (a slight scoliosis), the skin line, the lung's vascular pattern and
-long-lived surgical material (sternotomy wires, a chest port, surgical clips). Packhäuser et
+long-lived surgical material (sternotomy wires, surgical clips). Packhäuser et
 al. (Sci Rep 2022) re-identify patients across radiographs from exactly such cues, and the
 memorisation audit's re-identification figure (issue 17) can only be validated on a phantom
 whose patients carry them.
@@ -54,17 +54,16 @@ ANATOMY: tuple[str, ...] = (
     "skin_asymmetry",  # one flank's outline wider than the other (factor - 1)
     "bubble",  # lateral position of the gastric bubble
     "breast",  # breast shadow size (drawn for women)
-    "port_u",  # chest port position (lateral, signed) ...
-    "port_v",  # ... and height
     "clips_u",  # surgical clips position (lateral, signed) ...
     "clips_v",  # ... and height
 )
 A = {name: k for k, name in enumerate(ANATOMY)}
 #: Long-lived surgical material (columns of :attr:`Anatomy.implants`): not read as support
-#: devices by the labeler (like ECG leads, a confounder), so the labels are unchanged.
-IMPLANTS: tuple[str, ...] = ("sternal_wires", "port", "clips")
+#: devices by the labeler (like ECG leads, a confounder), so the labels are unchanged. (A
+#: chest port would be: reports name it and the labeler reads it as a support device.)
+IMPLANTS: tuple[str, ...] = ("sternal_wires", "clips")
 #: Prevalence of each implant among patients.
-IMPLANT_RATE = (0.12, 0.08, 0.15)
+IMPLANT_RATE = (0.08, 0.1)
 
 
 @dataclass
@@ -124,9 +123,7 @@ def _one_patient(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]
         "skin_asymmetry": 0.04 * z[27],
         "bubble": 0.32 + 0.05 * z[28],
         "breast": 0.2 * (1.0 + 0.2 * z[29]),
-        "port_u": np.where(u[30] < 0.7, -1.0, 1.0) * (0.35 + 0.15 * u[31]),
-        "port_v": 0.55 + 0.15 * u[32],
-        "clips_u": np.where(u[33] < 0.5, -1.0, 1.0) * (0.1 + 0.4 * rng.random()),
+        "clips_u": np.where(u[30] < 0.5, -1.0, 1.0) * (0.1 + 0.4 * rng.random()),
         "clips_v": 0.7 + 0.8 * rng.random(),
     }
     implants = rng.random(len(IMPLANTS)) < np.array(IMPLANT_RATE)

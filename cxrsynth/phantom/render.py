@@ -95,7 +95,7 @@ class Scene:
     collimation: np.ndarray  # (N, 4) top, bottom, left, right shutter widths (fraction)
     marker: np.ndarray  # (N,) bool
     anatomy: np.ndarray  # (N, len(ANATOMY)) the patient's persistent anatomy (cxrsynth.phantom.anatomy)
-    implants: np.ndarray  # (N, len(IMPLANTS)) bool: the patient's sternal wires, port, clips
+    implants: np.ndarray  # (N, len(IMPLANTS)) bool: the patient's sternal wires, surgical clips
     texture: np.ndarray  # (N,) uint64: seed of the patient's lung vascular pattern
 
     def __len__(self) -> int:
@@ -458,35 +458,20 @@ def _sample_field(coarse: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarra
     return top * (1 - fy) + bottom * fy
 
 
-def _line(u: np.ndarray, v: np.ndarray, p0: tuple, p1: tuple, width: float) -> np.ndarray:
-    """A thin line of half-width ``width`` along the segment p0 -> p1 (not mirrored)."""
-    (ax, ay), (bx, by) = p0, p1
-    dx, dy = bx - ax, by - ay
-    t = np.clip(((u - ax) * dx + (v - ay) * dy) / (dx * dx + dy * dy), 0.0, 1.0)
-    d = np.sqrt((u - ax - t * dx) ** 2 + (v - ay - t * dy) ** 2)
-    return np.clip(1.0 - d / width, 0.0, None)
-
-
 def _draw_implants(scene: Scene, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """The patient's long-lived surgical material: sternotomy wires, a chest port, surgical clips.
+    """The patient's long-lived surgical material: sternotomy wires, surgical clips.
 
     They stay from study to study (the patient's, :mod:`cxrsynth.phantom.anatomy`) and,
     like ECG leads, are not what the labeler reads as support devices.
     """
     shape = np.broadcast_shapes(u.shape, v.shape)
     out = np.zeros(shape, dtype=np.float32)
-    wires, port, clips = (scene.implants[:, k] for k in range(3))
+    wires, clips = (scene.implants[:, k] for k in range(2))
     if wires.any():  # five twisted loops down the sternum
         i = np.flatnonzero(wires)
         for k in range(5):
             r = np.sqrt((u[i] / 0.045) ** 2 + ((v[i] - 0.85 - 0.16 * k) / 0.026) ** 2)
             out[i] += 0.9 * np.clip(1.0 - np.abs(r - 1.0) / 0.45, 0.0, 1.0)
-    if port.any():  # a reservoir under the skin and its catheter to the superior vena cava
-        i = np.flatnonzero(port)
-        pu, pv = _col(scene.anatomy[i, ANAT["port_u"]]), _col(scene.anatomy[i, ANAT["port_v"]])
-        d = np.sqrt((u[i] - pu) ** 2 + (v[i] - pv) ** 2)
-        out[i] += 0.7 * _ramp(0.055 - d, 0.01) + 0.5 * np.clip(1.0 - np.abs(d - 0.05) / 0.012, 0.0, 1.0)
-        out[i] += 0.45 * _line(u[i], v[i], (pu, pv), (0.05 * np.sign(pu), pv + 0.45), 0.012)
     if clips.any():  # a cluster of small metal clips
         i = np.flatnonzero(clips)
         cu, cv = _col(scene.anatomy[i, ANAT["clips_u"]]), _col(scene.anatomy[i, ANAT["clips_v"]])
@@ -677,7 +662,10 @@ def _draw_findings(
         s = _col(st[idx, F["Pleural Effusion"]])
         side_ = _col(side[idx, F["Pleural Effusion"]])
         on = np.where(side_ == 0, 1.0, (u[idx] * side_) > 0)
-        cpa = 1.55 + 2.4 * 0.37**2 + _col(scene.inspiration[idx])  # costophrenic angle depth
+        # Costophrenic angle depth, at the patient's own (lower, left) dome and curvature.
+        anat = scene.anatomy[idx]
+        low = anat[:, ANAT["dome_right"]] + anat[:, ANAT["dome_gap"]] + anat[:, ANAT["dome_curve"]] * 0.37**2
+        cpa = _col(low + scene.inspiration[idx])
         depth = 0.02 + 0.33 * s**1.3  # small effusions only blunt the costophrenic angle
         surface = cpa - depth - (0.05 + 0.2 * s) * np.clip((a[idx] - 0.1) / 0.63, 0, 1) ** 2
         fluid = _ramp(v[idx] - surface, 0.05 + 0.1 * (1.0 - s)) * on
