@@ -364,7 +364,7 @@ def test_reid_recognises_held_out_phantom_patients_and_pixels_do_not():
     """Issue 17: the audit's reid network, trained on 70% of the patients, verifies the other 30%."""
     from cxrsynth.bench.reid import phantom_reid
 
-    result = phantom_reid("cxp", n=600, size=32, seed=0, steps=300, shift=2)
+    result = phantom_reid("cxp", n=700, size=32, seed=0, steps=400, shift=2)
     held = result["auroc_held_out"]
     assert held["reid"]["same_patient_pairs"] >= 100 and result["held_out_patients"] >= 40
     assert held["reid"]["auroc"] >= 0.95, result
