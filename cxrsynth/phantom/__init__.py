@@ -4,8 +4,8 @@
 a MIMIC-CXR-JPG tree with its gzipped tables, ``emory`` an in-house CSV with PNG and
 DICOM images; the importers read them as they would the real datasets. Modules:
 :mod:`~cxrsynth.phantom.sites` (site specs), :mod:`~cxrsynth.phantom.cohort` (patients,
-studies, demographics, labels), :mod:`~cxrsynth.phantom.render` (the vectorized
-renderer), :mod:`~cxrsynth.phantom.formats` (the writers), :mod:`~cxrsynth.sheet`
+studies, demographics, labels), :mod:`~cxrsynth.phantom.anatomy` (each patient's persistent
+anatomy), :mod:`~cxrsynth.phantom.render` (the vectorized renderer), :mod:`~cxrsynth.phantom.formats` (the writers), :mod:`~cxrsynth.sheet`
 (contact sheet) and :mod:`cxrsynth.bench.phantom` (the quality benchmark).
 """
 

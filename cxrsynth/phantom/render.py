@@ -7,6 +7,11 @@ left-right (0 at the midline, the lungs' lateral walls near +-0.73, the patient'
 on the image's right as in a PA display) and ``v`` runs down from the top of the field
 (lung apices near 0.15, diaphragm domes near 1.5). One unit is ``W / 2 * zoom`` pixels.
 
+Each image is drawn in its patient's frame: the patient's persistent anatomy
+(:mod:`cxrsynth.phantom.anatomy`: proportions, ribs, clavicles, heart, domes, spine, skin
+line, vascular pattern, sternal wires and clips) under the study's positioning (shift, an
+in-plane rotation, field of view), inspiration and imaging.
+
 Anatomy: body outline with neck and shoulders, lungs with vessel markings, heart,
 mediastinum with trachea and aortic knob, diaphragm domes (right higher) with sharp
 costophrenic angles and a gastric bubble, posterior and anterior ribs, clavicles, spine,
