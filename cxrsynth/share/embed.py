@@ -220,7 +220,7 @@ class ReidConfig(Config):
     size: int = setting(64, ge=1)
     width: int = setting(16, ge=1)
     dim: int = setting(64, ge=1)
-    steps: int = setting(500, ge=1)
+    steps: int = setting(700, ge=1)
     patients: int = setting(32, ge=1)
     lr: float = setting(2e-3, gt=0)
     temperature: float = setting(0.1, gt=0)
