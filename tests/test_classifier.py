@@ -214,7 +214,7 @@ def phantom_project(tmp_path_factory):
     """400 cxp phantoms written and ingested through the CLI at 48 px, split train/tune/test."""
     tmp = tmp_path_factory.mktemp("phantom_cls")
     root = tmp / "proj"
-    for args in (["phantom", "cxp", "--n", 400, "--out", "raw", "--seed", 1],
+    for args in (["phantom", "cxp", "--n", 700, "--out", "raw", "--seed", 1],
                  ["ingest", "chexpert", root / "raw/CheXpert-v1.0/train.csv", "--demographics", root / "raw/CHEXPERT DEMO.csv",
                   "--name", "cxp", "--size", 48, "--workers", 1],
                  ["split", "cxp", "--tune", 0.15, "--test", 0.3, "--seed", 0]):

@@ -287,9 +287,9 @@ def test_cli_phantom(tmp_path):
 #: sha256 of the pixels of ``sample_site(site, 6, seed=3)``: the embedded default is the same
 #: bytes on every x86 CPU (no BLAS, float64 transcendentals rounded to float32 in the renderer).
 RENDER_SHA256 = {
-    "cxp": "adef1c40364c3a10aab02582d371b954dbd7f62cedff1c13ebbd2885407fb4a4",
-    "mimic": "1d2ea8ae2c33af19950be5457baa642f2ab4a87aa3eeb579b059f1c0ec584c3f",
-    "emory": "64fa85936f3c63530f2d5072158073327a5a15a66a40fa072b0cd6cf414b24fc",
+    "cxp": "361e9b73357a58a4f23b0cd4dc6aa8850f1fdcb5079527a9c9738583055917f8",
+    "mimic": "8b164bb42054765aeda43b89ef843fd7067dae3880e7b7bb3990750dac8fe6a4",
+    "emory": "adff6c6b2c5112c5d6453940b2ca8d72815e25734dc4d85610f6adaa47348ef8",
 }
 
 _RENDER_HASHES = (
@@ -323,3 +323,49 @@ def test_render_bytes_do_not_depend_on_cpu_kernels(env):
                          env={**os.environ, **env})
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout) == RENDER_SHA256
+
+
+# ----------------------------------------------------------------------------- patients
+
+
+def test_a_patients_anatomy_persists_across_studies_and_does_not_depend_on_n():
+    from cxrsynth.phantom.anatomy import ANATOMY, sample_anatomy
+
+    phantom = sample_site("cxp", 60, seed=2)
+    patient = phantom.cohort.frame["patient"].to_numpy()
+    anatomy = phantom.scene.anatomy
+    for p in np.unique(patient):  # every image of a patient carries its anatomy, implants and vessels
+        rows = np.flatnonzero(patient == p)
+        assert (anatomy[rows] == anatomy[rows[0]]).all() and (phantom.scene.texture[rows] == phantom.scene.texture[rows[0]]).all()
+        assert (phantom.scene.implants[rows] == phantom.scene.implants[rows[0]]).all()
+    assert len({tuple(r) for r in anatomy}) == len(np.unique(patient))  # and no two patients share one
+    # Patient p's anatomy comes from its own generator: drawing more patients leaves it alone.
+    few, many = sample_anatomy(5, (2, 7)), sample_anatomy(50, (2, 7))
+    assert np.array_equal(few.values, many.values[:5]) and np.array_equal(few.texture, many.texture[:5])
+    assert few.values.shape == (5, len(ANATOMY))
+    # The labels and demographics are the cohort's alone: the anatomy draws no labels.
+    assert phantom.cohort.frame.equals(sample_site("cxp", 60, seed=2).cohort.frame)
+
+
+def test_studies_of_one_patient_vary_around_the_anatomy():
+    """Positioning, inspiration and exposure are drawn per image, not per patient."""
+    phantom = sample_site("cxp", 200, seed=1)
+    scene, patient = phantom.scene, phantom.cohort.frame["patient"].to_numpy()
+    p = np.bincount(patient).argmax()
+    rows = np.flatnonzero(patient == p)
+    assert len(rows) >= 3
+    for field in ("shift", "rotation", "inspiration", "exposure", "gamma", "noise"):
+        values = getattr(scene, field)[rows]
+        assert len({np.asarray(v).tobytes() for v in values}) == len(rows), field
+
+
+@pytest.mark.slow
+def test_reid_recognises_held_out_phantom_patients_and_pixels_do_not():
+    """Issue 17: the audit's reid network, trained on 70% of the patients, verifies the other 30%."""
+    from cxrsynth.bench.reid import phantom_reid
+
+    result = phantom_reid("cxp", n=700, size=32, seed=0, steps=400, shift=2)
+    held = result["auroc_held_out"]
+    assert held["reid"]["same_patient_pairs"] >= 100 and result["held_out_patients"] >= 40
+    assert held["reid"]["auroc"] >= 0.95, result
+    assert held["pixels"]["auroc"] <= held["reid"]["auroc"] - 0.15, result

@@ -4,8 +4,8 @@
 a MIMIC-CXR-JPG tree with its gzipped tables, ``emory`` an in-house CSV with PNG and
 DICOM images; the importers read them as they would the real datasets. Modules:
 :mod:`~cxrsynth.phantom.sites` (site specs), :mod:`~cxrsynth.phantom.cohort` (patients,
-studies, demographics, labels), :mod:`~cxrsynth.phantom.render` (the vectorized
-renderer), :mod:`~cxrsynth.phantom.formats` (the writers), :mod:`~cxrsynth.sheet`
+studies, demographics, labels), :mod:`~cxrsynth.phantom.anatomy` (each patient's persistent
+anatomy), :mod:`~cxrsynth.phantom.render` (the vectorized renderer), :mod:`~cxrsynth.phantom.formats` (the writers), :mod:`~cxrsynth.sheet`
 (contact sheet) and :mod:`cxrsynth.bench.phantom` (the quality benchmark).
 """
 
@@ -48,14 +48,20 @@ def sample_site(site: str, n: int, seed: int = 0) -> Phantom:
 
     The seed is combined with the site name, so two sites never share draws. Three
     independent generators are spawned: cohort, scene parameters and files (IDs, dates).
+    Each patient's persistent anatomy comes from its own generator, seeded by the seed,
+    the site and the patient's index (:func:`cxrsynth.phantom.anatomy.sample_anatomy`).
     """
+    from cxrsynth.phantom.anatomy import sample_anatomy
     from cxrsynth.phantom.cohort import sample_cohort
     from cxrsynth.phantom.render import sample_scene
 
     spec = get_site(site)
-    cohort_ss, scene_ss, files_ss = np.random.SeedSequence([int(seed), zlib.crc32(spec.name.encode())]).spawn(3)
+    entropy = (int(seed), zlib.crc32(spec.name.encode()))
+    cohort_ss, scene_ss, files_ss = np.random.SeedSequence(list(entropy)).spawn(3)
     cohort = sample_cohort(spec, n, np.random.default_rng(cohort_ss))
     f = cohort.frame
+    patient = f["patient"].to_numpy()
+    anatomy = sample_anatomy(int(patient.max()) + 1, (*entropy, 0xA7A7)).take(patient)
     scene = sample_scene(
         cohort.labels,
         f["sex"].to_numpy(),
@@ -63,6 +69,7 @@ def sample_site(site: str, n: int, seed: int = 0) -> Phantom:
         f["view"].to_numpy(),
         spec.imaging,
         np.random.default_rng(scene_ss),
+        anatomy,
     )
     return Phantom(site=spec, seed=int(seed), cohort=cohort, scene=scene, files_rng=np.random.default_rng(files_ss))
 

@@ -7,6 +7,11 @@ left-right (0 at the midline, the lungs' lateral walls near +-0.73, the patient'
 on the image's right as in a PA display) and ``v`` runs down from the top of the field
 (lung apices near 0.15, diaphragm domes near 1.5). One unit is ``W / 2 * zoom`` pixels.
 
+Each image is drawn in its patient's frame: the patient's persistent anatomy
+(:mod:`cxrsynth.phantom.anatomy`: proportions, ribs, clavicles, heart, domes, spine, skin
+line, vascular pattern, sternal wires and clips) under the study's positioning (shift, an
+in-plane rotation, field of view), inspiration and imaging.
+
 Anatomy: body outline with neck and shoulders, lungs with vessel markings, heart,
 mediastinum with trachea and aortic knob, diaphragm domes (right higher) with sharp
 costophrenic angles and a gastric bubble, posterior and anterior ribs, clavicles, spine,
@@ -32,6 +37,8 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from cxrsynth.labels import FINDINGS
+from cxrsynth.phantom.anatomy import A as ANAT
+from cxrsynth.phantom.anatomy import Anatomy
 from cxrsynth.phantom.sites import Imaging
 
 F = {name: k for k, name in enumerate(FINDINGS)}
@@ -71,6 +78,7 @@ class Scene:
     crop: np.ndarray  # (N, 2) top, left crop offsets on the site canvas
     zoom: np.ndarray  # (N,)
     shift: np.ndarray  # (N, 2) horizontal, vertical shift in patient units
+    rotation: np.ndarray  # (N,) in-plane rotation of the patient (radians)
     inspiration: np.ndarray  # (N,) diaphragm offset (positive = lower, deeper breath)
     ctr: np.ndarray  # (N,) cardiothoracic ratio as drawn (view, age, cardiomegaly)
     mediastinum: np.ndarray  # (N,) mediastinal width factor
@@ -91,6 +99,9 @@ class Scene:
     heel: np.ndarray  # (N,) anode-heel brightness gradient, top to bottom
     collimation: np.ndarray  # (N, 4) top, bottom, left, right shutter widths (fraction)
     marker: np.ndarray  # (N,) bool
+    anatomy: np.ndarray  # (N, len(ANATOMY)) the patient's persistent anatomy (cxrsynth.phantom.anatomy)
+    implants: np.ndarray  # (N, len(IMPLANTS)) bool: the patient's sternal wires, surgical clips
+    texture: np.ndarray  # (N,) uint64: seed of the patient's lung vascular pattern
 
     def __len__(self) -> int:
         return len(self.seed)
@@ -107,8 +118,13 @@ def sample_scene(
     view: np.ndarray,
     imaging: Imaging,
     rng: np.random.Generator,
+    anatomy: Anatomy,
 ) -> Scene:
-    """Draw the scene parameters of ``N`` images.
+    """Draw the scene parameters of ``N`` images around their patients' anatomy.
+
+    What a patient keeps from study to study comes from ``anatomy``; what is drawn here
+    varies per image: positioning (shift, rotation, field of view), inspiration,
+    exposure and detector, and the findings the labels ask for.
 
     Args:
         labels: (N, 14) int8 labels (1, 0, -1).
@@ -117,8 +133,10 @@ def sample_scene(
         view: (N,) "AP" or "PA".
         imaging: The site's imaging chain.
         rng: The generator.
+        anatomy: (N,) rows: each image's patient's anatomy (:meth:`Anatomy.take`).
     """
     n = labels.shape[0]
+    anat = anatomy.values
     H, W = imaging.size
     female = np.asarray(sex == "F", dtype=bool)
     age_years = np.where(np.isnan(age.astype(float)), 60.0, age.astype(float))
@@ -140,11 +158,11 @@ def sample_scene(
     where = rng.random((n, 14, 2))
 
     cardiomegaly = strength[:, F["Cardiomegaly"]]
-    ctr = rng.normal(0.44, 0.03, n) + 0.0012 * np.clip(age_years - 50, 0, None)
+    ctr = anat[:, ANAT["ctr"]] + rng.normal(0.0, 0.008, n) + 0.0012 * np.clip(age_years - 50, 0, None)
     ctr = ctr + np.where(cardiomegaly > 0, 0.03 + 0.1 * cardiomegaly, 0.0)
     ctr = ctr * np.where(ap, 1.12, 1.0)  # AP: divergent beam, heart far from the detector
     ecm = strength[:, F["Enlarged Cardiomediastinum"]]
-    mediastinum = rng.normal(1.0, 0.08, n) + np.where(ecm > 0, 0.06 + 0.3 * ecm, 0.0)
+    mediastinum = anat[:, ANAT["mediastinum"]] + rng.normal(0.0, 0.02, n) + np.where(ecm > 0, 0.06 + 0.3 * ecm, 0.0)
     mediastinum = mediastinum * np.where(ap, 1.08, 1.0)
 
     devices = rng.random((n, 5)) < np.array([0.4, 0.3, 0.55, 0.15, 0.4])
@@ -169,17 +187,18 @@ def sample_scene(
         crop=np.stack([crop_top, crop_left], axis=1),
         zoom=normal(imaging.zoom) * np.where(female, 0.96, 1.0),
         shift=np.stack([rng.normal(0, 0.04, n), rng.normal(0, 0.05, n)], axis=1),
+        rotation=rng.normal(0.0, 0.03, n),  # about 1.7 degrees
         inspiration=rng.normal(0.0, 0.05, n) - np.where(ap, 0.06, 0.0),  # supine AP: shallower
         ctr=ctr,
         mediastinum=mediastinum,
         female=female,
-        bone=np.clip(1.15 - 0.006 * np.clip(age_years - 30, 0, None) - 0.08 * female, 0.5, 1.2),
+        bone=np.clip((1.15 - 0.006 * np.clip(age_years - 30, 0, None) - 0.08 * female) * anat[:, ANAT["bone"]], 0.5, 1.3),
         ap=ap,
         strength=strength.astype(np.float32),
         side=side,
         where=where,
         devices=devices,
-        habitus=rng.random((n, 2)),
+        habitus=np.clip(anat[:, [ANAT["soft_tissue"], ANAT["basal_density"]]] + rng.normal(0.0, 0.06, (n, 2)), 0.0, 1.0),
         exposure=normal(imaging.exposure),
         gamma=np.clip(normal(imaging.gamma), 0.5, 2.0),
         contrast=np.clip(normal(imaging.contrast), 0.6, 1.5),
@@ -189,6 +208,9 @@ def sample_scene(
         heel=normal(imaging.heel),
         collimation=shutters,
         marker=rng.random(n) < imaging.marker,
+        anatomy=anat.astype(np.float32),
+        implants=anatomy.implants,
+        texture=anatomy.texture,
     )
 
 
@@ -327,16 +349,27 @@ def _attenuation(scene: Scene, H: int, W: int, h: int, w: int, rngs: list[np.ran
     y = (np.arange(h, dtype=np.float32) * (H / h) + 0.5 * (H / h - 1))[None, :, None]
     u = x / scale - _col(scene.shift[:, 0])  # (B, 1, w)
     v = y / scale - _col(scene.shift[:, 1]) - 0.08  # (B, h, 1)
-    a = np.abs(u)  # (B, 1, w) distance from the midline
+    # Positioning: the patient turned in-plane about mid-chest; then the patient's own
+    # proportions (thorax width and height) map the field into the patient's frame.
+    cos, sin = _col(_cos(scene.rotation)), _col(_sin(scene.rotation))
+    u, v = cos * u - sin * (v - 1.0), sin * u + cos * (v - 1.0) + 1.0  # (B, h, w) each
+    u = u / _anat(scene, "thorax_width")
+    v = 0.15 + (v - 0.15) / _anat(scene, "thorax_height")
+    a = np.abs(u)  # distance from the midline
     left = u < 0  # image left = patient's right
 
+    # Lung markings: the patient's own vascular pattern (fixed to the anatomy) plus a
+    # little per-study variation (on the image grid).
+    own = np.stack([np.random.default_rng(int(t)).standard_normal((26, 22), dtype=np.float32) for t in scene.texture])
     vessels = np.stack([r.standard_normal((26, 22), dtype=np.float32) for r in rngs])
     patches = np.stack([r.standard_normal((10, 9), dtype=np.float32) for r in rngs])
-    vessels = _upsample(vessels, h, w)  # (B, h, w)
+    vessels = 0.9 * _sample_field(own, u, v) + 0.45 * _upsample(vessels, h, w)  # (B, h, w)
     patches = _upsample(patches, h, w)  # (B, h, w)
 
-    # Body: elliptical cross-section, neck flaring into shoulders.
-    half = 0.34 + 0.62 * np.clip(v / 0.3, 0.0, 1.0) - 0.05 * np.clip(v - 1.8, 0.0, None)  # (B, H, 1)
+    # Body: elliptical cross-section, neck flaring into shoulders; the patient's habitus
+    # and a flank a little wider than the other (the skin line).
+    body = _anat(scene, "body_width") * (1.0 + np.where(left, -1.0, 1.0) * _anat(scene, "skin_asymmetry"))
+    half = (0.34 + 0.62 * np.clip(v / _anat(scene, "neck"), 0.0, 1.0) - 0.05 * np.clip(v - 1.8, 0.0, None)) * body
     chord = np.sqrt(np.clip(1.0 - (u / half) ** 2, 0.0, None))  # (B, H, W)
     A = 0.36 * chord + 0.2 * _ramp(half - a, 0.06)
 
@@ -345,8 +378,10 @@ def _attenuation(scene: Scene, H: int, W: int, h: int, w: int, rngs: list[np.ran
     lift = np.where(atel > 0, 0.01 + 0.06 * atel, 0.0)
     lift_left = np.where(scene.side[:, F["Atelectasis"]] < 0, lift, 0.0)
     lift_right = np.where(scene.side[:, F["Atelectasis"]] > 0, lift, 0.0)
-    d0 = np.where(left, _col(1.48 + scene.inspiration - lift_left), _col(1.55 + scene.inspiration - lift_right))
-    dome = d0 + 2.4 * (a - 0.36) ** 2  # (B, 1, W)
+    right_dome = scene.anatomy[:, ANAT["dome_right"]]
+    left_dome = right_dome + scene.anatomy[:, ANAT["dome_gap"]]
+    d0 = np.where(left, _col(right_dome + scene.inspiration - lift_left), _col(left_dome + scene.inspiration - lift_right))
+    dome = d0 + _anat(scene, "dome_curve") * (a - 0.36) ** 2
     below = _ramp(v - dome, 0.02)  # (B, H, W) abdomen
 
     # Lungs: ellipses cut by the domes (sharp costophrenic angles at the lateral walls).
@@ -355,10 +390,12 @@ def _attenuation(scene: Scene, H: int, W: int, h: int, w: int, rngs: list[np.ran
 
     # Heart and mediastinum displace lung.
     hs = _col(scene.ctr * 0.73)  # heart semi-axis
-    heart = _ramp(1.0 - ((u - hs / 3.0) / hs) ** 2 - ((v - 1.52 - _col(scene.inspiration)) / 0.4) ** 2, 0.15)
+    hv = (v - _anat(scene, "heart_level") - _col(scene.inspiration)) / _anat(scene, "heart_height")
+    heart = _ramp(1.0 - ((u - hs * _anat(scene, "heart_offset")) / hs) ** 2 - hv**2, 0.15)
     mwidth = _col(scene.mediastinum) * (0.11 + 0.04 * np.clip(v, 0.0, 1.2))  # (B, H, 1)
     medi = _ramp(mwidth - np.abs(u - 0.02), 0.04) * _ramp(1.35 - v, 0.1)
-    knob = _blob(u - 0.13 * _col(scene.mediastinum), v - 0.72, _col(0.085 * scene.mediastinum))
+    knob = _blob(u - 0.13 * _col(scene.mediastinum), v - _anat(scene, "knob_level"),
+                 _col(scene.mediastinum) * _anat(scene, "knob_size"))
     soft = np.maximum(np.maximum(heart, medi), np.minimum(knob * 3.0, 1.0)) * (1.0 - below)
     air = lung * (1.0 - soft)
 
@@ -379,25 +416,73 @@ def _attenuation(scene: Scene, H: int, W: int, h: int, w: int, rngs: list[np.ran
 
     # Trachea (air) and gastric bubble.
     A -= 0.12 * _ramp(0.045 - np.abs(u - 0.01), 0.02) * _ramp(0.95 - v, 0.05) * _ramp(v - 0.05, 0.05)
-    A -= 0.12 * _blob(u - 0.32, (v - dome - 0.1) / 0.6, np.float32(0.09)) * (u > 0)
+    A -= 0.12 * _blob(u - _anat(scene, "bubble"), (v - dome - 0.1) / 0.6, np.float32(0.09)) * (u > 0)
 
     # Women: breast shadows over the lower lateral lungs.
     if scene.female.any():
         idx = np.flatnonzero(scene.female)
-        breast = _blob((a[idx] - 0.48) / 1.5, (v[idx] - 1.5) / 1.0, np.float32(0.2)) * _ramp(v[idx] - 1.35, 0.1)
+        size = _col(scene.anatomy[idx, ANAT["breast"]])
+        breast = _blob((a[idx] - 0.48) / 1.5, (v[idx] - 1.5) / 1.0, size) * _ramp(v[idx] - 1.35, 0.1)
         A[idx] += 0.1 * breast
 
-    # Bones: spine, posterior and anterior ribs, clavicles.
+    # Bones: spine (the patient's slight scoliosis), posterior and anterior ribs, clavicles.
     bone = _col(scene.bone)
-    vert = 0.75 + 0.25 * _cos(2 * np.pi * v / 0.15)  # (B, H, 1) vertebral bodies and discs
-    A += 0.15 * bone * _ramp(0.085 - a, 0.03) * vert
+    vert = 0.75 + 0.25 * _cos(2 * np.pi * (v / 0.15 - _anat(scene, "vertebra_phase")))  # bodies and discs
+    bow = _anat(scene, "scoliosis") * _sin(np.pi * np.clip((v - 0.1) / 1.9, 0.0, 1.0))
+    A += 0.15 * bone * _ramp(_anat(scene, "spine_width") - np.abs(u - bow), 0.03) * vert
     A += _ribs(scene, u, v, a, ell, dome) * 0.09 * bone
-    clav = _segment_band(a, v, (0.06, 0.45), (0.7, 0.3), 0.04)
+    clav = _segment_band(a, v, (0.06, _anat(scene, "clavicle_medial")),
+                         (_anat(scene, "clavicle_length"), _anat(scene, "clavicle_lateral")), 0.04)
     A += 0.15 * bone * clav
 
     A += _draw_findings(scene, u, v, a, ell, dome, air, patches, vessels)
     A += _draw_devices(scene, u, v)
+    A += _draw_implants(scene, u, v)
     return A
+
+
+def _anat(scene: Scene, name: str) -> np.ndarray:
+    """The anatomy parameter ``name`` of each image, (B, 1, 1)."""
+    return _col(scene.anatomy[:, ANAT[name]])
+
+
+def _sample_field(coarse: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """A (B, gh, gw) coarse field laid over the patient (u in -1.2..1.2, v in -0.2..2.4), read at (u, v).
+
+    Bilinear, by gathering (elementwise; no BLAS): the field moves with the patient's
+    anatomy, whatever the study's positioning.
+    """
+    B, gh, gw = coarse.shape
+    gx = np.clip((u + 1.2) * ((gw - 1) / 2.4), 0.0, gw - 1.001)
+    gy = np.clip((v + 0.2) * ((gh - 1) / 2.6), 0.0, gh - 1.001)
+    ix, iy = gx.astype(np.int64), gy.astype(np.int64)
+    fx, fy = (gx - ix).astype(np.float32), (gy - iy).astype(np.float32)
+    b = np.arange(B)[:, None, None]
+    top = coarse[b, iy, ix] * (1 - fx) + coarse[b, iy, ix + 1] * fx
+    bottom = coarse[b, iy + 1, ix] * (1 - fx) + coarse[b, iy + 1, ix + 1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _draw_implants(scene: Scene, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The patient's long-lived surgical material: sternotomy wires, surgical clips.
+
+    They stay from study to study (the patient's, :mod:`cxrsynth.phantom.anatomy`) and,
+    like ECG leads, are not what the labeler reads as support devices.
+    """
+    shape = np.broadcast_shapes(u.shape, v.shape)
+    out = np.zeros(shape, dtype=np.float32)
+    wires, clips = (scene.implants[:, k] for k in range(2))
+    if wires.any():  # five twisted loops down the sternum
+        i = np.flatnonzero(wires)
+        for k in range(5):
+            r = np.sqrt((u[i] / 0.045) ** 2 + ((v[i] - 0.85 - 0.16 * k) / 0.026) ** 2)
+            out[i] += 0.9 * np.clip(1.0 - np.abs(r - 1.0) / 0.45, 0.0, 1.0)
+    if clips.any():  # a cluster of small metal clips
+        i = np.flatnonzero(clips)
+        cu, cv = _col(scene.anatomy[i, ANAT["clips_u"]]), _col(scene.anatomy[i, ANAT["clips_v"]])
+        for du, dv in ((0.0, 0.0), (0.035, 0.05), (-0.03, 0.07), (0.05, -0.04)):
+            out[i] += 0.9 * _ramp(0.018 - np.abs(u[i] - cu - du), 0.006) * _ramp(0.008 - np.abs(v[i] - cv - dv), 0.006)
+    return out
 
 
 def _segment_band(a: np.ndarray, v: np.ndarray, p0: tuple[float, float], p1: tuple[float, float], w: float) -> np.ndarray:
@@ -412,7 +497,9 @@ def _segment_band(a: np.ndarray, v: np.ndarray, p0: tuple[float, float], p1: tup
 
 def _ribs(scene: Scene, u: np.ndarray, v: np.ndarray, a: np.ndarray, ell: np.ndarray, dome: np.ndarray) -> np.ndarray:
     """Posterior ribs (arcs dropping laterally) and fainter anterior ribs; fractures."""
-    phase = (v - 0.25 + 0.25 * a - 0.85 * a * a) / (0.15 + 0.03 * v)  # (B, H, W), one rib per unit
+    period = _anat(scene, "rib_period")
+    offset = period * (_anat(scene, "rib_phase") + np.where(u < 0, 0.5, -0.5) * _anat(scene, "rib_tilt"))
+    phase = (v - 0.25 - offset + 0.25 * a - _anat(scene, "rib_slope") * a * a) / (period + 0.03 * v)  # one rib per unit
     frac = scene.strength[:, F["Fracture"]]
     gap = None
     if (frac > 0).any():
@@ -428,7 +515,7 @@ def _ribs(scene: Scene, u: np.ndarray, v: np.ndarray, a: np.ndarray, ell: np.nda
     c = _cos(2 * np.pi * phase)
     rib = np.clip((c - 0.25) / 0.75, 0.0, 1.0)
     rib = np.sqrt(rib) * (1.0 - 0.35 * rib)  # brighter cortex than marrow
-    anterior = np.clip((_cos(2 * np.pi * (v - 0.3 + 0.5 * a) / 0.24) - 0.55) / 0.45, 0.0, 1.0)
+    anterior = np.clip((_cos(2 * np.pi * (v - 0.3 - offset + 0.5 * a) / (1.6 * period)) - 0.55) / 0.45, 0.0, 1.0)
     cage = _ramp(1.12 - ell, 0.1) * _ramp(dome + 0.1 - v, 0.1)
     ribs = (rib + 0.35 * anterior) * cage
     if gap is not None:
@@ -580,7 +667,10 @@ def _draw_findings(
         s = _col(st[idx, F["Pleural Effusion"]])
         side_ = _col(side[idx, F["Pleural Effusion"]])
         on = np.where(side_ == 0, 1.0, (u[idx] * side_) > 0)
-        cpa = 1.55 + 2.4 * 0.37**2 + _col(scene.inspiration[idx])  # costophrenic angle depth
+        # Costophrenic angle depth, at the patient's own (lower, left) dome and curvature.
+        anat = scene.anatomy[idx]
+        low = anat[:, ANAT["dome_right"]] + anat[:, ANAT["dome_gap"]] + anat[:, ANAT["dome_curve"]] * 0.37**2
+        cpa = _col(low + scene.inspiration[idx])
         depth = 0.02 + 0.33 * s**1.3  # small effusions only blunt the costophrenic angle
         surface = cpa - depth - (0.05 + 0.2 * s) * np.clip((a[idx] - 0.1) / 0.63, 0, 1) ** 2
         fluid = _ramp(v[idx] - surface, 0.05 + 0.1 * (1.0 - s)) * on

@@ -209,6 +209,10 @@ class ReidConfig(Config):
         lr: Adam learning rate.
         temperature: Of the supervised contrastive loss.
         shift: Largest random translation (px) of the augmentation.
+        pool: Side of the average-pooled feature map the projection reads: ``pool x pool``
+            cells keep the chest's layout (where the heart's border, the domes, the
+            clavicles lie), which a global average (``pool=1``) of 17-px receptive fields
+            throws away; a patient is recognised by that layout.
         seed: Seeds the initial weights, the batches and the augmentation.
     """
 
@@ -217,16 +221,17 @@ class ReidConfig(Config):
     size: int = setting(64, ge=1)
     width: int = setting(16, ge=1)
     dim: int = setting(64, ge=1)
-    steps: int = setting(300, ge=1)
+    steps: int = setting(700, ge=1)
     patients: int = setting(32, ge=1)
     lr: float = setting(2e-3, gt=0)
     temperature: float = setting(0.1, gt=0)
     shift: int = setting(4, ge=0)
+    pool: int = setting(4, ge=1)
     seed: int = 0
 
 
 def reid_network(config: ReidConfig) -> "torch.nn.Module":
-    """Four strided convolutions, global average pooling, a linear projection: ``(B, 1, S, S) → (B, dim)``."""
+    """Four strided convolutions, average pooling to ``pool x pool``, a linear projection: ``(B, 1, S, S) → (B, dim)``."""
     from torch import nn
 
     w = config.width
@@ -235,7 +240,7 @@ def reid_network(config: ReidConfig) -> "torch.nn.Module":
         return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(4, cout), nn.ReLU(inplace=True)]
 
     return nn.Sequential(*block(1, w, 1), *block(w, 2 * w, 2), *block(2 * w, 4 * w, 2), *block(4 * w, 4 * w, 2),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, config.dim))
+                         nn.AdaptiveAvgPool2d(config.pool), nn.Flatten(), nn.Linear(4 * w * config.pool**2, config.dim))
 
 
 def _as_input(images: "torch.Tensor") -> "torch.Tensor":
@@ -267,6 +272,20 @@ def supcon_loss(z: "torch.Tensor", patient: "torch.Tensor", temperature: float) 
     positive = (patient[:, None] == patient[None, :]) & ~eye
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     return -(log_prob.masked_fill(~positive, 0.0).sum(1) / positive.sum(1).clamp_min(1)).mean()
+
+
+def warmup_cosine(step: int, steps: int, warmup: float = 0.05) -> float:
+    """Learning-rate factor: linear warm-up over the first ``warmup`` of the steps, then cosine decay to 0.
+
+    The warm-up keeps the contrastive loss from collapsing every embedding onto one point
+    early on (which a constant 2e-3 did on the phantom: the loss stuck at log(2P - 1)).
+    """
+    import math
+
+    first = max(1, int(warmup * steps))
+    if step < first:
+        return (step + 1) / first
+    return 0.5 * (1.0 + math.cos(math.pi * (step - first) / max(1, steps - first)))
 
 
 def _pair_pool(patient: np.ndarray) -> dict[int, np.ndarray]:
@@ -303,6 +322,7 @@ def train_reid(images: np.ndarray, patient_ids: pd.Series, config: ReidConfig, d
         net = reid_network(config)
     net = net.to(device).train()
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, config.steps))
     data = torch.from_numpy(images)  # (N, S, S) uint8, CPU
     patients = np.array(sorted(pool))
     per_batch = min(config.patients, len(patients))
@@ -319,6 +339,7 @@ def train_reid(images: np.ndarray, patient_ids: pd.Series, config: ReidConfig, d
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         if progress:
             progress(1)
     net.eval()
@@ -457,7 +478,7 @@ def train_sscd(images: np.ndarray, config: SscdConfig, device: "torch.device", o
     gen = torch.Generator().manual_seed(config.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        net = reid_network(ReidConfig(size=config.size, width=config.width, dim=config.dim))
+        net = reid_network(ReidConfig(size=config.size, width=config.width, dim=config.dim, pool=1))
     net = net.to(device).train()
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     data = torch.from_numpy(images)
@@ -511,7 +532,7 @@ def load_network(directory: str | Path, kind: str, device: "torch.device") -> Em
                      error=EmbeddingError, keys=("config",))
     if kind == "sscd":
         c = SscdConfig.from_dict(info["config"])
-        net = reid_network(ReidConfig(size=c.size, width=c.width, dim=c.dim))
+        net = reid_network(ReidConfig(size=c.size, width=c.width, dim=c.dim, pool=1))
     else:
         c = ReidConfig.from_dict(info["config"])
         net = reid_network(c)
