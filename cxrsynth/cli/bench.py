@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import BootstrapThreads, Device, Root, Threads, console, fail, set_threads
+from cxrsynth.cli.common import BootstrapThreads, Device, Root, Threads, console, err_console, fail, set_threads
 from cxrsynth.cli.options import given
 
 #: ``--json`` of every benchmark: its result as one JSON line instead of a table.
@@ -390,6 +390,21 @@ def bench_classifier(
 
 
 def bench_audit(
+    planted: Annotated[bool, typer.Option("--planted", help="Plant near-copies of training images among new patients' "
+                                                           "images: detection and false-flag rates per embedding x criterion.")] = False,
+    data: Annotated[str, typer.Option("--data", help="--planted: real dataset with a training split and held-out patients.")] = "cxp",
+    size: Annotated[int, typer.Option("--size", min=8, help="--planted: side (px) images are decoded and transformed at.")] = 64,
+    per_transform: Annotated[int, typer.Option("--per-transform", min=1, help="--planted: copies planted per transform.")] = 40,
+    embeddings: Annotated[str, typer.Option("--embeddings", help="--planted: comma-separated embeddings "
+                                                                 "(pixels, reid, sscd, classifier:DIR).")] = "pixels,reid,sscd",
+    synthetic: Annotated[Optional[str], typer.Option("--synthetic", help="--planted: a synthetic replica whose flagged "
+                                                                         "share is reported too.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="--planted: write the JSON report here.")] = None,
+    sscd_steps: Annotated[Optional[int], typer.Option("--sscd-steps", min=1, help="--planted: training steps of the sscd "
+                                                                              "network (default: the audit's).")] = None,
+    align: Annotated[Optional[int], typer.Option("--align", min=0, help="--planted: candidates re-scored by test-time "
+                                                                        "alignment (0: none; default: the audit's).")] = None,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="--planted: seeds the patient halves and the plants.")] = 0,
     queries: Annotated[int, typer.Option("--queries", min=1, help="Synthetic embeddings searched.")] = 4096,
     bank: Annotated[int, typer.Option("--bank", min=1, help="Training embeddings searched against.")] = 16384,
     dim: Annotated[int, typer.Option("--dim", min=1, help="Embedding size (1024 = the 32 px pixels embedding).")] = 1024,
@@ -398,11 +413,15 @@ def bench_audit(
     device: Device = None,
     threads: Threads = None,
     as_json: AsJson = False,
+    root: Root = Path("."),
 ) -> None:
-    """Memorization-audit search speed: seconds per million (synthetic, training) pairs, and the paper's 720K x 72K."""
+    """Memorization-audit search speed (seconds per million pairs, the paper's 720K x 72K); --planted: what the audit catches."""
+    set_threads(threads)
+    if planted:
+        _bench_planted(root, data, size, per_transform, embeddings, synthetic, out, device, as_json, sscd_steps, align, seed)
+        return
     from cxrsynth.bench.audit import bench_audit as bench_lib
 
-    set_threads(threads)
     r = bench_lib(queries=queries, bank=bank, dim=dim, k=k, chunk=chunk, device=device)
     if as_json:
         print(json.dumps(r.to_dict()))
@@ -410,6 +429,42 @@ def bench_audit(
     console.print(f"audit search {r.queries:,} x {r.bank:,} pairs, dim {r.dim}, k {r.k} on {r.device} ({r.threads} threads): "
                   f"{r.seconds:.3f} s = {r.seconds_per_million_pairs * 1e3:.3f} ms per million pairs; the paper's 720K x 72K: "
                   f"{r.paper_scale_hours:.2f} h; pixels embedding {r.embed_images_per_s:,.0f} images/s", highlight=False, soft_wrap=True)
+
+
+def _bench_planted(root: Path, data: str, size: int, per_transform: int, embeddings: str, synthetic: str | None,
+                   out: Path | None, device: str | None, as_json: bool, sscd_steps: int | None, align: int | None,
+                   seed: int) -> None:
+    from rich.table import Table
+
+    from cxrsynth.bench.planted import bench_planted
+    from cxrsynth.share.audit import AuditConfig
+
+    base = AuditConfig()
+    config = base.override(device=device, align=align, sscd=base.sscd.override(steps=sscd_steps))
+    report = bench_planted(root, data, size=size, per_transform=per_transform,
+                           embeddings=tuple(e for e in embeddings.split(",") if e), synthetic=synthetic, config=config,
+                           seed=seed, progress=lambda m: err_console.print(m, highlight=False, soft_wrap=True))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    if as_json:
+        print(json.dumps(report))
+        return
+    table = Table(title=f"planted copies at {size} px: share detected per transform ({per_transform} each); "
+                        f"new patients' images flagged (of {report['new_patients']['images']})")
+    extra = ["synthetic"] if report["synthetic"] else []
+    for column in ("embedding", "criterion", *report["transforms"], "new patients", "chance", *extra):
+        table.add_column(column, overflow="fold")
+    rates = {(r["embedding"], r["criterion"], r["transform"]): r["rate"] for r in report["rows"]}
+    for c in report["configs"]:
+        table.add_row(c["embedding"], c["criterion"], *(f"{rates[c['embedding'], c['criterion'], t]:.2f}"
+                                                        for t in report["transforms"]),
+                      f"{c['false_flag_rate']:.4f}", f"{c['chance_rate']:.4f}",
+                      *([f"{c['synthetic_flagged']:.4f}"] if extra else []))
+    console.print(table)
+    b = report["best"]
+    console.print(f"best: {b['embedding']} + {b['criterion']}: worst transform {b['worst_rate']:.2f}, mean {b['mean_rate']:.2f}, "
+                  f"new patients flagged {b['false_flag_rate']:.4f}" + (f"; wrote {out}" if out else ""), highlight=False)
 
 
 def bench_scale(

@@ -78,6 +78,7 @@ class AuditConfig(Config):
     k: int = 5
     quantile: float = 0.01
     pixel_size: int = 32
+    align: int = 0
     reid: embed.ReidConfig = embed.ReidConfig()
     sscd: embed.SscdConfig = embed.SscdConfig()
     pairs: int = 20000
@@ -194,6 +195,41 @@ def reid_auroc(frame: pd.DataFrame, vectors, n_pairs: int, seed: int) -> dict[st
     scores = (vectors[ii] * vectors[jj]).sum(dim=1).cpu().numpy()
     out["auroc"] = round(float(roc_auc_score(same, scores)), 4)
     return out
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """``(N, S, S) uint8`` → ``(N, size, size)``, bilinear like :func:`cxrsynth.imaging.decode_png`."""
+    from PIL import Image
+
+    if images.shape[1] == size:
+        return images
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+                     for im in images])
+
+
+class Searcher:
+    """The audit's search: each query image's ``k`` nearest training images, ``(distance, index)`` as numpy.
+
+    ``bank``: the training images' embedding vectors (rows of ``train_images``, in order).
+    """
+
+    def __init__(self, emb: embed.Embedding, train_images: np.ndarray, config: AuditConfig, device,
+                 bank=None) -> None:
+        self.emb, self.config, self.device = emb, config, device
+        self.bank = self.vectors(train_images) if bank is None else bank
+
+    def vectors(self, images: np.ndarray):
+        """``(N, S, S) uint8`` (any side) → ``(N, D)`` unit rows on the device."""
+        import torch
+
+        small = resize_images(images, self.emb.size)
+        parts = [self.emb(torch.from_numpy(small[i : i + self.config.batch]).to(self.device))
+                 for i in range(0, len(small), self.config.batch)]
+        return torch.cat(parts) if parts else torch.zeros((0, self.bank.shape[1]), device=self.device)
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d, i = embed.nearest(self.vectors(images), self.bank, self.config.k, self.config.chunk)
+        return d.cpu().numpy(), i.cpu().numpy()
 
 
 def _load_array(root: Path, frame: pd.DataFrame, size: int, batch: int) -> np.ndarray:
