@@ -76,3 +76,32 @@ def test_bench_audit_planted_prints_a_row_per_embedding_and_criterion_and_writes
         (e, c, t) for e in ("pixels", "sscd") for c in copies.CRITERIA for t in transforms.SUITE}
     assert len(report["configs"]) == 2 * len(copies.CRITERIA)
     assert "best:" in out and "mix2" in out and "new patients" in out
+
+
+def _smooth_images(n: int, size: int, seed: int) -> np.ndarray:
+    """``n`` random smooth grey images (blurred noise, standardised to 0-255): anatomy-like texture, all different."""
+    import torch
+
+    from cxrsynth.share.align import gaussian_blur
+
+    noise = torch.from_numpy(np.random.default_rng(seed).normal(size=(n, size, size))).float()
+    x = gaussian_blur(noise, 2.5).numpy()
+    x = (x - x.min(axis=(1, 2), keepdims=True)) / np.ptp(x, axis=(1, 2), keepdims=True)
+    return np.rint(40 + 180 * x).astype(np.uint8)
+
+
+@pytest.mark.slow  # ~1 s of registration, ~5 s with torch's first calls under load
+def test_alignment_registers_a_shifted_rotated_or_cropped_copy_back_onto_its_source():
+    from cxrsynth.share.align import Aligner
+
+    train = _smooth_images(12, 64, seed=0)
+    rng = np.random.default_rng(1)
+    copies_ = np.stack([transforms.shift(train[0], rng), transforms.rotate(train[1], rng), transforms.crop(train[2], rng),
+                        transforms.scale(train[3], rng)])
+    candidates = np.tile(np.arange(12), (4, 1))
+    d = Aligner(train, size=64).distances(copies_, candidates)
+    own = d[np.arange(4), np.arange(4)]
+    others = np.where(np.eye(4, 12, dtype=bool), np.inf, d).min(axis=1)
+    assert (own < 0.02).all() and (own < 0.25 * others).all(), (own, others)
+    plain = Aligner(train, size=64, iters=0).distances(copies_[:1], candidates[:1])  # the grid alone finds a whole-px shift
+    assert plain[0, 0] < 0.01 and plain[0, 0] == plain[0].min()

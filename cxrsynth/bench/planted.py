@@ -120,8 +120,8 @@ def bench_planted(
             cfg = config.reid if kind == "reid" else config.sscd
             say(f"training the {kind} network on {len(train_images)} images ({cfg.steps} steps)")
             if kind == "reid":
-                return embed.train_reid(audit_lib.resize_images(train_images, cfg.size), train["patient_id"], cfg, device)
-            return embed.train_sscd(audit_lib.resize_images(train_images, cfg.size), cfg, device)
+                return embed.train_reid(embed.resize_images(train_images, cfg.size), train["patient_id"], cfg, device)
+            return embed.train_sscd(embed.resize_images(train_images, cfg.size), cfg, device)
 
         emb = embed.build(spec, device=device, train=train_network, pixel_size=config.pixel_size)
         trained = time.perf_counter() - started
