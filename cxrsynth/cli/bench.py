@@ -402,6 +402,8 @@ def bench_audit(
     out: Annotated[Optional[Path], typer.Option("--out", help="--planted: write the JSON report here.")] = None,
     sscd_steps: Annotated[Optional[int], typer.Option("--sscd-steps", min=1, help="--planted: training steps of the sscd "
                                                                               "network (default: the audit's).")] = None,
+    sscd_shift: Annotated[Optional[float], typer.Option("--sscd-shift", min=0.0, max=0.5, help="--planted: largest shift of "
+                                                        "the sscd augmentation, share of the side (default: the audit's).")] = None,
     align: Annotated[Optional[int], typer.Option("--align", min=0, help="--planted: candidates re-scored by test-time "
                                                                         "alignment (0: none; default: the audit's).")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, help="--planted: seeds the patient halves and the plants.")] = 0,
@@ -418,7 +420,7 @@ def bench_audit(
     """Memorization-audit search speed (seconds per million pairs, the paper's 720K x 72K); --planted: what the audit catches."""
     set_threads(threads)
     if planted:
-        _bench_planted(root, data, size, per_transform, embeddings, synthetic, out, device, as_json, sscd_steps, align, seed)
+        _bench_planted(root, data, size, per_transform, embeddings, synthetic, out, device, as_json, sscd_steps, sscd_shift, align, seed)
         return
     from cxrsynth.bench.audit import bench_audit as bench_lib
 
@@ -432,15 +434,15 @@ def bench_audit(
 
 
 def _bench_planted(root: Path, data: str, size: int, per_transform: int, embeddings: str, synthetic: str | None,
-                   out: Path | None, device: str | None, as_json: bool, sscd_steps: int | None, align: int | None,
-                   seed: int) -> None:
+                   out: Path | None, device: str | None, as_json: bool, sscd_steps: int | None, sscd_shift: float | None,
+                   align: int | None, seed: int) -> None:
     from rich.table import Table
 
     from cxrsynth.bench.planted import bench_planted
     from cxrsynth.share.audit import AuditConfig
 
     base = AuditConfig()
-    config = base.override(device=device, align=align, sscd=base.sscd.override(steps=sscd_steps))
+    config = base.override(device=device, align=align, sscd=base.sscd.override(steps=sscd_steps, shift=sscd_shift))
     report = bench_planted(root, data, size=size, per_transform=per_transform,
                            embeddings=tuple(e for e in embeddings.split(",") if e), synthetic=synthetic, config=config,
                            seed=seed, progress=lambda m: err_console.print(m, highlight=False, soft_wrap=True))
@@ -459,9 +461,12 @@ def _bench_planted(root: Path, data: str, size: int, per_transform: int, embeddi
     for c in report["configs"]:
         table.add_row(c["embedding"], c["criterion"], *(f"{rates[c['embedding'], c['criterion'], t]:.2f}"
                                                         for t in report["transforms"]),
-                      f"{c['false_flag_rate']:.4f}", f"{c['chance_rate']:.4f}",
+                      f"{c['new_patients_flagged']}/{c['new_patient_images']} ({100 * c['false_flag_rate']:.2f}%)"
+                      + ("" if c["false_flags_consistent"] else " *"), f"{100 * c['chance_rate']:.2f}%",
                       *([f"{c['synthetic_flagged']:.4f}"] if extra else []))
     console.print(table)
+    console.print(f"* more new patients flagged than the {100 * report['quantile']:g}% quantile explains (one-sided binomial "
+                  "p < 0.05): not eligible as the best", highlight=False)
     b = report["best"]
     console.print(f"best: {b['embedding']} + {b['criterion']}: worst transform {b['worst_rate']:.2f}, mean {b['mean_rate']:.2f}, "
                   f"new patients flagged {b['false_flag_rate']:.4f}" + (f"; wrote {out}" if out else ""), highlight=False)
