@@ -436,8 +436,6 @@ def bench_audit(
 def _bench_planted(root: Path, data: str, size: int, per_transform: int, embeddings: str, synthetic: str | None,
                    out: Path | None, device: str | None, as_json: bool, sscd_steps: int | None, sscd_shift: float | None,
                    align: int | None, seed: int) -> None:
-    from rich.table import Table
-
     from cxrsynth.bench.planted import bench_planted
     from cxrsynth.share.audit import AuditConfig
 
@@ -452,21 +450,24 @@ def _bench_planted(root: Path, data: str, size: int, per_transform: int, embeddi
     if as_json:
         print(json.dumps(report))
         return
-    table = Table(title=f"planted copies at {size} px: share detected per transform ({per_transform} each); "
-                        f"new patients' images flagged (of {report['new_patients']['images']})")
-    extra = ["synthetic"] if report["synthetic"] else []
-    for column in ("embedding", "criterion", *report["transforms"], "new patients", "chance", *extra):
-        table.add_column(column, overflow="fold")
+    # plain fixed-width lines (a rich table of 17 columns folds every cell in an 80-column pipe)
+    names = [t[:8] for t in report["transforms"]]
+    extra = report["synthetic"] is not None
+    lines = [f"planted copies at {size} px: share detected per transform ({per_transform} each); new patients' images "
+             f"flagged; the criterion's chance rate on the calibrating half" + ("; synthetic images flagged" if extra else ""),
+             f"{'embedding':<12} {'align':>5} {'criterion':<9} " + " ".join(f"{n:>8}" for n in names)
+             + f" {'new patients':>17} {'chance':>7}" + (f" {'synthetic':>9}" if extra else "")]
     rates = {(r["embedding"], r["criterion"], r["transform"]): r["rate"] for r in report["rows"]}
     for c in report["configs"]:
-        table.add_row(c["embedding"], c["criterion"], *(f"{rates[c['embedding'], c['criterion'], t]:.2f}"
-                                                        for t in report["transforms"]),
-                      f"{c['new_patients_flagged']}/{c['new_patient_images']} ({100 * c['false_flag_rate']:.2f}%)"
-                      + ("" if c["false_flags_consistent"] else " *"), f"{100 * c['chance_rate']:.2f}%",
-                      *([f"{c['synthetic_flagged']:.4f}"] if extra else []))
-    console.print(table)
+        new = f"{c['new_patients_flagged']}/{c['new_patient_images']} {100 * c['false_flag_rate']:.2f}%"
+        lines.append(f"{c['embedding'][:12]:<12} {c['align']:>5} {c['criterion']:<9} "
+                     + " ".join(f"{rates[c['embedding'], c['criterion'], t]:>8.2f}" for t in report["transforms"])
+                     + f" {new + ('' if c['false_flags_consistent'] else ' *'):>17} {100 * c['chance_rate']:>6.2f}%"
+                     + (f" {100 * c['synthetic_flagged']:>8.2f}%" if extra else ""))
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
     console.print(f"* more new patients flagged than the {100 * report['quantile']:g}% quantile explains (one-sided binomial "
-                  "p < 0.05): not eligible as the best", highlight=False)
+                  "p < 0.05): not eligible as the best", highlight=False, soft_wrap=True)
     b = report["best"]
     console.print(f"best: {b['embedding']} + {b['criterion']}: worst transform {b['worst_rate']:.2f}, mean {b['mean_rate']:.2f}, "
                   f"new patients flagged {b['false_flag_rate']:.4f}" + (f"; wrote {out}" if out else ""), highlight=False)
