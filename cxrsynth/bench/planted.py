@@ -178,5 +178,6 @@ def bench_planted(
         "new_patients": {"images": len(new_rows), "patients": int(heldout.iloc[new_rows]["patient_id"].nunique())},
         "synthetic": None if synthetic is None else {"name": synthetic, "images": len(queries["synthetic"])},
         "transforms": list(plants), "rows": rows, "configs": configs,
-        "best": {k: best[k] for k in ("embedding", "criterion", "false_flag_rate", "worst_rate", "mean_rate")},
+        "best": {**{k: best[k] for k in ("embedding", "criterion", "align", "false_flag_rate", "worst_rate", "mean_rate")},
+                 "eligible": best["false_flags_consistent"]},
     }

@@ -470,7 +470,8 @@ def _bench_planted(root: Path, data: str, size: int, per_transform: int, embeddi
                   "p < 0.05): not eligible as the best", highlight=False, soft_wrap=True)
     b = report["best"]
     console.print(f"best: {b['embedding']} + {b['criterion']}: worst transform {b['worst_rate']:.2f}, mean {b['mean_rate']:.2f}, "
-                  f"new patients flagged {b['false_flag_rate']:.4f}" + (f"; wrote {out}" if out else ""), highlight=False)
+                  f"new patients flagged {b['false_flag_rate']:.4f}" + ("" if b["eligible"] else " (none eligible: the least bad)")
+                  + (f"; wrote {out}" if out else ""), highlight=False)
 
 
 def bench_scale(
