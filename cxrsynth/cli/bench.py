@@ -406,6 +406,8 @@ def bench_audit(
                                                         "the sscd augmentation, share of the side (default: the audit's).")] = None,
     align: Annotated[Optional[int], typer.Option("--align", min=0, help="--planted: candidates re-scored by test-time "
                                                                         "alignment (0: none; default: the audit's).")] = None,
+    align_size: Annotated[Optional[int], typer.Option("--align-size", min=16, help="--planted: side (px) of the "
+                                                      "registration (default: the audit's).")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, help="--planted: seeds the patient halves and the plants.")] = 0,
     queries: Annotated[int, typer.Option("--queries", min=1, help="Synthetic embeddings searched.")] = 4096,
     bank: Annotated[int, typer.Option("--bank", min=1, help="Training embeddings searched against.")] = 16384,
@@ -420,7 +422,8 @@ def bench_audit(
     """Memorization-audit search speed (seconds per million pairs, the paper's 720K x 72K); --planted: what the audit catches."""
     set_threads(threads)
     if planted:
-        _bench_planted(root, data, size, per_transform, embeddings, synthetic, out, device, as_json, sscd_steps, sscd_shift, align, seed)
+        _bench_planted(root, data, size, per_transform, embeddings, synthetic, out, device, as_json, sscd_steps, sscd_shift,
+                       align, align_size, seed)
         return
     from cxrsynth.bench.audit import bench_audit as bench_lib
 
@@ -435,12 +438,13 @@ def bench_audit(
 
 def _bench_planted(root: Path, data: str, size: int, per_transform: int, embeddings: str, synthetic: str | None,
                    out: Path | None, device: str | None, as_json: bool, sscd_steps: int | None, sscd_shift: float | None,
-                   align: int | None, seed: int) -> None:
+                   align: int | None, align_size: int | None, seed: int) -> None:
     from cxrsynth.bench.planted import bench_planted
     from cxrsynth.share.audit import AuditConfig
 
     base = AuditConfig()
-    config = base.override(device=device, align=align, sscd=base.sscd.override(steps=sscd_steps, shift=sscd_shift))
+    config = base.override(device=device, align=align, align_size=align_size,
+                           sscd=base.sscd.override(steps=sscd_steps, shift=sscd_shift))
     report = bench_planted(root, data, size=size, per_transform=per_transform,
                            embeddings=tuple(e for e in embeddings.split(",") if e), synthetic=synthetic, config=config,
                            seed=seed, progress=lambda m: err_console.print(m, highlight=False, soft_wrap=True))
