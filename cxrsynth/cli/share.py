@@ -31,6 +31,8 @@ Heldout = Annotated[Optional[str], typer.Option("--heldout-split", help="Split c
                                                                        "whose patient is outside the training split).")]
 Align = Annotated[Optional[int], typer.Option("--align", min=0, help="Candidates each image is registered onto and re-scored "
                                               "by test-time alignment; 0: none (default {AuditConfig.align}).")]
+AlignSize = Annotated[Optional[int], typer.Option("--align-size", min=16, help="Side (px) of the alignment's registration "
+                                                   "(default {AuditConfig.align_size}; 128 keeps the texture of 256 px images).")]
 ReidSteps = Annotated[Optional[int], typer.Option("--reid-steps", min=1, help="Training steps of the reid network.")]
 
 
@@ -59,6 +61,7 @@ def audit(
     k: K = None,
     quantile: Quantile = None,
     align: Align = None,
+    align_size: AlignSize = None,
     reid_steps: ReidSteps = None,
     device: Device = None,
     root: Root = Path("."),
@@ -70,7 +73,8 @@ def audit(
     from cxrsynth.share.audit import audit as audit_lib
 
     config = _audit_config(split=split, heldout_split=heldout_split, embedding=embedding, criterion=criterion, k=k,
-                           quantile=quantile, align=align, reid_steps=reid_steps, device=device)
+                           quantile=quantile, align=align, align_size=align_size, reid_steps=reid_steps,
+                           device=device)
     summary = audit_lib(root, name, against, root / out, config, progress=_say)
     reid, c = summary["reid"], summary["counts"]
     console.print(
@@ -107,6 +111,7 @@ def export(
     quantile: Quantile = None,
     criterion: Criterion = None,
     align: Align = None,
+    align_size: AlignSize = None,
     reid_steps: ReidSteps = None,
     device: Device = None,
     root: Root = Path("."),
@@ -117,7 +122,7 @@ def export(
     from cxrsynth.share.gate import GateConfig
 
     audit_config = _audit_config(embedding=embedding, quantile=quantile, criterion=criterion, align=align,
-                                 reid_steps=reid_steps, device=device)
+                                 align_size=align_size, reid_steps=reid_steps, device=device)
     gate = GateConfig().override(alpha=alpha, max_flagged=max_flagged)
     config = ExportConfig().override(audit_against=audit_against, gate=gate, force=force or None,
                                      secret_file=key_secret, keymap=keymap, audit_out=root / audit_out if audit_out else None,
