@@ -3,12 +3,10 @@
 A copy is rarely pixel-identical: it is shifted, cropped, rotated, rescaled, brighter or
 darker, noisier, blurred, re-encoded or resampled. Each transform here maps a ``(S, S)
 uint8`` image and a numpy ``Generator`` to a ``(S, S) uint8`` near-copy with parameters
-drawn from the ranges below (issue 17's suite). They serve twice, with the same family:
-
-* the planted-copy bench (:mod:`cxrsynth.bench.planted`) plants copies of training
-  images under each transform to measure what an audit catches;
-* the ``sscd`` copy-detection embedding (:mod:`cxrsynth.share.embed`) is trained to map
-  an image and its random near-copies (:func:`random_copy`) to the same point.
+drawn from the ranges below (issue 17's suite). The planted-copy bench
+(:mod:`cxrsynth.bench.planted`) plants copies of training images under each transform to
+measure what an audit catches; the ``sscd`` embedding trains on the same family, drawn in
+torch (:func:`cxrsynth.share.embed.copy_augment`, its shift range ``SscdConfig.shift``).
 
 Geometric transforms fill the pixels they bring in with the image's edge.
 """
@@ -153,15 +151,3 @@ def mix(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 #: Every transform the bench plants: the single ones and mixtures of two.
 SUITE: dict[str, Transform] = {**SINGLE, "mix2": mix}
-
-
-def random_copy(image: np.ndarray, rng: np.random.Generator, most: int = 3, shift_px: int = 8) -> np.ndarray:
-    """One to ``most`` transforms of :data:`SINGLE` drawn at random, composed: a training view for ``sscd``.
-
-    ``shift_px``: the largest shift, in the pixels of ``image`` (a network that sees images
-    downsampled from a larger side learns the shifts as they look at its side).
-    """
-    names = sorted(SINGLE)
-    for name in rng.choice(names, size=int(rng.integers(1, most + 1)), replace=False):
-        image = shift(image, rng, shift_px) if name == "shift" else SINGLE[str(name)](image, rng)
-    return image
