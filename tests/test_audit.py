@@ -24,13 +24,15 @@ def built(share_project) -> Project:
     return share_project
 
 
-def plant_copy(root: Path, synthetic: str = "syn", training: str = "cxp") -> tuple[str, str]:
-    """Replace one synthetic image by a training image with +-1 grey level of noise; returns (synthetic key, training key)."""
+def plant_copy(root: Path, synthetic: str = "syn", training: str = "cxp", edit=None) -> tuple[str, str]:
+    """Replace one synthetic image by a training image with +-1 grey level of noise (then ``edit(image)`` when
+    given); returns (synthetic key, training key)."""
     real = manifest.read(root, training)
     source = real.loc[real["split"] == "train"].sort_values("key").iloc[[3]]
     (train_key, png), = shards.images(root, source)
     noise = np.random.default_rng(0).integers(-1, 2, size=decode_png(png).shape)
-    near_copy = encode_png(np.clip(decode_png(png).astype(int) + noise, 0, 255).astype(np.uint8))
+    near_copy = np.clip(decode_png(png).astype(int) + noise, 0, 255).astype(np.uint8)
+    near_copy = encode_png(near_copy if edit is None else edit(near_copy))
     syn = manifest.read(root, synthetic)
     target = syn.sort_values("key").iloc[5]
     meta = manifest.read_meta(root, synthetic)
@@ -53,6 +55,23 @@ def plant_copy(root: Path, synthetic: str = "syn", training: str = "cxp") -> tup
 def planted(built, tmp_path_factory) -> tuple[Project, str, str]:
     project = built.copy(tmp_path_factory.mktemp("planted") / "proj")
     return (project, *plant_copy(project.root))
+
+
+@pytest.mark.slow  # a project copy and two audits: ~5 s
+def test_test_time_alignment_flags_a_shifted_and_rotated_copy_with_its_source(built, tmp_path):
+    from cxrsynth.share import transforms
+
+    project = built.copy(tmp_path / "proj")
+    rng = np.random.default_rng(2)
+    syn_key, train_key = plant_copy(project.root, edit=lambda image: transforms.rotate(transforms.shift(image, rng, 3), rng))
+    aligned = audit_lib.audit(project.root, "syn", "cxp", tmp_path / "aligned", audit_lib.AuditConfig(align=8, align_size=32))
+    assert aligned["config"]["align"] == 8
+    pair = [f for f in aligned["flagged"] if f["synthetic_key"] == syn_key]
+    assert pair and pair[0]["training_key"] == train_key and pair[0]["distance"] < aligned["threshold"]["distance"]
+    plain = audit_lib.audit(project.root, "syn", "cxp", tmp_path / "plain", audit_lib.AuditConfig(k=8))
+    moved = pd.read_parquet(tmp_path / "plain/neighbours.parquet").query("synthetic_key == @syn_key")
+    # unaligned, the moved copy sits as far from its source as new patients' images sit from theirs
+    assert plain["config"]["align"] == 0 and moved.query("training_key == @train_key")["distance"].min() > pair[0]["distance"]
 
 
 def pixel_vectors(root: Path, frame: pd.DataFrame, size: int = 32) -> np.ndarray:

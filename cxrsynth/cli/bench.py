@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrsynth.cli.common import BootstrapThreads, Device, Root, Threads, console, fail, set_threads
+from cxrsynth.cli.common import BootstrapThreads, Device, Root, Threads, console, err_console, fail, set_threads
 from cxrsynth.cli.options import given
 
 #: ``--json`` of every benchmark: its result as one JSON line instead of a table.
@@ -390,6 +390,25 @@ def bench_classifier(
 
 
 def bench_audit(
+    planted: Annotated[bool, typer.Option("--planted", help="Plant near-copies of training images among new patients' "
+                                                           "images: detection and false-flag rates per embedding x criterion.")] = False,
+    data: Annotated[str, typer.Option("--data", help="--planted: real dataset with a training split and held-out patients.")] = "cxp",
+    size: Annotated[int, typer.Option("--size", min=8, help="--planted: side (px) images are decoded and transformed at.")] = 64,
+    per_transform: Annotated[int, typer.Option("--per-transform", min=1, help="--planted: copies planted per transform.")] = 40,
+    embeddings: Annotated[str, typer.Option("--embeddings", help="--planted: comma-separated embeddings "
+                                                                 "(pixels, reid, sscd, classifier:DIR).")] = "pixels,reid,sscd",
+    synthetic: Annotated[Optional[str], typer.Option("--synthetic", help="--planted: a synthetic replica whose flagged "
+                                                                         "share is reported too.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="--planted: write the JSON report here.")] = None,
+    sscd_steps: Annotated[Optional[int], typer.Option("--sscd-steps", min=1, help="--planted: training steps of the sscd "
+                                                                              "network (default: the audit's).")] = None,
+    sscd_shift: Annotated[Optional[float], typer.Option("--sscd-shift", min=0.0, max=0.5, help="--planted: largest shift of "
+                                                        "the sscd augmentation, share of the side (default: the audit's).")] = None,
+    align: Annotated[Optional[int], typer.Option("--align", min=0, help="--planted: candidates re-scored by test-time "
+                                                                        "alignment (0: none; default: the audit's).")] = None,
+    align_size: Annotated[Optional[int], typer.Option("--align-size", min=16, help="--planted: side (px) of the "
+                                                      "registration (default: the audit's).")] = None,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="--planted: seeds the patient halves and the plants.")] = 0,
     queries: Annotated[int, typer.Option("--queries", min=1, help="Synthetic embeddings searched.")] = 4096,
     bank: Annotated[int, typer.Option("--bank", min=1, help="Training embeddings searched against.")] = 16384,
     dim: Annotated[int, typer.Option("--dim", min=1, help="Embedding size (1024 = the 32 px pixels embedding).")] = 1024,
@@ -398,11 +417,16 @@ def bench_audit(
     device: Device = None,
     threads: Threads = None,
     as_json: AsJson = False,
+    root: Root = Path("."),
 ) -> None:
-    """Memorization-audit search speed: seconds per million (synthetic, training) pairs, and the paper's 720K x 72K."""
+    """Memorization-audit search speed (seconds per million pairs, the paper's 720K x 72K); --planted: what the audit catches."""
+    set_threads(threads)
+    if planted:
+        _bench_planted(root, data, size, per_transform, embeddings, synthetic, out, device, as_json, sscd_steps, sscd_shift,
+                       align, align_size, seed)
+        return
     from cxrsynth.bench.audit import bench_audit as bench_lib
 
-    set_threads(threads)
     r = bench_lib(queries=queries, bank=bank, dim=dim, k=k, chunk=chunk, device=device)
     if as_json:
         print(json.dumps(r.to_dict()))
@@ -410,6 +434,48 @@ def bench_audit(
     console.print(f"audit search {r.queries:,} x {r.bank:,} pairs, dim {r.dim}, k {r.k} on {r.device} ({r.threads} threads): "
                   f"{r.seconds:.3f} s = {r.seconds_per_million_pairs * 1e3:.3f} ms per million pairs; the paper's 720K x 72K: "
                   f"{r.paper_scale_hours:.2f} h; pixels embedding {r.embed_images_per_s:,.0f} images/s", highlight=False, soft_wrap=True)
+
+
+def _bench_planted(root: Path, data: str, size: int, per_transform: int, embeddings: str, synthetic: str | None,
+                   out: Path | None, device: str | None, as_json: bool, sscd_steps: int | None, sscd_shift: float | None,
+                   align: int | None, align_size: int | None, seed: int) -> None:
+    from cxrsynth.bench.planted import bench_planted
+    from cxrsynth.share.audit import AuditConfig
+
+    base = AuditConfig()
+    config = base.override(device=device, align=align, align_size=align_size,
+                           sscd=base.sscd.override(steps=sscd_steps, shift=sscd_shift))
+    report = bench_planted(root, data, size=size, per_transform=per_transform,
+                           embeddings=tuple(e for e in embeddings.split(",") if e), synthetic=synthetic, config=config,
+                           seed=seed, progress=lambda m: err_console.print(m, highlight=False, soft_wrap=True))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    if as_json:
+        print(json.dumps(report))
+        return
+    # plain fixed-width lines (a rich table of 17 columns folds every cell in an 80-column pipe)
+    names = [t[:8] for t in report["transforms"]]
+    extra = report["synthetic"] is not None
+    lines = [f"planted copies at {size} px: share detected per transform ({per_transform} each); new patients' images "
+             f"flagged; the criterion's chance rate on the calibrating half" + ("; synthetic images flagged" if extra else ""),
+             f"{'embedding':<12} {'align':>5} {'criterion':<9} " + " ".join(f"{n:>8}" for n in names)
+             + f" {'new patients':>17} {'chance':>7}" + (f" {'synthetic':>9}" if extra else "")]
+    rates = {(r["embedding"], r["criterion"], r["transform"]): r["rate"] for r in report["rows"]}
+    for c in report["configs"]:
+        new = f"{c['new_patients_flagged']}/{c['new_patient_images']} {100 * c['false_flag_rate']:.2f}%"
+        lines.append(f"{c['embedding'][:12]:<12} {c['align']:>5} {c['criterion']:<9} "
+                     + " ".join(f"{rates[c['embedding'], c['criterion'], t]:>8.2f}" for t in report["transforms"])
+                     + f" {new + ('' if c['false_flags_consistent'] else ' *'):>17} {100 * c['chance_rate']:>6.2f}%"
+                     + (f" {100 * c['synthetic_flagged']:>8.2f}%" if extra else ""))
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
+    console.print(f"* more new patients flagged than the {100 * report['quantile']:g}% quantile explains (one-sided binomial "
+                  "p < 0.05): not eligible as the best", highlight=False, soft_wrap=True)
+    b = report["best"]
+    console.print(f"best: {b['embedding']} + {b['criterion']}: worst transform {b['worst_rate']:.2f}, mean {b['mean_rate']:.2f}, "
+                  f"new patients flagged {b['false_flag_rate']:.4f}" + ("" if b["eligible"] else " (none eligible: the least bad)")
+                  + (f"; wrote {out}" if out else ""), highlight=False)
 
 
 def bench_scale(

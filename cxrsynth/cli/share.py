@@ -29,6 +29,10 @@ ExportSplit = Annotated[Optional[str], typer.Option("--split", help="Training sp
                                                                    "replicas were conditioned on, else train).")]
 Heldout = Annotated[Optional[str], typer.Option("--heldout-split", help="Split calibrating the threshold (default: every image "
                                                                        "whose patient is outside the training split).")]
+Align = Annotated[Optional[int], typer.Option("--align", min=0, help="Candidates each image is registered onto and re-scored "
+                                              "by test-time alignment; 0: none (default {AuditConfig.align}).")]
+AlignSize = Annotated[Optional[int], typer.Option("--align-size", min=16, help="Side (px) of the alignment's registration "
+                                                   "(default {AuditConfig.align_size}; 128 keeps the texture of 256 px images).")]
 ReidSteps = Annotated[Optional[int], typer.Option("--reid-steps", min=1, help="Training steps of the reid network.")]
 
 
@@ -56,6 +60,8 @@ def audit(
     criterion: Criterion = None,
     k: K = None,
     quantile: Quantile = None,
+    align: Align = None,
+    align_size: AlignSize = None,
     reid_steps: ReidSteps = None,
     device: Device = None,
     root: Root = Path("."),
@@ -67,7 +73,8 @@ def audit(
     from cxrsynth.share.audit import audit as audit_lib
 
     config = _audit_config(split=split, heldout_split=heldout_split, embedding=embedding, criterion=criterion, k=k,
-                           quantile=quantile, reid_steps=reid_steps, device=device)
+                           quantile=quantile, align=align, align_size=align_size, reid_steps=reid_steps,
+                           device=device)
     summary = audit_lib(root, name, against, root / out, config, progress=_say)
     reid, c = summary["reid"], summary["counts"]
     console.print(
@@ -102,6 +109,9 @@ def export(
     split: ExportSplit = None,
     embedding: Embedding = None,
     quantile: Quantile = None,
+    criterion: Criterion = None,
+    align: Align = None,
+    align_size: AlignSize = None,
     reid_steps: ReidSteps = None,
     device: Device = None,
     root: Root = Path("."),
@@ -111,7 +121,8 @@ def export(
     from cxrsynth.share.export import export as export_lib
     from cxrsynth.share.gate import GateConfig
 
-    audit_config = _audit_config(embedding=embedding, quantile=quantile, reid_steps=reid_steps, device=device)
+    audit_config = _audit_config(embedding=embedding, quantile=quantile, criterion=criterion, align=align,
+                                 align_size=align_size, reid_steps=reid_steps, device=device)
     gate = GateConfig().override(alpha=alpha, max_flagged=max_flagged)
     config = ExportConfig().override(audit_against=audit_against, gate=gate, force=force or None,
                                      secret_file=key_secret, keymap=keymap, audit_out=root / audit_out if audit_out else None,

@@ -59,6 +59,9 @@ class AuditConfig(Config):
         k: Neighbours kept per image (the relative score uses 2..k).
         quantile: The criterion's false-flag rate on new patients' images (its calibration quantile).
         pixel_size: Side of the ``pixels`` embedding.
+        align: Candidates (the embedding's nearest) each image is registered onto and re-scored by
+            test-time alignment (:mod:`cxrsynth.share.align`); 0: the embedding's distances as they are.
+        align_size: Side (px) of the registration.
         reid: The ``reid`` network's settings.
         sscd: The ``sscd`` copy-detection network's settings.
         pairs: Most same-patient (and as many different-patient) pairs for each AUROC.
@@ -78,6 +81,8 @@ class AuditConfig(Config):
     k: int = 5
     quantile: float = 0.01
     pixel_size: int = 32
+    align: int = 0
+    align_size: int = 64
     reid: embed.ReidConfig = embed.ReidConfig()
     sscd: embed.SscdConfig = embed.SscdConfig()
     pairs: int = 20000
@@ -95,6 +100,8 @@ class AuditConfig(Config):
             if getattr(self, name) < 1:
                 raise AuditError(f"audit config: {name} must be >= 1, got {getattr(self, name)}")
         copies.CRITERIA[self.criterion]  # a clean error naming the known criteria
+        if self.align < 0 or self.align_size < 16:
+            raise AuditError(f"audit config: align must be >= 0 and align_size >= 16, got {self.align}, {self.align_size}")
         if self.criterion != "absolute" and self.k < 2:
             raise AuditError(f"audit config: the {self.criterion} criterion needs k >= 2 neighbours, got {self.k}")
 
@@ -196,6 +203,53 @@ def reid_auroc(frame: pd.DataFrame, vectors, n_pairs: int, seed: int) -> dict[st
     return out
 
 
+class Searcher:
+    """The audit's search: each query image's ``k`` nearest training images, ``(distance, index)`` as numpy.
+
+    The embedding's ``config.k`` nearest training images, or, with ``config.align``, its
+    ``max(align, k)`` nearest re-scored by test-time alignment (:class:`cxrsynth.share.align.Aligner`:
+    the query registered onto each, ``1 - NCC``) and the ``k`` best of those.
+
+    Args:
+        emb: The embedding.
+        train_images: ``(N, S, S) uint8`` training images (any side), in bank order.
+        config: ``k``, ``align``, ``align_size``, ``chunk``, ``batch``.
+        device: Torch device.
+        bank: The training images' vectors when already computed.
+    """
+
+    def __init__(self, emb: embed.Embedding, train_images: np.ndarray, config: AuditConfig, device,
+                 bank=None) -> None:
+        from cxrsynth.share.align import Aligner
+
+        self.emb, self.config, self.device = emb, config, device
+        self.bank = self.vectors(train_images) if bank is None else bank
+        self.aligner = Aligner(train_images, size=config.align_size, device=device) if config.align else None
+
+    def vectors(self, images: np.ndarray):
+        """``(N, S, S) uint8`` (any side) → ``(N, D)`` unit rows on the device."""
+        import torch
+
+        small = embed.resize_images(images, self.emb.size)
+        parts = [self.emb(torch.from_numpy(small[i : i + self.config.batch]).to(self.device))
+                 for i in range(0, len(small), self.config.batch)]
+        return torch.cat(parts) if parts else torch.zeros((0, self.bank.shape[1]), device=self.device)
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.search(self.vectors(images), images)
+
+    def search(self, vectors, images: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The neighbours of the queries with embedding ``vectors``; ``images`` (their pixels) for the alignment."""
+        k = self.config.k
+        d, i = embed.nearest(vectors, self.bank, max(k, self.config.align), self.config.chunk)
+        d, i = d.cpu().numpy(), i.cpu().numpy()
+        if self.aligner is None:
+            return d[:, :k], i[:, :k]
+        d = self.aligner.distances(images, i)
+        order = np.argsort(d, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+
+
 def _load_array(root: Path, frame: pd.DataFrame, size: int, batch: int) -> np.ndarray:
     """All images of ``frame`` as ``(N, size, size) uint8``, in frame order."""
     found = {}
@@ -251,19 +305,27 @@ def audit(
     say(f"embedding {len(train)} training and {len(heldout)} held-out images ({emb.name})")
     train_keys, bank = embed.embed_rows(root, train, emb, device, config.batch)
     _, held = embed.embed_rows(root, heldout, emb, device, config.batch)
-    held_dist_t, _ = embed.nearest(held, bank, config.k, config.chunk)
-    held_dist = held_dist_t.cpu().numpy()
+
+    def pixels(frame: pd.DataFrame) -> np.ndarray | None:  # what the alignment registers, at its side
+        return _load_array(root, frame, config.align_size, config.batch) if config.align else None
+
+    if config.align:
+        say(f"test-time alignment: each image registered onto its {config.align} nearest training images")
+    search = Searcher(emb, pixels(train), config, device, bank=bank)
+    held_dist, _ = search.search(held, pixels(heldout))
     held_nn = held_dist[:, 0]
     rule = copies.calibrate(held_dist, config.criterion, config.quantile)
     threshold = rule.thresholds.get("absolute", float("nan"))
 
     say(f"nearest training images of {len(syn)} synthetic images")
     syn_keys, dists, idx = [], [], []
-    for keys, images in embed.iter_images(root, syn, emb.size, config.batch):
-        d, i = embed.nearest(emb(torch.from_numpy(images).to(device)), bank, config.k, config.chunk)
+    syn_pixels, syn_row = pixels(syn), {key: r for r, key in enumerate(syn["key"].astype(str))}  # frame order
+    for keys, images in embed.iter_images(root, syn, emb.size, config.batch):  # shard order
+        aligned = None if syn_pixels is None else syn_pixels[[syn_row[key] for key in keys]]
+        d, i = search.search(emb(torch.from_numpy(images).to(device)), aligned)
         syn_keys += keys
-        dists.append(d.cpu().numpy())
-        idx.append(i.cpu().numpy())
+        dists.append(d)
+        idx.append(i)
     dist = np.concatenate(dists)  # (N_s, k)
     index = np.concatenate(idx)
     nn = dist[:, 0]

@@ -131,6 +131,16 @@ def build(spec: str, *, device: "torch.device", train: Callable[[str], Any] | No
     return EMBEDDINGS[kind](arg, device, train, pixel_size)
 
 
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """``(N, S, S) uint8`` → ``(N, size, size)``, bilinear like :func:`cxrsynth.imaging.decode_png`."""
+    from PIL import Image
+
+    if images.shape[1] == size:
+        return images
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+                     for im in images])
+
+
 def iter_images(root: str | Path, frame: pd.DataFrame, size: int, batch: int) -> Iterator[tuple[list[str], np.ndarray]]:
     """``(keys, (B, size, size) uint8)`` of the rows of ``frame``, in shard order, ``batch`` at a time."""
     from cxrsynth import shards
@@ -383,6 +393,7 @@ class SscdConfig(Config):
         lr: Adam learning rate.
         temperature: Of the InfoNCE loss.
         koleo: Weight of the KoLeo (entropy) regulariser.
+        shift: Largest translation of the augmentation, as a share of the side each way.
         seed: Seeds the initial weights, the batches and the augmentation.
     """
 
@@ -396,13 +407,14 @@ class SscdConfig(Config):
     lr: float = setting(2e-3, gt=0)
     temperature: float = setting(0.1, gt=0)
     koleo: float = setting(0.1, ge=0)
+    shift: float = setting(1 / 32, ge=0, le=0.5)
     seed: int = 0
 
 
-def copy_augment(x: "torch.Tensor", gen: "torch.Generator") -> "torch.Tensor":
+def copy_augment(x: "torch.Tensor", gen: "torch.Generator", shift: float = 1 / 32) -> "torch.Tensor":
     """Strong copy-style edits of ``(B, 1, S, S)`` images in [-1, 1], one draw per image.
 
-    Geometry in one resampling (shift up to 1/32 of the side each way, scale 0.85-1.15,
+    Geometry in one resampling (shift up to ``shift`` of the side each way, scale 0.85-1.15,
     rotation +-8 degrees, a crop of 85-100% resized back), then brightness, contrast and gamma
     +-12%, a blur (half of the images), down- and up-sampling by 2 (a quarter), Gaussian noise.
     """
@@ -418,7 +430,7 @@ def copy_augment(x: "torch.Tensor", gen: "torch.Generator") -> "torch.Tensor":
 
     angle = u(-8, 8) * math.pi / 180
     zoom = u(0.85, 1.0) / u(0.87, 1.15)  # crop then rescale, in one factor
-    tx, ty = u(-1 / 16, 1 / 16), u(-1 / 16, 1 / 16)  # normalised coordinates: 2 units span the image
+    tx, ty = u(-2 * shift, 2 * shift), u(-2 * shift, 2 * shift)  # normalised coordinates: 2 units span the image
     cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (B, 2, 3)
     grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
@@ -486,7 +498,7 @@ def train_sscd(images: np.ndarray, config: SscdConfig, device: "torch.device", o
     for _ in range(config.steps):
         rows = torch.randperm(len(images), generator=gen)[:per]
         x = _as_input(data[rows])
-        views = [torch.nn.functional.normalize(net(copy_augment(x, gen).to(device)), dim=1) for _ in range(2)]
+        views = [torch.nn.functional.normalize(net(copy_augment(x, gen, config.shift).to(device)), dim=1) for _ in range(2)]
         loss = info_nce(*views, config.temperature) + config.koleo * koleo_loss(torch.cat(views))
         opt.zero_grad(set_to_none=True)
         loss.backward()
