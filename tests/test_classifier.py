@@ -98,6 +98,17 @@ def test_resume_after_a_kill_ends_bit_identical(project):
     resumed = train(root, "cxp", config.replace(workers=2), tmp / "killed", resume=True)  # and with loader workers
     assert (tmp / "killed" / "model.safetensors").read_bytes() == (tmp / "whole" / "model.safetensors").read_bytes()
     assert resumed["history"] == whole["history"] and resumed["best"] == whole["best"]
+    # the JSON-lines log: every logged step once, with the same losses as the unbroken run (rates are wall-clock)
+    import pandas as pd
+
+    logs = [pd.read_json(tmp / run / "checkpoints" / "log.jsonl", lines=True).drop(columns="images_per_s")
+            for run in ("whole", "killed")]
+    pd.testing.assert_frame_equal(logs[0], logs[1])
+    steps_logged = logs[0].dropna(subset=["loss"])
+    assert steps_logged["step"].is_unique and steps_logged["loss"].notna().all() and (steps_logged["lr"] >= 0).all() and steps_logged["lr"].iloc[0] > 0
+    per_epoch = logs[0].dropna(subset=["train_loss"])
+    assert list(per_epoch["epoch"]) == [h["epoch"] for h in whole["history"]]
+    assert list(per_epoch["train_loss"]) == pytest.approx([h["train_loss"] for h in whole["history"]])
     a = torch.load(tmp / "whole" / "checkpoints" / "latest.pt", weights_only=True)["trainer"]
     b = torch.load(tmp / "killed" / "checkpoints" / "latest.pt", weights_only=True)["trainer"]
     for part in ("model", "ema"):

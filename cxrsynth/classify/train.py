@@ -62,6 +62,7 @@ import torch.nn.functional as F
 
 from cxrsynth import __version__, checkpoints, loader, manifest, runtime
 from cxrsynth import cards
+from cxrsynth.progress import LOG_FILE, JsonlLog
 from cxrsynth.classify.model import (META, TIMM_CONFIG, WEIGHTS, Classifier, build, classifier_card, classifier_id,
                                      load_pretrained, save_weights, timm_config)
 from cxrsynth.classify.presets import ClassifierConfig
@@ -449,6 +450,10 @@ def train(
             partial = tuple(state["partial"][dist.rank])
             seen_images, keys = state["data_seen"][dist.rank]
             seen_keys = set(keys)
+        # the history a batch job reads (step, epoch, loss, lr; one line per epoch with the tuning loss), kept up
+        # to the checkpoint's step on resume, so each step is written once however often the run is killed
+        log = JsonlLog(ck / LOG_FILE, resume_from=trainer.step_count if ck_path.is_file() and resume else None) \
+            if dist.is_main else None
         report(event="start", epochs=config.epochs, steps_per_epoch=per_epoch, epoch=epoch, position=position,
                step=trainer.step_count, train_images=data["train_images"], tune_images=data["tune_images"],
                resumed=trainer.step_count > 0, world=dist.world)
@@ -488,9 +493,11 @@ def train(
                 step = trainer.step_count
                 if dist.is_main and (step % config.log_every == 0 or position == per_epoch):
                     now = time.perf_counter()
-                    report(event="step", step=step, epoch=epoch + 1, position=position,
-                           loss=float(loss_sum) / batches,  # the readout's sync
-                           images_per_s=images_since / max(now - t_last, 1e-9))
+                    mean, rate = float(loss_sum) / batches, images_since / max(now - t_last, 1e-9)  # the readout's sync
+                    report(event="step", step=step, epoch=epoch + 1, position=position, loss=mean, images_per_s=rate)
+                    if log is not None:
+                        log.write(step=step, epoch=epoch + 1, loss=mean, lr=trainer.sched.get_last_lr()[0],
+                                  images_per_s=round(rate, 2))
                     t_last, images_since = now, 0
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and position < per_epoch:
                     save_checkpoint(float(loss_sum), batches)
@@ -506,6 +513,8 @@ def train(
                                    f"the end of epoch {epoch + 1}", config.lr)  # every rank: the sums are all-reduced
             epoch += 1
             history.append({"epoch": epoch, "train_loss": train_loss, "tune_loss": tune_loss})
+            if log is not None:
+                log.write(step=trainer.step_count, epoch=epoch, train_loss=train_loss, tune_loss=tune_loss)
             improved = tune_loss is None or best["tune_loss"] is None or tune_loss < best["tune_loss"]
             if improved:
                 best = {"epoch": epoch, "tune_loss": tune_loss, "file": f"best-epoch-{epoch:04d}.safetensors"}
