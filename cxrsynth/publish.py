@@ -322,7 +322,8 @@ def _publish(root: Path, meta: Metadata, rows: pd.DataFrame, *, rows_in: int | N
         if store is not None:  # the shards' home is the store: put them there before any manifest names them
             folder = store_lib.join(store, shards.SHARD_ROOT.as_posix(), meta.dataset, meta.version)
             store_lib.publish_version(directory, folder, [r.name for r in shard_results],
-                                      (shards.HF_FEATURES_NAME, shards.INDEX_NAME))
+                                      (shards.HF_FEATURES_NAME, shards.INDEX_NAME),
+                                      sizes={r.name: r.bytes for r in shard_results})
         shard_of = {k: shards.shard_path(meta.dataset, meta.version, r.name) for r in shard_results for k in r.keys}
         rows = rows.assign(shard=rows["key"].map(shard_of).astype("string"))
         rows = rows.loc[rows["shard"].notna()]

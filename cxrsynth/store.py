@@ -385,12 +385,63 @@ def put_files(directory: Path, names: Iterable[str], folder: str) -> list[str]:
     return urls
 
 
+def put_unit(directory: Path, folder: str, shard: str) -> None:
+    """Put one finished local shard on the store, then its receipt (``.progress/<shard>.json``).
+
+    What a job-array part with no shared disk leaves for the step that assembles the version:
+    each part writes only its own shards and receipts, never an index (:func:`stored_unit`
+    reads them back). The receipt goes last, so a receipt on the store means its shard is there.
+    """
+    from cxrsynth.shards import PROGRESS_DIR
+
+    put_files(directory, [shard], folder)
+    put_files(directory / PROGRESS_DIR, [f"{shard}.json"], join(folder, PROGRESS_DIR))
+
+
+def stored_unit(folder: str, shard: str, inputs: str | None = None):
+    """The :class:`~cxrsynth.shards.ShardResult` of a shard a part put on the store (:func:`put_unit`),
+    or None when it must be (re)made: no receipt, a receipt for other ``inputs``, or a shard
+    object missing or of another size than its receipt says (its sha256 is the receipt's, and
+    every reader checks it against the index built from these receipts)."""
+    from cxrsynth.shards import PROGRESS_DIR, ShardResult
+
+    fs, base = filesystem(check_url(folder))
+    receipt = join(base, PROGRESS_DIR, f"{shard}.json")
+    try:
+        data = retrying(join(folder, PROGRESS_DIR, f"{shard}.json"), "read", lambda: fs.cat_file(receipt))
+        record = json.loads(data)
+        result = ShardResult(**{k: v for k, v in record.items() if k in ShardResult.__dataclass_fields__})
+    except ObjectMissing:
+        return None
+    except (ValueError, TypeError, RecursionError):  # a damaged receipt: the unit is redone
+        return None
+    if inputs is not None and result.inputs != inputs:
+        return None
+    try:
+        size = retrying(join(folder, shard), "stat", lambda: fs.info(join(base, shard))["size"])
+    except ObjectMissing:
+        return None
+    return result if size == result.bytes else None
+
+
 def publish_version(directory: Path, url: str, shard_names: list[str], after: tuple[str, ...], *,
-                    keep_local: bool = False) -> list[str]:
+                    keep_local: bool = False, sizes: dict[str, int] | None = None) -> list[str]:
     """Put a finished local version folder on the store: its shards, then the files ``after``
     (``features.json``, ``index.json`` last); the local shard files are removed afterwards
-    unless ``keep_local`` (their receipts in ``.progress/`` stay)."""
-    urls = put_files(directory, [*shard_names, *after], url)
+    unless ``keep_local`` (their receipts in ``.progress/`` stay). A shard with no local file
+    is one a job-array part put there already (:func:`put_unit`): it must be on the store with
+    its receipt's size (``sizes``: shard name -> bytes)."""
+    local = [name for name in shard_names if (directory / name).is_file()]
+    fs, base = filesystem(check_url(url))
+    for name in sorted(set(shard_names) - set(local)):  # put there by job-array parts (put_unit): must be there
+        target = join(url, name)
+        try:
+            size = retrying(target, "stat", lambda: fs.info(join(base, name))["size"])
+        except ObjectMissing:
+            raise StoreError(f"{name}: neither in {directory} nor on the store ({target})") from None
+        if sizes is None or size != sizes.get(name):
+            raise StoreError(f"{target}: {size} bytes on the store, its receipt says {None if sizes is None else sizes.get(name)}")
+    urls = put_files(directory, [*local, *after], url)
     if not keep_local:
         for name in shard_names:
             (directory / name).unlink(missing_ok=True)

@@ -193,6 +193,50 @@ def test_generate_publishes_to_the_store(tmp_path, s3):
     assert list(dict(shards.images(root, local)).values()) == list(dict(shards.images(root, remote)).values())
 
 
+def test_job_array_parts_with_no_shared_disk_meet_on_the_store(tmp_path, s3):
+    """`generate --part i/N --store URL` on two "nodes" that share no disk (each its own copy of the
+    project): each part puts only its own shards and receipts on the store; the last one, and the
+    project afterwards, assemble the index; the result is one local run's bytes."""
+    import shutil
+
+    from conftest import micro_generator
+
+    from cxrsynth.diffusion import replicas as generate
+
+    root = _site(tmp_path / "project")
+    gen = micro_generator(tmp_path / "gen")
+    config = generate.GenerateConfig(replicas=2, sampler="ddim", steps=1, seed=5, shard_size=3, batch_size=8)
+    common = {"generator_dir": gen, "conditions": "cxp", "split": "train", "config": config, "device": "cpu",
+              "name": "syn"}
+    reference = shutil.copytree(root, tmp_path / "reference")
+    one = generate.generate(root=reference, **common)  # one process, local disk
+    version, url = one["version"], f"{s3}/study"
+    nodes = [shutil.copytree(root, tmp_path / f"node{i}") for i in range(2)]
+    first = generate.generate(root=nodes[0], part="0/2", store=url, **common)
+    folder = f"{url}/data/shards/syn/{version}"
+    assert not first["complete"] and first["written"] == (one["units"] + 1) // 2
+    on_store = _objects(folder)
+    assert "index.json" not in on_store and len([n for n in on_store if n.endswith(".tar")]) == first["written"]
+    assert sorted(n for n in on_store if n.startswith(".progress/")) == sorted(
+        f".progress/{n}.json" for n in on_store if n.endswith(".tar"))
+    assert not list(shards.shard_dir(nodes[0], "syn", version).glob("*.tar"))  # nothing stays on the node's disk
+    second = generate.generate(root=nodes[1], part="1/2", store=url, **common)
+    assert second["complete"] and second["written"] == one["units"] - first["written"]
+    # The project (a third machine) assembles: every unit is on the store, nothing is sampled again.
+    final = generate.generate(root=root, store=url, **common)
+    assert final["complete"] and final["written"] == 0
+    local = shards.shard_dir(reference, "syn", version)
+    for name in ["index.json", *sorted(p.name for p in local.glob("*.tar"))]:
+        assert store.read_bytes(f"{folder}/{name}") == (local / name).read_bytes(), name
+    assert manifest.read(root, "syn").equals(manifest.read(reference, "syn"))
+    assert manifest.read_meta(root, "syn")["store"] == url and verify_dataset(root, "syn")[0] == []
+    # A receipt whose shard is gone from the store is redone, not trusted.
+    fs, path = store.filesystem(f"{folder}/syn-000000.tar")
+    fs.rm(path)
+    redo = generate.generate(root=nodes[0], part="0/2", store=url, **common)
+    assert redo["written"] == 1 and store.read_bytes(f"{folder}/syn-000000.tar") == (local / "syn-000000.tar").read_bytes()
+
+
 @pytest.mark.slow
 def test_share_export_from_the_store_and_import_to_it(share_project, tmp_path, s3):
     from cxrsynth.share import export as export_lib

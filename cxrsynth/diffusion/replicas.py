@@ -41,6 +41,14 @@ half-written file). No process waits for another and no process group is needed
 dies. ``flock`` is advisory and works on local file systems and NFS (Linux emulates it
 with POSIX locks there).
 
+With a ``store`` the parts need no shared disk at all: each unit's shard and receipt go to
+the store's version folder as soon as written (:func:`cxrsynth.store.put_unit`; the local
+shard file is removed), and a unit counts as done when its receipt is there for the same
+inputs and its shard object has the receipt's size (:func:`cxrsynth.store.stored_unit`).
+Each part writes only its own objects; whichever process finds every unit done (the last
+part, or the same command run later without ``part`` in the project) writes the index
+there, then its own manifest. A killed part rerun resumes from the store.
+
 Synthetic rows carry no real identifiers: no patient, study or source path; the key is
 ``<name>-r<replica>-<row>``. ``source_key`` keeps the link to the real row for the
 experiments (``cxrsynth share export`` drops it).
@@ -62,7 +70,7 @@ from cxrsynth import labels, manifest, runtime, shards
 from cxrsynth.config import MAX_BATCH, MAX_REPLICAS, MAX_SAMPLER_STEPS, SHARD_SIZE, Config, setting
 from cxrsynth.errors import CxrsynthError
 from cxrsynth.publish import Metadata, check_target, publish, writer_lock
-from cxrsynth.store import check_url
+from cxrsynth.store import check_url, join, put_unit, stored_unit
 
 
 @dataclass(frozen=True)
@@ -256,6 +264,11 @@ class Job:
         return shards.shard_dir(self.root, self.name, self.version)
 
     @property
+    def folder(self) -> str | None:
+        """The version's folder on the store (None: local disk)."""
+        return None if self.store is None else join(self.store, shards.SHARD_ROOT.as_posix(), self.name, self.version)
+
+    @property
     def images_todo(self) -> int:
         """Images this process will sample."""
         return sum(stop - start for _, start, stop in self.todo)
@@ -311,13 +324,12 @@ def prepare(
     units = [(s, min(s + config.shard_size, len(rows))) for s in range(0, len(rows), config.shard_size)]
     records = shards.sample_records(rows)
     inputs = [unit_inputs(records[start:stop], params) for start, stop in units]
-    todo = [(u, start, stop) for u, (start, stop) in enumerate(units)
-            if u % count == index and shards.finished(directory, name, u, inputs=inputs[u]) is None]
     job = Job(root=root, name=name, version=version, generator_dir=generator_dir, config=config, params=params,
-               rows=rows, units=units, inputs=inputs, todo=todo, rank=index, world=count, model=model, device=dev,
-               force=force, store=store)
-    if store is not None and _published(job):  # on its store already: its local shards are gone, nothing to redo
-        job.todo = []
+               rows=rows, units=units, inputs=inputs, rank=index, world=count, model=model, device=dev,
+               force=force, store=store, todo=[])
+    if store is None or not _published(job):  # on its store already: its local shards are gone, nothing to redo
+        job.todo = [(u, start, stop) for u, (start, stop) in enumerate(units)
+                    if u % count == index and _finished(job, u) is None]
     return job
 
 
@@ -357,11 +369,12 @@ def _run(job: Job, progress: Callable[[int], None] | None) -> dict:
                 batch_size=config.batch_size, dtype=dtype, forward=forward,
             )  # (n, 1, H, W) uint8
             _wait(pending, progress)
-            pending = writer.submit(_write_unit, directory, name, u, rows.iloc[start:stop], images, job.inputs[u])
+            pending = writer.submit(_write_unit, directory, name, u, rows.iloc[start:stop], images, job.inputs[u],
+                                    job.folder)
         _wait(pending, progress)
 
     with _exclusive(directory / shards.PROGRESS_DIR / "finalize.lock"):
-        results = [shards.finished(directory, name, u, inputs=job.inputs[u]) for u in range(len(job.units))]
+        results = [_finished(job, u) for u in range(len(job.units))]
         complete = all(r is not None for r in results)
         if complete:  # idempotent: a second finisher rewrites the same bytes, after the first
             made_by = {"generator": str(job.generator_dir), **job.params}
@@ -438,10 +451,26 @@ def _exclusive(lock: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _write_unit(directory: Path, name: str, unit: int, rows: pd.DataFrame, images, inputs: str) -> int:
-    """Encode and write one generated shard, its receipt recording ``inputs``; returns its image count."""
-    shards.write_shard(directory, name, unit, _samples(rows, images), inputs)
+def _write_unit(directory: Path, name: str, unit: int, rows: pd.DataFrame, images, inputs: str,
+                folder: str | None = None) -> int:
+    """Encode and write one generated shard, its receipt recording ``inputs``; returns its image count.
+
+    With a store ``folder``, the shard and its receipt go there at once (:func:`cxrsynth.store.put_unit`)
+    and the local shard file is removed: a part on a node with no shared disk leaves its work on
+    the store, where a rerun (any part, or the step that assembles the version) finds it."""
+    result = shards.write_shard(directory, name, unit, _samples(rows, images), inputs)
+    if folder is not None:
+        put_unit(directory, folder, result.name)
+        (directory / result.name).unlink(missing_ok=True)
     return len(rows)
+
+
+def _finished(job: Job, unit: int) -> shards.ShardResult | None:
+    """Unit ``unit``'s result when it is done: its shard here with its receipt, or (with a store) both on the store."""
+    done = shards.finished(job.directory, job.name, unit, inputs=job.inputs[unit])
+    if done is None and job.folder is not None:
+        done = stored_unit(job.folder, shards.shard_name(job.name, unit), inputs=job.inputs[unit])
+    return done
 
 
 def _wait(pending: Future | None, progress: Callable[[int], None] | None) -> None:
