@@ -68,3 +68,25 @@ def test_two_nodes_streaming_from_the_object_store_train_the_same_weights(one_no
     one, two = (json.loads((d / "classifier.json").read_text()) for d in (out, nodes))
     assert two["runtime"]["world"] == 2 and two["data_seen"] == one["data_seen"]
     assert two["classifier_id"] == one["classifier_id"] and two["history"] == one["history"]
+
+
+def test_torchrun_predict_writes_the_single_process_file(one_node, tmp_path):
+    """`classifier predict` under torchrun: each of 2 ranks predicts half the rows, rank 0 writes the file one
+    process writes, byte for byte (parquet, metadata included)."""
+    import torch
+    from conftest import cli
+
+    from cxrsynth.classify.predict import read
+
+    root, out, _, _ = one_node
+    args = ["classifier", "predict", "--model", out, "--data", "cxp", "--split", "all", "--batch", 5, "--device", "cpu"]
+    output = torchrun(*args, "--out", tmp_path / "ranks.parquet", "--root", root, cwd=tmp_path, timeout=300)
+    assert output.count("predictions of cxp/all") == 1  # rank 0 alone reports and writes
+    threads = torch.get_num_threads()
+    try:
+        cli(root, *args, "--out", tmp_path / "one.parquet", "--threads", 1)  # torchrun's ranks run one thread each
+    finally:
+        torch.set_num_threads(threads)
+    frame, meta = read(tmp_path / "ranks.parquet")
+    assert len(frame) == len(manifest.read(root, "cxp")) == meta["rows"] and frame["key"].is_monotonic_increasing
+    assert (tmp_path / "ranks.parquet").read_bytes() == (tmp_path / "one.parquet").read_bytes()
