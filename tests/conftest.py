@@ -175,6 +175,42 @@ def torchrun(*args, cwd: Path, timeout: int = 300) -> str:
     return output
 
 
+def torchrun_two_nodes(*args, cwd: Path, timeout: int = 300) -> str:
+    """Run ``cxrsynth ARGS`` as two torchrun "nodes" of one process each on this machine:
+    ``--nnodes 2 --nproc-per-node 1``, c10d rendezvous on 127.0.0.1 (a free port), gloo over the
+    loopback only. Both launchers are killed if either fails or the time runs out; returns
+    node 0's output then node 1's."""
+    import socket
+    import subprocess
+    import sys
+    import uuid
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = Path(sys.executable).with_name("torchrun")
+    cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    cmd += ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+            f"127.0.0.1:{port}", "--rdzv-id", uuid.uuid4().hex[:12], "--local-addr", "127.0.0.1",
+            "-m", "cxrsynth.cli", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200",
+           "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+    nodes = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for _ in range(2)]
+    outputs = []
+    try:
+        for node in nodes:
+            out, _ = node.communicate(timeout=timeout)
+            outputs.append(out)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, 9)
+                node.wait()
+    assert all(node.returncode == 0 for node in nodes), "\n----\n".join(o[-3000:] for o in outputs)
+    return "\n".join(outputs)
+
+
 # ------------------------------------------------------------------ a tiny ingested site
 
 

@@ -225,3 +225,26 @@ def test_a_clean_replica_passes_the_gate_and_half_a_percent_of_copies_fails_it(b
     out = project.cli("share", "export", "big", "--out", tmp_path / "planted", "--audit-out", tmp_path / "a_planted", code=1)
     assert "export refused" in out and f"{syn_key} -> {train_key} (distance" in out and "p = " in out
     assert not (tmp_path / "planted").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("sys").platform != "linux", reason="torchrun + gloo on Linux")
+def test_the_audit_split_over_two_ranks_writes_the_single_process_files(built, tmp_path):
+    """`share audit` under torchrun (2 ranks, gloo): each rank embeds and searches every other batch; rank 0
+    writes the neighbours and the summary one process writes (the run's seconds aside)."""
+    from conftest import cli, torchrun
+
+    args = ["share", "audit", "syn", "--against", "cxp", "--align", 4, "--device", "cpu"]
+    output = torchrun(*args, "--out", tmp_path / "ranks", "--root", built.root, cwd=tmp_path, timeout=300)
+    assert output.count("flagged,") == 1  # rank 0 alone reports
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as torchrun's ranks
+        cli(built.root, *args, "--out", tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    two, one = tmp_path / "ranks", tmp_path / "one"
+    assert (two / "neighbours.parquet").read_bytes() == (one / "neighbours.parquet").read_bytes()
+    a, b = (json.loads((d / "audit.json").read_text()) for d in (two, one))
+    assert a.pop("seconds") > 0 and b.pop("seconds") > 0 and a == b
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())

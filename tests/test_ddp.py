@@ -1,4 +1,5 @@
-"""DDP on CPU: ``torchrun --nproc-per-node 2`` (gloo) for generator training and generation.
+"""DDP on CPU: ``torchrun --nproc-per-node 2`` (gloo) for generator training and generation, and
+two "nodes" of one process each (``--nnodes 2``, c10d rendezvous on 127.0.0.1) for training.
 
 Each test launches two real processes with torchrun on a tiny ingested project (micro
 preset, 32 px). Training must finish, write one generator, and its ``data_seen``
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import chexpert_rows, ingest_site, torchrun
+from conftest import chexpert_rows, ingest_site, torchrun, torchrun_two_nodes
 from typer.testing import CliRunner
 
 from cxrsynth import manifest
@@ -34,14 +35,28 @@ def project(tmp_path_factory):
     return tmp, ingest_site(tmp, chexpert_rows(n_patients=10, studies=2, uncertain=False), split={"tune": 0.2, "seed": 0})
 
 
-def test_torchrun_train_two_ranks_read_disjoint_data(project):
+BATCH, STEPS = 2, 3
+
+
+def _train_args(root: Path, out: Path) -> list:
+    return ["generator", "train", "--data", "cxp", "--preset", "micro", "--steps", STEPS, "--batch", BATCH,
+            "--warmup", 1, "--save-every", 2, "--device", "cpu", "--out", out, "--root", root]
+
+
+@pytest.fixture(scope="module")
+def trained(project) -> Path:
+    """A generator trained by 1 node x 2 processes."""
+    tmp, root = project
+    out = tmp / "gen-ddp"
+    _torchrun(*_train_args(root, out), cwd=tmp)
+    return out
+
+
+def test_torchrun_train_two_ranks_read_disjoint_data(project, trained):
     tmp, root = project
     n_train = int(manifest.query(root, "SELECT count(*) AS n FROM cxp WHERE split = 'train'")["n"].iloc[0])
-    batch, steps = 2, 3
+    batch, steps, out = BATCH, STEPS, trained
     assert n_train // 2 // batch > steps  # the run stays inside one epoch, where shares are disjoint
-    out = tmp / "gen-ddp"
-    _torchrun("generator", "train", "--data", "cxp", "--preset", "micro", "--steps", steps, "--batch", batch,
-              "--warmup", 1, "--save-every", 2, "--device", "cpu", "--out", out, "--root", root, cwd=tmp)
     meta = json.loads((out / "generator.json").read_text())
     assert meta["trained_steps"] == steps and meta["world"] == 2
     seen = meta["data_seen"]
@@ -54,6 +69,17 @@ def test_torchrun_train_two_ranks_read_disjoint_data(project):
     assert [p.name for p in (out / "checkpoints").iterdir()] == [meta["run_id"]]
     assert (ckpt / "latest.pt").is_file() and sorted(p.name for p in ckpt.glob("step-*.pt")) == [
         "step-00000002.pt", "step-00000003.pt"]
+
+
+def test_two_nodes_train_the_same_generator_as_one_node_with_two_processes(project, trained, tmp_path):
+    """``--nnodes 2 --nproc-per-node 1`` (c10d on 127.0.0.1): the same weights, byte for byte, and the same data seen."""
+    _, root = project
+    out = tmp_path / "gen-2nodes"
+    torchrun_two_nodes(*_train_args(root, out), cwd=tmp_path)
+    (one,), (two,) = (sorted(d.glob("*.safetensors")) for d in (trained, out))
+    assert one.name == two.name and one.read_bytes() == two.read_bytes()
+    a, b = (json.loads((d / "generator.json").read_text()) for d in (trained, out))
+    assert a == b  # the same generator id, world, steps and data seen
 
 
 def test_torchrun_generate_matches_one_process(project):

@@ -53,6 +53,10 @@ def predict(
         device: Default CUDA when available.
         progress: Called with the number of images of each batch done.
 
+    Under ``torchrun`` each rank predicts a disjoint share of the rows (the loader's
+    inference split) and every rank returns all of them, in the same key order as one
+    process; the CLI writes the file on rank 0 only.
+
     Returns:
         ``(frame, metadata)``: predictions sorted by key and the parquet metadata dict.
 
@@ -66,9 +70,11 @@ def predict(
         model = model.to(memory_format=torch.channels_last)
     config = meta["config"]
     rows = loader.select(root, name, split, exclude_uncertain=False)
+    ranks = runtime.distributed()  # under torchrun: each rank predicts its own share of the rows
     data = loader.ShardLoader(root, rows, loader.LoaderConfig(  # the order does not matter: one stream per worker
         batch_size=batch_size or int(config["batch_size"]), image_size=int(config["image_size"]), train=False,
-        augment=None, workers=workers, streams=max(1, workers), pin_memory=fast["pin_memory"]))
+        augment=None, workers=workers, streams=max(1, workers), pin_memory=fast["pin_memory"]),
+        rank=ranks.rank, world=ranks.world)
     keys: list[str] = []
     datasets: list[str] = []
     probs: list[torch.Tensor] = []
@@ -81,11 +87,19 @@ def predict(
             datasets += batch["dataset"]
             if progress is not None:
                 progress(len(batch["key"]))
+    p = torch.cat(probs).numpy().astype(np.float32) if probs else np.zeros((0, len(FINDING_COLUMNS)), np.float32)
+    if ranks.world > 1:  # every rank gets every share (gloo or nccl: picklable objects)
+        import torch.distributed as dist
+
+        shares: list[Any] = [None] * ranks.world
+        dist.all_gather_object(shares, (keys, datasets, p))
+        keys = [k for share in shares for k in share[0]]
+        datasets = [d for share in shares for d in share[1]]
+        p = np.concatenate([share[2] for share in shares])
     want = rows["key"].astype(str)
     if len(keys) != len(want) or set(keys) != set(want):
         missing = sorted(set(want) - set(keys))[:3]
         raise CxrsynthError(f"{name}/{split}: {len(keys)} predictions for {len(want)} rows (missing e.g. {missing})")
-    p = torch.cat(probs).numpy().astype(np.float32) if probs else np.zeros((0, len(FINDING_COLUMNS)), np.float32)
     frame = pd.DataFrame({"key": pd.array(keys, dtype="string"), "dataset": pd.array(datasets, dtype="string")})
     for k, column in enumerate(FINDING_COLUMNS):
         frame[column] = p[:, k]

@@ -173,7 +173,12 @@ def predict(
     threads: Threads = None,
     root: Root = Path("."),
 ) -> None:
-    """Write one row per image: key, dataset and a sigmoid probability per finding (uncertain rows included)."""
+    """Write one row per image: key, dataset and a sigmoid probability per finding (uncertain rows included).
+
+    Single process, or split over ranks under ``torchrun --nproc-per-node N -m cxrsynth.cli classifier predict
+    ...`` (each rank predicts its share; rank 0 writes the same file as one process).
+    """
+    from cxrsynth import runtime
     from cxrsynth.classify.predict import predict as predict_lib
     from cxrsynth.classify.predict import write
 
@@ -181,6 +186,8 @@ def predict(
     with progress_bar(f"predict {data}", total=None) as advance:
         frame, meta = predict_lib(model_dir, root, data, None if split == "all" else split, batch_size=batch,
                                   workers=workers, device=device, progress=advance)
+    if not runtime.distributed(join=False).is_main:
+        return
     write(frame, meta, out)
     console.print(f"{len(frame):,} predictions of {data}/{split} by classifier {meta['model']['classifier_id']} "
                   f"-> [bold]{out}[/bold]", highlight=False)

@@ -69,13 +69,19 @@ def audit(
     """Nearest real training images of every synthetic image; flags likely copies.
 
     The threshold is calibrated on held-out real images; the embedding's patient re-identification AUROC is reported.
+    Under ``torchrun --nproc-per-node N -m cxrsynth.cli share audit ...`` the embedding and the search are split over
+    the ranks (the same files as one process).
     """
     from cxrsynth.share.audit import audit as audit_lib
 
     config = _audit_config(split=split, heldout_split=heldout_split, embedding=embedding, criterion=criterion, k=k,
                            quantile=quantile, align=align, align_size=align_size, reid_steps=reid_steps,
                            device=device)
+    from cxrsynth import runtime
+
     summary = audit_lib(root, name, against, root / out, config, progress=_say)
+    if not runtime.distributed(join=False).is_main:
+        return
     reid, c = summary["reid"], summary["counts"]
     console.print(
         f"{name} vs {against}/{summary['training']['split']} ({summary['embedding']['name']}, "

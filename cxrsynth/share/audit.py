@@ -276,6 +276,10 @@ def audit(
         config: What to compare and how.
         progress: Optional ``progress(message)`` for each phase.
 
+    Under ``torchrun`` each rank embeds and searches every ``world``-th batch (the batches of
+    one process) and every rank gathers all of them (:func:`cxrsynth.share.embed.gather_batches`),
+    so the result does not depend on the number of ranks; rank 0 writes the files.
+
     Returns:
         The ``audit.json`` content.
     """
@@ -290,21 +294,24 @@ def audit(
     if syn.empty:
         raise AuditError(f"{synthetic} has no images to audit")
     train, heldout, heldout_how = real_sets(root, against, config)
+    ranks = runtime.distributed()  # under torchrun: the embedding and the search split by batch over the ranks
+    share = (ranks.rank, ranks.world)
+    main = ranks.is_main
     device = runtime.device(config.device)
 
     def train_network(kind: str) -> embed.Embedding:
         cfg = config.reid if kind == "reid" else config.sscd
         say(f"training the {kind} network on {len(train)} images of split {config.split!r} ({cfg.steps} steps)")
         images = _load_array(root, train, cfg.size, config.batch)
-        if kind == "reid":
-            return embed.train_reid(images, train["patient_id"], cfg, device, out=out / "reid")
-        return embed.train_sscd(images, cfg, device, out=out / "sscd")
+        if kind == "reid":  # every rank trains the same network (same seed); rank 0 saves it
+            return embed.train_reid(images, train["patient_id"], cfg, device, out=out / "reid" if main else None)
+        return embed.train_sscd(images, cfg, device, out=out / "sscd" if main else None)
 
     out.mkdir(parents=True, exist_ok=True)
     emb = embed.build(config.embedding, device=device, train=train_network, pixel_size=config.pixel_size)
     say(f"embedding {len(train)} training and {len(heldout)} held-out images ({emb.name})")
-    train_keys, bank = embed.embed_rows(root, train, emb, device, config.batch)
-    _, held = embed.embed_rows(root, heldout, emb, device, config.batch)
+    train_keys, bank = embed.embed_rows(root, train, emb, device, config.batch, share)
+    _, held = embed.embed_rows(root, heldout, emb, device, config.batch, share)
 
     def pixels(frame: pd.DataFrame) -> np.ndarray | None:  # what the alignment registers, at its side
         return _load_array(root, frame, config.align_size, config.batch) if config.align else None
@@ -318,16 +325,17 @@ def audit(
     threshold = rule.thresholds.get("absolute", float("nan"))
 
     say(f"nearest training images of {len(syn)} synthetic images")
-    syn_keys, dists, idx = [], [], []
+    syn_keys, found = [], {}
     syn_pixels, syn_row = pixels(syn), {key: r for r, key in enumerate(syn["key"].astype(str))}  # frame order
-    for keys, images in embed.iter_images(root, syn, emb.size, config.batch):  # shard order
-        aligned = None if syn_pixels is None else syn_pixels[[syn_row[key] for key in keys]]
-        d, i = search.search(emb(torch.from_numpy(images).to(device)), aligned)
+    for b, (keys, images) in enumerate(embed.iter_images(root, syn, emb.size, config.batch, share)):  # shard order
         syn_keys += keys
-        dists.append(d)
-        idx.append(i)
-    dist = np.concatenate(dists)  # (N_s, k)
-    index = np.concatenate(idx)
+        if images is None:  # another rank's batch
+            continue
+        aligned = None if syn_pixels is None else syn_pixels[[syn_row[key] for key in keys]]
+        found[b] = search.search(emb(torch.from_numpy(images).to(device)), aligned)
+    found = embed.gather_batches(found, ranks.world)
+    dist = np.concatenate([found[b][0] for b in sorted(found)])  # (N_s, k)
+    index = np.concatenate([found[b][1] for b in sorted(found)])
     nn = dist[:, 0]
     flagged_mask, hard_mask = rule.flag(dist), rule.is_hard(dist)
     flagged_rows = np.flatnonzero(flagged_mask)
@@ -379,6 +387,9 @@ def audit(
         "config": config.to_dict(),
         "device": str(device),
     }
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    if not main:  # every rank returns the summary; rank 0 alone writes the files
+        return summary
     _write_neighbours(out / "neighbours.parquet", syn_keys, dist, index, train_keys)
     plot_distances(out / "distances.png", nn, held_nn, threshold if np.isfinite(threshold) else None, emb.name)
     shown = flagged_rows if len(flagged_rows) else np.argsort(nn, kind="stable")
@@ -386,7 +397,6 @@ def audit(
     drawn = [(syn_keys[r], train_keys[index[r, 0]], float(nn[r])) for r in shown[: config.show]]
     plot_pairs(root, out / "pairs.png", syn, train, drawn,
                title=f"{synthetic} vs {against}/{config.split} ({emb.name}, {config.criterion}): {title}")
-    summary["seconds"] = round(time.perf_counter() - started, 3)
     (out / AUDIT_JSON).write_text(json.dumps({**summary, "cxrsynth": __version__}, indent=1, sort_keys=True, default=str) + "\n")
     return summary
 

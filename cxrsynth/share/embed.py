@@ -141,38 +141,75 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
                      for im in images])
 
 
-def iter_images(root: str | Path, frame: pd.DataFrame, size: int, batch: int) -> Iterator[tuple[list[str], np.ndarray]]:
-    """``(keys, (B, size, size) uint8)`` of the rows of ``frame``, in shard order, ``batch`` at a time."""
+def iter_images(root: str | Path, frame: pd.DataFrame, size: int, batch: int, share: tuple[int, int] = (0, 1),
+                ) -> Iterator[tuple[list[str], np.ndarray | None]]:
+    """``(keys, (B, size, size) uint8)`` of the rows of ``frame``, in shard order, ``batch`` at a time.
+
+    ``share=(rank, world)``: batch ``b`` is decoded only when ``b % world == rank``; the other
+    batches come with their keys and ``None`` (every rank sees every key, in the same order,
+    and the batches are those of one process, so results do not depend on the world size).
+    """
     from cxrsynth import shards
     from cxrsynth.imaging import decode_png
 
+    rank, world = share
     keys: list[str] = []
-    images: list[np.ndarray] = []
+    pngs: list[tuple[str, bytes]] = []
     shard_of = dict(zip(frame["key"].astype(str), frame["shard"].astype(str)))
+
+    def done(b: int) -> tuple[list[str], np.ndarray | None]:
+        if b % world != rank:
+            return keys, None
+        return keys, np.stack([decode_png(png, size, key=key, shard=shard_of[key]) for key, png in pngs])
+
+    b = 0
     for key, png in shards.images(root, frame):
         keys.append(key)
-        images.append(decode_png(png, size, key=key, shard=shard_of[key]))
+        pngs.append((key, png))
         if len(keys) == batch:
-            yield keys, np.stack(images)
-            keys, images = [], []
+            yield done(b)
+            keys, pngs, b = [], [], b + 1
     if keys:
-        yield keys, np.stack(images)
+        yield done(b)
+
+
+def gather_batches(mine: dict[int, Any], world: int) -> dict[int, Any]:
+    """Every rank's ``{batch index: result}`` merged, on every rank (``torch.distributed``'s
+    ``all_gather_object``; tensors travel as CPU numpy arrays). ``world`` 1: ``mine`` itself."""
+    if world <= 1:
+        return mine
+    import torch
+    import torch.distributed as dist
+
+    def cpu(value):
+        if isinstance(value, torch.Tensor):
+            return value.cpu().numpy()
+        return tuple(cpu(v) for v in value) if isinstance(value, tuple) else value
+
+    shares: list[Any] = [None] * world
+    dist.all_gather_object(shares, {b: cpu(v) for b, v in mine.items()})
+    return {b: v for share in shares for b, v in share.items()}
 
 
 def embed_rows(root: str | Path, frame: pd.DataFrame, embedding: Embedding, device: "torch.device",
-               batch: int = 256) -> tuple[list[str], "torch.Tensor"]:
+               batch: int = 256, share: tuple[int, int] = (0, 1)) -> tuple[list[str], "torch.Tensor"]:
     """Embed every row of ``frame``: ``(keys in frame order, (N, D) tensor on device)``.
+
+    ``share=(rank, world)`` under torchrun: each rank embeds every ``world``-th batch and
+    every rank gets all the vectors (:func:`gather_batches`).
 
     Raises :class:`EmbeddingError` when a row's image is not in its shard.
     """
     import torch
 
     found: dict[str, int] = {}
-    parts = []
-    for keys, images in iter_images(root, frame, embedding.size, batch):
+    mine = {}
+    for b, (keys, images) in enumerate(iter_images(root, frame, embedding.size, batch, share)):
         for k in keys:
             found[k] = len(found)
-        parts.append(embedding(torch.from_numpy(images).to(device)))
+        if images is not None:
+            mine[b] = embedding(torch.from_numpy(images).to(device))
+    parts = gather_batches(mine, share[1])
     wanted = frame["key"].astype(str).tolist()
     missing = [k for k in wanted if k not in found]
     if missing:
@@ -180,7 +217,7 @@ def embed_rows(root: str | Path, frame: pd.DataFrame, embedding: Embedding, devi
     if not parts:
         return [], torch.zeros((0, 1), device=device)
     order = torch.tensor([found[k] for k in wanted], device=device)
-    return wanted, torch.cat(parts)[order]
+    return wanted, torch.cat([torch.as_tensor(parts[b], device=device) for b in sorted(parts)])[order]
 
 
 def nearest(queries: "torch.Tensor", bank: "torch.Tensor", k: int, chunk: int = 4096) -> tuple["torch.Tensor", "torch.Tensor"]:
