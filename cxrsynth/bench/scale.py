@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import platform
-import tarfile
 import tempfile
 import threading
 import time
@@ -356,14 +355,16 @@ def plain_report(cell_files: list[Path], out: Path) -> int:
 
 
 def plain_images(csv: Path, size: int, out: Path) -> int:
-    """Decode, pad to square, resize, equalize, PNG-encode each image and write a tar (one process)."""
+    """Decode, pad to square, resize, equalize, PNG-encode each image and write a tar with webdataset's
+    own ``TarWriter`` (one process)."""
     import io
 
+    import webdataset as wds
     from PIL import Image, ImageOps
 
     paths = pd.read_csv(csv, usecols=["Path"])["Path"]
     base = csv.parent.parent
-    with tarfile.open(out, "w") as tar:
+    with wds.TarWriter(str(out)) as tar:
         for i, rel in enumerate(paths):
             im = Image.open(base / rel).convert("L")
             side = max(im.size)
@@ -372,10 +373,7 @@ def plain_images(csv: Path, size: int, out: Path) -> int:
             im = ImageOps.equalize(square.resize((size, size), Image.Resampling.BILINEAR))
             buffer = io.BytesIO()
             im.save(buffer, format="PNG", compress_level=1)
-            info = tarfile.TarInfo(f"{i:07d}.png")
-            info.size = buffer.tell()
-            buffer.seek(0)
-            tar.addfile(info, buffer)
+            tar.write({"__key__": f"{i:07d}", "png": buffer.getvalue()})
     return len(paths)
 
 
