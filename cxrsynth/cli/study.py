@@ -114,7 +114,7 @@ def memorisation(
     m, g, s = p.memorisation, p.generator, p.generate
     config = ControlConfig(**given(
         images=m.images, steps=m.steps, batch=m.batch, lr=m.lr, warmup=m.warmup, ema=m.ema, replicas=m.replicas,
-        embedding=m.embedding, quantile=m.quantile, alpha=m.alpha, seed=p.seed, device=device,
+        alpha=p.share.alpha if p.share else None, seed=p.seed, device=device,
         preset=g.preset if g else None, image_size=g.image_size if g else None,
         sampler=s.sampler if s else None, sample_steps=s.steps if s else None, sample_batch=s.batch if s else None))
     real = p.study.real
@@ -122,11 +122,11 @@ def memorisation(
                            progress=lambda line: err_console.print(line, highlight=False, soft_wrap=True))
     for label in ("control", "demo"):
         r = doc[label]
-        share = "n/a" if r["flagged_fraction"] is None else f"{100 * r['flagged_fraction']:.1f}%"
-        p_value = "n/a" if r["p_value"] is None else f"{r['p_value']:.3g}"
-        console.print(f"{label} ({r['dataset']}): {r['flagged']} of {r['images']} flagged ({share}; "
-                      f"{r['expected_by_chance']} expected by chance, one-sided binomial p = {p_value}); "
-                      f"training images copied: {r['copies']}", highlight=False, soft_wrap=True)
+        console.print(f"{label} ({r['dataset']}): {r['flagged']} of {r['images']} flagged "
+                      f"({100 * r['flagged_fraction']:.1f}%; {r['expected_by_chance']:g} expected by chance, one-sided "
+                      f"binomial p = {r['p_value']:.3g}); {r['hard_copies']} hard copies; training images copied: "
+                      f"{r['copies']}; export gate: {'passed' if r['gate_passed'] else 'refused'}",
+                      highlight=False, soft_wrap=True)
     v = doc["verdict"]
     console.print(f"positive control caught: {v['control_caught']}; demo generator at chance: {v['demo_at_chance']}; "
                   f"wrote {out}", highlight=False)

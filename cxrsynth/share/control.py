@@ -13,9 +13,9 @@ few minutes, should be flagged about as often as chance predicts.
 images audited, flagged, expected by chance, a one-sided binomial p-value of the flagged
 count against that rate, training images copied at least once, the nearest-distance
 summaries and the closest pairs) with the two audits' folders (``control/`` and ``demo/``:
-``audit.json``, ``distances.png``, ``pairs.png``...). It calls :func:`cxrsynth.share.audit.audit`
-through its public signature only and reads its summary defensively (keys it lacks are
-``None`` here), so another audit criterion or embedding changes the numbers, not this code.
+``audit.json``, ``distances.png``, ``pairs.png``...). Each generator is judged by the export
+gate itself (:func:`cxrsynth.share.gate.decide`): the control must fail it for being flagged
+beyond chance, the demo must pass.
 
 Everything here holds real keys and real images (the control *is* a copy machine): the
 outputs stay with the data owner (``push: false`` in dvc.yaml).
@@ -35,7 +35,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from cxrsynth import manifest, shards
+from cxrsynth import __version__, manifest, shards
 from cxrsynth.config import Config, setting
 from cxrsynth.errors import CxrsynthError
 
@@ -91,7 +91,7 @@ class ControlConfig(Config):
     seed: int = 0
     embedding: str | None = None
     quantile: float | None = setting(None, gt=0, lt=1)
-    alpha: float = setting(0.05, gt=0, lt=1)
+    alpha: float = setting(0.01, gt=0, lt=1)
     show: int = setting(8, ge=1)
     device: str | None = None
 
@@ -148,75 +148,47 @@ def _audit_config(config: ControlConfig):
                                   device=config.device)
 
 
-def _closest(audit_dir: Path, summary: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """The ``n`` closest (synthetic, nearest training image) pairs: from ``neighbours.parquet`` when the audit
-    wrote one, else its flagged pairs."""
-    path = audit_dir / "neighbours.parquet"
-    if path.is_file():
-        frame = pd.read_parquet(path)
-        if {"synthetic_key", "training_key", "distance"} <= set(frame.columns):
-            if "rank" in frame.columns:
-                frame = frame.loc[frame["rank"] == frame["rank"].min()]
-            frame = frame.sort_values(["distance", "synthetic_key"], kind="stable").head(n)
-            return [{"synthetic_key": str(r.synthetic_key), "training_key": str(r.training_key),
-                     "distance": round(float(r.distance), 6)} for r in frame.itertuples()]
-    return [{k: p.get(k) for k in ("synthetic_key", "training_key", "distance")}
-            for p in (summary.get("flagged") or [])[:n]]
+def _nearest(audit_dir: Path) -> pd.DataFrame:
+    """Each synthetic image's nearest training image (``neighbours.parquet``, rank 1), closest first."""
+    frame = pd.read_parquet(audit_dir / "neighbours.parquet")
+    frame = frame.loc[frame["rank"] == 1, ["synthetic_key", "training_key", "distance"]]
+    return frame.sort_values(["distance", "synthetic_key"], kind="stable").reset_index(drop=True)
 
 
-def _nearest_keys(audit_dir: Path) -> pd.Series | None:
-    """Each synthetic image's nearest training key (``neighbours.parquet``), None when the audit wrote none."""
-    path = audit_dir / "neighbours.parquet"
-    if not path.is_file():
-        return None
-    frame = pd.read_parquet(path)
-    if not {"synthetic_key", "training_key"} <= set(frame.columns):
-        return None
-    if "rank" in frame.columns:
-        frame = frame.loc[frame["rank"] == frame["rank"].min()]
-    return frame.drop_duplicates("synthetic_key").set_index("synthetic_key")["training_key"].astype(str)
+def _closest(audit_dir: Path, n: int) -> list[dict[str, Any]]:
+    """The ``n`` closest (synthetic, nearest training image) pairs."""
+    return [{"synthetic_key": str(r.synthetic_key), "training_key": str(r.training_key),
+             "distance": round(float(r.distance), 6)} for r in _nearest(audit_dir).head(n).itertuples()]
 
 
-def binomial_p(flagged: int | None, images: int | None, rate: float | None) -> float | None:
-    """One-sided p-value of ``flagged`` or more of ``images`` flagged when each is flagged with probability ``rate``."""
-    if flagged is None or not images or rate is None or not 0 < rate < 1:
-        return None
-    from scipy.stats import binomtest
+def generator_result(label: str, audit_dir: Path, summary: dict[str, Any], config: ControlConfig) -> dict[str, Any]:
+    """One generator's line of ``memorisation.json``: the export gate's decision on its audit (at ``config.alpha``)
+    with the distances and the closest pairs."""
+    from cxrsynth.share.gate import GateConfig, decide
 
-    return float(binomtest(int(flagged), int(images), float(rate), alternative="greater").pvalue)
-
-
-def generator_result(label: str, audit_dir: Path, summary: dict[str, Any], config: ControlConfig,
-                     training_images: int | None = None) -> dict[str, Any]:
-    """One generator's line of ``memorisation.json``, read defensively from its audit summary."""
-    counts = summary.get("counts") or {}
-    n, flagged, chance = counts.get("synthetic"), counts.get("flagged"), counts.get("expected_by_chance")
-    rate = chance / n if chance is not None and n else None
-    p = binomial_p(flagged, n, rate)
-    pairs = summary.get("flagged") or []
-    copied = sorted({str(f["training_key"]) for f in pairs if f.get("training_key") is not None})
-    threshold = summary.get("threshold")
-    distances = summary.get("distances") or {}
-    training = summary.get("training") or {}
-    train_n = training_images or training.get("images")
+    decision = decide(summary, GateConfig(alpha=config.alpha, show=config.show))
+    caught = [reason for reason in decision.reasons if "more than chance" in reason]
     return {
         "label": label,
-        "dataset": (summary.get("synthetic") or {}).get("name"),
-        "version": (summary.get("synthetic") or {}).get("version"),
-        "embedding": (summary.get("embedding") or {}).get("name"),
-        "images": n,
-        "flagged": flagged,
-        "flagged_fraction": flagged / n if flagged is not None and n else None,
-        "expected_by_chance": chance,
-        "chance_fraction": rate,
-        "p_value": p,
-        "beyond_chance": None if p is None else p < config.alpha,
-        "copies": len(copied),  # training images copied at least once (Dar et al.)
-        "copies_fraction": len(copied) / train_n if train_n else None,
-        "threshold": threshold.get("distance") if isinstance(threshold, dict) else threshold,
-        "nearest": distances.get("synthetic_to_train"),
-        "heldout_nearest": distances.get("heldout_to_train"),
-        "closest": _closest(audit_dir, summary, config.show),
+        "dataset": summary["synthetic"]["name"],
+        "version": summary["synthetic"]["version"],
+        "embedding": summary["embedding"]["name"],
+        "criterion": summary["threshold"]["criterion"],
+        "images": decision.synthetic,
+        "flagged": decision.flagged,
+        "flagged_fraction": decision.synthetic_copied_fraction,
+        "expected_by_chance": round(decision.expected, 4),
+        "chance_fraction": decision.chance_rate,
+        "p_value": float(f"{decision.p_value:.6g}"),
+        "beyond_chance": bool(caught),
+        "hard_copies": decision.copies,
+        "gate_passed": decision.passed,
+        "copies": decision.training_copied,  # training images copied at least once (Dar et al.)
+        "copies_fraction": decision.training_copied_fraction,
+        "threshold": summary["threshold"]["distance"],
+        "nearest": summary["distances"]["synthetic_to_train"],
+        "heldout_nearest": summary["distances"]["heldout_to_train"],
+        "closest": _closest(audit_dir, config.show),
         "files": {name: f"{audit_dir.name}/{name}" for name in ("audit.json", "distances.png", "pairs.png")
                   if (audit_dir / name).is_file()},
     }
@@ -290,12 +262,12 @@ def memorisation(
         summary = summaries[label] = audit(root, name, real, folder, audit_config.override(split=split), progress=say)
         results[label] = generator_result(label, folder, summary, config)
 
-    nearest = _nearest_keys(out / "control")
+    nearest = _nearest(out / "control")["training_key"].astype(str)
     subset_keys = set(rows["key"].astype(str))
     c = results["control"]
     c["training_subset"] = len(rows)
-    c["nearest_in_subset"] = float(nearest.isin(subset_keys).mean()) if nearest is not None and len(nearest) else None
-    c["subset_copied"] = len({str(p.get("training_key")) for p in summaries["control"].get("flagged") or []} & subset_keys)
+    c["nearest_in_subset"] = float(nearest.isin(subset_keys).mean())  # its images' nearest real image is one it saw
+    c["subset_copied"] = len({str(p["training_key"]) for p in summaries["control"]["flagged"]} & subset_keys)
     c["generator"] = {"preset": config.preset, "image_size": config.image_size, "steps": config.steps,
                       "batch": min(config.batch, config.images), "trained_on": f"{subset_name} ({len(rows)} images)"}
     d = results["demo"]
@@ -304,6 +276,7 @@ def memorisation(
 
     doc = {
         "format": FORMAT,
+        "cxrsynth": __version__,
         "real": {"name": real, "split": split, "version": manifest.read_meta(root, real).get("version")},
         "alpha": config.alpha,
         "control": c,

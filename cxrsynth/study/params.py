@@ -309,9 +309,9 @@ class Memorisation:
         warmup: Its linear warm-up steps.
         ema: EMA decay of the weights it samples with (short: the last steps' weights).
         replicas: Synthetic images per training image of the control (sampled as ``generate`` says).
-        embedding: The audits' embedding (None: the audit's default).
-        quantile: The audits' calibration quantile (None: the audit's default).
-        alpha: Significance level of the one-sided binomial test of each flagged count against chance.
+
+    Both are audited as the ``package`` stages audit a replica (the audit's defaults) and judged by the export
+    gate at ``share.alpha``.
     """
 
     replica: str
@@ -322,9 +322,6 @@ class Memorisation:
     warmup: int = setting(20, ge=0)
     ema: float = setting(0.99, ge=0, lt=1)
     replicas: int = setting(2, ge=1)
-    embedding: str | None = None
-    quantile: float | None = setting(None, gt=0, lt=1)
-    alpha: float = setting(0.05, gt=0, lt=1)
 
 
 @dataclass(frozen=True)

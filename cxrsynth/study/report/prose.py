@@ -269,7 +269,9 @@ def memorisation_sentences(study: Study) -> list[str]:
                       else "") + ".")
     if demo:
         beyond = demo.get("beyond_chance")
-        verdict = ("flagged at the rate chance predicts" if beyond is False else
+        below = (demo.get("flagged") or 0) < (demo.get("expected_by_chance") or 0)
+        verdict = ("flagged less often than chance predicts: no sign of memorisation" if beyond is False and below else
+                   "flagged at the rate chance predicts" if beyond is False else
                    f"flagged MORE than chance predicts (α = {alpha:g}): look at its closest pairs" if beyond else
                    "not decided (no chance rate)")
         out.append(f"Memorisation audit of the demo generator (replica {demo.get('dataset', '?')}): {flagged_text(demo)}; "
