@@ -55,6 +55,7 @@ def tiny_params(params: dict) -> dict:
     params["external"]["k"] = [0, 1]
     params["classifier"].update(image_size=16, epochs=1, exclude_uncertain=False)
     params["evaluate"]["bootstrap"] = 20
+    params["memorisation"].update(images=8, steps=20, batch=8)
     return params
 
 

@@ -1,6 +1,7 @@
 """`dvc repro` of the project's own dvc.yaml on a tiny parameter set, in a temporary clone.
 
 Every stage runs and the report is written with its figures; a second repro runs nothing;
+its cells run two at a time (scripts/parallel-cells.sh) give the same bytes;
 one more k runs only that cell (and what reads every cell); `dvc push` sends the replicas'
 audited, scrubbed packages to the synthetic remote and nothing real (not the replicas themselves,
 whose rows link to real ones); `dvc pull` brings them back, the same bytes.
@@ -47,7 +48,7 @@ def git_commit(clone: Path) -> None:
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_the_study_reruns_nothing_and_pushes_only_synthetic_data(tmp_path):
+def test_dvc_repro_runs_the_study_in_parallel_too_reruns_nothing_and_pushes_only_synthetic_data(tmp_path):
     clone = tmp_path / "repo" / "clone"
     params = _tiny_run().tiny_project(REPO, clone)
     sh("git", "init", "-q", cwd=clone)
@@ -58,7 +59,7 @@ def test_dvc_repro_runs_the_study_reruns_nothing_and_pushes_only_synthetic_data(
     expected = {"phantom@cxp", "ingest_cxp", "ingest_mimic", "ingest_emory", "generator_cxp", "replica@w1",
                 "replica_rebalanced", "package@w1", "package_rebalanced", "cfg@w1-real", "cfg@w1-synthetic", "cfg_real@w1", "supplement@0", "supplement@1",
                 "synthetic@1", "external@0", "external@1", "rebalance", "compare@supplement", "compare@cfg",
-                "distance@w1", "cooccurrence", "stats@emory", "report"}
+                "distance@w1", "cooccurrence", "stats@emory", "memorisation", "report"}
     assert expected <= set(stages) and expected <= ran(first)
     html = (clone / "report/index.html").read_text()
     assert html.count("<img") >= 6 and html.count("<table") >= 4
@@ -66,6 +67,9 @@ def test_dvc_repro_runs_the_study_reruns_nothing_and_pushes_only_synthetic_data(
     assert set(cell["evaluations"]) == {"tune", "cxp:test", "mimic:test", "emory:test"}
     assert cell["train"]["synthetic_images"] > 0 and cell["train"]["real_images"] > 0
     assert json.loads((clone / "metrics/compare/supplement.json").read_text())["baseline"] == "supplement_k0"
+    memo = json.loads((clone / "metrics/memorisation/memorisation.json").read_text())
+    assert memo["demo"]["dataset"] == "cxp_w1" and memo["control"]["training_subset"] == 8
+    assert 'id="memorisation"' in html and "Positive control" in html
     # DVC reads the headline metrics (one macro AUROC per cell and evaluation, and the CAS) and the plots
     shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=clone).stdout)
     headline = next(iter(shown.values()))["data"]["report/metrics.json"]["data"]
@@ -84,6 +88,7 @@ def test_dvc_repro_runs_the_study_reruns_nothing_and_pushes_only_synthetic_data(
     sh("dvc", "plots", "show", "-o", str(tmp_path / "plots"), cwd=clone)
     assert "supplement" in (tmp_path / "plots" / "index.html").read_text()
     git_commit(clone)
+    _cells_in_parallel_equal_sequential(clone, tmp_path / "parallel")
 
     # nothing changed: nothing runs
     again = sh("dvc", "repro", cwd=clone).stdout
@@ -123,3 +128,41 @@ def test_dvc_repro_runs_the_study_reruns_nothing_and_pushes_only_synthetic_data(
     sh("dvc", "pull", "data/packages/cxp_w1", cwd=clone)  # the out, not the stage: its audit is push: false
     after = {p.relative_to(clone): p.read_bytes() for p in (clone / "data/packages/cxp_w1").rglob("*") if p.is_file()}
     assert after == before
+
+
+def _cells_in_parallel_equal_sequential(clone: Path, copy: Path) -> None:
+    """Four cells' outputs deleted in a copy of the project and made again two at a time by
+    scripts/parallel-cells.sh are the sequential run's, byte for byte, and dvc.lock is unchanged."""
+    shutil.copytree(clone, copy, symlinks=True)
+    cells = sh(sys.executable, "scripts/cells.py", cwd=copy).stdout.split()
+    upstream = sh(sys.executable, "scripts/cells.py", "--upstream", cwd=copy).stdout.split()
+    assert {"supplement@0", "supplement@1", "cfg@w1-real", "cfg_real@w1", "external@1", "rebalance"} <= set(cells)
+    assert {"ingest_cxp", "ingest_mimic", "replica@w1", "replica_rebalanced", "generator_cxp"} <= set(upstream)
+    assert not set(cells) & set(upstream) and "report" not in cells + upstream and "compare@supplement" not in upstream
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    rerun = ["supplement@0", "supplement@1", "synthetic@1", "external@1"]  # four cells remade, two at a time
+    outs = sorted(out["path"] for cell in rerun for out in lock[cell]["outs"])
+    assert any(p.startswith("metrics/study/") for p in outs) and any(p.startswith("data/study/") for p in outs)
+
+    def files(root: Path) -> dict[str, bytes]:
+        found = {}
+        for out in outs:
+            path = root / out
+            for f in [path] if path.is_file() else sorted(path.rglob("*")):
+                if f.is_file():
+                    found[f.relative_to(root).as_posix()] = f.read_bytes()
+        return found
+
+    before = files(clone)
+    for out in outs:
+        target = copy / out
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    shutil.rmtree(copy / ".dvc" / "cache" / "runs", ignore_errors=True)  # no run-cache: every cell really runs,
+    shutil.rmtree(copy / "data" / "checkpoints")  # from its first step (no finished run to resume)
+    output = sh("bash", "scripts/parallel-cells.sh", "2", cwd=copy).stdout
+    assert ran(output) == set(rerun)  # the other cells, their upstream and what reads them: up to date
+    after = files(copy)
+    assert sorted(after) == sorted(before)
+    assert [k for k in before if after[k] != before[k]] == []
+    relock = yaml.safe_load((copy / "dvc.lock").read_text())["stages"]
+    assert relock == lock

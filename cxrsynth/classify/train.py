@@ -379,6 +379,7 @@ def train(
     resume: bool = True,
     callback: Callable[[dict[str, Any]], None] | None = None,
     stop_after: int | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> dict[str, Any] | None:
     """Train (or resume) a classifier on ``name``'s ``split``; pick the epoch by ``tune_split``'s loss.
 
@@ -396,6 +397,10 @@ def train(
         callback: Called on rank 0 with events ``{"event": "start" | "step" | "epoch", ...}``.
         stop_after: Return after this many epochs of this call, checkpointed but without
             the final outputs (as if killed; for tests and time-sliced jobs).
+        checkpoint_dir: Folder of the resume state, the best epoch's weights and ``log.jsonl``
+            (default ``out/checkpoints``). The log records wall-clock rates, so a pipeline
+            that wants ``out`` byte-reproducible keeps them elsewhere (the study's cells:
+            ``data/checkpoints/<cell>``, which also survives DVC removing a stage's outputs).
 
     Returns:
         The ``classifier.json`` dict once all epochs are done (None when stopped early).
@@ -427,7 +432,7 @@ def train(
     # 2. State, or the checkpoint of the same run.
     weights_sha = _sha256(Path(weights)) if weights is not None else None
     run = run_fingerprint(config, {k: data[k] for k in ("name", "version", "split", "tune_split")}, dist.world, weights_sha)
-    ck = out / CHECKPOINTS
+    ck = Path(checkpoint_dir) if checkpoint_dir is not None else out / CHECKPOINTS
     ck_path = ck / LATEST
     with checkpoints.forked_rng(dev):  # the RNG policy of cxrsynth.checkpoints
         trainer = Trainer(config, dev, config.epochs * per_epoch, world=dist.world, weights=weights)

@@ -85,7 +85,8 @@ class _TrainBar:
 @classifier_app.command("train", cls=LazyHelp)
 def train(
     data: Annotated[str, typer.Option("--data", help="Dataset or mix to train on (its manifest and shards).")],
-    out: Annotated[Path, typer.Option("--out", help="Output directory: model.safetensors, classifier.json, checkpoints/.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory: model.safetensors, classifier.json, checkpoints/ "
+                                                    "(unless --checkpoints).")],
     preset: Annotated[str, typer.Option("--preset", help="Classifier preset: {classifier_presets}.")] = "small",
     split: Annotated[str, typer.Option("--split", help="Training split.")] = "train",
     tune_split: Annotated[Optional[str], typer.Option(
@@ -117,8 +118,10 @@ def train(
     weights: Annotated[Optional[Path], typer.Option(
         "--weights", exists=True, dir_okay=False, help="Local pretrained weights (safetensors or a torch state dict); "
                                                        "never downloaded.")] = None,
-    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from OUT/checkpoints/latest.pt "
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the checkpoints' latest.pt "
                                                                      "(same run only).")] = True,
+    checkpoints: Annotated[Optional[Path], typer.Option(
+        "--checkpoints", help="Folder of the resume state, the best epoch and log.jsonl (default: OUT/checkpoints).")] = None,
     device: Device = None,
     threads: Threads = None,
     root: Root = Path("."),
@@ -144,7 +147,8 @@ def train(
     bar = _TrainBar() if dist.is_main else None
     try:
         meta = train_lib(root, data, config, out, split=split, tune_split=None if tune_split in (None, "none") else tune_split,
-                         preset=preset, weights=weights, device=device, resume=resume, callback=bar)
+                         preset=preset, weights=weights, device=device, resume=resume, callback=bar,
+                         checkpoint_dir=checkpoints)
     finally:
         if bar is not None:
             bar.close()

@@ -91,6 +91,47 @@ def distance(
                   f"{r['n_synthetic']} synthetic vs {r['n_real']} real images)", highlight=False)
 
 
+@study_app.command("memorisation")
+def memorisation(
+    out: Annotated[Path, typer.Option("--out", help="Folder for memorisation.json and the two audits (relative to --root).")]
+    = Path("metrics/memorisation"),
+    params: Params = PARAMS_FILE,
+    device: Device = None,
+    root: Root = Path("."),
+) -> None:
+    """The memorisation audit's positive control: a generator overfitted on a few training images must be flagged far
+    above chance, the demo generator's replica at chance (params.yaml `memorisation`)."""
+    p = _params(root, params)
+    if p.memorisation is None:
+        from cxrsynth.study.params import ParamsError
+
+        raise ParamsError("memorisation", "missing: the positive control needs a memorisation section", str(params))
+    from cxrsynth.cli.common import err_console
+    from cxrsynth.config import given
+    from cxrsynth.share.control import ControlConfig
+    from cxrsynth.share.control import memorisation as memorisation_lib
+
+    m, g, s = p.memorisation, p.generator, p.generate
+    config = ControlConfig(**given(
+        images=m.images, steps=m.steps, batch=m.batch, lr=m.lr, warmup=m.warmup, ema=m.ema, replicas=m.replicas,
+        alpha=p.share.alpha if p.share else None, seed=p.seed, device=device,
+        preset=g.preset if g else None, image_size=g.image_size if g else None,
+        sampler=s.sampler if s else None, sample_steps=s.steps if s else None, sample_batch=s.batch if s else None))
+    real = p.study.real
+    doc = memorisation_lib(root, real, f"{real}_{m.replica}", root / out, config,
+                           progress=lambda line: err_console.print(line, highlight=False, soft_wrap=True))
+    for label in ("control", "demo"):
+        r = doc[label]
+        console.print(f"{label} ({r['dataset']}): {r['flagged']} of {r['images']} flagged "
+                      f"({100 * r['flagged_fraction']:.1f}%; {r['expected_by_chance']:g} expected by chance, one-sided "
+                      f"binomial p = {r['p_value']:.3g}); {r['hard_copies']} hard copies; training images copied: "
+                      f"{r['copies']}; export gate: {'passed' if r['gate_passed'] else 'refused'}",
+                      highlight=False, soft_wrap=True)
+    v = doc["verdict"]
+    console.print(f"positive control caught: {v['control_caught']}; demo generator at chance: {v['demo_at_chance']}; "
+                  f"wrote {out}", highlight=False)
+
+
 @study_app.command("report")
 def report(
     out: Annotated[Path, typer.Option("--out", help="Report folder (index.html).")] = Path("report"),

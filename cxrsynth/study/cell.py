@@ -6,7 +6,9 @@
    (:func:`cxrsynth.study.plan.check_data`), before anything is trained;
 1. builds the cell's training mix (:mod:`cxrsynth.mix`; a manifest named after the cell);
 2. trains a classifier on it (:mod:`cxrsynth.classify.train`; ``classifier`` is a
-   preset plus overrides) into ``data/study/<cell>/model`` — resumable after a kill;
+   preset plus overrides) into ``data/study/<cell>/model`` — resumable after a kill from
+   ``data/checkpoints/<cell>`` (kept out of the cell's outputs: DVC removes those before a
+   stage runs, and the training log's wall-clock rates would make their bytes differ);
 3. predicts and evaluates (:mod:`cxrsynth.evaluate.metrics`, ``evaluate``: bootstrap
    replicates, seed) the cell's own tuning split (the paper's Table 2 measure; the tuning
    rows are the model's own, so the leak guard records the overlap instead of refusing)
@@ -26,6 +28,10 @@ from typing import Any, Callable
 from cxrsynth import __version__
 from cxrsynth.study.params import StudyParams
 from cxrsynth.study.plan import Cell, cell, check_data, tests
+
+#: Where each cell's classifier keeps its resume state and training log (``<root>/data/checkpoints/<cell>``):
+#: not in the cell's DVC outputs, whose bytes must not depend on the wall clock.
+CHECKPOINT_ROOT = Path("data/checkpoints")
 
 Log = Callable[[str], None]
 
@@ -61,7 +67,8 @@ def run_cell(root: str | Path, params: StudyParams | Mapping[str, Any], family: 
     preset, config = classifier_config(params)
     directory = c.directory(root)
     facts = train(root, c.name, config, directory / "model", tune_split="tune" if tuned else None, preset=preset,
-                  device=device, callback=_epoch_logger(c.name, log))
+                  device=device, callback=_epoch_logger(c.name, log),
+                  checkpoint_dir=root / CHECKPOINT_ROOT / c.name)  # out of the published model folder (wall-clock log)
     summary: dict[str, Any] = {
         "cell": c.name, "family": c.family, "tag": c.tag, "k": c.k, "replica": c.replica, "guidance": c.guidance,
         "tune": c.tune,

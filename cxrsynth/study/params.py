@@ -295,6 +295,36 @@ class Rebalance:
 
 
 @dataclass(frozen=True)
+class Memorisation:
+    """The memorisation audit's positive control (``cxrsynth study memorisation``; :mod:`cxrsynth.share.control`):
+    a generator of the ``generator`` section's preset overfitted on a few training images, and a replica of the
+    demo's generator, both audited against the real training split.
+
+    Attributes:
+        replica: The demo generator's replica audited beside the control (a name of ``replicas``).
+        images: Training images the control generator overfits (a seeded draw from the training split).
+        steps: Its optimizer steps.
+        batch: Its images per step.
+        lr: Its peak learning rate.
+        warmup: Its linear warm-up steps.
+        ema: EMA decay of the weights it samples with (short: the last steps' weights).
+        replicas: Synthetic images per training image of the control (sampled as ``generate`` says).
+
+    Both are audited as the ``package`` stages audit a replica (the audit's defaults) and judged by the export
+    gate at ``share.alpha``.
+    """
+
+    replica: str
+    images: int = setting(32, ge=2)
+    steps: int = setting(600, ge=1)
+    batch: int = setting(16, ge=1)
+    lr: float = setting(1e-3, gt=0)
+    warmup: int = setting(20, ge=0)
+    ema: float = setting(0.99, ge=0, lt=1)
+    replicas: int = setting(2, ge=1)
+
+
+@dataclass(frozen=True)
 class StudyParams:
     """params.yaml, typed. The study's own sections first; then the sections only dvc.yaml's
     data and generator stages read (``None`` when absent: a parameter set for the study alone
@@ -308,6 +338,7 @@ class StudyParams:
         evaluate: Evaluation and comparison settings.
         cfg, supplement, synthetic, external, rebalance: The experiment families (``None``: not in the study).
         image_size, shard_size, phantom, sources, split, generator, generate, share: dvc.yaml's other stages.
+        memorisation: The memorisation audit's positive control (``None``: not run).
         mapping: The mapping this was parsed from (params.yaml as written; not a key of it).
         file: The file it was read from, if any (not a key either).
     """
@@ -330,6 +361,7 @@ class StudyParams:
     generator: Generator | None = None
     generate: Generate | None = None
     share: Share | None = None
+    memorisation: Memorisation | None = None
     mapping: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata={"parsed": False})
     file: str | None = field(default=None, compare=False, repr=False, metadata={"parsed": False})
 
@@ -413,6 +445,8 @@ class StudyParams:
                 if math.ceil(k - 1e-9) > count:
                     raise ParamsError(f"{name}.k[{i}]", f"k = {k:g} needs {math.ceil(k - 1e-9)} replicas of "
                                                         f"{section.replica}; replicas.{section.replica}.replicas is {count}")
+        if self.memorisation is not None:
+            self._replica("memorisation.replica", self.memorisation.replica)
         if self.synthetic is not None:
             for i, k in enumerate(self.synthetic.k):
                 if k <= 0:

@@ -17,6 +17,9 @@ Inputs (relative to the root):
 * ``metrics/cooccurrence/``: :func:`cxrsynth.evaluate.cooccurrence.cooccurrence` output;
 * ``metrics/distance/<replica>.json`` (:mod:`cxrsynth.study.distance`; also read from
   ``metrics/study/fid_<replica>.json``): Fréchet distance of each synthetic replica;
+* ``metrics/memorisation/``: the memorisation audit's positive control
+  (:mod:`cxrsynth.share.control`: ``memorisation.json`` and each audit's ``distances.png``
+  and ``pairs.png``), absent in older projects;
 * the manifests and shards (data versions, generator id, the real-vs-synthetic image grid).
 
 Experiment families and their cells (:mod:`cxrsynth.study.plan`; k = synthetic replicas of

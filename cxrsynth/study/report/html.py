@@ -24,6 +24,7 @@ from cxrsynth.study.params import StudyParams
 from cxrsynth.study.report.load import (
     COOCCURRENCE_DIR,
     FAMILIES,
+    MEMORISATION_DIR,
     RARE,
     Study,
     cas_rows,
@@ -44,11 +45,13 @@ from cxrsynth.study.report.prose import (
     FAMILY_TEXT,
     FAMILY_TITLE,
     GLOSSARY,
+    MEMORISATION_TEXT,
     f3,
     p_text,
     pct,
     signed,
     sites,
+    memorisation_sentences,
     summary,
     test_label,
 )
@@ -98,6 +101,7 @@ figure.pair{margin:0;border:1px solid #e0e0e0;padding:6px;background:#fcfcfc}
 figure.pair figcaption{font-size:12px;line-height:1.3}
 pre{background:#f5f5f5;padding:10px;font-size:12px;overflow:auto;max-height:520px}
 .wide figure img{max-width:900px;width:100%}
+.side{display:grid;grid-template-columns:1fr 1fr;gap:16px}.side figure{margin:4px 0}
 """
 
 
@@ -506,6 +510,75 @@ def cooccurrence_section(study: Study) -> str:
     return "".join(parts)
 
 
+MEMORISATION_LABELS = {"control": "Positive control (overfitted)", "demo": "Demo generator"}
+
+
+def _memorisation_row(label: str, r: dict) -> str:
+    n, k = r.get("images"), r.get("flagged")
+    gen = r.get("generator") or {}
+    if label == "control":
+        made = f"{gen.get('preset', '?')}, {gen.get('steps', '?')} steps on {r.get('training_subset', '?')} images"
+    else:
+        made = "w = " + (f"{gen['guidance']:g}" if gen.get("guidance") is not None else "?")
+    beyond = r.get("beyond_chance")
+    verdict = "–" if beyond is None else ("beyond chance" if beyond else "at chance")
+    css = "" if beyond is None else ' class="sig-up"' if beyond else ""
+    near = (r.get("nearest") or {}).get("median")
+    chance = r.get("expected_by_chance")
+    return (f"<tr><th scope=row>{esc(MEMORISATION_LABELS.get(label, label))}<br><small>{esc(made)}</small></th>"
+            f"<td>{esc(r.get('dataset') or '?')}</td><td class=num>{'–' if n is None else f'{n:,}'}</td>"
+            f"<td class=num>{'–' if k is None else f'{k:,}'}</td>"
+            f"<td class=num>{'–' if chance is None else f'{chance:g}'}</td>"
+            f"<td class=num>{pct(r.get('flagged_fraction'))}</td><td class=num>{p_text(r.get('p_value'))}</td>"
+            f"<td{css}>{verdict}</td><td class=num>{'–' if r.get('copies') is None else r['copies']}</td>"
+            f"<td class=num>{'–' if near is None else f'{near:.4f}'}</td></tr>")
+
+
+def memorisation_section(study: Study) -> str:
+    """The positive control and the demo generator under the memorisation audit: the table, the sentences, the
+    distance histograms and the closest pairs side by side; a note when the stage has not run."""
+    doc = study.memorisation
+    if not doc:
+        return (f"<p>{MEMORISATION_TEXT}</p>"
+                '<p class="missing">No memorisation results (<code>metrics/memorisation/memorisation.json</code>): the '
+                "positive control has not run in this project (an older project, or the <code>memorisation</code> stage "
+                "is not in its dvc.yaml).</p>")
+    generators = [(label, doc[label]) for label in ("control", "demo") if isinstance(doc.get(label), dict)]
+    rows = "".join(_memorisation_row(label, r) for label, r in generators)
+    threshold = next((r.get("threshold") for _, r in generators if r.get("threshold") is not None), None)
+    embedding = next((r.get("embedding") for _, r in generators if r.get("embedding")), None)
+    table = ('<table class="grid facts memorisation"><thead><tr><th>Generator</th><th>Replica</th><th>Images audited</th>'
+             "<th>Flagged</th><th>Expected by chance</th><th>Fraction flagged</th><th>p <small>(vs chance)</small></th>"
+             "<th>Verdict</th><th>Copies <small>(training images)</small></th><th>Median nearest distance</th>"
+             f"</tr></thead><tbody>{rows}</tbody></table>")
+    note = ("<p class=note>" + esc(f"Audited against {(doc.get('real') or {}).get('name', '?')}/"
+                                   f"{(doc.get('real') or {}).get('split', '?')}")
+            + (esc(f" with the {embedding} embedding") if embedding else "")
+            + (esc(f"; threshold {threshold:.4f}") if isinstance(threshold, (int, float)) else "")
+            + (esc(f"; α = {doc['alpha']:g}") if doc.get("alpha") is not None else "") + ".</p>")
+    sentences = "".join(f"<li>{esc(t)}</li>" for t in memorisation_sentences(study))
+    folder = study.root / MEMORISATION_DIR
+
+    def figure(label: str, r: dict, name: str, what: str) -> str:
+        rel = (r.get("files") or {}).get(name)
+        path = folder / rel if rel else folder / label / name
+        if not path.is_file():
+            return f'<figure><p class="missing">{esc(MEMORISATION_LABELS.get(label, label))}: no {esc(name)}.</p></figure>'
+        return (f"<figure>{img(path.read_bytes(), f'{label} {what}')}<figcaption><b>"
+                f"{esc(MEMORISATION_LABELS.get(label, label))}</b> ({esc(r.get('dataset') or '?')}): {esc(what)}."
+                "</figcaption></figure>")
+
+    hist = "".join(figure(label, r, "distances.png", "distance of each synthetic image (and of each held-out real image) "
+                                                      "to its nearest training image, with the threshold")
+                   for label, r in generators)
+    pairs = "".join(figure(label, r, "pairs.png", "flagged pairs, or the closest pairs when none is flagged (synthetic "
+                                                  "left, its nearest training image right)")
+                    for label, r in generators)
+    return (f"<p>{MEMORISATION_TEXT}</p>" + (f'<ul class="summary">{sentences}</ul>' if sentences else "") + table + note
+            + f'<h3>Distances to the nearest training image</h3><div class="side">{hist}</div>'
+            + f'<h3>Closest pairs</h3><div class="side">{pairs}</div>')
+
+
 def _yaml(params: StudyParams) -> str:
     """params.yaml as written (the mapping it was parsed from)."""
     import yaml
@@ -575,6 +648,9 @@ def missing_section(study: Study) -> str:
         for test, doc in ((study.compares.get(family) or {}).get("tests") or {}).items():
             for w in doc.get("warnings") or []:
                 items.append(f"<li>the {esc(family)} comparison on {esc(test_label(test))}: {esc(w)}</li>")
+    if study.memorisation is None and study.params.memorisation is not None:
+        items.append(f"<li>no memorisation results (<code>{esc(MEMORISATION_DIR)}/memorisation.json</code>): the "
+                     "memorisation stage has not run</li>")
     extra = sorted(set(study.cells) - {c for cells in study.expected.values() for c in cells})
     if extra:
         items.append(f"<li>results not named by params.yaml, not shown: {esc(', '.join(extra))}</li>")
@@ -623,6 +699,7 @@ def render(study: Study) -> str:
     sections.append(_section("quality", "Synthetic images: Fréchet distance and real-vs-synthetic pairs",
                              "<h3>Fréchet distance</h3>" + fid_section(study) + "<h3>Real and synthetic images</h3>"
                              + image_grid(study)))
+    sections.append(_section("memorisation", "Memorisation: the audit's positive control", memorisation_section(study)))
     sections.append(_section("cooccurrence", "Label co-occurrence across sites", cooccurrence_section(study)))
     sections.append(_section("facts", "Run facts", facts_section(study)))
     nav = " ".join(f'<a href="#{a}">{t}</a>' for a, t in re.findall(r'<section id="([^"]+)"><h2>([^<]+)</h2>', "".join(sections)))

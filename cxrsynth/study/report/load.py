@@ -30,6 +30,9 @@ STUDY_DIR = Path("metrics/study")
 COMPARE_DIRS = (Path("metrics/compare"), STUDY_DIR)  # <family>.json, then compare_<family>.json
 DISTANCE_DIRS = (Path("metrics/distance"), STUDY_DIR)  # <replica>.json, then fid_<replica>.json
 COOCCURRENCE_DIR = Path("metrics/cooccurrence")
+#: The memorisation audit's positive control (:mod:`cxrsynth.share.control`): ``memorisation.json`` and the audits' folders.
+MEMORISATION_DIR = Path("metrics/memorisation")
+MEMORISATION_JSON = "memorisation.json"
 #: Findings rarer than this in a test set are "low prevalence" (the paper: < 5% gained most).
 RARE = 0.05
 #: A cell name's k: ``supplement_k2``, ``synthetic_k0.5``.
@@ -88,6 +91,8 @@ class Study:
     compares: dict[str, dict]
     fid: dict[str, dict]
     problems: list[str] = field(default_factory=list)
+    #: ``metrics/memorisation/memorisation.json`` (None: the stage has not run, or an older project)
+    memorisation: dict | None = None
     #: (family, test) -> {cell: {finding: compare row}}
     rows: dict[tuple[str, str], dict[str, dict]] = field(default_factory=dict)
 
@@ -214,8 +219,10 @@ def load(root: str | Path, params: StudyParams | Mapping[str, Any]) -> Study:
         else:
             problems.append(f"{path.name}: neither a cell, a comparison nor an FID file; left out")
     tests = [f"{name}:{split}" for name, split in plan.tests(params)]
+    memo_path = root / MEMORISATION_DIR / MEMORISATION_JSON
+    memo = read_json(memo_path, problems) if memo_path.is_file() else None
     study = Study(root=root, params=params, tests=tests, cells=cells,
-                  expected=expected_cells(params), compares=compares, fid=fid, problems=problems)
+                  expected=expected_cells(params), compares=compares, fid=fid, problems=problems, memorisation=memo)
     _index_comparisons(study)
     return study
 

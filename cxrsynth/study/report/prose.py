@@ -154,6 +154,7 @@ def summary(study: Study) -> list[str]:
                    + (f", against {macro['real']:.3f} for real training" if macro.get("real") is not None else "")
                    + " and 0.5 for chance.")
     out += _cooccurrence_sentences(study)
+    out += memorisation_sentences(study)
     fids = [(r, d) for r, d in study.fid.items() if d.get("fid") is not None]
     if fids:
         out.append("Fréchet distance of each replica to the real training images ("
@@ -231,6 +232,62 @@ def _cooccurrence_sentences(study: Study) -> list[str]:
     hi, lo = max(pairs, key=lambda p: p[2]), min(pairs, key=lambda p: p[2])
     return [f"Label co-occurrence matrices correlated most between {hi[0]} and {hi[1]} (Pearson r = {hi[2]:.3f}) and least "
             f"between {lo[0]} and {lo[1]} (r = {lo[2]:.3f})."]
+
+
+def flagged_text(r: dict) -> str:
+    """``60 of 64 images flagged (93.8%; 0.64 expected by chance, one-sided binomial p < 0.001)``."""
+    n, k, chance = r.get("images"), r.get("flagged"), r.get("expected_by_chance")
+    if n is None or k is None:
+        return "no flagged count"
+    text = f"{k:,} of {n:,} images flagged ({pct(k / n if n else None)}"
+    if chance is not None:
+        text += f"; {chance:g} expected by chance"
+    p = r.get("p_value")
+    if p is not None:
+        text += ", one-sided binomial p " + ("< 0.001" if p < 0.001 else f"= {p:.3g}")
+    return text + ")"
+
+
+def memorisation_sentences(study: Study) -> list[str]:
+    """Whether the audit caught the overfitted generator and whether the demo generator is flagged at chance."""
+    doc = study.memorisation
+    if not doc:
+        return []
+    control, demo = doc.get("control") or {}, doc.get("demo") or {}
+    alpha = doc.get("alpha")
+    out = []
+    if control:
+        gen = control.get("generator") or {}
+        what = (f"a generator overfitted on {control.get('training_subset', '?')} {real_site(study.params)} training images "
+                f"for {gen.get('steps', '?')} steps")
+        caught = control.get("beyond_chance")
+        verdict = ("caught: flagged far beyond chance" if caught else "NOT caught: the audit did not flag it beyond chance"
+                   if caught is False else "not decided (no chance rate)")
+        near = control.get("nearest_in_subset")
+        out.append(f"Memorisation audit, positive control ({what}): {flagged_text(control)}; {verdict}"
+                   + (f"; the nearest training image of {pct(near)} of its images is one it was trained on" if near is not None
+                      else "") + ".")
+    if demo:
+        beyond = demo.get("beyond_chance")
+        below = (demo.get("flagged") or 0) < (demo.get("expected_by_chance") or 0)
+        verdict = ("flagged less often than chance predicts: no sign of memorisation" if beyond is False and below else
+                   "flagged at the rate chance predicts" if beyond is False else
+                   f"flagged MORE than chance predicts (α = {alpha:g}): look at its closest pairs" if beyond else
+                   "not decided (no chance rate)")
+        out.append(f"Memorisation audit of the demo generator (replica {demo.get('dataset', '?')}): {flagged_text(demo)}; "
+                   f"{verdict}.")
+    return out
+
+
+MEMORISATION_TEXT = (
+    "The memorisation audit (<code>cxrsynth share audit</code>) flags a synthetic image whose nearest real training image "
+    "is closer than the audit's calibrated threshold; by construction a small share of any replica is flagged by chance "
+    "alone (<i>expected by chance</i>). To show that it can catch a copy, the pipeline trains a <b>positive control</b>: "
+    "the demo generator's architecture trained for many steps on a few dozen training images only, then sampled on those "
+    "same images' conditions. It memorises them, and the audit must flag it far beyond chance. The demo generator's "
+    "replica, audited with the same settings, should be flagged at the chance rate. <i>p</i>: one-sided binomial test of "
+    "the flagged count against the chance rate. <i>Copies</i>: training images that are some flagged image's nearest "
+    "neighbour (copied at least once).")
 
 
 GLOSSARY = (
