@@ -699,7 +699,8 @@ def render(study: Study) -> str:
     sections.append(_section("quality", "Synthetic images: Fréchet distance and real-vs-synthetic pairs",
                              "<h3>Fréchet distance</h3>" + fid_section(study) + "<h3>Real and synthetic images</h3>"
                              + image_grid(study)))
-    sections.append(_section("memorisation", "Memorisation: the audit's positive control", memorisation_section(study)))
+    if study.memorisation is not None or study.params.memorisation is not None:  # a study without the stage: no section
+        sections.append(_section("memorisation", "Memorisation: the audit's positive control", memorisation_section(study)))
     sections.append(_section("cooccurrence", "Label co-occurrence across sites", cooccurrence_section(study)))
     sections.append(_section("facts", "Run facts", facts_section(study)))
     nav = " ".join(f'<a href="#{a}">{t}</a>' for a, t in re.findall(r'<section id="([^"]+)"><h2>([^<]+)</h2>', "".join(sections)))
