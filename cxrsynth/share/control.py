@@ -75,10 +75,10 @@ class ControlConfig(Config):
 
     kind = "memorisation control config"  # how errors name these settings (a class attribute, not a field)
 
-    images: int = setting(32, ge=2)
+    images: int = setting(16, ge=2)
     steps: int = setting(600, ge=1)
     batch: int = setting(16, ge=1)
-    lr: float = setting(1e-3, gt=0)
+    lr: float = setting(3e-3, gt=0)
     warmup: int = setting(20, ge=0)
     ema: float = setting(0.99, ge=0, lt=1)
     preset: str = "tiny"

@@ -315,10 +315,10 @@ class Memorisation:
     """
 
     replica: str
-    images: int = setting(32, ge=2)
+    images: int = setting(16, ge=2)
     steps: int = setting(600, ge=1)
     batch: int = setting(16, ge=1)
-    lr: float = setting(1e-3, gt=0)
+    lr: float = setting(3e-3, gt=0)
     warmup: int = setting(20, ge=0)
     ema: float = setting(0.99, ge=0, lt=1)
     replicas: int = setting(2, ge=1)
