@@ -9,9 +9,10 @@
 #   scripts/parallel-cells.sh 2                       # make demo, two cells at a time
 #   PARALLEL_REPRO_ARGS=--no-run-cache scripts/parallel-cells.sh 4
 #
-# Each cell's classifier uses the CPU threads torch gives it: with JOBS cells on C cores set
-# OMP_NUM_THREADS to about C / JOBS. On a cluster, run one cell per array task instead:
-# scripts/cells-array.slurm.
+# Each cell's classifier uses the CPU threads torch gives it: unless OMP_NUM_THREADS is set, the
+# cells get C / JOBS threads each on C cores (at least 1). CPU results round by thread count
+# (classifier.json records it): compare with a sequential run at the same count. On a cluster,
+# run one cell per array task instead: scripts/cells-array.slurm.
 set -euo pipefail
 jobs="${1:-2}"
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -21,6 +22,9 @@ if ((${#upstream[@]})); then
   dvc repro ${PARALLEL_REPRO_ARGS:-} "${upstream[@]}"
 fi
 if ((${#cells[@]})); then
-  printf '%s\n' "${cells[@]}" | xargs -P "$jobs" -n 1 dvc --wait-for-lock repro ${PARALLEL_REPRO_ARGS:-} --single-item
+  threads="${OMP_NUM_THREADS:-$(( $(nproc) / jobs > 0 ? $(nproc) / jobs : 1 ))}"
+  echo "parallel-cells: ${#cells[@]} cells, $jobs at a time, $threads thread(s) each" >&2
+  printf '%s\n' "${cells[@]}" | OMP_NUM_THREADS="$threads" \
+    xargs -P "$jobs" -n 1 dvc --wait-for-lock repro ${PARALLEL_REPRO_ARGS:-} --single-item
 fi
 dvc repro ${PARALLEL_REPRO_ARGS:-}

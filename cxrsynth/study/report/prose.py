@@ -283,7 +283,7 @@ MEMORISATION_TEXT = (
     "The memorisation audit (<code>cxrsynth share audit</code>) flags a synthetic image whose nearest real training image "
     "is closer than the audit's calibrated threshold; by construction a small share of any replica is flagged by chance "
     "alone (<i>expected by chance</i>). To show that it can catch a copy, the pipeline trains a <b>positive control</b>: "
-    "the demo generator's architecture trained for many steps on a few dozen training images only, then sampled on those "
+    "the demo generator's architecture trained for many steps on a handful of training images only, then sampled on those "
     "same images' conditions. It memorises them, and the audit must flag it far beyond chance. The demo generator's "
     "replica, audited with the same settings, should be flagged at the chance rate. <i>p</i>: one-sided binomial test of "
     "the flagged count against the chance rate. <i>Copies</i>: training images that are some flagged image's nearest "
