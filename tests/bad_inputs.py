@@ -1017,6 +1017,7 @@ def _imported_in_place(tmp: Path) -> dict:
 
     from cxrsynth import manifest, publish, shards
     from cxrsynth.share import export, importer
+    from cxrsynth.share.audit import AuditConfig
 
     root = tmp / "proj"
     rows = pd.DataFrame({"key": [f"syn-r00-{i:07d}" for i in range(4)], "dataset": "syn", "version": "v1", "split": "train",
@@ -1029,7 +1030,8 @@ def _imported_in_place(tmp: Path) -> dict:
     publish.publish(root, publish.Metadata("syn", "v1", "synthetic", {"split": "train", "generator_id": "g"}), rows,
                     shard_results=[result])
     package = root / "pkg"
-    export.export(root, "syn", package, export.ExportConfig(force=True, audit_out=tmp / "audit"))
+    export.export(root, "syn", package, export.ExportConfig(force=True, audit=AuditConfig(embedding="pixels", align=0),
+                                                                audit_out=tmp / "audit"))
     importer.import_package(root, package, "imp")
     assert manifest.read(root, "imp")["shard"].str.startswith("pkg/").all()
     np.testing.assert_equal(len(manifest.read(root, "imp")), 4)

@@ -383,6 +383,20 @@ class Project:
         return Project(to, self.gen)
 
 
+#: The audit before the sscd detector became its default: downsampled pixels, no alignment, the combined
+#: criterion (fast: no network to train). Tests whose subject is not the embedding use it; the default path
+#: (sscd + alignment) is tested in test_audit.py with a detector trained once (`share detector`).
+PLAIN_AUDIT = {"embedding": "pixels", "align": 0, "criterion": "combined"}
+PLAIN_AUDIT_FLAGS = ("--embedding", "pixels", "--align", 0, "--criterion", "combined")
+
+
+def plain_audit(**changes):
+    """:class:`~cxrsynth.share.audit.AuditConfig` of :data:`PLAIN_AUDIT` (with ``changes``)."""
+    from cxrsynth.share.audit import AuditConfig
+
+    return AuditConfig(**{**PLAIN_AUDIT, **changes})
+
+
 def build_share_project(base: Path) -> Project:
     """cxp: 10 patients x 3 look-alike studies at 32 px (shards of 10), split tune 0.3; a micro
     generator recorded as trained on it; ``syn``: one one-step DDIM replica of its training split."""

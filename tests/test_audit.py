@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import Project
+from conftest import PLAIN_AUDIT_FLAGS, Project, plain_audit
 
 from cxrsynth import manifest, shards
 from cxrsynth.imaging import decode_png, encode_png
@@ -64,11 +64,11 @@ def test_test_time_alignment_flags_a_shifted_and_rotated_copy_with_its_source(bu
     project = built.copy(tmp_path / "proj")
     rng = np.random.default_rng(2)
     syn_key, train_key = plant_copy(project.root, edit=lambda image: transforms.rotate(transforms.shift(image, rng, 3), rng))
-    aligned = audit_lib.audit(project.root, "syn", "cxp", tmp_path / "aligned", audit_lib.AuditConfig(align=8, align_size=32))
+    aligned = audit_lib.audit(project.root, "syn", "cxp", tmp_path / "aligned", plain_audit(align=8, align_size=32))
     assert aligned["config"]["align"] == 8
     pair = [f for f in aligned["flagged"] if f["synthetic_key"] == syn_key]
     assert pair and pair[0]["training_key"] == train_key and pair[0]["distance"] < aligned["threshold"]["distance"]
-    plain = audit_lib.audit(project.root, "syn", "cxp", tmp_path / "plain", audit_lib.AuditConfig(k=8))
+    plain = audit_lib.audit(project.root, "syn", "cxp", tmp_path / "plain", plain_audit(k=8))
     moved = pd.read_parquet(tmp_path / "plain/neighbours.parquet").query("synthetic_key == @syn_key")
     # unaligned, the moved copy sits as far from its source as new patients' images sit from theirs
     assert plain["config"]["align"] == 0 and moved.query("training_key == @train_key")["distance"].min() > pair[0]["distance"]
@@ -84,7 +84,7 @@ def pixel_vectors(root: Path, frame: pd.DataFrame, size: int = 32) -> np.ndarray
 
 def test_a_planted_near_copy_is_flagged_and_the_threshold_is_calibrated_on_heldout_images(planted, tmp_path):
     project, syn_key, train_key = planted
-    summary = audit_lib.audit(project.root, "syn", "cxp", tmp_path / "audit", audit_lib.AuditConfig())
+    summary = audit_lib.audit(project.root, "syn", "cxp", tmp_path / "audit", plain_audit())
     assert [(f["synthetic_key"], f["training_key"]) for f in summary["flagged"]] == [(syn_key, train_key)]
     assert summary["flagged"][0]["distance"] < 1e-3 < summary["threshold"]["distance"]
     # the default (combined) criterion: the 0.5% quantiles of the held-out images' nearest distance and of their
@@ -119,15 +119,15 @@ def test_a_planted_near_copy_is_flagged_and_the_threshold_is_calibrated_on_heldo
 
 def test_flagged_pairs_block_the_export_unless_forced(planted, tmp_path):
     project, syn_key, train_key = planted
-    out = project.cli("share", "audit", "syn", "--against", "cxp", "--out", tmp_path / "cli", "--k", 3)
+    out = project.cli("share", "audit", "syn", "--against", "cxp", "--out", tmp_path / "cli", "--k", 3, *PLAIN_AUDIT_FLAGS)
     assert "1 of 21 flagged" in out and "re-identification AUROC" in out
     assert len(json.loads((tmp_path / "cli/audit.json").read_text())["flagged"][0]["neighbours"]) == 3
     # 1 of 21 flagged is within chance (0.21 expected, p ~ 0.19), but the pair is a copy outright
-    out = project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-out", tmp_path / "a", code=1)
+    out = project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-out", tmp_path / "a", *PLAIN_AUDIT_FLAGS, code=1)
     assert "export refused: 1 pair(s) closer than the hard copy threshold" in out and f"{syn_key} -> {train_key}" in out
     assert "p = " in out and "--force" in out and not (tmp_path / "pkg").exists()
     assert not (tmp_path / "pkg.partial").exists()
-    project.cli("share", "export", "syn", "--out", tmp_path / "forced", "--audit-out", tmp_path / "a", "--force")
+    project.cli("share", "export", "syn", "--out", tmp_path / "forced", "--audit-out", tmp_path / "a", "--force", *PLAIN_AUDIT_FLAGS)
     sheet = (tmp_path / "forced/DATASHEET.md").read_text()
     assert "Exported with --force although the gate refused it: 1 pair(s) closer than the hard copy threshold" in sheet
     assert "| decision | refused: 1 pair(s) closer than the hard copy threshold |" in sheet
@@ -144,7 +144,7 @@ def test_flagged_pairs_block_the_export_unless_forced(planted, tmp_path):
 def test_a_clean_replica_passes_the_gate(built, tmp_path):
     """The unplanted replica: its flagged count is what chance explains, no hard copy; the export passes and says so."""
     project = built.copy(tmp_path / "proj")
-    project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-out", tmp_path / "a")
+    project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-out", tmp_path / "a", *PLAIN_AUDIT_FLAGS)
     sheet = (tmp_path / "pkg/DATASHEET.md").read_text()
     assert "Passed the gate: one-sided binomial test" in sheet and "| decision | passed |" in sheet
     assert "0 pair(s) below the hard copy threshold" in sheet
@@ -191,12 +191,12 @@ def test_patient_pairs_are_same_patient_other_study_against_other_patients():
 
 
 def test_the_reid_embedding_trains_on_training_patients_and_reloads(built, tmp_path):
-    config = audit_lib.AuditConfig(embedding="reid", reid=embed.ReidConfig(size=32, steps=15, patients=6))
+    config = plain_audit(embedding="reid", reid=embed.ReidConfig(size=32, steps=15, patients=6))
     summary = audit_lib.audit(built.root, "syn", "cxp", tmp_path / "audit", config)
     assert summary["embedding"]["kind"] == "reid" and summary["embedding"]["patients"] == 7
     assert 0.0 <= summary["reid"]["training_split"]["auroc"] <= 1.0 and summary["counts"]["flagged"] == 0
     again = audit_lib.audit(built.root, "syn", "cxp", tmp_path / "again",
-                            audit_lib.AuditConfig(embedding=f"reid:{tmp_path / 'audit/reid'}"))
+                            plain_audit(embedding=f"reid:{tmp_path / 'audit/reid'}"))
     assert again["threshold"]["distance"] == pytest.approx(summary["threshold"]["distance"], abs=1e-6)
     assert again["reid"] == summary["reid"]
 
@@ -205,24 +205,40 @@ def test_audit_refuses_a_training_set_without_heldout_patients(built, tmp_path):
     project = built.copy(tmp_path / "proj")
     frame = manifest.read(project.root, "cxp")
     manifest.write(project.root, "cxp", frame.assign(split="train"), manifest.read_meta(project.root, "cxp"))
-    out = project.cli("share", "audit", "syn", "--against", "cxp", "--out", tmp_path / "a", code=2)
+    out = project.cli("share", "audit", "syn", "--against", "cxp", "--out", tmp_path / "a", *PLAIN_AUDIT_FLAGS, code=2)
     assert "no held-out real images" in out and "cxrsynth split" in out
 
 
-@pytest.mark.slow  # a 210-image replica, two audits: ~10 s
+@pytest.mark.slow  # a 210-image replica, a detector, two aligned audits: ~40 s
 def test_a_clean_replica_passes_the_gate_and_half_a_percent_of_copies_fails_it(built, tmp_path):
     from conftest import replica
 
     project = built.copy(tmp_path / "proj")
     replica(project.root, project.gen, "big", replicas=10, sampler="ddim", steps=1, seed=6, shard_size=64, batch_size=64)
     assert len(manifest.read(project.root, "big")) == 210
-    project.cli("share", "export", "big", "--out", tmp_path / "clean", "--audit-out", tmp_path / "a_clean")
+    # the default audit: the sscd copy detector (trained once, as a study's detector stage does; few steps here),
+    # each image registered onto its 16 nearest training images, the absolute criterion
+    out = project.cli("share", "detector", "cxp", "--out", "data/detector/cxp", "--sscd-steps", 60, "--sscd-size", 32)
+    assert "--embedding sscd:data/detector/cxp" in out
+    about = json.loads((project.root / "data/detector/cxp/detector.json").read_text())
+    assert about["dataset"] == "cxp" and about["split"] == "train" and about["images"] > 0
+    audit = ("--embedding", "sscd:data/detector/cxp", "--align-size", 32)
+    project.cli("share", "export", "big", "--out", tmp_path / "clean", "--audit-out", tmp_path / "a_clean", *audit)
     sheet = (tmp_path / "clean/DATASHEET.md").read_text()
     assert "Passed the gate: one-sided binomial test of" in sheet and "| decision | passed |" in sheet
     assert "re-identification AUROC" in sheet and "training images copied at least once (Dar et al.)" in sheet
+    clean = json.loads((tmp_path / "a_clean/audit.json").read_text())
+    assert clean["config"]["align"] == 16 and clean["config"]["criterion"] == "absolute"
+    assert clean["embedding"]["name"] == "sscd:data/detector/cxp"
 
-    syn_key, train_key = plant_copy(project.root, synthetic="big")  # 1 of 210: 0.48%
-    out = project.cli("share", "export", "big", "--out", tmp_path / "planted", "--audit-out", tmp_path / "a_planted", code=1)
+    # a copy shifted by 3 px and rotated: the detector finds its source, the alignment verifies it
+    from cxrsynth.share import transforms
+
+    rng = np.random.default_rng(2)
+    syn_key, train_key = plant_copy(project.root, synthetic="big",  # 1 of 210: 0.48%
+                                    edit=lambda image: transforms.rotate(transforms.shift(image, rng, 3), rng))
+    out = project.cli("share", "export", "big", "--out", tmp_path / "planted", "--audit-out", tmp_path / "a_planted",
+                      *audit, code=1)
     assert "export refused" in out and f"{syn_key} -> {train_key} (distance" in out and "p = " in out
     assert not (tmp_path / "planted").exists()
 
@@ -234,7 +250,7 @@ def test_the_audit_split_over_two_ranks_writes_the_single_process_files(built, t
     writes the neighbours and the summary one process writes (the run's seconds aside)."""
     from conftest import cli, torchrun
 
-    args = ["share", "audit", "syn", "--against", "cxp", "--align", 4, "--device", "cpu"]
+    args = ["share", "audit", "syn", "--against", "cxp", *PLAIN_AUDIT_FLAGS, "--align", 4, "--device", "cpu"]
     output = torchrun(*args, "--out", tmp_path / "ranks", "--root", built.root, cwd=tmp_path, timeout=300)
     assert output.count("flagged,") == 1  # rank 0 alone reports
     threads = torch.get_num_threads()

@@ -8,7 +8,7 @@ import json
 from html.parser import HTMLParser
 
 import pytest
-from conftest import Project
+from conftest import PLAIN_AUDIT, Project
 
 from cxrsynth import manifest
 from cxrsynth.share.control import MEMORISATION_JSON, ControlConfig, memorisation
@@ -26,7 +26,7 @@ def controlled(share_project, tmp_path_factory) -> tuple[Project, dict]:
     the positive control run: a micro generator overfitted on 12 training images for 300 steps."""
     project = share_project.copy(tmp_path_factory.mktemp("control") / "proj")
     config = ControlConfig(images=12, steps=300, batch=12, lr=3e-3, warmup=10, ema=0.9, preset="micro", image_size=32,
-                           replicas=2, sample_steps=10, device="cpu")
+                           replicas=2, sample_steps=10, device="cpu", **PLAIN_AUDIT)
     doc = memorisation(project.root, "cxp", "syn", project.root / "metrics" / "memorisation", config)
     return project, doc
 

@@ -52,7 +52,7 @@ def phantom_project(tmp_path_factory) -> Path:
 @pytest.mark.slow  # a phantom ingest and a bench: ~6 s
 def test_the_planted_bench_reports_every_transform_and_catches_photometric_copies(phantom_project):
     report = bench_planted(phantom_project, "cxp", size=32, per_transform=8, embeddings=("pixels",),
-                           config=AuditConfig(quantile=0.05))
+                           config=AuditConfig(quantile=0.05, align=0))
     assert report["transforms"] == list(transforms.SUITE)
     rows = {(r["criterion"], r["transform"]): r for r in report["rows"]}
     assert set(rows) == {(c, t) for c in copies.CRITERIA for t in transforms.SUITE}
@@ -70,7 +70,7 @@ def test_the_planted_bench_reports_every_transform_and_catches_photometric_copie
 @pytest.mark.slow  # a bench through the CLI, pixels and a 3-step sscd: ~6 s
 def test_bench_audit_planted_prints_a_row_per_embedding_and_criterion_and_writes_json(phantom_project, tmp_path):
     out = cli(phantom_project, "bench", "audit", "--planted", "--data", "cxp", "--size", 32, "--per-transform", 2,
-              "--embeddings", "pixels,sscd", "--sscd-steps", 3, "--out", tmp_path / "planted.json", "--threads", 1)
+              "--embeddings", "pixels,sscd", "--sscd-steps", 3, "--align", 0, "--out", tmp_path / "planted.json", "--threads", 1)
     report = json.loads((tmp_path / "planted.json").read_text())
     assert {(r["embedding"], r["criterion"], r["transform"]) for r in report["rows"]} == {
         (e, c, t) for e in ("pixels", "sscd") for c in copies.CRITERIA for t in transforms.SUITE}

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import Project
+from conftest import PLAIN_AUDIT_FLAGS, Project, plain_audit
 
 from cxrsynth import loader, manifest, shards
 from cxrsynth.errors import CheckFailed
@@ -44,7 +44,7 @@ def project(built, tmp_path) -> Project:
 def exported(built, tmp_path_factory) -> Path:
     """One export of the synthetic dataset (read-only for the tests that use it)."""
     out = tmp_path_factory.mktemp("pkg") / "syn_pkg"
-    export_lib.export(built.root, "syn", out, export_lib.ExportConfig(shard_size=8, audit_out=out.parent / "audit"))
+    export_lib.export(built.root, "syn", out, export_lib.ExportConfig(audit=plain_audit(), shard_size=8, audit_out=out.parent / "audit"))
     return out
 
 
@@ -119,7 +119,7 @@ def test_export_keeps_the_images_and_refuses_real_rows(built, exported, tmp_path
     again = tmp_path / "again"
     secret = tmp_path / "secret"
     secret.write_bytes(b"0123456789abcdef-a-secret")
-    fixed = export_lib.ExportConfig(secret_file=secret, audit_out=tmp_path / "a")
+    fixed = export_lib.ExportConfig(audit=plain_audit(), secret_file=secret, audit_out=tmp_path / "a")
     export_lib.export(built.root, "syn", again, replace(fixed, keymap=keymap))
     mapping = pd.read_parquet(keymap).set_index("exported_key")["original_key"]
     original = dict(shards.images(built.root, manifest.read(built.root, "syn")))
@@ -160,11 +160,11 @@ def test_an_interrupted_export_leaves_nothing_verify_accepts(built, tmp_path, mo
 
     monkeypatch.setattr(export_lib.datasheet, "render", crash)
     with pytest.raises(KeyboardInterrupt):
-        export_lib.export(built.root, "syn", out, export_lib.ExportConfig(audit_out=tmp_path / "a"))
+        export_lib.export(built.root, "syn", out, export_lib.ExportConfig(audit=plain_audit(), audit_out=tmp_path / "a"))
     assert not out.exists() and (tmp_path / "pkg.partial/shards").is_dir()
     assert package.verify(tmp_path / "pkg.partial") and package.verify(out)
     monkeypatch.undo()
-    export_lib.export(built.root, "syn", out, export_lib.ExportConfig(audit_out=tmp_path / "a"))
+    export_lib.export(built.root, "syn", out, export_lib.ExportConfig(audit=plain_audit(), audit_out=tmp_path / "a"))
     assert package.verify(out) == [] and not (tmp_path / "pkg.partial").exists()
 
 
@@ -386,15 +386,16 @@ def test_export_without_a_known_training_set_needs_audit_against_or_force(projec
     manifest.write(project.root, "syn", frame, {**meta, "generator": "nowhere", "conditions": "gone"})
     out = project.cli("share", "export", "syn", "--out", tmp_path / "pkg", code=2)
     assert "--audit-against" in out and not (tmp_path / "pkg").exists()
-    project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-against", "cxp", "--audit-out", tmp_path / "a")
+    project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-against", "cxp", "--audit-out", tmp_path / "a",
+                *PLAIN_AUDIT_FLAGS)
     assert "Passed the gate: one-sided binomial test of 0 flagged" in (tmp_path / "pkg/DATASHEET.md").read_text()
-    project.cli("share", "export", "syn", "--out", tmp_path / "pkg2", "--force")
+    project.cli("share", "export", "syn", "--out", tmp_path / "pkg2", "--force", *PLAIN_AUDIT_FLAGS)
     assert "Exported unaudited with --force" in (tmp_path / "pkg2/DATASHEET.md").read_text()
     assert package.verify(tmp_path / "pkg2") == []
 
 
 def test_audit_config_defaults_live_in_the_dataclass():
-    assert AuditConfig().quantile == 0.01 and AuditConfig().embedding == "pixels"
+    assert AuditConfig().quantile == 0.01 and AuditConfig().embedding == "sscd" and AuditConfig().align == 16
     with pytest.raises(Exception, match="quantile"):
         AuditConfig(quantile=0)
 

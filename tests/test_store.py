@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import S3Server, chexpert_rows, cli, ingest_site
+from conftest import S3Server, chexpert_rows, cli, ingest_site, plain_audit
 
 from cxrsynth import loader, manifest, shards, store
 from cxrsynth.verify import verify_dataset
@@ -252,7 +252,7 @@ def test_share_export_from_the_store_and_import_to_it(share_project, tmp_path, s
     secret.write_bytes(b"0123456789abcdef0123")  # one key secret: repeatable exports
     for side, project in (("local", local), ("remote", remote)):
         out = tmp_path / side / "syn_pkg"
-        export_lib.export(project.root, "syn", out, export_lib.ExportConfig(shard_size=8, audit_out=tmp_path / side / "audit",
+        export_lib.export(project.root, "syn", out, export_lib.ExportConfig(audit=plain_audit(), shard_size=8, audit_out=tmp_path / side / "audit",
                                                                           secret_file=secret))
         packages[side] = out
     files = {side: {e["path"]: e["sha256"] for e in package.read_index(p)["files"]} for side, p in packages.items()}

@@ -129,7 +129,7 @@ def bench_planted(
                 return embed.train_reid(embed.resize_images(train_images, cfg.size), train["patient_id"], cfg, device)
             return embed.train_sscd(embed.resize_images(train_images, cfg.size), cfg, device)
 
-        emb = embed.build(spec, device=device, train=train_network, pixel_size=config.pixel_size)
+        emb = embed.build(spec, device=device, train=train_network, pixel_size=config.pixel_size, root=root)
         trained = time.perf_counter() - started
         search = audit_lib.Searcher(emb, train_images, config, device)
         dist, nearest_row, source_in_k = {}, {}, {}

@@ -61,6 +61,7 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MixParams": ("cxrsynth.mix", "MixParams"),
     "ingest": ("cxrsynth.ingest", "ingest"),
     "AuditConfig": ("cxrsynth.share.audit", "AuditConfig"),
+    "SscdConfig": ("cxrsynth.share.embed", "SscdConfig"),
     "GateConfig": ("cxrsynth.share.gate", "GateConfig"),
     "EvaluateConfig": ("cxrsynth.evaluate.metrics", "EvaluateConfig"),
     "CompareConfig": ("cxrsynth.evaluate.compare", "CompareConfig"),

@@ -34,14 +34,19 @@ Align = Annotated[Optional[int], typer.Option("--align", min=0, help="Candidates
 AlignSize = Annotated[Optional[int], typer.Option("--align-size", min=16, help="Side (px) of the alignment's registration "
                                                    "(default {AuditConfig.align_size}; 128 keeps the texture of 256 px images).")]
 ReidSteps = Annotated[Optional[int], typer.Option("--reid-steps", min=1, help="Training steps of the reid network.")]
+SscdSteps = Annotated[Optional[int], typer.Option("--sscd-steps", min=1, help="Training steps of the sscd copy detector "
+                                                  "(default {SscdConfig.steps}).")]
+SscdSize = Annotated[Optional[int], typer.Option("--sscd-size", min=8, max=512, help="Input side (px) of the sscd copy "
+                                                 "detector (default {SscdConfig.size}).")]
 
 
 def _audit_config(**options):
     from cxrsynth.share.audit import AuditConfig
 
     reid_steps = options.pop("reid_steps", None)
+    sscd = {"steps": options.pop("sscd_steps", None), "size": options.pop("sscd_size", None)}
     config = AuditConfig().override(**options)
-    return config.override(reid=config.reid.override(steps=reid_steps))
+    return config.override(reid=config.reid.override(steps=reid_steps), sscd=config.sscd.override(**sscd))
 
 
 def _say(message: str) -> None:
@@ -63,6 +68,7 @@ def audit(
     align: Align = None,
     align_size: AlignSize = None,
     reid_steps: ReidSteps = None,
+    sscd_steps: SscdSteps = None,
     device: Device = None,
     root: Root = Path("."),
 ) -> None:
@@ -76,7 +82,7 @@ def audit(
 
     config = _audit_config(split=split, heldout_split=heldout_split, embedding=embedding, criterion=criterion, k=k,
                            quantile=quantile, align=align, align_size=align_size, reid_steps=reid_steps,
-                           device=device)
+                           sscd_steps=sscd_steps, device=device)
     from cxrsynth import runtime
 
     summary = audit_lib(root, name, against, root / out, config, progress=_say)
@@ -91,6 +97,30 @@ def audit(
         f"re-identification AUROC {reid['training_split'].get('auroc')} (training pairs), "
         f"{reid['heldout'].get('auroc')} (held-out pairs); {summary['seconds']:.1f} s; wrote {out}",
         highlight=False, soft_wrap=True)
+
+
+@share_app.command("detector", cls=LazyHelp)
+def detector(
+    against: Annotated[str, typer.Argument(help="Real dataset whose training split the detector learns.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for sscd.json, sscd.safetensors and detector.json "
+                                                    "(relative to --root): audits use it as --embedding sscd:OUT.")],
+    split: Split = None,
+    sscd_steps: SscdSteps = None,
+    sscd_size: SscdSize = None,
+    device: Device = None,
+    root: Root = Path("."),
+) -> None:
+    """Train the audit's sscd copy detector once, for every audit against this dataset (--embedding sscd:OUT).
+
+    The default embedding (sscd) otherwise trains it again in every audit; a study trains it in its `detector` stage.
+    """
+    from cxrsynth.share.audit import train_detector
+
+    config = _audit_config(split=split, sscd_steps=sscd_steps, sscd_size=sscd_size, device=device)
+    emb = train_detector(root, against, root / out, config, progress=_say)
+    console.print(f"sscd copy detector of {against}/{config.split}: {emb.info['images']} images, "
+                  f"{config.sscd.steps} steps at {config.sscd.size} px, final loss {emb.info['final_loss']:.3f}; "
+                  f"wrote {out} (--embedding sscd:{out})", highlight=False, soft_wrap=True)
 
 
 @share_app.command("export", cls=LazyHelp)
@@ -119,6 +149,7 @@ def export(
     align: Align = None,
     align_size: AlignSize = None,
     reid_steps: ReidSteps = None,
+    sscd_steps: SscdSteps = None,
     device: Device = None,
     root: Root = Path("."),
 ) -> None:
@@ -128,7 +159,8 @@ def export(
     from cxrsynth.share.gate import GateConfig
 
     audit_config = _audit_config(embedding=embedding, quantile=quantile, criterion=criterion, align=align,
-                                 align_size=align_size, reid_steps=reid_steps, device=device)
+                                 align_size=align_size, reid_steps=reid_steps, sscd_steps=sscd_steps,
+                                 device=device)
     gate = GateConfig().override(alpha=alpha, max_flagged=max_flagged)
     config = ExportConfig().override(audit_against=audit_against, gate=gate, force=force or None,
                                      secret_file=key_secret, keymap=keymap, audit_out=root / audit_out if audit_out else None,

@@ -76,12 +76,12 @@ class AuditConfig(Config):
 
     split: str = "train"
     heldout_split: str | None = None
-    embedding: str = "pixels"
-    criterion: str = "combined"
+    embedding: str = "sscd"
+    criterion: str = "absolute"
     k: int = 5
     quantile: float = 0.01
     pixel_size: int = 32
-    align: int = 0
+    align: int = 16
     align_size: int = 64
     reid: embed.ReidConfig = embed.ReidConfig()
     sscd: embed.SscdConfig = embed.SscdConfig()
@@ -258,6 +258,34 @@ def _load_array(root: Path, frame: pd.DataFrame, size: int, batch: int) -> np.nd
     return np.stack([found[k] for k in frame["key"].astype(str)])
 
 
+def train_detector(
+    root: str | Path,
+    dataset: str,
+    out: str | Path,
+    config: AuditConfig = AuditConfig(),
+    progress: Callable[[str], None] | None = None,
+) -> embed.Embedding:
+    """Train the ``sscd`` copy detector once on ``dataset``'s training split, for every audit against it.
+
+    Writes ``sscd.json`` + ``sscd.safetensors`` into ``out`` (an audit's ``--embedding sscd:OUT``)
+    and ``detector.json``: the dataset, its version and the split it learnt from. Seeded: the
+    same rows and ``config.sscd`` give the same weights on one device type.
+    """
+    from cxrsynth import runtime
+
+    root, out = Path(root), Path(out)
+    train, _, _ = real_sets(root, dataset, config)
+    cfg = config.sscd
+    (progress or (lambda message: None))(
+        f"training the sscd copy detector on {len(train)} images of {dataset}/{config.split} ({cfg.steps} steps, {cfg.size} px)")
+    images = _load_array(root, train, cfg.size, config.batch)
+    emb = embed.train_sscd(images, cfg, runtime.device(config.device), out=out)
+    about = {"dataset": dataset, "version": manifest.read_meta(root, dataset).get("version"), "split": config.split,
+             "images": int(len(train)), "patients": int(train["patient_id"].nunique())}
+    (out / "detector.json").write_text(json.dumps(about, indent=1, sort_keys=True) + "\n")
+    return emb
+
+
 def audit(
     root: str | Path,
     synthetic: str,
@@ -308,7 +336,8 @@ def audit(
         return embed.train_sscd(images, cfg, device, out=out / "sscd" if main else None)
 
     out.mkdir(parents=True, exist_ok=True)
-    emb = embed.build(config.embedding, device=device, train=train_network, pixel_size=config.pixel_size)
+    emb = embed.build(config.embedding, device=device, train=train_network, pixel_size=config.pixel_size,
+                      root=root)
     say(f"embedding {len(train)} training and {len(heldout)} held-out images ({emb.name})")
     train_keys, bank = embed.embed_rows(root, train, emb, device, config.batch, share)
     _, held = embed.embed_rows(root, heldout, emb, device, config.batch, share)

@@ -68,6 +68,9 @@ class ControlConfig(Config):
         seed: Seeds the draw, the training and the sampling.
         embedding: The audit's embedding (None: the audit's default).
         quantile: The audit's calibration quantile (None: the audit's default).
+        criterion: The audit's copy criterion (None: the audit's default).
+        align: The audit's alignment candidates (None: the audit's default).
+        align_size: The audit's registration side (None: the audit's default).
         alpha: Significance level of the binomial test against chance.
         show: Closest pairs kept per generator.
         device: Torch device (default: cuda when available).
@@ -91,6 +94,9 @@ class ControlConfig(Config):
     seed: int = 0
     embedding: str | None = None
     quantile: float | None = setting(None, gt=0, lt=1)
+    criterion: str | None = None
+    align: int | None = setting(None, ge=0)
+    align_size: int | None = setting(None, ge=16)
     alpha: float = setting(0.01, gt=0, lt=1)
     show: int = setting(8, ge=1)
     device: str | None = None
@@ -144,7 +150,8 @@ def train_control(root: str | Path, subset: str, out: Path, config: ControlConfi
 def _audit_config(config: ControlConfig):
     from cxrsynth.share.audit import AuditConfig
 
-    return AuditConfig().override(embedding=config.embedding, quantile=config.quantile, seed=config.seed,
+    return AuditConfig().override(embedding=config.embedding, quantile=config.quantile, criterion=config.criterion,
+                                  align=config.align, align_size=config.align_size, seed=config.seed,
                                   device=config.device)
 
 

@@ -116,7 +116,8 @@ EMBEDDINGS.register("sscd", _trained("sscd"), label="sscd[:DIR]")
 _NEEDS_ARG, _NO_ARG = {"classifier"}, {"pixels"}
 
 
-def build(spec: str, *, device: "torch.device", train: Callable[[str], Any] | None = None, pixel_size: int = 32) -> Embedding:
+def build(spec: str, *, device: "torch.device", train: Callable[[str], Any] | None = None, pixel_size: int = 32,
+          root: str | Path | None = None) -> Embedding:
     """The embedding named by ``spec``: ``pixels``, ``classifier:DIR``, ``reid[:DIR]`` or ``sscd[:DIR]`` (:data:`EMBEDDINGS`).
 
     Args:
@@ -124,11 +125,19 @@ def build(spec: str, *, device: "torch.device", train: Callable[[str], Any] | No
         device: Where it runs.
         train: For ``reid`` and ``sscd``: ``train(kind)`` trains that network and returns the embedding.
         pixel_size: Side of the ``pixels`` embedding.
+        root: Project root a relative ``DIR`` is read from (None: the working directory).
     """
     kind, _, arg = spec.partition(":")
     if kind not in EMBEDDINGS or (kind in _NEEDS_ARG and not arg) or (kind in _NO_ARG and arg):
         raise UnknownNameError(EMBEDDINGS.kind, spec, EMBEDDINGS.labels())
-    return EMBEDDINGS[kind](arg, device, train, pixel_size)
+    if not (arg and root is not None and not Path(arg).is_absolute()):
+        return EMBEDDINGS[kind](arg, device, train, pixel_size)
+    # a network's folder, relative to the project root like every other path; named as given (no local path recorded)
+    emb = EMBEDDINGS[kind](str(Path(root) / arg), device, train, pixel_size)
+    emb.name = spec
+    if "directory" in emb.info:
+        emb.info["directory"] = arg
+    return emb
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
@@ -439,12 +448,12 @@ class SscdConfig(Config):
     size: int = setting(64, ge=8, le=512)
     width: int = setting(16, ge=1)
     dim: int = setting(128, ge=1)
-    steps: int = setting(400, ge=1)
+    steps: int = setting(800, ge=1)
     batch: int = setting(64, ge=2)
     lr: float = setting(2e-3, gt=0)
     temperature: float = setting(0.1, gt=0)
     koleo: float = setting(0.1, ge=0)
-    shift: float = setting(1 / 32, ge=0, le=0.5)
+    shift: float = setting(0.125, ge=0, le=0.5)
     seed: int = 0
 
 
