@@ -383,9 +383,9 @@ class Project:
         return Project(to, self.gen)
 
 
-#: The audit before the sscd detector became its default: downsampled pixels, no alignment, the combined
-#: criterion (fast: no network to train). Tests whose subject is not the embedding use it; the default path
-#: (sscd + alignment) is tested in test_audit.py with a detector trained once (`share detector`).
+#: The plain audit (today's default, named so that tests whose subject is not the embedding keep it whatever the
+#: default becomes): downsampled pixels, no alignment, the combined criterion (fast: no network to train). The
+#: sscd + alignment path is tested in test_audit.py with a detector trained once (`share detector`).
 PLAIN_AUDIT = {"embedding": "pixels", "align": 0, "criterion": "combined"}
 PLAIN_AUDIT_FLAGS = ("--embedding", "pixels", "--align", 0, "--criterion", "combined")
 

@@ -123,11 +123,13 @@ def test_flagged_pairs_block_the_export_unless_forced(planted, tmp_path):
     assert "1 of 21 flagged" in out and "re-identification AUROC" in out
     assert len(json.loads((tmp_path / "cli/audit.json").read_text())["flagged"][0]["neighbours"]) == 3
     # 1 of 21 flagged is within chance (0.21 expected, p ~ 0.19), but the pair is a copy outright
-    out = project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-out", tmp_path / "a", *PLAIN_AUDIT_FLAGS, code=1)
+    out = project.cli("share", "export", "syn", "--out", tmp_path / "pkg", "--audit-out", tmp_path / "a", *PLAIN_AUDIT_FLAGS,
+                      code=1)
     assert "export refused: 1 pair(s) closer than the hard copy threshold" in out and f"{syn_key} -> {train_key}" in out
     assert "p = " in out and "--force" in out and not (tmp_path / "pkg").exists()
     assert not (tmp_path / "pkg.partial").exists()
-    project.cli("share", "export", "syn", "--out", tmp_path / "forced", "--audit-out", tmp_path / "a", "--force", *PLAIN_AUDIT_FLAGS)
+    project.cli("share", "export", "syn", "--out", tmp_path / "forced", "--audit-out", tmp_path / "a", "--force",
+                *PLAIN_AUDIT_FLAGS)
     sheet = (tmp_path / "forced/DATASHEET.md").read_text()
     assert "Exported with --force although the gate refused it: 1 pair(s) closer than the hard copy threshold" in sheet
     assert "| decision | refused: 1 pair(s) closer than the hard copy threshold |" in sheet
@@ -216,13 +218,13 @@ def test_a_clean_replica_passes_the_gate_and_half_a_percent_of_copies_fails_it(b
     project = built.copy(tmp_path / "proj")
     replica(project.root, project.gen, "big", replicas=10, sampler="ddim", steps=1, seed=6, shard_size=64, batch_size=64)
     assert len(manifest.read(project.root, "big")) == 210
-    # the default audit: the sscd copy detector (trained once, as a study's detector stage does; few steps here),
-    # each image registered onto its 16 nearest training images, the absolute criterion
+    # the copy-detector audit: the sscd network trained once (`share detector`; few steps here), each image registered
+    # onto its 16 nearest training images (--align 16), the absolute criterion
     out = project.cli("share", "detector", "cxp", "--out", "data/detector/cxp", "--sscd-steps", 60, "--sscd-size", 32)
     assert "--embedding sscd:data/detector/cxp" in out
     about = json.loads((project.root / "data/detector/cxp/detector.json").read_text())
     assert about["dataset"] == "cxp" and about["split"] == "train" and about["images"] > 0
-    audit = ("--embedding", "sscd:data/detector/cxp", "--align-size", 32)
+    audit = ("--embedding", "sscd:data/detector/cxp", "--align", 16, "--align-size", 32, "--criterion", "absolute")
     project.cli("share", "export", "big", "--out", tmp_path / "clean", "--audit-out", tmp_path / "a_clean", *audit)
     sheet = (tmp_path / "clean/DATASHEET.md").read_text()
     assert "Passed the gate: one-sided binomial test of" in sheet and "| decision | passed |" in sheet

@@ -44,7 +44,8 @@ def project(built, tmp_path) -> Project:
 def exported(built, tmp_path_factory) -> Path:
     """One export of the synthetic dataset (read-only for the tests that use it)."""
     out = tmp_path_factory.mktemp("pkg") / "syn_pkg"
-    export_lib.export(built.root, "syn", out, export_lib.ExportConfig(audit=plain_audit(), shard_size=8, audit_out=out.parent / "audit"))
+    export_lib.export(built.root, "syn", out,
+                      export_lib.ExportConfig(audit=plain_audit(), shard_size=8, audit_out=out.parent / "audit"))
     return out
 
 
@@ -395,7 +396,7 @@ def test_export_without_a_known_training_set_needs_audit_against_or_force(projec
 
 
 def test_audit_config_defaults_live_in_the_dataclass():
-    assert AuditConfig().quantile == 0.01 and AuditConfig().embedding == "sscd" and AuditConfig().align == 16
+    assert AuditConfig().quantile == 0.01 and AuditConfig().embedding == "pixels" and AuditConfig().align == 0
     with pytest.raises(Exception, match="quantile"):
         AuditConfig(quantile=0)
 

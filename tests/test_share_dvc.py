@@ -59,7 +59,8 @@ def test_synthetic_remote_and_dvc_import_round_trip(share_project: Project, tmp_
     # the sender's real data (tracked to the default remote) and its export (to the synthetic remote only)
     shutil.copytree(project.root / "data/shards/cxp", sender / "data/shards/cxp")
     shutil.copytree(project.root / "manifests", sender / "manifests")
-    export_lib.export(project.root, "syn", sender / "exports/syn_pkg", export_lib.ExportConfig(audit=plain_audit(), audit_out=tmp_path / "audit"))
+    export_lib.export(project.root, "syn", sender / "exports/syn_pkg",
+                      export_lib.ExportConfig(audit=plain_audit(), audit_out=tmp_path / "audit"))
     sh("dvc", "add", "data/shards/cxp", "manifests", cwd=sender)
     sh("dvc", "add", "exports/syn_pkg", cwd=sender)
     dvc_file = sender / "exports/syn_pkg.dvc"

@@ -252,8 +252,9 @@ def test_share_export_from_the_store_and_import_to_it(share_project, tmp_path, s
     secret.write_bytes(b"0123456789abcdef0123")  # one key secret: repeatable exports
     for side, project in (("local", local), ("remote", remote)):
         out = tmp_path / side / "syn_pkg"
-        export_lib.export(project.root, "syn", out, export_lib.ExportConfig(audit=plain_audit(), shard_size=8, audit_out=tmp_path / side / "audit",
-                                                                          secret_file=secret))
+        config = export_lib.ExportConfig(audit=plain_audit(), shard_size=8, audit_out=tmp_path / side / "audit",
+                                         secret_file=secret)
+        export_lib.export(project.root, "syn", out, config)
         packages[side] = out
     files = {side: {e["path"]: e["sha256"] for e in package.read_index(p)["files"]} for side, p in packages.items()}
     tars = {side: {k: v for k, v in f.items() if k.endswith(".tar")} for side, f in files.items()}

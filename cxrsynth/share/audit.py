@@ -76,12 +76,12 @@ class AuditConfig(Config):
 
     split: str = "train"
     heldout_split: str | None = None
-    embedding: str = "sscd"
-    criterion: str = "absolute"
+    embedding: str = "pixels"
+    criterion: str = "combined"
     k: int = 5
     quantile: float = 0.01
     pixel_size: int = 32
-    align: int = 16
+    align: int = 0
     align_size: int = 64
     reid: embed.ReidConfig = embed.ReidConfig()
     sscd: embed.SscdConfig = embed.SscdConfig()
