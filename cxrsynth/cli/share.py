@@ -112,7 +112,7 @@ def detector(
 ) -> None:
     """Train the audit's sscd copy detector once, for every audit against this dataset (--embedding sscd:OUT).
 
-    The default embedding (sscd) otherwise trains it again in every audit; a study trains it in its `detector` stage.
+    Without it, every audit with --embedding sscd trains its own (minutes each); with it, --embedding sscd:OUT.
     """
     from cxrsynth.share.audit import train_detector
 

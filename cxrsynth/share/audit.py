@@ -276,8 +276,8 @@ def train_detector(
     root, out = Path(root), Path(out)
     train, _, _ = real_sets(root, dataset, config)
     cfg = config.sscd
-    (progress or (lambda message: None))(
-        f"training the sscd copy detector on {len(train)} images of {dataset}/{config.split} ({cfg.steps} steps, {cfg.size} px)")
+    (progress or (lambda message: None))(f"training the sscd copy detector on {len(train)} images of "
+                                         f"{dataset}/{config.split} ({cfg.steps} steps, {cfg.size} px)")
     images = _load_array(root, train, cfg.size, config.batch)
     emb = embed.train_sscd(images, cfg, runtime.device(config.device), out=out)
     about = {"dataset": dataset, "version": manifest.read_meta(root, dataset).get("version"), "split": config.split,
