@@ -311,17 +311,17 @@ class Memorisation:
         replicas: Synthetic images per training image of the control (sampled as ``generate`` says).
 
     Both are audited as the ``package`` stages audit a replica (the audit's defaults) and judged by the export
-    gate at ``share.alpha``.
+    gate at ``share.alpha``. A setting left out (``None``) is :class:`cxrsynth.share.control.ControlConfig`'s.
     """
 
     replica: str
-    images: int = setting(16, ge=2)
-    steps: int = setting(600, ge=1)
-    batch: int = setting(16, ge=1)
-    lr: float = setting(3e-3, gt=0)
-    warmup: int = setting(20, ge=0)
-    ema: float = setting(0.99, ge=0, lt=1)
-    replicas: int = setting(2, ge=1)
+    images: int | None = setting(None, ge=2)
+    steps: int | None = setting(None, ge=1)
+    batch: int | None = setting(None, ge=1)
+    lr: float | None = setting(None, gt=0)
+    warmup: int | None = setting(None, ge=0)
+    ema: float | None = setting(None, ge=0, lt=1)
+    replicas: int | None = setting(None, ge=1)
 
 
 @dataclass(frozen=True)
