@@ -218,20 +218,22 @@ def test_a_clean_replica_passes_the_gate_and_half_a_percent_of_copies_fails_it(b
     project = built.copy(tmp_path / "proj")
     replica(project.root, project.gen, "big", replicas=10, sampler="ddim", steps=1, seed=6, shard_size=64, batch_size=64)
     assert len(manifest.read(project.root, "big")) == 210
-    # the copy-detector audit: the sscd network trained once (`share detector`; few steps here), each image registered
-    # onto its 16 nearest training images (--align 16), the absolute criterion
+    # the default audit: the pixels rule, and the detector rule with the sscd network trained once (`share detector`;
+    # few steps here), each image registered onto its 16 nearest training images, the absolute criterion
     out = project.cli("share", "detector", "cxp", "--out", "data/detector/cxp", "--sscd-steps", 60, "--sscd-size", 32)
-    assert "--embedding sscd:data/detector/cxp" in out
+    assert "--detector sscd:data/detector/cxp" in out
     about = json.loads((project.root / "data/detector/cxp/detector.json").read_text())
     assert about["dataset"] == "cxp" and about["split"] == "train" and about["images"] > 0
-    audit = ("--embedding", "sscd:data/detector/cxp", "--align", 16, "--align-size", 32, "--criterion", "absolute")
+    audit = ("--detector", "sscd:data/detector/cxp", "--align-size", 32)
     project.cli("share", "export", "big", "--out", tmp_path / "clean", "--audit-out", tmp_path / "a_clean", *audit)
     sheet = (tmp_path / "clean/DATASHEET.md").read_text()
     assert "Passed the gate: one-sided binomial test of" in sheet and "| decision | passed |" in sheet
     assert "re-identification AUROC" in sheet and "training images copied at least once (Dar et al.)" in sheet
     clean = json.loads((tmp_path / "a_clean/audit.json").read_text())
-    assert clean["config"]["align"] == 16 and clean["config"]["criterion"] == "absolute"
-    assert clean["embedding"]["name"] == "sscd:data/detector/cxp"
+    assert [(r["name"], r["embedding"]["name"], r["align"], r["threshold"]["criterion"]) for r in clean["rules"]] == [
+        ("first", "pixels", 0, "combined"), ("detector", "sscd:data/detector/cxp", 16, "absolute")]
+    assert clean["union"]["per_rule"] == 0.005 and clean["counts"]["chance_rate"] == clean["union"]["chance_rate"] > 0
+    assert "first rule: embedding" in sheet and "detector rule: embedding" in sheet
 
     # a copy shifted by 3 px and rotated: the detector finds its source, the alignment verifies it
     from cxrsynth.share import transforms
@@ -243,6 +245,9 @@ def test_a_clean_replica_passes_the_gate_and_half_a_percent_of_copies_fails_it(b
                       *audit, code=1)
     assert "export refused" in out and f"{syn_key} -> {train_key} (distance" in out and "p = " in out
     assert not (tmp_path / "planted").exists()
+    planted = json.loads((tmp_path / "a_planted/audit.json").read_text())
+    caught = [p for p in planted["flagged"] if p["synthetic_key"] == syn_key]
+    assert caught and caught[0]["flagged_by"] == ["detector"]  # shifted and rotated: the pixels rule misses it
 
 
 @pytest.mark.slow
@@ -254,7 +259,7 @@ def test_the_audit_split_over_two_ranks_writes_the_single_process_files(built, t
 
     args = ["share", "audit", "syn", "--against", "cxp", *PLAIN_AUDIT_FLAGS, "--align", 4, "--device", "cpu"]
     output = torchrun(*args, "--out", tmp_path / "ranks", "--root", built.root, cwd=tmp_path, timeout=300)
-    assert output.count("flagged,") == 1  # rank 0 alone reports
+    assert output.count("syn vs cxp/train:") == 1  # rank 0 alone reports
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # as torchrun's ranks

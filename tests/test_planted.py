@@ -52,7 +52,7 @@ def phantom_project(tmp_path_factory) -> Path:
 @pytest.mark.slow  # a phantom ingest and a bench: ~6 s
 def test_the_planted_bench_reports_every_transform_and_catches_photometric_copies(phantom_project):
     report = bench_planted(phantom_project, "cxp", size=32, per_transform=8, embeddings=("pixels",),
-                           config=AuditConfig(quantile=0.05, align=0))
+                           config=AuditConfig(quantile=0.05, align=0, detector="none"))
     assert report["transforms"] == list(transforms.SUITE)
     rows = {(r["criterion"], r["transform"]): r for r in report["rows"]}
     assert set(rows) == {(c, t) for c in copies.CRITERIA for t in transforms.SUITE}
@@ -67,15 +67,23 @@ def test_the_planted_bench_reports_every_transform_and_catches_photometric_copie
     assert report["calibration"]["images"] + report["new_patients"]["images"] > 0
 
 
-@pytest.mark.slow  # a bench through the CLI, pixels and a 3-step sscd: ~6 s
-def test_bench_audit_planted_prints_a_row_per_embedding_and_criterion_and_writes_json(phantom_project, tmp_path):
+@pytest.mark.slow  # a bench through the CLI, pixels and a 3-step sscd, and the audit's default rules: ~10 s
+def test_bench_audit_planted_prints_a_row_per_embedding_and_criterion_and_the_default_union(phantom_project, tmp_path):
     out = cli(phantom_project, "bench", "audit", "--planted", "--data", "cxp", "--size", 32, "--per-transform", 2,
               "--embeddings", "pixels,sscd", "--sscd-steps", 3, "--align", 0, "--out", tmp_path / "planted.json", "--threads", 1)
     report = json.loads((tmp_path / "planted.json").read_text())
     assert {(r["embedding"], r["criterion"], r["transform"]) for r in report["rows"]} == {
-        (e, c, t) for e in ("pixels", "sscd") for c in copies.CRITERIA for t in transforms.SUITE}
-    assert len(report["configs"]) == 2 * len(copies.CRITERIA)
-    assert "best:" in out and "mix2" in out and "new patients" in out
+        (e, c, t) for e in ("pixels", "sscd") for c in copies.CRITERIA for t in transforms.SUITE} | {
+        ("pixels|sscd", "union", t) for t in transforms.SUITE}
+    assert len(report["configs"]) == 2 * len(copies.CRITERIA) + 1
+    union = report["configs"][-1]
+    assert union["align"] == "0+16" and union["rules"] == ["pixels, combined",
+                                                           "sscd, registered onto its 16 nearest, absolute"]
+    # each rule at half the quantile flags a subset of what it flags at the whole: the union's chance rate is within
+    # the sum of the two rules' own
+    by = {(c["embedding"], c["criterion"]): c for c in report["configs"]}
+    assert union["chance_rate"] <= by["pixels", "combined"]["chance_rate"] + by["sscd", "absolute"]["chance_rate"]
+    assert "best:" in out and "mix2" in out and "new patients" in out and "union = pixels, combined or sscd" in out
 
 
 def _smooth_images(n: int, size: int, seed: int) -> np.ndarray:

@@ -13,6 +13,8 @@ From a real dataset with a training split and held-out patients
    preprocessing twice, mixtures of two): the planted copies;
 3. for every embedding (``pixels``, ``reid`` and ``sscd`` trained on the training split,
    ``classifier:DIR`` when given) and every criterion of :data:`cxrsynth.share.copies.CRITERIA`,
+   and for the audit's own rules (``config.rules()``: its first rule and its detector rule, each
+   calibrated at its share of the quantile, flagged when either flags: the ``union`` row),
    the audit's own search (:func:`cxrsynth.share.audit.neighbours`, with its test-time
    alignment when the config asks for it) and calibration run as
    :func:`cxrsynth.share.audit.audit` runs them, and the bench counts the planted copies
@@ -77,6 +79,7 @@ def bench_planted(
     config: audit_lib.AuditConfig = audit_lib.AuditConfig(),
     calibration_share: float = 0.5,
     seed: int = 0,
+    rules: list[audit_lib.Rule] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Plant copies among new patients' images; detection and false-flag rates per embedding x criterion.
@@ -91,6 +94,7 @@ def bench_planted(
         config: The audit's settings (split, k, quantile, alignment, reid and sscd networks).
         calibration_share: Share of held-out patients that calibrate; the rest are the new patients.
         seed: Seeds the patient halves and the plants.
+        rules: The audit's rules measured as one (the ``union`` row; None: ``config.rules()``; one rule: no row).
         progress: Optional ``progress(message)``.
 
     Returns:
@@ -119,54 +123,88 @@ def bench_planted(
 
     rows: list[dict[str, Any]] = []
     configs: list[dict[str, Any]] = []
-    for spec in embeddings:
-        started = time.perf_counter()
+    networks: dict[str, embed.Embedding] = {}  # a network trained once, whichever rule uses it
+    searches: dict[tuple[str, int], dict[str, Any]] = {}
 
-        def train_network(kind: str) -> embed.Embedding:
+    def train_network(kind: str) -> embed.Embedding:
+        if kind not in networks:
             cfg = config.reid if kind == "reid" else config.sscd
             say(f"training the {kind} network on {len(train_images)} images ({cfg.steps} steps)")
-            if kind == "reid":
-                return embed.train_reid(embed.resize_images(train_images, cfg.size), train["patient_id"], cfg, device)
-            return embed.train_sscd(embed.resize_images(train_images, cfg.size), cfg, device)
+            small = embed.resize_images(train_images, cfg.size)
+            networks[kind] = (embed.train_reid(small, train["patient_id"], cfg, device) if kind == "reid"
+                              else embed.train_sscd(small, cfg, device))
+        return networks[kind]
 
+    def searched(spec: str, align: int) -> dict[str, Any]:
+        """Every query part's neighbours by embedding ``spec`` registered onto ``align`` candidates (once each)."""
+        if (spec, align) in searches:
+            return searches[spec, align]
+        started = time.perf_counter()
         emb = embed.build(spec, device=device, train=train_network, pixel_size=config.pixel_size, root=root)
         trained = time.perf_counter() - started
-        search = audit_lib.Searcher(emb, train_images, config, device)
-        dist, nearest_row, source_in_k = {}, {}, {}
+        search = audit_lib.Searcher(emb, train_images, config, device, align=align)
+        found: dict[str, Any] = {"emb": emb, "dist": {}, "nearest": {}, "source_in_k": {}, "trained": trained}
         for part, array in queries.items():
             d, i = search(array)
-            dist[part], nearest_row[part] = d, i[:, 0]
+            found["dist"][part], found["nearest"][part] = d, i[:, 0]
             if part.startswith("plant:"):
-                source_in_k[part] = (i == plants[part[6:]][0][:, None]).any(axis=1)
-        seconds = time.perf_counter() - started
-        spread = {part: audit_lib._summary(dist[part][:, 0]) for part in ("calibration", "new_patients")}
+                found["source_in_k"][part] = (i == plants[part[6:]][0][:, None]).any(axis=1)
+        found["seconds"] = time.perf_counter() - started
+        say(f"{emb.name}{f' aligned onto {align}' if align else ''}: {found['seconds']:.1f} s (training {trained:.1f} s)")
+        searches[spec, align] = found
+        return found
+
+    def measure(label: str, criterion: str, align: Any, parts: list[tuple[dict[str, Any], copies.Calibrated]]) -> None:
+        """Rows and the config line of one way of flagging: the union of ``parts`` (search, calibrated criterion)."""
+        def flag(part: str) -> np.ndarray:
+            return np.any([rule.flag(f["dist"][part]) for f, rule in parts], axis=0)
+
+        def hard(part: str) -> np.ndarray:
+            return np.any([rule.is_hard(f["dist"][part]) for f, rule in parts], axis=0)
+
+        first = parts[0][0]
+        new_flagged = flag("new_patients")
+        false_p = binomtest(int(new_flagged.sum()), len(new_flagged), config.quantile, alternative="greater").pvalue
+        rates = []
+        for name, (sources, _) in plants.items():
+            part = f"plant:{name}"
+            flagged = flag(part)
+            rates.append(float(flagged.mean()))
+            rows.append({"embedding": label, "criterion": criterion, "transform": name, "planted": len(sources),
+                         "detected": int(flagged.sum()), "rate": round(rates[-1], 4), "hard": int(hard(part).sum()),
+                         "nearest_is_source": round(float((first["nearest"][part] == sources).mean()), 4),
+                         "source_in_k": round(float(np.any([f["source_in_k"][part] for f, _ in parts], axis=0).mean()), 4)})
+        entry = {"embedding": label, "criterion": criterion, "align": align,
+                 "new_patient_images": int(len(new_flagged)), "new_patients_flagged": int(new_flagged.sum()),
+                 "false_flag_rate": round(float(new_flagged.mean()), 4),
+                 "false_flag_p": round(false_p, 4), "false_flags_consistent": bool(false_p >= FALSE_FLAG_ALPHA),
+                 "new_patients_hard": int(hard("new_patients").sum()),
+                 "chance_rate": round(float(flag("calibration").mean()), 4),
+                 "thresholds": parts[0][1].thresholds if len(parts) == 1 else [rule.thresholds for _, rule in parts],
+                 "worst_rate": round(min(rates), 4), "mean_rate": round(float(np.mean(rates)), 4),
+                 "seconds": round(sum(f["seconds"] for f, _ in parts), 2),
+                 "train_seconds": round(sum(f["trained"] for f, _ in parts), 2),
+                 "nearest_distance": {part: audit_lib._summary(first["dist"][part][:, 0])
+                                      for part in ("calibration", "new_patients")}}
+        if "synthetic" in first["dist"]:
+            entry["synthetic_flagged"] = round(float(flag("synthetic").mean()), 4)
+            entry["synthetic_hard"] = int(hard("synthetic").sum())
+        configs.append(entry)
+
+    for spec in embeddings:
+        found = searched(spec, config.align)
         for criterion in copies.CRITERIA:
-            rule = copies.calibrate(dist["calibration"], criterion, config.quantile)
-            new_flagged = rule.flag(dist["new_patients"])
-            false_p = binomtest(int(new_flagged.sum()), len(new_flagged), config.quantile, alternative="greater").pvalue
-            rates = []
-            for name, (sources, _) in plants.items():
-                part = f"plant:{name}"
-                flagged = rule.flag(dist[part])
-                rates.append(float(flagged.mean()))
-                rows.append({"embedding": emb.name, "criterion": criterion, "transform": name, "planted": len(sources),
-                             "detected": int(flagged.sum()), "rate": round(rates[-1], 4),
-                             "hard": int(rule.is_hard(dist[part]).sum()),
-                             "nearest_is_source": round(float((nearest_row[part] == sources).mean()), 4),
-                             "source_in_k": round(float(source_in_k[part].mean()), 4)})
-            entry = {"embedding": emb.name, "criterion": criterion, "align": config.align,
-                     "new_patient_images": int(len(new_flagged)), "new_patients_flagged": int(new_flagged.sum()),
-                     "false_flag_rate": round(float(new_flagged.mean()), 4),
-                     "false_flag_p": round(false_p, 4), "false_flags_consistent": bool(false_p >= FALSE_FLAG_ALPHA),
-                     "new_patients_hard": int(rule.is_hard(dist["new_patients"]).sum()),
-                     "chance_rate": round(rule.chance_rate, 4), "thresholds": rule.thresholds,
-                     "worst_rate": round(min(rates), 4), "mean_rate": round(float(np.mean(rates)), 4),
-                     "seconds": round(seconds, 2), "train_seconds": round(trained, 2), "nearest_distance": spread}
-            if "synthetic" in dist:
-                entry["synthetic_flagged"] = round(float(rule.flag(dist["synthetic"]).mean()), 4)
-                entry["synthetic_hard"] = int(rule.is_hard(dist["synthetic"]).sum())
-            configs.append(entry)
-        say(f"{emb.name}: {seconds:.1f} s (training {trained:.1f} s)")
+            measure(found["emb"].name, criterion, config.align,
+                    [(found, copies.calibrate(found["dist"]["calibration"], criterion, config.quantile))])
+    rules = config.rules() if rules is None else rules
+    if len(rules) > 1:  # the audit's default: each rule at its share of the quantile, flagged when either flags
+        parts = []
+        for r in rules:
+            found = searched(r.embedding, r.align)
+            parts.append((found, copies.calibrate(found["dist"]["calibration"], r.criterion, config.quantile / len(rules))))
+        label = "|".join(f["emb"].name.split(":", 1)[0] for f, _ in parts)
+        measure(label, "union", "+".join(str(r.align) for r in rules), parts)
+        configs[-1]["rules"] = [r.describe(f["emb"].name) for r, (f, _) in zip(rules, parts)]
 
     eligible = [c for c in configs if c["false_flags_consistent"]] or configs
     best = max(eligible, key=lambda c: (c["worst_rate"], c["mean_rate"], -c["false_flag_rate"]))

@@ -443,11 +443,12 @@ def _bench_planted(root: Path, data: str, size: int, per_transform: int, embeddi
     from cxrsynth.share.audit import AuditConfig
 
     base = AuditConfig()
-    config = base.override(device=device, align=align, align_size=align_size,
-                           sscd=base.sscd.override(steps=sscd_steps, shift=sscd_shift))
+    default = base.override(device=device, align_size=align_size, sscd=base.sscd.override(steps=sscd_steps, shift=sscd_shift))
+    config = default.override(align=align)  # --align: the embeddings compared; the union row is the audit's default rules
     report = bench_planted(root, data, size=size, per_transform=per_transform,
                            embeddings=tuple(e for e in embeddings.split(",") if e), synthetic=synthetic, config=config,
-                           seed=seed, progress=lambda m: err_console.print(m, highlight=False, soft_wrap=True))
+                           seed=seed, rules=default.rules(),
+                           progress=lambda m: err_console.print(m, highlight=False, soft_wrap=True))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
@@ -464,10 +465,12 @@ def _bench_planted(root: Path, data: str, size: int, per_transform: int, embeddi
     rates = {(r["embedding"], r["criterion"], r["transform"]): r["rate"] for r in report["rows"]}
     for c in report["configs"]:
         new = f"{c['new_patients_flagged']}/{c['new_patient_images']} {100 * c['false_flag_rate']:.2f}%"
-        lines.append(f"{c['embedding'][:12]:<12} {c['align']:>5} {c['criterion']:<9} "
+        lines.append(f"{c['embedding'][:12]:<12} {str(c['align']):>5} {c['criterion']:<9} "
                      + " ".join(f"{rates[c['embedding'], c['criterion'], t]:>8.2f}" for t in report["transforms"])
                      + f" {new + ('' if c['false_flags_consistent'] else ' *'):>17} {100 * c['chance_rate']:>6.2f}%"
                      + (f" {100 * c['synthetic_flagged']:>8.2f}%" if extra else ""))
+    lines += [f"union = {' or '.join(c['rules'])}, each at {100 * report['quantile'] / len(c['rules']):g}% "
+              "(the audit's default)" for c in report["configs"] if c.get("rules")]
     for line in lines:
         console.print(line, highlight=False, soft_wrap=True, markup=False)
     console.print(f"* more new patients flagged than the {100 * report['quantile']:g}% quantile explains (one-sided binomial "

@@ -33,6 +33,11 @@ Align = Annotated[Optional[int], typer.Option("--align", min=0, help="Candidates
                                               "by test-time alignment; 0: none (default {AuditConfig.align}).")]
 AlignSize = Annotated[Optional[int], typer.Option("--align-size", min=16, help="Side (px) of the alignment's registration "
                                                    "(default {AuditConfig.align_size}; 128 keeps the texture of 256 px images).")]
+Detector = Annotated[Optional[str], typer.Option("--detector", help="The second rule's embedding, the copy detector: "
+                                                "sscd trains one, sscd:DIR reads one (`share detector`), none: the "
+                                                "first rule alone (default {AuditConfig.detector}).")]
+DetectorAlign = Annotated[Optional[int], typer.Option("--detector-align", min=0, help="Candidates each image is registered "
+                                                      "onto in the detector rule (default {AuditConfig.detector_align}).")]
 ReidSteps = Annotated[Optional[int], typer.Option("--reid-steps", min=1, help="Training steps of the reid network.")]
 SscdSteps = Annotated[Optional[int], typer.Option("--sscd-steps", min=1, help="Training steps of the sscd copy detector "
                                                   "(default {SscdConfig.steps}).")]
@@ -66,9 +71,12 @@ def audit(
     k: K = None,
     quantile: Quantile = None,
     align: Align = None,
+    detector: Detector = None,
+    detector_align: DetectorAlign = None,
     align_size: AlignSize = None,
     reid_steps: ReidSteps = None,
     sscd_steps: SscdSteps = None,
+    sscd_size: SscdSize = None,
     device: Device = None,
     root: Root = Path("."),
 ) -> None:
@@ -81,21 +89,25 @@ def audit(
     from cxrsynth.share.audit import audit as audit_lib
 
     config = _audit_config(split=split, heldout_split=heldout_split, embedding=embedding, criterion=criterion, k=k,
-                           quantile=quantile, align=align, align_size=align_size, reid_steps=reid_steps,
-                           sscd_steps=sscd_steps, device=device)
+                           quantile=quantile, align=align, detector=detector, detector_align=detector_align,
+                           align_size=align_size, reid_steps=reid_steps, sscd_steps=sscd_steps, sscd_size=sscd_size,
+                           device=device)
     from cxrsynth import runtime
 
     summary = audit_lib(root, name, against, root / out, config, progress=_say)
     if not runtime.distributed(join=False).is_main:
         return
-    reid, c = summary["reid"], summary["counts"]
+    c = summary["counts"]
+    rules = "; ".join(
+        f"{r['name']} rule {r['embedding']['name']}{' aligned onto %d' % r['align'] if r['align'] else ''}, "
+        f"{r['threshold']['criterion']}: {c['by_rule'][r['name']]} flagged, re-identification AUROC "
+        f"{r['reid']['training_split'].get('auroc')} (training pairs) / {r['reid']['heldout'].get('auroc')} (held-out)"
+        for r in summary["rules"])
     console.print(
-        f"{name} vs {against}/{summary['training']['split']} ({summary['embedding']['name']}, "
-        f"{summary['threshold']['criterion']}): {c['flagged']} of {c['synthetic']} flagged, {c['copies']} hard "
-        f"cop{'y' if c['copies'] == 1 else 'ies'} ({c['expected_by_chance']} expected by chance: the criterion flags "
-        f"{100 * c['chance_rate']:.2f}% of {summary['heldout']['images']} held-out new patients' images); "
-        f"re-identification AUROC {reid['training_split'].get('auroc')} (training pairs), "
-        f"{reid['heldout'].get('auroc')} (held-out pairs); {summary['seconds']:.1f} s; wrote {out}",
+        f"{name} vs {against}/{summary['training']['split']}: {c['flagged']} of {c['synthetic']} flagged, {c['copies']} "
+        f"hard cop{'y' if c['copies'] == 1 else 'ies'} ({c['expected_by_chance']} expected by chance: the rules flag "
+        f"{100 * c['chance_rate']:.2f}% of {summary['heldout']['images']} held-out new patients' images); {rules}; "
+        f"{summary['seconds']:.1f} s; wrote {out}",
         highlight=False, soft_wrap=True)
 
 
@@ -103,16 +115,16 @@ def audit(
 def detector(
     against: Annotated[str, typer.Argument(help="Real dataset whose training split the detector learns.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for sscd.json, sscd.safetensors and detector.json "
-                                                    "(relative to --root): audits use it as --embedding sscd:OUT.")],
+                                                    "(relative to --root): audits use it as --detector sscd:OUT.")],
     split: Split = None,
     sscd_steps: SscdSteps = None,
     sscd_size: SscdSize = None,
     device: Device = None,
     root: Root = Path("."),
 ) -> None:
-    """Train the audit's sscd copy detector once, for every audit against this dataset (--embedding sscd:OUT).
+    """Train the audit's sscd copy detector once, for every audit against this dataset (--detector sscd:OUT).
 
-    Without it, every audit with --embedding sscd trains its own (minutes each); with it, --embedding sscd:OUT.
+    Without it, every audit trains its own (minutes each); with it, --detector sscd:OUT.
     """
     from cxrsynth.share.audit import train_detector
 
@@ -120,7 +132,7 @@ def detector(
     emb = train_detector(root, against, root / out, config, progress=_say)
     console.print(f"sscd copy detector of {against}/{config.split}: {emb.info['images']} images, "
                   f"{config.sscd.steps} steps at {config.sscd.size} px, final loss {emb.info['final_loss']:.3f}; "
-                  f"wrote {out} (--embedding sscd:{out})", highlight=False, soft_wrap=True)
+                  f"wrote {out} (--detector sscd:{out})", highlight=False, soft_wrap=True)
 
 
 @share_app.command("export", cls=LazyHelp)
@@ -147,9 +159,12 @@ def export(
     quantile: Quantile = None,
     criterion: Criterion = None,
     align: Align = None,
+    detector: Detector = None,
+    detector_align: DetectorAlign = None,
     align_size: AlignSize = None,
     reid_steps: ReidSteps = None,
     sscd_steps: SscdSteps = None,
+    sscd_size: SscdSize = None,
     device: Device = None,
     root: Root = Path("."),
 ) -> None:
@@ -159,8 +174,8 @@ def export(
     from cxrsynth.share.gate import GateConfig
 
     audit_config = _audit_config(embedding=embedding, quantile=quantile, criterion=criterion, align=align,
-                                 align_size=align_size, reid_steps=reid_steps, sscd_steps=sscd_steps,
-                                 device=device)
+                                 detector=detector, detector_align=detector_align, align_size=align_size,
+                                 reid_steps=reid_steps, sscd_steps=sscd_steps, sscd_size=sscd_size, device=device)
     gate = GateConfig().override(alpha=alpha, max_flagged=max_flagged)
     config = ExportConfig().override(audit_against=audit_against, gate=gate, force=force or None,
                                      secret_file=key_secret, keymap=keymap, audit_out=root / audit_out if audit_out else None,

@@ -9,15 +9,26 @@ training image: closer to a training image than almost any new patient's radiogr
 The threshold is thus calibrated on real data, not picked by hand; by construction about
 ``quantile x synthetic images`` are flagged by chance alone (``expected_by_chance``).
 
+Two rules, measured on planted copies (``cxrsynth bench audit --planted``, README): the
+*first* (``embedding``, default downsampled ``pixels`` with the ``combined`` criterion)
+catches photometric edits, resampling and a generator's blurred re-syntheses of what it
+memorised; the *detector* (``detector``, default an ``sscd`` copy-detection network, each
+image registered onto its ``detector_align`` nearest, the ``absolute`` criterion) catches
+shifted, cropped, rotated and rescaled copies, which pixels miss. An image is flagged when
+either rule flags it; each is calibrated at half the quantile on the same held-out images,
+and the union's observed rate on them is the chance rate the gate tests against.
+
 An embedding that cannot recognise a patient in two of their radiographs cannot catch a
 leaked patient either (Packhäuser et al., Sci Rep 2022), so the audit also reports the
 embedding's patient verification AUROC on real pairs: same patient (different studies
 where the manifest knows studies) against different patients, on the training split and
 on the held-out patients.
 
-Outputs (in ``out``): ``audit.json`` (the summary, flagged pairs with their training keys),
-``neighbours.parquet`` (every synthetic image's ``k`` neighbours), ``distances.png``
-(synthetic→train and held-out→train distance histograms with the threshold) and
+Outputs (in ``out``): ``audit.json`` (the summary, flagged pairs with their training keys; the
+top-level ``embedding``, ``reid``, ``threshold`` and ``distances`` are the first rule's, ``rules``
+holds each rule's), ``neighbours.parquet`` (every synthetic image's ``k`` neighbours by each
+rule), ``distances.png`` (synthetic→train and held-out→train distance histograms with the
+thresholds, a panel per rule) and
 ``pairs.png`` (the flagged pairs side by side, or the closest pairs when none is flagged).
 These hold real keys and real images: they stay with the data owner. :func:`public_summary`
 is the part an export may carry.
@@ -54,14 +65,18 @@ class AuditConfig(Config):
         split: The training split of ``against`` (the rows the generator learnt from).
         heldout_split: Split of ``against`` whose images calibrate the threshold; None: every
             row with an image whose patient is not in ``split``. Training patients are never used.
-        embedding: ``pixels``, ``classifier:DIR``, ``reid[:DIR]`` or ``sscd[:DIR]``.
-        criterion: ``absolute``, ``relative`` or ``combined`` (:mod:`cxrsynth.share.copies`).
+        embedding: The first rule's embedding: ``pixels``, ``classifier:DIR``, ``reid[:DIR]`` or ``sscd[:DIR]``.
+        criterion: Its criterion: ``absolute``, ``relative`` or ``combined`` (:mod:`cxrsynth.share.copies`).
         k: Neighbours kept per image (the relative score uses 2..k).
         quantile: The criterion's false-flag rate on new patients' images (its calibration quantile).
         pixel_size: Side of the ``pixels`` embedding.
         align: Candidates (the embedding's nearest) each image is registered onto and re-scored by
-            test-time alignment (:mod:`cxrsynth.share.align`); 0: the embedding's distances as they are.
-        align_size: Side (px) of the registration.
+            test-time alignment (:mod:`cxrsynth.share.align`) in the first rule; 0: the embedding's distances.
+        detector: The second rule's embedding, the copy detector: ``sscd`` trains one on the training
+            split, ``sscd:DIR`` reads one (``cxrsynth share detector``); None or ``none``: the first rule alone.
+        detector_criterion: The detector rule's criterion.
+        detector_align: Candidates each image is registered onto in the detector rule (0: none).
+        align_size: Side (px) of the registration (both rules).
         reid: The ``reid`` network's settings.
         sscd: The ``sscd`` copy-detection network's settings.
         pairs: Most same-patient (and as many different-patient) pairs for each AUROC.
@@ -82,6 +97,9 @@ class AuditConfig(Config):
     quantile: float = 0.01
     pixel_size: int = 32
     align: int = 0
+    detector: str | None = "sscd"
+    detector_criterion: str = "absolute"
+    detector_align: int = 16
     align_size: int = 64
     reid: embed.ReidConfig = embed.ReidConfig()
     sscd: embed.SscdConfig = embed.SscdConfig()
@@ -99,11 +117,35 @@ class AuditConfig(Config):
         for name in ("k", "pixel_size", "pairs", "chunk", "batch"):
             if getattr(self, name) < 1:
                 raise AuditError(f"audit config: {name} must be >= 1, got {getattr(self, name)}")
-        copies.CRITERIA[self.criterion]  # a clean error naming the known criteria
-        if self.align < 0 or self.align_size < 16:
-            raise AuditError(f"audit config: align must be >= 0 and align_size >= 16, got {self.align}, {self.align_size}")
-        if self.criterion != "absolute" and self.k < 2:
-            raise AuditError(f"audit config: the {self.criterion} criterion needs k >= 2 neighbours, got {self.k}")
+        for rule in self.rules():
+            copies.CRITERIA[rule.criterion]  # a clean error naming the known criteria
+            if rule.align < 0:
+                raise AuditError(f"audit config: {rule.name} align must be >= 0, got {rule.align}")
+            if rule.criterion != "absolute" and self.k < 2:
+                raise AuditError(f"audit config: the {rule.criterion} criterion needs k >= 2 neighbours, got {self.k}")
+        if self.align_size < 16:
+            raise AuditError(f"audit config: align_size must be >= 16, got {self.align_size}")
+
+    def rules(self) -> list["Rule"]:
+        """The audit's rules: the first (``embedding``) and, unless ``detector`` is None, the detector."""
+        first = [Rule("first", self.embedding, self.criterion, self.align)]
+        if self.detector is None or self.detector.lower() == "none":
+            return first
+        return first + [Rule("detector", self.detector, self.detector_criterion, self.detector_align)]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One way to find copies: an embedding's nearest training images (registered onto when ``align``) and a criterion."""
+
+    name: str
+    embedding: str
+    criterion: str
+    align: int
+
+    def describe(self, emb_name: str | None = None) -> str:
+        aligned = f", registered onto its {self.align} nearest" if self.align else ""
+        return f"{emb_name or self.embedding}{aligned}, {self.criterion}"
 
 
 def _rows_with_images(root: Path, name: str) -> pd.DataFrame:
@@ -216,15 +258,17 @@ class Searcher:
         config: ``k``, ``align``, ``align_size``, ``chunk``, ``batch``.
         device: Torch device.
         bank: The training images' vectors when already computed.
+        align: Candidates registered onto (None: ``config.align``; a rule's own otherwise).
     """
 
-    def __init__(self, emb: embed.Embedding, train_images: np.ndarray, config: AuditConfig, device,
-                 bank=None) -> None:
+    def __init__(self, emb: embed.Embedding, train_images: np.ndarray | None, config: AuditConfig, device,
+                 bank=None, align: int | None = None) -> None:
         from cxrsynth.share.align import Aligner
 
         self.emb, self.config, self.device = emb, config, device
+        self.align = config.align if align is None else align
         self.bank = self.vectors(train_images) if bank is None else bank
-        self.aligner = Aligner(train_images, size=config.align_size, device=device) if config.align else None
+        self.aligner = Aligner(train_images, size=config.align_size, device=device) if self.align else None
 
     def vectors(self, images: np.ndarray):
         """``(N, S, S) uint8`` (any side) → ``(N, D)`` unit rows on the device."""
@@ -241,7 +285,7 @@ class Searcher:
     def search(self, vectors, images: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """The neighbours of the queries with embedding ``vectors``; ``images`` (their pixels) for the alignment."""
         k = self.config.k
-        d, i = embed.nearest(vectors, self.bank, max(k, self.config.align), self.config.chunk)
+        d, i = embed.nearest(vectors, self.bank, max(k, self.align), self.config.chunk)
         d, i = d.cpu().numpy(), i.cpu().numpy()
         if self.aligner is None:
             return d[:, :k], i[:, :k]
@@ -311,8 +355,6 @@ def audit(
     Returns:
         The ``audit.json`` content.
     """
-    import torch
-
     from cxrsynth import runtime
 
     started = time.perf_counter()
@@ -326,142 +368,221 @@ def audit(
     share = (ranks.rank, ranks.world)
     main = ranks.is_main
     device = runtime.device(config.device)
-
-    def train_network(kind: str) -> embed.Embedding:
-        cfg = config.reid if kind == "reid" else config.sscd
-        say(f"training the {kind} network on {len(train)} images of split {config.split!r} ({cfg.steps} steps)")
-        images = _load_array(root, train, cfg.size, config.batch)
-        if kind == "reid":  # every rank trains the same network (same seed); rank 0 saves it
-            return embed.train_reid(images, train["patient_id"], cfg, device, out=out / "reid" if main else None)
-        return embed.train_sscd(images, cfg, device, out=out / "sscd" if main else None)
-
     out.mkdir(parents=True, exist_ok=True)
-    emb = embed.build(config.embedding, device=device, train=train_network, pixel_size=config.pixel_size,
-                      root=root)
-    say(f"embedding {len(train)} training and {len(heldout)} held-out images ({emb.name})")
-    train_keys, bank = embed.embed_rows(root, train, emb, device, config.batch, share)
-    _, held = embed.embed_rows(root, heldout, emb, device, config.batch, share)
+    rules = config.rules()
+    per_rule = config.quantile / len(rules)  # each rule at its share of the quantile: the union's rate stays within it
+    arrays: dict[tuple[str, int], np.ndarray] = {}
 
-    def pixels(frame: pd.DataFrame) -> np.ndarray | None:  # what the alignment registers, at its side
-        return _load_array(root, frame, config.align_size, config.batch) if config.align else None
+    def pixels(frame: pd.DataFrame, label: str) -> np.ndarray:  # what the alignment registers, at its side, loaded once
+        if (label, config.align_size) not in arrays:
+            arrays[label, config.align_size] = _load_array(root, frame, config.align_size, config.batch)
+        return arrays[label, config.align_size]
 
-    if config.align:
-        say(f"test-time alignment: each image registered onto its {config.align} nearest training images")
-    search = Searcher(emb, pixels(train), config, device, bank=bank)
-    held_dist, _ = search.search(held, pixels(heldout))
-    held_nn = held_dist[:, 0]
-    rule = copies.calibrate(held_dist, config.criterion, config.quantile)
-    threshold = rule.thresholds.get("absolute", float("nan"))
-
-    say(f"nearest training images of {len(syn)} synthetic images")
-    syn_keys, found = [], {}
-    syn_pixels, syn_row = pixels(syn), {key: r for r, key in enumerate(syn["key"].astype(str))}  # frame order
-    for b, (keys, images) in enumerate(embed.iter_images(root, syn, emb.size, config.batch, share)):  # shard order
-        syn_keys += keys
-        if images is None:  # another rank's batch
-            continue
-        aligned = None if syn_pixels is None else syn_pixels[[syn_row[key] for key in keys]]
-        found[b] = search.search(emb(torch.from_numpy(images).to(device)), aligned)
-    found = embed.gather_batches(found, ranks.world)
-    dist = np.concatenate([found[b][0] for b in sorted(found)])  # (N_s, k)
-    index = np.concatenate([found[b][1] for b in sorted(found)])
-    nn = dist[:, 0]
-    flagged_mask, hard_mask = rule.flag(dist), rule.is_hard(dist)
+    found = [_search_rule(root, out, rule, config, per_rule, (syn, train, heldout), pixels, device, share, ranks.world,
+                          say) for rule in rules]
+    syn_keys, train_keys = found[0].syn_keys, found[0].train_keys
+    flagged_mask = np.any([f.rule.flag(f.dist) for f in found], axis=0)
+    hard_mask = np.any([f.rule.is_hard(f.dist) for f in found], axis=0)
+    held_union = np.any([f.rule.flag(f.held_dist) for f in found], axis=0)
+    chance_rate = float(held_union.mean())
+    # a flagged image's pair: from the rule under which new patients came least often as close (its strongest evidence)
+    below = np.stack([f.heldout_below() for f in found])  # (rules, N_s)
+    fired = np.stack([f.rule.flag(f.dist) | f.rule.is_hard(f.dist) for f in found])
+    which = np.argmin(np.where(fired, below, np.inf), axis=0)
     flagged_rows = np.flatnonzero(flagged_mask)
-    flagged_rows = flagged_rows[np.argsort(nn[flagged_rows], kind="stable")]
-    syn_scores, held_scores = copies.scores(dist), copies.scores(held_dist)
-
-    say("re-identification AUROC on real pairs")
-    reid_train = reid_auroc(train, bank, config.pairs, config.seed)
-    reid_held = reid_auroc(heldout, held, config.pairs, config.seed)
+    flagged_rows = flagged_rows[np.lexsort((found[0].dist[flagged_rows, 0], below[which[flagged_rows], flagged_rows]))]
 
     def pair(row: int) -> dict[str, Any]:
-        neighbours = [{"training_key": train_keys[index[row, r]], "distance": round(float(dist[row, r]), 6)}
-                      for r in range(dist.shape[1])]
-        ratio = syn_scores["relative"][row]
+        f = found[which[row]]
+        neighbours = [{"training_key": train_keys[f.index[row, r]], "distance": round(float(f.dist[row, r]), 6)}
+                      for r in range(f.dist.shape[1])]
+        ratio = copies.scores(f.dist[row : row + 1])["relative"][0]
         return {"synthetic_key": syn_keys[row], "training_key": neighbours[0]["training_key"],
-                "distance": neighbours[0]["distance"],
-                "heldout_below": round(float((held_nn < nn[row]).mean()), 6),  # share of new patients even closer
+                "distance": neighbours[0]["distance"], "rule": f.spec.name, "embedding": f.emb.name,
+                "flagged_by": [g.spec.name for g, hit in zip(found, fired[:, row]) if hit],
+                "heldout_below": round(float(below[which[row], row]), 6),  # share of new patients even closer
                 "ratio_to_next": None if not np.isfinite(ratio) else round(float(ratio), 4),
                 "hard_copy": bool(hard_mask[row]), "neighbours": neighbours}
 
-    copied = {train_keys[index[r, 0]] for r in flagged_rows}
+    pairs = [pair(int(r)) for r in flagged_rows]
+    copied = {p["training_key"] for p in pairs}
+    first = found[0].to_dict()
+    union_text = " or ".join(f"the {f.spec.name} rule ({f.spec.describe(f.emb.name)}, at {per_rule:g})" for f in found)
     summary: dict[str, Any] = {
-        "format": "cxrsynth-audit/2",
+        "format": "cxrsynth-audit/3",
         "synthetic": {"name": synthetic, "version": manifest.read_meta(root, synthetic).get("version"), "images": len(syn)},
         "training": {"name": against, "version": manifest.read_meta(root, against).get("version"), "split": config.split,
                      "images": len(train), "patients": int(train["patient_id"].nunique())},
         "heldout": {"rows": heldout_how, "images": len(heldout), "patients": int(heldout["patient_id"].nunique())},
-        "embedding": {"name": emb.name, **{k: v for k, v in emb.info.items() if k != "config"},
-                      **({"config": emb.info["config"]} if "config" in emb.info else {}), "dim": int(bank.shape[1])},
-        "reid": {"training_split": reid_train, "heldout": reid_held},
-        "threshold": {
-            "distance": round(threshold, 6) if np.isfinite(threshold) else None,
-            "ratio": round(rule.thresholds["relative"], 6) if "relative" in rule.thresholds else None,
-            "criterion": config.criterion, "quantile": config.quantile,
-            "metric": "cosine distance (1 - cosine similarity)",
-            "calibration": f"on {len(heldout)} held-out real images ({heldout_how}): {rule.describe()}",
-            "copy": rule.to_dict()["hard_rule"], "rule": rule.to_dict(),
-        },
-        "distances": {"synthetic_to_train": _summary(nn), "heldout_to_train": _summary(held_nn),
-                      "synthetic_ratio": _summary(syn_scores["relative"][np.isfinite(syn_scores["relative"])]),
-                      "heldout_ratio": _summary(held_scores["relative"][np.isfinite(held_scores["relative"])])},
+        "embedding": first["embedding"], "reid": first["reid"], "threshold": first["threshold"],
+        "distances": first["distances"],
+        "rules": [f.to_dict() for f in found],
+        "union": {"rule": f"flagged when {union_text} flags it", "quantile": config.quantile, "per_rule": per_rule,
+                  "chance_rate": round(chance_rate, 6),
+                  "calibration": f"on {len(heldout)} held-out real images ({heldout_how}): the union flags "
+                                 f"{100 * chance_rate:.2f}% of them"},
         "counts": {"synthetic": len(syn), "flagged": int(len(flagged_rows)),
-                   "expected_by_chance": round(rule.chance_rate * len(syn), 2), "chance_rate": round(rule.chance_rate, 6),
+                   "expected_by_chance": round(chance_rate * len(syn), 2), "chance_rate": round(chance_rate, 6),
                    "copies": int(hard_mask.sum()),
+                   "by_rule": {f.spec.name: int(f.rule.flag(f.dist).sum()) for f in found},
                    # Dar et al. (2024)'s terms: the share of synthetic images that are copies, of training images copied
                    "synthetic_flagged_fraction": round(len(flagged_rows) / max(len(syn), 1), 6),
                    "training_copied_fraction": round(len(copied) / max(len(train), 1), 6)},
-        "flagged": [pair(int(r)) for r in flagged_rows],
+        "flagged": pairs,
         "config": config.to_dict(),
         "device": str(device),
     }
     summary["seconds"] = round(time.perf_counter() - started, 3)
     if not main:  # every rank returns the summary; rank 0 alone writes the files
         return summary
-    _write_neighbours(out / "neighbours.parquet", syn_keys, dist, index, train_keys)
-    plot_distances(out / "distances.png", nn, held_nn, threshold if np.isfinite(threshold) else None, emb.name)
-    shown = flagged_rows if len(flagged_rows) else np.argsort(nn, kind="stable")
+    _write_neighbours(out / "neighbours.parquet", syn_keys, [(f.spec.name, f.dist, f.index) for f in found], train_keys)
+    plot_distances(out / "distances.png", [(f.emb.name, f.dist[:, 0], f.held_dist[:, 0], f.absolute_threshold())
+                                           for f in found])
+    shown = flagged_rows if len(flagged_rows) else np.argsort(found[0].dist[:, 0], kind="stable")
     title = f"{len(flagged_rows)} flagged pair(s)" if len(flagged_rows) else "no pair flagged: the closest pairs"
-    drawn = [(syn_keys[r], train_keys[index[r, 0]], float(nn[r])) for r in shown[: config.show]]
-    plot_pairs(root, out / "pairs.png", syn, train, drawn,
-               title=f"{synthetic} vs {against}/{config.split} ({emb.name}, {config.criterion}): {title}")
+    drawn = [(p["synthetic_key"], p["training_key"], p["distance"]) for p in pairs[: config.show]] or \
+            [(syn_keys[r], train_keys[found[0].index[r, 0]], float(found[0].dist[r, 0])) for r in shown[: config.show]]
+    names = " | ".join(f.spec.describe(f.emb.name) for f in found)
+    plot_pairs(root, out / "pairs.png", syn, train, drawn, title=f"{synthetic} vs {against}/{config.split} ({names}): {title}")
     (out / AUDIT_JSON).write_text(json.dumps({**summary, "cxrsynth": __version__}, indent=1, sort_keys=True, default=str) + "\n")
     return summary
 
 
-def _write_neighbours(path: Path, syn_keys: list[str], dist: np.ndarray, index: np.ndarray, train_keys: list[str]) -> None:
+@dataclass
+class _Found:
+    """One rule's search: the calibrated criterion, held-out and synthetic neighbours, its re-identification AUROCs."""
+
+    spec: Rule
+    emb: embed.Embedding
+    rule: copies.Calibrated
+    train_keys: list[str]
+    syn_keys: list[str]
+    held_dist: np.ndarray
+    dist: np.ndarray
+    index: np.ndarray
+    reid: dict[str, Any]
+    dim: int
+    calibration: str
+
+    def absolute_threshold(self) -> float | None:
+        t = self.rule.thresholds.get("absolute")
+        return t if t is not None and np.isfinite(t) else None
+
+    def heldout_below(self) -> np.ndarray:
+        """Per synthetic image: the share of held-out new patients' images at least as close as it (first neighbour)."""
+        held = np.sort(self.held_dist[:, 0])
+        return np.searchsorted(held, self.dist[:, 0], side="left") / max(len(held), 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        emb, rule, scores = self.emb, self.rule, copies.scores(self.dist)
+        held_scores, threshold = copies.scores(self.held_dist), self.absolute_threshold()
+        return {
+            "name": self.spec.name, "align": self.spec.align,
+            "embedding": {"name": emb.name, **{k: v for k, v in emb.info.items() if k != "config"},
+                          **({"config": emb.info["config"]} if "config" in emb.info else {}), "dim": self.dim},
+            "reid": self.reid,
+            "threshold": {
+                "distance": None if threshold is None else round(threshold, 6),
+                "ratio": round(rule.thresholds["relative"], 6) if "relative" in rule.thresholds else None,
+                "criterion": rule.criterion, "quantile": rule.quantile,
+                "metric": "1 - NCC after registration" if self.spec.align else "cosine distance (1 - cosine similarity)",
+                "calibration": self.calibration + rule.describe(), "copy": rule.to_dict()["hard_rule"],
+                "rule": rule.to_dict(),
+            },
+            "distances": {"synthetic_to_train": _summary(scores["absolute"]), "heldout_to_train": _summary(held_scores["absolute"]),
+                          "synthetic_ratio": _summary(scores["relative"][np.isfinite(scores["relative"])]),
+                          "heldout_ratio": _summary(held_scores["relative"][np.isfinite(held_scores["relative"])])},
+            "flagged": int(rule.flag(self.dist).sum()), "copies": int(rule.is_hard(self.dist).sum()),
+        }
+
+
+def _search_rule(root: Path, out: Path, spec: Rule, config: AuditConfig, quantile: float,
+                 frames: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame], pixels: Callable[[pd.DataFrame, str], np.ndarray],
+                 device, share: tuple[int, int], world: int, say: Callable[[str], None]) -> _Found:
+    """One rule of the audit: embed, calibrate its criterion at ``quantile`` on the held-out rows, search the synthetic
+    ones (``frames``: synthetic, training, held-out); a network it trains is saved in ``out/<kind>`` (rank 0)."""
+    import torch
+
+    syn, train, heldout = frames
+    main = share[0] == 0
+
+    def train_network(kind: str) -> embed.Embedding:
+        cfg = config.reid if kind == "reid" else config.sscd
+        say(f"training the {kind} network on {len(train)} images of split {config.split!r} ({cfg.steps} steps)")
+        images = _load_array(root, train, cfg.size, config.batch)
+        folder = out / kind if main else None
+        if kind == "reid":  # every rank trains the same network (same seed); rank 0 saves it
+            return embed.train_reid(images, train["patient_id"], cfg, device, out=folder)
+        return embed.train_sscd(images, cfg, device, out=folder)
+
+    emb = embed.build(spec.embedding, device=device, train=train_network, pixel_size=config.pixel_size, root=root)
+    say(f"{spec.name} rule ({spec.describe(emb.name)}): embedding {len(train)} training and {len(heldout)} held-out images")
+    train_keys, bank = embed.embed_rows(root, train, emb, device, config.batch, share)
+    _, held = embed.embed_rows(root, heldout, emb, device, config.batch, share)
+    if spec.align:
+        say(f"test-time alignment: each image registered onto its {spec.align} nearest training images")
+    aligned = spec.align > 0
+    search = Searcher(emb, pixels(train, "train") if aligned else None, config, device, bank=bank, align=spec.align)
+    held_dist, _ = search.search(held, pixels(heldout, "heldout") if aligned else None)
+    rule = copies.calibrate(held_dist, spec.criterion, quantile)
+
+    say(f"{spec.name} rule: nearest training images of {len(syn)} synthetic images")
+    syn_keys, found = [], {}
+    syn_pixels = pixels(syn, "synthetic") if aligned else None
+    syn_row = {key: r for r, key in enumerate(syn["key"].astype(str))}  # frame order
+    for b, (keys, images) in enumerate(embed.iter_images(root, syn, emb.size, config.batch, share)):  # shard order
+        syn_keys += keys
+        if images is None:  # another rank's batch
+            continue
+        query = None if syn_pixels is None else syn_pixels[[syn_row[key] for key in keys]]
+        found[b] = search.search(emb(torch.from_numpy(images).to(device)), query)
+    found = embed.gather_batches(found, world)
+    dist = np.concatenate([found[b][0] for b in sorted(found)])  # (N_s, k)
+    index = np.concatenate([found[b][1] for b in sorted(found)])
+    reid = {"training_split": reid_auroc(train, bank, config.pairs, config.seed),
+            "heldout": reid_auroc(heldout, held, config.pairs, config.seed)}
+    return _Found(spec, emb, rule, train_keys, syn_keys, held_dist, dist, index, reid, int(bank.shape[1]),
+                  f"on {len(heldout)} held-out real images: ")
+
+
+def _write_neighbours(path: Path, syn_keys: list[str], found: list[tuple[str, np.ndarray, np.ndarray]],
+                      train_keys: list[str]) -> None:
+    """Every synthetic image's ``k`` neighbours by each rule: ``rule, synthetic_key, rank, training_key, distance``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    n, k = dist.shape
-    table = pa.table({
-        "synthetic_key": np.repeat(np.array(syn_keys, dtype=object), k),
-        "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n),
-        "training_key": np.array(train_keys, dtype=object)[index.reshape(-1)],
-        "distance": dist.reshape(-1).astype(np.float64),
-    })
-    pq.write_table(table, path, compression="zstd")
+    parts = []
+    for name, dist, index in found:
+        n, k = dist.shape
+        parts.append(pa.table({
+            "rule": np.full(n * k, name, dtype=object),
+            "synthetic_key": np.repeat(np.array(syn_keys, dtype=object), k),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n),
+            "training_key": np.array(train_keys, dtype=object)[index.reshape(-1)],
+            "distance": dist.reshape(-1).astype(np.float64),
+        }))
+    pq.write_table(pa.concat_tables(parts), path, compression="zstd")
 
 
-def plot_distances(path: Path, synthetic: np.ndarray, heldout: np.ndarray, threshold: float | None, embedding: str) -> Path:
-    """Histograms of synthetic→train and held-out→train nearest distances, with the distance threshold (when the
-    criterion has one)."""
+def plot_distances(path: Path, panels: list[tuple[str, np.ndarray, np.ndarray, float | None]]) -> Path:
+    """Histograms of synthetic→train and held-out→train nearest distances, a panel per rule
+    ``(name, synthetic, heldout, distance threshold or None)``, with the threshold where the criterion has one."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    both = np.concatenate([synthetic, heldout])
-    bins = np.linspace(0.0, max(float(both.max()), threshold or 0.0) * 1.05 + 1e-9, 50)
-    ax.hist(heldout, bins=bins, density=True, alpha=0.6, label=f"held-out real → train (n={len(heldout)})")
-    ax.hist(synthetic, bins=bins, density=True, alpha=0.6, label=f"synthetic → train (n={len(synthetic)})")
-    if threshold is not None:
-        ax.axvline(threshold, color="red", linestyle="--", label=f"distance threshold {threshold:.4f}")
-    ax.set_xlabel(f"cosine distance to the nearest training image ({embedding})")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), dpi=100, squeeze=False)
+    for ax, (name, synthetic, heldout, threshold) in zip(axes[0], panels):
+        both = np.concatenate([synthetic, heldout])
+        bins = np.linspace(0.0, max(float(both.max()), threshold or 0.0) * 1.05 + 1e-9, 50)
+        ax.hist(heldout, bins=bins, density=True, alpha=0.6, label=f"held-out real → train (n={len(heldout)})")
+        ax.hist(synthetic, bins=bins, density=True, alpha=0.6, label=f"synthetic → train (n={len(synthetic)})")
+        if threshold is not None:
+            ax.axvline(threshold, color="red", linestyle="--", label=f"distance threshold {threshold:.4f}")
+        ax.set_xlabel(f"distance to the nearest training image ({name})")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
@@ -502,20 +623,33 @@ def plot_pairs(root: Path, path: Path, syn: pd.DataFrame, train: pd.DataFrame, p
 def public_summary(summary: dict[str, Any]) -> dict[str, Any]:
     """What an export may say about its audit: no training key, no image, no path.
 
-    Keeps the embedding's kind and re-identification AUROCs, the threshold and how it was
-    calibrated, the counts and distance summaries, and the training data's name and version.
+    Keeps each rule's embedding kind, re-identification AUROCs and thresholds, how they were
+    calibrated, the counts and distance summaries, and the training data's name and version
+    (the top-level ``embedding``, ``reid_auroc`` and ``threshold`` are the first rule's).
     """
-    emb = summary["embedding"]
+    def rule(r: dict[str, Any]) -> dict[str, Any]:
+        emb = r["embedding"]
+        return {"name": r.get("name", "first"), "align": r.get("align", 0),
+                "embedding": {"name": emb["name"].split(":", 1)[0], "dim": emb.get("dim"), "size": emb.get("size")},
+                "reid_auroc": {"training_split": r["reid"]["training_split"].get("auroc"),
+                               "heldout": r["reid"]["heldout"].get("auroc")},
+                "threshold": {k: r["threshold"].get(k) for k in ("distance", "ratio", "criterion", "quantile", "metric",
+                                                                 "copy")}}
+
+    rules = [rule(r) for r in summary.get("rules") or [summary]]
+    union = summary.get("union") or {}
+    calibration = (f"{summary['heldout']['images']} held-out real images of patients outside the training split: "
+                   + (union.get("rule") or summary["threshold"].get("rule", {}).get("rule",
+                                                                                 f"{summary['threshold']['quantile']:g} quantile")))
+    if union.get("chance_rate") is not None:
+        calibration += f" (it flags {100 * union['chance_rate']:.2f}% of them)"
     return {
         "format": summary["format"],
         "training": {k: summary["training"][k] for k in ("name", "version", "split", "images", "patients")},
         "heldout": {"images": summary["heldout"]["images"], "patients": summary["heldout"]["patients"]},
-        "embedding": {"name": emb["name"].split(":", 1)[0], "dim": emb.get("dim"), "size": emb.get("size")},
-        "reid_auroc": {"training_split": summary["reid"]["training_split"].get("auroc"),
-                       "heldout": summary["reid"]["heldout"].get("auroc")},
-        "threshold": {k: summary["threshold"].get(k) for k in ("distance", "ratio", "criterion", "quantile", "metric", "copy")},
-        "calibration": (f"{summary['heldout']['images']} held-out real images of patients outside the training split: "
-                        + summary["threshold"].get("rule", {}).get("rule", f"{summary['threshold']['quantile']:g} quantile")),
+        "embedding": rules[0]["embedding"], "reid_auroc": rules[0]["reid_auroc"], "threshold": rules[0]["threshold"],
+        "rules": rules,
+        "calibration": calibration,
         "counts": summary["counts"],
         "distances": summary["distances"],
     }

@@ -71,6 +71,8 @@ class ControlConfig(Config):
         criterion: The audit's copy criterion (None: the audit's default).
         align: The audit's alignment candidates (None: the audit's default).
         align_size: The audit's registration side (None: the audit's default).
+        detector: The audit's detector rule (``sscd:DIR``; None: the audit's default; ``none``: no detector rule).
+        detector_align: The detector rule's alignment candidates (None: the audit's default).
         alpha: Significance level of the binomial test against chance.
         show: Closest pairs kept per generator.
         device: Torch device (default: cuda when available).
@@ -97,6 +99,8 @@ class ControlConfig(Config):
     criterion: str | None = None
     align: int | None = setting(None, ge=0)
     align_size: int | None = setting(None, ge=16)
+    detector: str | None = None
+    detector_align: int | None = setting(None, ge=0)
     alpha: float = setting(0.01, gt=0, lt=1)
     show: int = setting(8, ge=1)
     device: str | None = None
@@ -151,14 +155,15 @@ def _audit_config(config: ControlConfig):
     from cxrsynth.share.audit import AuditConfig
 
     return AuditConfig().override(embedding=config.embedding, quantile=config.quantile, criterion=config.criterion,
-                                  align=config.align, align_size=config.align_size, seed=config.seed,
-                                  device=config.device)
+                                  align=config.align, align_size=config.align_size, detector=config.detector,
+                                  detector_align=config.detector_align, seed=config.seed, device=config.device)
 
 
 def _nearest(audit_dir: Path) -> pd.DataFrame:
-    """Each synthetic image's nearest training image (``neighbours.parquet``, rank 1), closest first."""
+    """Each synthetic image's nearest training image by the first rule (``neighbours.parquet``, rank 1), closest first."""
     frame = pd.read_parquet(audit_dir / "neighbours.parquet")
-    frame = frame.loc[frame["rank"] == 1, ["synthetic_key", "training_key", "distance"]]
+    first = frame["rule"] == "first" if "rule" in frame else True
+    frame = frame.loc[(frame["rank"] == 1) & first, ["synthetic_key", "training_key", "distance"]]
     return frame.sort_values(["distance", "synthetic_key"], kind="stable").reset_index(drop=True)
 
 
@@ -181,6 +186,8 @@ def generator_result(label: str, audit_dir: Path, summary: dict[str, Any], confi
         "version": summary["synthetic"]["version"],
         "embedding": summary["embedding"]["name"],
         "criterion": summary["threshold"]["criterion"],
+        "rules": [{"name": r["name"], "embedding": r["embedding"]["name"], "align": r["align"],
+                   "criterion": r["threshold"]["criterion"], "flagged": r["flagged"]} for r in summary.get("rules", [])],
         "images": decision.synthetic,
         "flagged": decision.flagged,
         "flagged_fraction": decision.synthetic_copied_fraction,

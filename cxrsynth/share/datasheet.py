@@ -61,12 +61,22 @@ def _audit_section(meta: dict[str, Any]) -> str:
     rows: list[list[Any]] = [
         ["real training images compared", f"{tr['name']}@{tr['version']} split {tr['split']}: {tr['images']} images, "
                                           f"{tr['patients']} patients"],
-        ["embedding", f"{audit['embedding']['name']} ({audit['embedding'].get('dim')} dimensions)"],
-        ["embedding's patient re-identification AUROC", f"{r.get('training_split')} on training pairs, "
-                                                        f"{r.get('heldout')} on held-out patients' pairs"],
-        ["copy criterion", f"{t.get('criterion', 'absolute')}: distance below {t.get('distance')}"
-                           + (f" or nearest/next ratio below {t['ratio']}" if t.get("ratio") is not None else "")
-                           + f" ({audit['calibration']})"],
+    ]
+    for rule in audit.get("rules") or [{"name": "first", "align": 0, "embedding": audit["embedding"], "reid_auroc": r,
+                                        "threshold": t}]:
+        e, rt, rr = rule["embedding"], rule["threshold"], rule["reid_auroc"]
+        aligned = f", each image registered onto its {rule['align']} nearest" if rule.get("align") else ""
+        rows += [
+            [f"{rule['name']} rule: embedding", f"{e['name']} ({e.get('dim')} dimensions){aligned}"],
+            [f"{rule['name']} rule: patient re-identification AUROC", f"{rr.get('training_split')} on training pairs, "
+                                                                      f"{rr.get('heldout')} on held-out patients' pairs"],
+            [f"{rule['name']} rule: copy criterion", f"{rt.get('criterion', 'absolute')}: distance below {rt.get('distance')}"
+                                                     + (f" or nearest/next ratio below {rt['ratio']}"
+                                                        if rt.get("ratio") is not None else "")
+                                                     + f" (calibrated at {rt.get('quantile')})"],
+        ]
+    rows += [
+        ["flagging rule", audit["calibration"]],
         ["synthetic images audited", c["synthetic"]],
         ["flagged as likely copies", c["flagged"]],
         ["flagged by chance alone (the criterion's rate on new patients x images)", c["expected_by_chance"]],
