@@ -56,6 +56,7 @@ def tiny_params(params: dict) -> dict:
     params["classifier"].update(image_size=16, epochs=1, exclude_uncertain=False)
     params["evaluate"]["bootstrap"] = 20
     params["memorisation"].update(images=8, steps=20, batch=8)
+    params["share"].update(detector_steps=30, detector_align=4)
     return params
 
 

@@ -115,6 +115,8 @@ def memorisation(
     config = ControlConfig(**given(
         images=m.images, steps=m.steps, batch=m.batch, lr=m.lr, warmup=m.warmup, ema=m.ema, replicas=m.replicas,
         alpha=p.share.alpha if p.share else None, seed=p.seed, device=device,
+        detector=f"sscd:{p.share.detector}" if p.share and p.share.detector else None,
+        detector_align=p.share.detector_align if p.share else None, align_size=p.share.align_size if p.share else None,
         preset=g.preset if g else None, image_size=g.image_size if g else None,
         sampler=s.sampler if s else None, sample_steps=s.steps if s else None, sample_batch=s.batch if s else None))
     real = p.study.real

@@ -143,9 +143,21 @@ class Share:
 
     Attributes:
         alpha: Level of the export gate's one-sided binomial test (flagged count above chance).
+        detector: Folder of the study's copy detector: the ``detector`` stage trains the audit's
+            ``sscd`` network there once, on the real site's training split, and every audit of
+            the study uses it in its detector rule (``--detector sscd:DIR``); None: each audit trains its own.
+        detector_size: Its input side (px) (None: the audit's).
+        detector_steps: Its training steps (None: the audit's).
+        detector_align: Candidates each image is registered onto in the detector rule (None: the audit's; 0: none).
+        align_size: Side (px) of that registration (None: the audit's).
     """
 
     alpha: float = setting(0.01, gt=0, lt=1)
+    detector: str | None = None
+    detector_size: int | None = setting(None, ge=8, le=512)
+    detector_steps: int | None = setting(None, ge=1)
+    detector_align: int | None = setting(None, ge=0)
+    align_size: int | None = setting(None, ge=16)
 
 
 @dataclass(frozen=True)
