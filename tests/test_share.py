@@ -396,9 +396,18 @@ def test_export_without_a_known_training_set_needs_audit_against_or_force(projec
 
 
 def test_audit_config_defaults_live_in_the_dataclass():
+    from cxrsynth.share.audit import Rule
+
     assert AuditConfig().quantile == 0.01 and AuditConfig().embedding == "pixels" and AuditConfig().align == 0
+    # the default audit: two rules, flagged when either flags (the planted bench's union row)
+    assert AuditConfig().rules() == [Rule("first", "pixels", "combined", 0), Rule("detector", "sscd", "absolute", 16)]
+    assert AuditConfig(detector="none").rules() == AuditConfig(detector=None).rules() == [AuditConfig().rules()[0]]
     with pytest.raises(Exception, match="quantile"):
         AuditConfig(quantile=0)
+    with pytest.raises(Exception, match="copy criterion"):
+        AuditConfig(detector_criterion="nearest")
+    with pytest.raises(Exception, match="detector align"):
+        AuditConfig(detector_align=-1)
 
 
 def test_png_metadata_chunks_are_dropped_pixels_kept():
