@@ -87,19 +87,22 @@ def test_a_planted_near_copy_is_flagged_and_the_threshold_is_calibrated_on_heldo
     summary = audit_lib.audit(project.root, "syn", "cxp", tmp_path / "audit", plain_audit())
     assert [(f["synthetic_key"], f["training_key"]) for f in summary["flagged"]] == [(syn_key, train_key)]
     assert summary["flagged"][0]["distance"] < 1e-3 < summary["threshold"]["distance"]
-    # the default (combined) criterion: the 0.5% quantiles of the held-out images' nearest distance and of their
-    # nearest / mean(next 4) ratio, recomputed here by brute force
+    # the default (combined) criterion: the k-th smallest of the held-out images' nearest distance and of their
+    # nearest / mean(next 4) ratio, k = floor(0.005 x (9 + 1)) held at 1 (too few to support the quantile), by brute force
     real = manifest.read(project.root, "cxp")
     train = real.loc[real["split"] == "train"].reset_index(drop=True)
     heldout = real.loc[~real["patient_id"].isin(train["patient_id"])].reset_index(drop=True)
     assert summary["heldout"]["images"] == len(heldout) == 9 and summary["training"]["images"] == len(train)
     dist = np.sort(1 - pixel_vectors(project.root, heldout) @ pixel_vectors(project.root, train).T, axis=1)[:, :5]
-    assert summary["threshold"]["distance"] == pytest.approx(np.quantile(dist[:, 0], 0.005), abs=1e-5)
-    assert summary["threshold"]["ratio"] == pytest.approx(np.quantile(dist[:, 0] / dist[:, 1:].mean(1), 0.005), abs=1e-4)
-    flagged_new = ((dist[:, 0] < summary["threshold"]["distance"] - 1e-6)
-                   | (dist[:, 0] / dist[:, 1:].mean(1) < summary["threshold"]["ratio"] - 1e-6)).mean()
+    assert summary["threshold"]["distance"] == pytest.approx(dist[:, 0].min(), abs=1e-5)
+    assert summary["threshold"]["ratio"] == pytest.approx((dist[:, 0] / dist[:, 1:].mean(1)).min(), abs=1e-4)
+    assert summary["threshold"]["rule"]["order"] == {"absolute": 1, "relative": 1}
+    assert not summary["threshold"]["rule"]["supported"] and "199 needed" in summary["threshold"]["rule"]["rule"]
+    # leave-one-out: a held-out image is flagged by the thresholds fitted without it when it is the smallest of a score
+    flagged_new = ((dist[:, 0] <= summary["threshold"]["distance"] + 1e-6)
+                   | (dist[:, 0] / dist[:, 1:].mean(1) <= summary["threshold"]["ratio"] + 1e-6)).mean()
     counts = summary["counts"]
-    assert counts["chance_rate"] == pytest.approx(flagged_new, abs=1e-6)  # the criterion's rate on new patients
+    assert counts["chance_rate"] == pytest.approx(flagged_new, abs=1e-6) and flagged_new in (1 / 9, 2 / 9)
     assert (counts["synthetic"], counts["flagged"], counts["copies"]) == (21, 1, 1)  # the near-copy is a hard copy
     assert counts["expected_by_chance"] == pytest.approx(21 * counts["chance_rate"], abs=0.01)
     assert counts["synthetic_flagged_fraction"] == pytest.approx(1 / 21, abs=1e-6)
@@ -271,3 +274,22 @@ def test_the_audit_split_over_two_ranks_writes_the_single_process_files(built, t
     a, b = (json.loads((d / "audit.json").read_text()) for d in (two, one))
     assert a.pop("seconds") > 0 and b.pop("seconds") > 0 and a == b
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_the_threshold_is_a_conformal_order_statistic_and_new_images_fall_below_it_at_the_quantile():
+    """k = floor(q (n + 1)): a new image exchangeable with the held-out ones is flagged with probability k / (n + 1)
+    <= q; the in-sample rate (k - 1 of n) would promise too little, the leave-one-out rate (k of n) is reported."""
+    from cxrsynth.share import copies
+
+    rng = np.random.default_rng(0)
+    n, q, trials = 999, 0.01, 400
+    flagged = 0
+    for _ in range(trials):  # held-out and new images drawn from one distribution
+        held, new = rng.gamma(4.0, size=(n, 1)), rng.gamma(4.0, size=(n, 1))
+        rule = copies.calibrate(held, "absolute", q)
+        assert rule.order == {"absolute": 10} and rule.supported and rule.chance_rate == pytest.approx(10 / n)
+        assert rule.flag(held).sum() == 9  # in-sample: strictly below the 10th smallest
+        flagged += rule.flag(new).sum()
+    assert flagged / (trials * n) == pytest.approx(10 / (n + 1), abs=0.0015)  # 1.0%, not the in-sample 0.9%
+    small = copies.calibrate(rng.gamma(4.0, size=(50, 1)), "absolute", q)
+    assert small.order == {"absolute": 1} and not small.supported and small.chance_rate == pytest.approx(1 / 50)

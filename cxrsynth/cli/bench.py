@@ -406,6 +406,9 @@ def bench_audit(
                                                         "the sscd augmentation, share of the side (default: the audit's).")] = None,
     align: Annotated[Optional[int], typer.Option("--align", min=0, help="--planted: candidates re-scored by test-time "
                                                                         "alignment (0: none; default: the audit's).")] = None,
+    detector: Annotated[Optional[str], typer.Option("--detector", help="--planted: the detector rule of the union row (the "
+                                                    "audit's default rules), e.g. sscd:DIR trained once by `share detector` "
+                                                    "(default: the audit's, an sscd network trained here).")] = None,
     align_size: Annotated[Optional[int], typer.Option("--align-size", min=16, help="--planted: side (px) of the "
                                                       "registration (default: the audit's).")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, help="--planted: seeds the patient halves and the plants.")] = 0,
@@ -423,7 +426,7 @@ def bench_audit(
     set_threads(threads)
     if planted:
         _bench_planted(root, data, size, per_transform, embeddings, synthetic, out, device, as_json, sscd_steps, sscd_shift,
-                       align, align_size, seed)
+                       align, align_size, seed, detector)
         return
     from cxrsynth.bench.audit import bench_audit as bench_lib
 
@@ -438,12 +441,13 @@ def bench_audit(
 
 def _bench_planted(root: Path, data: str, size: int, per_transform: int, embeddings: str, synthetic: str | None,
                    out: Path | None, device: str | None, as_json: bool, sscd_steps: int | None, sscd_shift: float | None,
-                   align: int | None, align_size: int | None, seed: int) -> None:
+                   align: int | None, align_size: int | None, seed: int, detector: str | None = None) -> None:
     from cxrsynth.bench.planted import bench_planted
     from cxrsynth.share.audit import AuditConfig
 
     base = AuditConfig()
-    default = base.override(device=device, align_size=align_size, sscd=base.sscd.override(steps=sscd_steps, shift=sscd_shift))
+    default = base.override(device=device, align_size=align_size, detector=detector,
+                            sscd=base.sscd.override(steps=sscd_steps, shift=sscd_shift))
     config = default.override(align=align)  # --align: the embeddings compared; the union row is the audit's default rules
     report = bench_planted(root, data, size=size, per_transform=per_transform,
                            embeddings=tuple(e for e in embeddings.split(",") if e), synthetic=synthetic, config=config,

@@ -6,8 +6,10 @@ the GPU when there is one). A synthetic image is *flagged* when its nearest trai
 is closer than the ``quantile`` (default 1%) of the distances from genuinely new real
 images — held-out images of patients outside the training split — to their nearest
 training image: closer to a training image than almost any new patient's radiograph is.
-The threshold is thus calibrated on real data, not picked by hand; by construction about
-``quantile x synthetic images`` are flagged by chance alone (``expected_by_chance``).
+The threshold is thus calibrated on real data, not picked by hand (conformally: an order
+statistic, :mod:`cxrsynth.share.copies`); about ``chance_rate x synthetic images`` are flagged
+by chance alone (``expected_by_chance``; the leave-one-out rate on the held-out images, at most
+the quantile when there are enough of them).
 
 Two rules, measured on planted copies (``cxrsynth bench audit --planted``, README): the
 *first* (``embedding``, default downsampled ``pixels`` with the ``combined`` criterion)
@@ -383,7 +385,7 @@ def audit(
     syn_keys, train_keys = found[0].syn_keys, found[0].train_keys
     flagged_mask = np.any([f.rule.flag(f.dist) for f in found], axis=0)
     hard_mask = np.any([f.rule.is_hard(f.dist) for f in found], axis=0)
-    held_union = np.any([f.rule.flag(f.held_dist) for f in found], axis=0)
+    held_union = np.any([f.rule.loo_flag(f.held_dist) for f in found], axis=0)  # leave-one-out, as each rule's
     chance_rate = float(held_union.mean())
     # a flagged image's pair: from the rule under which new patients came least often as close (its strongest evidence)
     below = np.stack([f.heldout_below() for f in found])  # (rules, N_s)
@@ -420,7 +422,8 @@ def audit(
         "union": {"rule": f"flagged when {union_text} flags it", "quantile": config.quantile, "per_rule": per_rule,
                   "chance_rate": round(chance_rate, 6),
                   "calibration": f"on {len(heldout)} held-out real images ({heldout_how}): the union flags "
-                                 f"{100 * chance_rate:.2f}% of them"},
+                                 f"{100 * chance_rate:.2f}% of them (leave-one-out)",
+                  "supported": all(f.rule.supported for f in found)},
         "counts": {"synthetic": len(syn), "flagged": int(len(flagged_rows)),
                    "expected_by_chance": round(chance_rate * len(syn), 2), "chance_rate": round(chance_rate, 6),
                    "copies": int(hard_mask.sum()),
