@@ -547,14 +547,23 @@ def memorisation_section(study: Study) -> str:
     rows = "".join(_memorisation_row(label, r) for label, r in generators)
     threshold = next((r.get("threshold") for _, r in generators if r.get("threshold") is not None), None)
     embedding = next((r.get("embedding") for _, r in generators if r.get("embedding")), None)
+    rules = next((r.get("rules") for _, r in generators if r.get("rules")), None)
+    if rules and len(rules) > 1:  # the union of the audit's rules, each with its flagged count per generator
+        embedding = " or ".join(f"the {u['name']} rule ({u['embedding']}" + (f" aligned onto {u['align']}" if u.get("align")
+                                else "") + f", {u['criterion']})" for u in rules)
+        embedding += "; flagged by each rule: " + "; ".join(
+            f"{MEMORISATION_LABELS.get(label, label)} " + ", ".join(f"{u['name']} {u['flagged']}" for u in r.get("rules", []))
+            for label, r in generators)
     table = ('<table class="grid facts memorisation"><thead><tr><th>Generator</th><th>Replica</th><th>Images audited</th>'
              "<th>Flagged</th><th>Expected by chance</th><th>Fraction flagged</th><th>p <small>(vs chance)</small></th>"
              "<th>Verdict</th><th>Copies <small>(training images)</small></th><th>Median nearest distance</th>"
              f"</tr></thead><tbody>{rows}</tbody></table>")
     note = ("<p class=note>" + esc(f"Audited against {(doc.get('real') or {}).get('name', '?')}/"
                                    f"{(doc.get('real') or {}).get('split', '?')}")
-            + (esc(f" with the {embedding} embedding") if embedding else "")
-            + (esc(f"; threshold {threshold:.4f}") if isinstance(threshold, (int, float)) else "")
+            + (esc(f" by {embedding}") if rules and len(rules) > 1 else
+               esc(f" with the {embedding} embedding") if embedding else "")
+            + (esc(f"; threshold {threshold:.4f}") if isinstance(threshold, (int, float)) and not (rules and len(rules) > 1)
+               else "")
             + (esc(f"; α = {doc['alpha']:g}") if doc.get("alpha") is not None else "") + ".</p>")
     sentences = "".join(f"<li>{esc(t)}</li>" for t in memorisation_sentences(study))
     folder = study.root / MEMORISATION_DIR

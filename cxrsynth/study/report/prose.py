@@ -281,7 +281,8 @@ def memorisation_sentences(study: Study) -> list[str]:
 
 MEMORISATION_TEXT = (
     "The memorisation audit (<code>cxrsynth share audit</code>) flags a synthetic image whose nearest real training image "
-    "is closer than the audit's calibrated threshold; by construction a small share of any replica is flagged by chance "
+    "is closer than the audit's calibrated threshold, by either of its rules (downsampled pixels; the copy detector with "
+    "each image registered onto its nearest training images); by construction a small share of any replica is flagged by chance "
     "alone (<i>expected by chance</i>). To show that it can catch a copy, the pipeline trains a <b>positive control</b>: "
     "the demo generator's architecture trained for many steps on a handful of training images only, then sampled on those "
     "same images' conditions. It memorises them, and the audit must flag it far beyond chance. The demo generator's "
