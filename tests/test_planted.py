@@ -113,3 +113,13 @@ def test_alignment_registers_a_shifted_rotated_or_cropped_copy_back_onto_its_sou
     assert (own < 0.02).all() and (own < 0.25 * others).all(), (own, others)
     plain = Aligner(train, size=64, iters=0).distances(copies_[:1], candidates[:1])  # the grid alone finds a whole-px shift
     assert plain[0, 0] < 0.01 and plain[0, 0] == plain[0].min()
+
+
+@pytest.mark.slow  # 1,024 registrations at 64 px: ~8 s on one core
+def test_bench_audit_times_the_search_and_the_detector_rule_s_alignment(tmp_path):
+    out = cli(tmp_path, "bench", "audit", "--queries", 64, "--bank", 256, "--dim", 64, "--threads", 1, "--json")
+    r = json.loads(out.strip().splitlines()[-1])
+    assert (r["queries"], r["bank"], r["dim"], r["align_size"], r["align_candidates"]) == (64, 256, 64, 64, 16)
+    assert r["seconds_per_million_pairs"] > 0 and r["align_pairs_per_s"] > 0
+    # the paper's 720,530 synthetic images onto 16 candidates each, at the measured rate
+    assert r["paper_scale_align_hours"] == pytest.approx(720_530 * 16 / r["align_pairs_per_s"] / 3600, rel=1e-9)

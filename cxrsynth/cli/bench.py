@@ -436,7 +436,9 @@ def bench_audit(
         return
     console.print(f"audit search {r.queries:,} x {r.bank:,} pairs, dim {r.dim}, k {r.k} on {r.device} ({r.threads} threads): "
                   f"{r.seconds:.3f} s = {r.seconds_per_million_pairs * 1e3:.3f} ms per million pairs; the paper's 720K x 72K: "
-                  f"{r.paper_scale_hours:.2f} h; pixels embedding {r.embed_images_per_s:,.0f} images/s", highlight=False, soft_wrap=True)
+                  f"{r.paper_scale_hours:.2f} h; pixels embedding {r.embed_images_per_s:,.0f} images/s; the detector rule's "
+                  f"alignment at {r.align_size} px {r.align_pairs_per_s:,.0f} pairs/s, the paper's 720K x {r.align_candidates} "
+                  f"candidates: {r.paper_scale_align_hours:.2f} h", highlight=False, soft_wrap=True)
 
 
 def _bench_planted(root: Path, data: str, size: int, per_transform: int, embeddings: str, synthetic: str | None,
