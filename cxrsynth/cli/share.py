@@ -17,20 +17,21 @@ from cxrsynth.cli.options import LazyHelp
 
 share_app = typer.Typer(no_args_is_help=True, help="Share synthetic data with other sites: export, verify, import, audit.")
 
-Embedding = Annotated[Optional[str], typer.Option("--embedding", help="{embeddings} (default {AuditConfig.embedding}).")]
+Embedding = Annotated[Optional[str], typer.Option("--embedding", help="The first rule's embedding: {embeddings} (default "
+                                                  "{AuditConfig.embedding}).")]
 K = Annotated[Optional[int], typer.Option("--k", min=1, help="Nearest training images kept per synthetic image.")]
 Quantile = Annotated[Optional[float], typer.Option("--quantile", min=0.0, max=1.0,
                                                    help="The criterion's false-flag rate on held-out new patients' images "
                                                         "(default {AuditConfig.quantile}).")]
-Criterion = Annotated[Optional[str], typer.Option("--criterion", help="{criteria}: when a nearest training image is a copy "
-                                                  "(default {AuditConfig.criterion}).")]
+Criterion = Annotated[Optional[str], typer.Option("--criterion", help="The first rule's criterion, {criteria}: when a "
+                                                  "nearest training image is a copy (default {AuditConfig.criterion}).")]
 Split = Annotated[Optional[str], typer.Option("--split", help="Training split of the real dataset.")]
 ExportSplit = Annotated[Optional[str], typer.Option("--split", help="Training split of the real dataset (default: the split the "
                                                                    "replicas were conditioned on, else train).")]
 Heldout = Annotated[Optional[str], typer.Option("--heldout-split", help="Split calibrating the threshold (default: every image "
                                                                        "whose patient is outside the training split).")]
 Align = Annotated[Optional[int], typer.Option("--align", min=0, help="Candidates each image is registered onto and re-scored "
-                                              "by test-time alignment; 0: none (default {AuditConfig.align}).")]
+                                              "by test-time alignment in the first rule; 0: none (default {AuditConfig.align}).")]
 AlignSize = Annotated[Optional[int], typer.Option("--align-size", min=16, help="Side (px) of the alignment's registration "
                                                    "(default {AuditConfig.align_size}; 128 keeps the texture of 256 px images).")]
 Detector = Annotated[Optional[str], typer.Option("--detector", help="The second rule's embedding, the copy detector: "
@@ -80,9 +81,12 @@ def audit(
     device: Device = None,
     root: Root = Path("."),
 ) -> None:
-    """Nearest real training images of every synthetic image; flags likely copies.
+    """Nearest real training images of every synthetic image; flags likely copies by two rules.
 
-    The threshold is calibrated on held-out real images; the embedding's patient re-identification AUROC is reported.
+    The first rule: --embedding and --criterion (pixels, combined). The detector rule: --detector registered onto its
+    --detector-align nearest (sscd, 16, absolute). An image is flagged when either rule flags it; each rule's threshold
+    is calibrated on held-out real images at half the quantile; each embedding's patient re-identification AUROC is
+    reported.
     Under ``torchrun --nproc-per-node N -m cxrsynth.cli share audit ...`` the embedding and the search are split over
     the ranks (the same files as one process).
     """
