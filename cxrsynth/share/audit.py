@@ -439,8 +439,9 @@ def audit(
     if not main:  # every rank returns the summary; rank 0 alone writes the files
         return summary
     _write_neighbours(out / "neighbours.parquet", syn_keys, [(f.spec.name, f.dist, f.index) for f in found], train_keys)
-    plot_distances(out / "distances.png", [(f.emb.name, f.dist[:, 0], f.held_dist[:, 0], f.absolute_threshold())
-                                           for f in found])
+    plot_distances(out / "distances.png", [(f"{f.spec.name} rule: {f.spec.describe(f.emb.name)}"
+                                            + ("; 1 - NCC after registration" if f.spec.align else "; cosine distance"),
+                                            f.dist[:, 0], f.held_dist[:, 0], f.absolute_threshold()) for f in found])
     shown = flagged_rows if len(flagged_rows) else np.argsort(found[0].dist[:, 0], kind="stable")
     title = f"{len(flagged_rows)} flagged pair(s)" if len(flagged_rows) else "no pair flagged: the closest pairs"
     drawn = [(p["synthetic_key"], p["training_key"], p["distance"]) for p in pairs[: config.show]] or \
@@ -583,7 +584,8 @@ def plot_distances(path: Path, panels: list[tuple[str, np.ndarray, np.ndarray, f
         ax.hist(synthetic, bins=bins, density=True, alpha=0.6, label=f"synthetic → train (n={len(synthetic)})")
         if threshold is not None:
             ax.axvline(threshold, color="red", linestyle="--", label=f"distance threshold {threshold:.4f}")
-        ax.set_xlabel(f"distance to the nearest training image ({name})")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("distance to the nearest training image")
         ax.set_ylabel("density")
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -133,9 +133,10 @@ def generator_facts(root: Path, meta: dict) -> dict[str, Any]:
     return facts
 
 
-def audit_target(root: Path, meta: dict, gen: dict) -> tuple[str | None, str | None, str]:
-    """The real dataset and split a synthetic dataset's generator learnt from, and how that was decided."""
-    split = meta.get("split") or "train"
+def audit_target(root: Path, meta: dict, gen: dict, given_split: str | None = None) -> tuple[str | None, str | None, str]:
+    """The real dataset and split a synthetic dataset's generator learnt from, and how that was decided
+    (``given_split``: the training split named by the caller, ``--split``)."""
+    split = given_split or meta.get("split") or "train"
     known = set(manifest.list_names(root))
     trained_on = gen.get("trained_on")
     if trained_on and "@" in str(trained_on):
@@ -145,6 +146,8 @@ def audit_target(root: Path, meta: dict, gen: dict) -> tuple[str | None, str | N
         current = manifest.read_meta(root, name).get("version")
         if current != version:
             return None, None, f"the generator was trained on {trained_on}; {name} is now version {current}"
+        if given_split:
+            return name, split, f"the generator's training data {trained_on} (generator.json), split {split} as given"
         return name, split, (f"the generator's training data {trained_on} (generator.json); it records no split, so the "
                              f"split the replicas were conditioned on ({split}) stands for it")
     conditions = meta.get("conditions")
@@ -291,7 +294,7 @@ def export(
     if config.audit_against:
         against, split, how = config.audit_against, meta.get("split") or "train", "given with --audit-against"
     else:
-        against, split, how = audit_target(root, meta, gen)
+        against, split, how = audit_target(root, meta, gen, config.audit_split)
     split = config.audit_split or split
     summary, public, audit_dir, decision = None, None, None, ""
     if against is None:
