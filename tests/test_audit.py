@@ -237,6 +237,8 @@ def test_a_clean_replica_passes_the_gate_and_half_a_percent_of_copies_fails_it(b
         ("first", "pixels", 0, "combined"), ("detector", "sscd:data/detector/cxp", 16, "absolute")]
     assert clean["union"]["per_rule"] == 0.005 and clean["counts"]["chance_rate"] == clean["union"]["chance_rate"] > 0
     assert "first rule: embedding" in sheet and "detector rule: embedding" in sheet
+    for path in (tmp_path / "clean").rglob("*"):  # the detector's local folder is named nowhere in the package
+        assert not path.is_file() or b"data/detector" not in path.read_bytes(), path
 
     # a copy shifted by 3 px and rotated: the detector finds its source, the alignment verifies it
     from cxrsynth.share import transforms

@@ -643,11 +643,15 @@ def public_summary(summary: dict[str, Any]) -> dict[str, Any]:
 
     rules = [rule(r) for r in summary.get("rules") or [summary]]
     union = summary.get("union") or {}
+    # said again from the public fields: the audit's own text names the embeddings as given (a local folder)
+    said = " or ".join(f"the {r['name']} rule ({r['embedding']['name']}"
+                       + (f", registered onto its {r['align']} nearest" if r["align"] else "")
+                       + f", {r['threshold']['criterion']}, at {r['threshold']['quantile']:g})" for r in rules)
     calibration = (f"{summary['heldout']['images']} held-out real images of patients outside the training split: "
-                   + (union.get("rule") or summary["threshold"].get("rule", {}).get("rule",
-                                                                                 f"{summary['threshold']['quantile']:g} quantile")))
+                   + (f"flagged when {said} flags it" if union else
+                      summary["threshold"].get("rule", {}).get("rule", f"{summary['threshold']['quantile']:g} quantile")))
     if union.get("chance_rate") is not None:
-        calibration += f" (it flags {100 * union['chance_rate']:.2f}% of them)"
+        calibration += f" (it flags {100 * union['chance_rate']:.2f}% of them, leave-one-out)"
     return {
         "format": summary["format"],
         "training": {k: summary["training"][k] for k in ("name", "version", "split", "images", "patients")},

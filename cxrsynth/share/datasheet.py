@@ -79,12 +79,12 @@ def _audit_section(meta: dict[str, Any]) -> str:
         ["flagging rule", audit["calibration"]],
         ["synthetic images audited", c["synthetic"]],
         ["flagged as likely copies", c["flagged"]],
-        ["flagged by chance alone (the criterion's rate on new patients x images)", c["expected_by_chance"]],
+        ["flagged by chance alone (the rules' leave-one-out rate on new patients' images x images)", c["expected_by_chance"]],
         ["hard copies (closer than any new patient's image, by a wide margin)", c.get("copies", "not counted")],
         ["share of synthetic images flagged (Dar et al.: copies)", c.get("synthetic_flagged_fraction", "n/a")],
         ["share of training images copied at least once (Dar et al.)", c.get("training_copied_fraction", "n/a")],
         ["gate", (audit.get("gate") or {}).get("test", "not tested")],
-        ["median nearest distance, synthetic / held-out real",
+        [f"median nearest distance, synthetic / held-out real ({(audit.get('rules') or [{}])[0].get('name', 'first')} rule)",
          f"{(audit['distances']['synthetic_to_train'] or {}).get('median')} / "
          f"{(audit['distances']['heldout_to_train'] or {}).get('median')}"],
     ]
