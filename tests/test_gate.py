@@ -45,6 +45,14 @@ def test_a_single_copy_refuses_whatever_the_count_and_the_refusal_names_the_clos
     assert decide(audit_json(2, 1000, distances=[0.0005, 0.002]), GateConfig(copy_distance=1e-4)).passed
 
 
+def test_the_refusal_orders_pairs_of_two_rules_by_evidence_not_by_their_incomparable_distances():
+    summary = audit_json(2, 100, copies=1, distances=[0.004, 0.0008])
+    summary["flagged"][0].update(rule="detector", heldout_below=0.0)   # 1 - NCC 0.004: no new patient's image as close
+    summary["flagged"][1].update(rule="first", heldout_below=0.003)    # cosine 0.0008: 0.3% of new patients as close
+    message = decide(summary).refusal("syn", "audit/")
+    assert message.index("s0 -> t0 (distance 0.004, detector rule)") < message.index("s1 -> t1 (distance 0.0008, first rule)")
+
+
 def test_the_chance_rate_falls_back_to_the_threshold_quantile_and_the_cap_is_optional():
     fallback = decide(audit_json(8, 200, rate=None))  # p ~ 0.001 at 0.01, ~0.8 at 0.05
     assert fallback.chance_rate == 0.01 and fallback.expected == pytest.approx(2.0)

@@ -69,7 +69,7 @@ class Decision:
     copies: int
     max_flagged: int | None
     reasons: tuple[str, ...]
-    closest: tuple[tuple[str, str, float], ...]
+    closest: tuple[tuple[str, str, float, str | None], ...]
     synthetic_copied_fraction: float
     training_copied: int
     training_images: int | None
@@ -100,7 +100,8 @@ class Decision:
 
     def refusal(self, name: str, where: str) -> str:
         """The message of a refused export: why, the p-value and the closest pairs (real keys: local only)."""
-        pairs = "; ".join(f"{s} -> {t} (distance {d:.4g})" for s, t, d in self.closest) or "none flagged"
+        pairs = "; ".join(f"{s} -> {t} (distance {d:.4g}{f', {rule} rule' if rule else ''})"
+                          for s, t, d, rule in self.closest) or "none flagged"
         return (f"{name}: export refused: {' and '.join(self.reasons)} ({self.test_text()}). "
                 f"Closest pairs (synthetic -> training): {pairs}. See {where}; --force exports anyway and the "
                 f"datasheet records the override")
@@ -116,7 +117,9 @@ def decide(summary: dict[str, Any], config: GateConfig = GateConfig()) -> Decisi
     if rate is None:
         rate = (summary.get("threshold") or {}).get("quantile", (summary.get("config") or {}).get("quantile"))
     rate = float(rate)
-    pairs = sorted(summary.get("flagged") or [], key=lambda p: p["distance"])
+    # strongest evidence first: the share of new patients' images as close (comparable across the audit's rules, whose
+    # distances are not), then the distance
+    pairs = sorted(summary.get("flagged") or [], key=lambda p: (p.get("heldout_below") or 0.0, p["distance"]))
     copies = counts.get("copies")
     if copies is None:
         copies = sum(1 for p in pairs if p["distance"] <= config.copy_distance)
@@ -134,7 +137,8 @@ def decide(summary: dict[str, Any], config: GateConfig = GateConfig()) -> Decisi
     return Decision(
         passed=not reasons, flagged=flagged, synthetic=synthetic, chance_rate=rate, expected=rate * synthetic,
         p_value=p_value, alpha=config.alpha, copies=copies, max_flagged=config.max_flagged, reasons=tuple(reasons),
-        closest=tuple((str(p["synthetic_key"]), str(p["training_key"]), float(p["distance"])) for p in pairs[: config.show]),
+        closest=tuple((str(p["synthetic_key"]), str(p["training_key"]), float(p["distance"]), p.get("rule"))
+                      for p in pairs[: config.show]),
         synthetic_copied_fraction=flagged / synthetic if synthetic else 0.0,
         training_copied=len({p["training_key"] for p in pairs}),
         training_images=int(training_images) if training_images else None,
