@@ -180,8 +180,10 @@ def render(frame: pd.DataFrame, meta: dict[str, Any]) -> str:
         "- Each image carries the exact conditions of one real training row (sex, race, age decade, view, findings): "
         "together they are a tabular release of the training cohort's labels. Whoever holds the source table can link "
         "an image to the few real rows that share its conditions.\n"
-        "- The audit below catches images close to a training image *in its embedding*; an embedding with a low "
-        "re-identification AUROC would miss a leaked patient shown differently. It is a screen, not a proof of privacy.\n"
+        "- The audit below catches images close to a training image *by its rules* (an embedding each, the detector's "
+        "after registering the image onto its nearest training images); a rule whose embedding has a low "
+        "re-identification AUROC would miss a leaked patient shown differently (another study of the same patient is "
+        "not a copy). It is a screen, not a proof of privacy.\n"
         "- Synthetic images reproduce the generator's training distribution and its biases (site, scanner, view mix); "
         "they capture other sites' data poorly (the paper's external-site results).",
         "## Memorization audit",
