@@ -444,8 +444,9 @@ def audit(
                                             f.dist[:, 0], f.held_dist[:, 0], f.absolute_threshold()) for f in found])
     shown = flagged_rows if len(flagged_rows) else np.argsort(found[0].dist[:, 0], kind="stable")
     title = f"{len(flagged_rows)} flagged pair(s)" if len(flagged_rows) else "no pair flagged: the closest pairs"
-    drawn = [(p["synthetic_key"], p["training_key"], p["distance"]) for p in pairs[: config.show]] or \
-            [(syn_keys[r], train_keys[found[0].index[r, 0]], float(found[0].dist[r, 0])) for r in shown[: config.show]]
+    drawn = [(p["synthetic_key"], p["training_key"], p["distance"], p["rule"]) for p in pairs[: config.show]] or \
+            [(syn_keys[r], train_keys[found[0].index[r, 0]], float(found[0].dist[r, 0]), found[0].spec.name)
+             for r in shown[: config.show]]
     names = " | ".join(f.spec.describe(f.emb.name) for f in found)
     plot_pairs(root, out / "pairs.png", syn, train, drawn, title=f"{synthetic} vs {against}/{config.split} ({names}): {title}")
     (out / AUDIT_JSON).write_text(json.dumps({**summary, "cxrsynth": __version__}, indent=1, sort_keys=True, default=str) + "\n")
@@ -594,9 +595,10 @@ def plot_distances(path: Path, panels: list[tuple[str, np.ndarray, np.ndarray, f
     return path
 
 
-def plot_pairs(root: Path, path: Path, syn: pd.DataFrame, train: pd.DataFrame, pairs: list[tuple[str, str, float]],
-               title: str, columns: int = 4) -> Path:
-    """The pairs side by side (synthetic left, its nearest training image right), ``columns`` pairs a row, captioned."""
+def plot_pairs(root: Path, path: Path, syn: pd.DataFrame, train: pd.DataFrame,
+               pairs: list[tuple[str, str, float, str | None]], title: str, columns: int = 4) -> Path:
+    """The pairs side by side (synthetic left, its nearest training image right), ``columns`` pairs a row, captioned
+    with the distance and the rule that found the pair."""
     from PIL import Image, ImageDraw, ImageFont
 
     from cxrsynth import shards
@@ -612,13 +614,13 @@ def plot_pairs(root: Path, path: Path, syn: pd.DataFrame, train: pd.DataFrame, p
     sheet = Image.new("L", (columns * cell, head + n_rows * (tile + caption)), color=255)
     draw = ImageDraw.Draw(sheet)
     draw.text((4, 4), title, fill=0, font=font)
-    for i, (s_key, t_key, distance) in enumerate(pairs):
+    for i, (s_key, t_key, distance, rule) in enumerate(pairs):
         r, c = divmod(i, columns)
         x, y = c * cell, head + r * (tile + caption)
         for j, key in enumerate((s_key, t_key)):
             image = Image.fromarray(decode_png(pngs[key], key=key)).resize((tile, tile), Image.Resampling.BILINEAR)
             sheet.paste(image, (x + j * (tile + gap), y))
-        draw.text((x + 2, y + tile + 1), f"d = {distance:.4f}", fill=0, font=font)
+        draw.text((x + 2, y + tile + 1), f"d = {distance:.4f}" + (f" ({rule} rule)" if rule else ""), fill=0, font=font)
         draw.text((x + 2, y + tile + 12), f"syn {s_key}"[:44], fill=0, font=font)
         draw.text((x + 2, y + tile + 24), f"train {t_key}"[:44], fill=0, font=font)
     sheet.save(path, format="PNG")
