@@ -156,11 +156,11 @@ def bench_planted(
 
     def measure(label: str, criterion: str, align: Any, parts: list[tuple[dict[str, Any], copies.Calibrated]]) -> None:
         """Rows and the config line of one way of flagging: the union of ``parts`` (search, calibrated criterion)."""
-        def flag(part: str) -> np.ndarray:
-            return np.any([rule.flag(f["dist"][part]) for f, rule in parts], axis=0)
+        def flag(part: str, how: str = "flag") -> np.ndarray:
+            return copies.either([(rule, f["dist"][part]) for f, rule in parts], how)
 
         def hard(part: str) -> np.ndarray:
-            return np.any([rule.is_hard(f["dist"][part]) for f, rule in parts], axis=0)
+            return flag(part, "is_hard")
 
         first = parts[0][0]
         new_flagged = flag("new_patients")
@@ -179,8 +179,7 @@ def bench_planted(
                  "false_flag_rate": round(float(new_flagged.mean()), 4),
                  "false_flag_p": round(false_p, 4), "false_flags_consistent": bool(false_p >= FALSE_FLAG_ALPHA),
                  "new_patients_hard": int(hard("new_patients").sum()),
-                 "chance_rate": round(float(np.any([rule.loo_flag(f["dist"]["calibration"]) for f, rule in parts],
-                                                   axis=0).mean()), 4),
+                 "chance_rate": round(float(flag("calibration", "loo_flag").mean()), 4),
                  "thresholds": parts[0][1].thresholds if len(parts) == 1 else [rule.thresholds for _, rule in parts],
                  "worst_rate": round(min(rates), 4), "mean_rate": round(float(np.mean(rates)), 4),
                  "seconds": round(sum(f["seconds"] for f, _ in parts), 2),

@@ -373,25 +373,23 @@ def audit(
     out.mkdir(parents=True, exist_ok=True)
     rules = config.rules()
     per_rule = config.quantile / len(rules)  # each rule at its share of the quantile: the union's rate stays within it
-    arrays: dict[tuple[str, int], np.ndarray] = {}
+    arrays: dict[str, np.ndarray] = {}
 
     def pixels(frame: pd.DataFrame, label: str) -> np.ndarray:  # what the alignment registers, at its side, loaded once
-        if (label, config.align_size) not in arrays:
-            arrays[label, config.align_size] = _load_array(root, frame, config.align_size, config.batch)
-        return arrays[label, config.align_size]
+        if label not in arrays:
+            arrays[label] = _load_array(root, frame, config.align_size, config.batch)
+        return arrays[label]
 
     found = [_search_rule(root, out, rule, config, per_rule, (syn, train, heldout), pixels, device, share, ranks.world,
                           say) for rule in rules]
     syn_keys, train_keys = found[0].syn_keys, found[0].train_keys
-    flagged_mask = np.any([f.rule.flag(f.dist) for f in found], axis=0)
-    hard_mask = np.any([f.rule.is_hard(f.dist) for f in found], axis=0)
-    held_union = np.any([f.rule.loo_flag(f.held_dist) for f in found], axis=0)  # leave-one-out, as each rule's
-    chance_rate = float(held_union.mean())
+    fired = np.stack([f.rule.flag(f.dist) for f in found])  # (rules, N_s); a hard copy is flagged too
+    hard_mask = copies.either([(f.rule, f.dist) for f in found], "is_hard")
+    chance_rate = float(copies.either([(f.rule, f.held_dist) for f in found], "loo_flag").mean())  # as each rule's
     # a flagged image's pair: from the rule under which new patients came least often as close (its strongest evidence)
     below = np.stack([f.heldout_below() for f in found])  # (rules, N_s)
-    fired = np.stack([f.rule.flag(f.dist) | f.rule.is_hard(f.dist) for f in found])
     which = np.argmin(np.where(fired, below, np.inf), axis=0)
-    flagged_rows = np.flatnonzero(flagged_mask)
+    flagged_rows = np.flatnonzero(fired.any(axis=0))
     flagged_rows = flagged_rows[np.lexsort((found[0].dist[flagged_rows, 0], below[which[flagged_rows], flagged_rows]))]
 
     def pair(row: int) -> dict[str, Any]:
@@ -427,7 +425,7 @@ def audit(
         "counts": {"synthetic": len(syn), "flagged": int(len(flagged_rows)),
                    "expected_by_chance": round(chance_rate * len(syn), 2), "chance_rate": round(chance_rate, 6),
                    "copies": int(hard_mask.sum()),
-                   "by_rule": {f.spec.name: int(f.rule.flag(f.dist).sum()) for f in found},
+                   "by_rule": {f.spec.name: int(hit.sum()) for f, hit in zip(found, fired)},
                    # Dar et al. (2024)'s terms: the share of synthetic images that are copies, of training images copied
                    "synthetic_flagged_fraction": round(len(flagged_rows) / max(len(syn), 1), 6),
                    "training_copied_fraction": round(len(copied) / max(len(train), 1), 6)},

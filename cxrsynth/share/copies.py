@@ -35,7 +35,7 @@ on every score the criterion uses: the gate refuses an export holding one, whate
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -142,6 +142,11 @@ def calibrate(heldout_dist: np.ndarray, criterion: str, quantile: float) -> Cali
     k = min(n, max(1, math.floor(per * (n + 1) + 1e-9)))  # conformal: a new image falls below with probability k/(n+1)
     thresholds = {u: float(np.sort(s[u])[k - 1]) for u in uses}
     hard = {u: float(HARD_FACTOR * np.min(s[u])) for u in uses}
-    probe = Calibrated(criterion, uses, thresholds, hard, 0.0, quantile, {u: k for u in uses}, n)
-    return Calibrated(criterion, uses, thresholds, hard, float(probe.loo_flag(heldout_dist).mean()), quantile,
-                      {u: k for u in uses}, n)
+    fitted = Calibrated(criterion, uses, thresholds, hard, 0.0, quantile, {u: k for u in uses}, n)
+    return replace(fitted, chance_rate=float(fitted.loo_flag(heldout_dist).mean()))
+
+
+def either(parts: list[tuple[Calibrated, np.ndarray]], how: str = "flag") -> np.ndarray:
+    """``(N,)`` bool: what any of several calibrated rules says, each on its own ``(N, k)`` neighbour distances of the
+    same N images (the audit's union): ``how`` is ``flag``, ``is_hard`` or ``loo_flag``."""
+    return np.any([getattr(rule, how)(dist) for rule, dist in parts], axis=0)
